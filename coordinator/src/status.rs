@@ -1,0 +1,207 @@
+//! How a workspace's status follows from what the coordinator knows, and the liveness clock that
+//! turns silence into "unhealthy". Pure functions and a sans-IO tracker: time is passed in.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tether_shared::{Lifecycle, SpanStatus, WorkspaceStatus};
+
+/// A start script that did not end well, from its span.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScriptProblem {
+    pub script: String,
+    pub blocks_login: bool,
+    pub status: SpanStatus,
+    pub exit_code: Option<i32>,
+    pub timeout: Duration,
+}
+
+impl ScriptProblem {
+    pub fn describe(&self) -> String {
+        match (self.status, self.exit_code) {
+            (SpanStatus::TimedOut, _) => {
+                format!("startup script '{}' timed out after {}", self.script, secs(self.timeout))
+            }
+            (_, Some(code)) => format!("startup script '{}' exited with code {code}", self.script),
+            (_, None) => format!("startup script '{}' was killed by a signal", self.script),
+        }
+    }
+}
+
+/// "120s", "1.5s": durations in reasons, in seconds as people read them.
+pub fn secs(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+/// Status of a started workspace whose agent is connected, from its lifecycle and script results.
+pub fn connected_status(lifecycle: Option<Lifecycle>, problems: &[ScriptProblem]) -> (WorkspaceStatus, String) {
+    use Lifecycle::*;
+    match lifecycle {
+        None => (WorkspaceStatus::Starting, "agent connected; fetching its manifest".into()),
+        Some(Created | Starting) => (WorkspaceStatus::Starting, "agent connected; startup scripts running".into()),
+        Some(Ready) => (WorkspaceStatus::Running, "agent connected; startup scripts finished".into()),
+        Some(StartError | StartTimeout) => {
+            if let Some(p) = problems.iter().find(|p| p.blocks_login) {
+                (WorkspaceStatus::Unhealthy, p.describe())
+            } else if let Some(p) = problems.first() {
+                (WorkspaceStatus::Running, format!("agent connected; {} (does not block login)", p.describe()))
+            } else {
+                (WorkspaceStatus::Unhealthy, "startup scripts failed".into())
+            }
+        }
+        Some(ShuttingDown) => (WorkspaceStatus::Stopping, "agent is running stop scripts".into()),
+        Some(Off | ShutdownError | ShutdownTimeout) => (WorkspaceStatus::Stopping, "agent has shut down".into()),
+    }
+}
+
+pub fn lost_reason(since_heartbeat: Duration) -> String {
+    format!("agent has lost connection (last heartbeat {}s ago)", since_heartbeat.as_secs())
+}
+
+pub fn not_connected_reason(after: Duration) -> String {
+    format!("agent has not connected after {}", secs(after))
+}
+
+/// Statuses in which the coordinator expects an agent and watches for it.
+pub fn expects_agent(s: WorkspaceStatus) -> bool {
+    matches!(s, WorkspaceStatus::Starting | WorkspaceStatus::Running | WorkspaceStatus::Unhealthy)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Watch {
+    /// Started, no agent yet; unhealthy at the deadline.
+    Awaiting { deadline: Instant, timeout: Duration },
+    /// An agent has been heard from; unhealthy when silent for `timeout`.
+    Heard { last: Instant, timeout: Duration, lost: bool },
+}
+
+/// What the liveness clock decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expiry {
+    NeverConnected { workspace: i64, after: Duration },
+    Lost { workspace: i64, since_heartbeat: Duration },
+}
+
+/// In-memory liveness of every watched workspace. Heartbeats touch only this, never the database.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    watches: HashMap<i64, Watch>,
+}
+
+impl Liveness {
+    /// Start waiting for an agent that should connect within `timeout`, counted from `since`.
+    pub fn await_agent(&mut self, workspace: i64, since: Instant, timeout: Duration) {
+        self.watches.insert(workspace, Watch::Awaiting { deadline: since + timeout, timeout });
+    }
+
+    /// An agent was heard from (hello or heartbeat). Returns true if it had been declared lost.
+    pub fn heard(&mut self, workspace: i64, now: Instant, timeout: Duration) -> bool {
+        let was_lost = matches!(self.watches.get(&workspace), Some(Watch::Heard { lost: true, .. }));
+        self.watches.insert(workspace, Watch::Heard { last: now, timeout, lost: false });
+        was_lost
+    }
+
+    /// Last time the agent was heard from, if it was.
+    pub fn last_heard(&self, workspace: i64) -> Option<Instant> {
+        match self.watches.get(&workspace) {
+            Some(Watch::Heard { last, .. }) => Some(*last),
+            _ => None,
+        }
+    }
+
+    pub fn is_lost(&self, workspace: i64) -> bool {
+        matches!(self.watches.get(&workspace), Some(Watch::Heard { lost: true, .. }))
+    }
+
+    pub fn forget(&mut self, workspace: i64) {
+        self.watches.remove(&workspace);
+    }
+
+    pub fn len(&self) -> usize {
+        self.watches.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.watches.is_empty()
+    }
+
+    /// Watches that ran out at `now`. Each is reported once: a lost agent stays lost until heard
+    /// from again, and an awaited one is dropped from the watch.
+    pub fn expire(&mut self, now: Instant) -> Vec<Expiry> {
+        let mut out = Vec::new();
+        self.watches.retain(|&workspace, w| match w {
+            Watch::Awaiting { deadline, timeout } if now >= *deadline => {
+                out.push(Expiry::NeverConnected { workspace, after: *timeout });
+                false
+            }
+            Watch::Heard { last, timeout, lost } if !*lost && now.duration_since(*last) >= *timeout => {
+                *lost = true;
+                out.push(Expiry::Lost { workspace, since_heartbeat: now.duration_since(*last) });
+                true
+            }
+            _ => true,
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(script: &str, blocks: bool, status: SpanStatus, code: Option<i32>) -> ScriptProblem {
+        ScriptProblem { script: script.into(), blocks_login: blocks, status, exit_code: code, timeout: Duration::from_secs(300) }
+    }
+
+    #[test]
+    fn status_follows_lifecycle_and_blocking_scripts() {
+        let check = |lc, problems: &[ScriptProblem], want: WorkspaceStatus, reason: &str| {
+            let (s, r) = connected_status(lc, problems);
+            assert_eq!((s, r.as_str()), (want, reason));
+        };
+        check(Some(Lifecycle::Starting), &[], WorkspaceStatus::Starting, "agent connected; startup scripts running");
+        check(Some(Lifecycle::Ready), &[], WorkspaceStatus::Running, "agent connected; startup scripts finished");
+        check(
+            Some(Lifecycle::StartError),
+            &[problem("lint", false, SpanStatus::ExitFailure, Some(1)), problem("install-deps", true, SpanStatus::ExitFailure, Some(2))],
+            WorkspaceStatus::Unhealthy,
+            "startup script 'install-deps' exited with code 2",
+        );
+        check(
+            Some(Lifecycle::StartTimeout),
+            &[problem("warm-cache", true, SpanStatus::TimedOut, None)],
+            WorkspaceStatus::Unhealthy,
+            "startup script 'warm-cache' timed out after 300s",
+        );
+        check(
+            Some(Lifecycle::StartError),
+            &[problem("lint", false, SpanStatus::ExitFailure, Some(1))],
+            WorkspaceStatus::Running,
+            "agent connected; startup script 'lint' exited with code 1 (does not block login)",
+        );
+    }
+
+    #[test]
+    fn liveness_reports_each_expiry_once() {
+        let t0 = Instant::now();
+        let mut l = Liveness::default();
+        l.await_agent(1, t0, Duration::from_secs(120));
+        l.heard(2, t0, Duration::from_secs(15));
+        assert!(l.expire(t0 + Duration::from_secs(14)).is_empty());
+        assert_eq!(
+            l.expire(t0 + Duration::from_secs(17)),
+            vec![Expiry::Lost { workspace: 2, since_heartbeat: Duration::from_secs(17) }]
+        );
+        assert!(l.expire(t0 + Duration::from_secs(18)).is_empty(), "lost is reported once");
+        assert!(l.heard(2, t0 + Duration::from_secs(19), Duration::from_secs(15)), "recovery is reported");
+        assert_eq!(
+            l.expire(t0 + Duration::from_secs(120)),
+            vec![Expiry::NeverConnected { workspace: 1, after: Duration::from_secs(120) }]
+        );
+        assert_eq!(not_connected_reason(Duration::from_secs(120)), "agent has not connected after 120s");
+        assert_eq!(lost_reason(Duration::from_secs(17)), "agent has lost connection (last heartbeat 17s ago)");
+    }
+}

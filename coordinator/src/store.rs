@@ -1,0 +1,577 @@
+//! The one place that speaks SQL. SQLite (bundled, WAL) by default; the SQL is kept portable
+//! (integers for times, text for words, no SQLite-only syntax outside `open`) so a PostgreSQL backend
+//! can sit behind the same methods.
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+use tether_shared::proto::{Event, EventKind, LogLine, Span};
+use tether_shared::{Lifecycle, SpanStatus, WorkspaceStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("a workspace named '{0}' already exists")]
+    NameTaken(String),
+    #[error("database holds an unknown value in {column}: {value}")]
+    Corrupt { column: &'static str, value: String },
+    #[error("database schema version {found} is newer than this coordinator knows ({known}); upgrade tether")]
+    TooNew { found: i64, known: i64 },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+
+#[derive(Debug, Clone)]
+pub struct WorkspaceRow {
+    pub id: i64,
+    pub name: String,
+    pub owner: Option<String>,
+    pub template: String,
+    pub provisioner: String,
+    pub status: WorkspaceStatus,
+    pub status_reason: String,
+    pub status_changed_at: i64,
+    pub op: Option<String>,
+    pub last_error: Option<String>,
+    pub build: i64,
+    pub build_started_at: Option<i64>,
+    pub waiting_since: Option<i64>,
+    pub lifecycle: Option<Lifecycle>,
+    pub agent_instance: Option<i64>,
+    pub events_acked: i64,
+    pub logs_acked: i64,
+    pub agent_version: Option<String>,
+    pub agent_hostname: Option<String>,
+    pub last_heartbeat_at: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpanRow {
+    pub build: i64,
+    pub source: String,
+    pub stage: String,
+    pub name: String,
+    pub started_at: i64,
+    pub ended_at: i64,
+    pub exit_code: Option<i32>,
+    pub status: SpanStatus,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogRow {
+    pub id: i64,
+    pub build: i64,
+    pub source: String,
+    pub stream: String,
+    pub at: i64,
+    pub line: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TransitionRow {
+    pub at: i64,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+}
+
+/// What applying a batch of agent events changed.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub acked: u64,
+    pub lifecycle: Option<Lifecycle>,
+    pub spans: usize,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn word<T: FromStr>(column: &'static str, value: String) -> Result<T> {
+    value.parse().map_err(|_| StoreError::Corrupt { column, value })
+}
+
+fn workspace(row: &SqliteRow) -> Result<WorkspaceRow> {
+    Ok(WorkspaceRow {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        owner: row.try_get("owner")?,
+        template: row.try_get("template")?,
+        provisioner: row.try_get("provisioner")?,
+        status: word("status", row.try_get("status")?)?,
+        status_reason: row.try_get("status_reason")?,
+        status_changed_at: row.try_get("status_changed_at")?,
+        op: row.try_get("op")?,
+        last_error: row.try_get("last_error")?,
+        build: row.try_get("build")?,
+        build_started_at: row.try_get("build_started_at")?,
+        waiting_since: row.try_get("waiting_since")?,
+        lifecycle: row.try_get::<Option<String>, _>("lifecycle")?.map(|v| word("lifecycle", v)).transpose()?,
+        agent_instance: row.try_get("agent_instance")?,
+        events_acked: row.try_get("events_acked")?,
+        logs_acked: row.try_get("logs_acked")?,
+        agent_version: row.try_get("agent_version")?,
+        agent_hostname: row.try_get("agent_hostname")?,
+        last_heartbeat_at: row.try_get("last_heartbeat_at")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Store {
+    pub async fn open(path: &Path) -> Result<Store> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let store = Store { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").execute(&self.pool).await?;
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM schema_version").fetch_one(&self.pool).await?;
+        let current = current.unwrap_or(0);
+        let known = MIGRATIONS.len() as i64;
+        if current > known {
+            return Err(StoreError::TooNew { found: current, known });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let mut tx = self.pool.begin().await?;
+            for stmt in sql.split(';').map(str::trim).filter(|s| !s.lines().all(|l| l.trim().is_empty() || l.trim().starts_with("--"))) {
+                sqlx::query(sqlx::AssertSqlSafe(stmt.to_string())).execute(&mut *tx).await?;
+            }
+            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)").bind(i as i64 + 1).execute(&mut *tx).await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = $1").bind(key).fetch_optional(&self.pool).await?)
+    }
+
+    pub async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_workspace(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        template: &str,
+        provisioner: &str,
+        status: WorkspaceStatus,
+        reason: &str,
+        token_hash: Option<&str>,
+        now: i64,
+    ) -> Result<WorkspaceRow> {
+        let mut tx = self.pool.begin().await?;
+        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM workspaces WHERE name = $1 AND status <> 'deleted'")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if taken.is_some() {
+            return Err(StoreError::NameTaken(name.to_string()));
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO workspaces (name, owner, template, provisioner, status, status_reason, status_changed_at, token_hash, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7) RETURNING id",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(template)
+        .bind(provisioner)
+        .bind(status.as_str())
+        .bind(reason)
+        .bind(now)
+        .bind(token_hash)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO transitions (workspace_id, at, from_status, to_status, reason) VALUES ($1, $2, '', $3, $4)")
+            .bind(id)
+            .bind(now)
+            .bind(status.as_str())
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.workspace_by_id(id).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))
+    }
+
+    pub async fn workspace(&self, name: &str) -> Result<Option<WorkspaceRow>> {
+        let row = sqlx::query("SELECT * FROM workspaces WHERE name = $1 AND status <> 'deleted'")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(workspace).transpose()
+    }
+
+    pub async fn workspace_by_id(&self, id: i64) -> Result<Option<WorkspaceRow>> {
+        let row = sqlx::query("SELECT * FROM workspaces WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(workspace).transpose()
+    }
+
+    pub async fn workspace_by_token(&self, token_hash: &str) -> Result<Option<WorkspaceRow>> {
+        let row = sqlx::query("SELECT * FROM workspaces WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(workspace).transpose()
+    }
+
+    pub async fn list(&self, status: Option<WorkspaceStatus>, include_deleted: bool) -> Result<Vec<WorkspaceRow>> {
+        let rows = match status {
+            Some(s) => {
+                sqlx::query("SELECT * FROM workspaces WHERE status = $1 ORDER BY name, id")
+                    .bind(s.as_str())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None if include_deleted => sqlx::query("SELECT * FROM workspaces ORDER BY name, id").fetch_all(&self.pool).await?,
+            None => {
+                sqlx::query("SELECT * FROM workspaces WHERE status <> 'deleted' ORDER BY name, id")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(workspace).collect()
+    }
+
+    pub async fn counts(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM workspaces GROUP BY status").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((r.try_get("status")?, r.try_get("n")?))).collect()
+    }
+
+    /// Moves a workspace to a new status and records the transition.
+    pub async fn set_status(&self, id: i64, from: WorkspaceStatus, to: WorkspaceStatus, reason: &str, now: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE workspaces SET status = $1, status_reason = $2, status_changed_at = $3 WHERE id = $4")
+            .bind(to.as_str())
+            .bind(reason)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO transitions (workspace_id, at, from_status, to_status, reason) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id)
+            .bind(now)
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Starts a new build: the next build number, a fresh lifecycle, and (for managed workspaces) the
+    /// hash of a fresh agent token.
+    pub async fn begin_build(&self, id: i64, token_hash: Option<&str>, now: i64) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let build: i64 = sqlx::query_scalar(
+            "UPDATE workspaces SET build = build + 1, build_started_at = $1, lifecycle = NULL, last_error = NULL,
+             token_hash = COALESCE($2, token_hash) WHERE id = $3 RETURNING build",
+        )
+        .bind(now)
+        .bind(token_hash)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO builds (workspace_id, build, started_at) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(build)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(build)
+    }
+
+    pub async fn set_op(&self, id: i64, op: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE workspaces SET op = $1 WHERE id = $2").bind(op).bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn set_last_error(&self, id: i64, error: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE workspaces SET last_error = $1 WHERE id = $2").bind(error).bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn set_waiting_since(&self, id: i64, since: Option<i64>) -> Result<()> {
+        sqlx::query("UPDATE workspaces SET waiting_since = $1 WHERE id = $2").bind(since).bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn set_token(&self, id: i64, token_hash: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE workspaces SET token_hash = $1 WHERE id = $2").bind(token_hash).bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Records an agent's hello. Acknowledgements carry over only for the same agent instance.
+    pub async fn agent_hello(&self, id: i64, instance: u64, version: &str, hostname: &str, now: i64) -> Result<(u64, u64)> {
+        let instance = instance as i64;
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT agent_instance, events_acked, logs_acked FROM workspaces WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let same = row.try_get::<Option<i64>, _>("agent_instance")? == Some(instance);
+        let acked = if same { (row.try_get::<i64, _>("events_acked")?, row.try_get::<i64, _>("logs_acked")?) } else { (0, 0) };
+        sqlx::query(
+            "UPDATE workspaces SET agent_instance = $1, events_acked = $2, logs_acked = $3, agent_version = $4,
+             agent_hostname = $5, last_heartbeat_at = $6 WHERE id = $7",
+        )
+        .bind(instance)
+        .bind(acked.0)
+        .bind(acked.1)
+        .bind(version)
+        .bind(hostname)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((acked.0 as u64, acked.1 as u64))
+    }
+
+    /// Stores lifecycle changes and spans exactly once: events at or below the stored
+    /// acknowledgement are skipped, and the acknowledgement moves in the same transaction.
+    /// `clock_offset_ms` is added to agent times to put them on the coordinator's clock.
+    pub async fn apply_events(&self, id: i64, instance: u64, events: &[Event], clock_offset_ms: i64) -> Result<Applied> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT agent_instance, events_acked, build, lifecycle FROM workspaces WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut applied = Applied { acked: row.try_get::<i64, _>("events_acked")? as u64, ..Applied::default() };
+        if row.try_get::<Option<i64>, _>("agent_instance")? != Some(instance as i64) {
+            // A newer connection of another agent instance took over; this one's events are stale.
+            return Ok(applied);
+        }
+        let build: i64 = row.try_get("build")?;
+        let mut lifecycle: Option<Lifecycle> =
+            row.try_get::<Option<String>, _>("lifecycle")?.map(|v| word("lifecycle", v)).transpose()?;
+        for e in events {
+            if e.seq <= applied.acked {
+                continue;
+            }
+            applied.acked = e.seq;
+            match &e.kind {
+                EventKind::Lifecycle { state, .. } => {
+                    let advances = lifecycle.is_none_or(|l| l.may_advance_to(*state));
+                    if e.build as i64 == build && advances {
+                        lifecycle = Some(*state);
+                        applied.lifecycle = Some(*state);
+                    }
+                }
+                EventKind::Span(span) => {
+                    insert_span(&mut tx, id, e.build as i64, "agent", span, clock_offset_ms).await?;
+                    applied.spans += 1;
+                }
+            }
+        }
+        sqlx::query("UPDATE workspaces SET events_acked = $1, lifecycle = $2 WHERE id = $3")
+            .bind(applied.acked as i64)
+            .bind(lifecycle.map(|l| l.as_str()))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Stores log lines exactly once, like [`Store::apply_events`]. Returns the acknowledgement.
+    pub async fn apply_logs(&self, id: i64, instance: u64, lines: &[LogLine], clock_offset_ms: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT agent_instance, logs_acked FROM workspaces WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut acked = row.try_get::<i64, _>("logs_acked")? as u64;
+        if row.try_get::<Option<i64>, _>("agent_instance")? != Some(instance as i64) {
+            return Ok(acked);
+        }
+        for l in lines {
+            if l.seq <= acked {
+                continue;
+            }
+            acked = l.seq;
+            sqlx::query("INSERT INTO logs (workspace_id, build, source, stream, at, line) VALUES ($1, $2, $3, $4, $5, $6)")
+                .bind(id)
+                .bind(l.build as i64)
+                .bind(&l.script)
+                .bind(l.stream.as_str())
+                .bind(l.at_ms + clock_offset_ms)
+                .bind(&l.line)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("UPDATE workspaces SET logs_acked = $1 WHERE id = $2").bind(acked as i64).bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(acked)
+    }
+
+    /// A span the coordinator itself measured (provisioning).
+    pub async fn add_span(&self, id: i64, build: i64, span: &Span) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_span(&mut tx, id, build, "coordinator", span, 0).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Log lines the coordinator itself captured (provisioning output).
+    pub async fn add_logs(&self, id: i64, build: i64, source: &str, lines: &[(String, String, i64)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (stream, line, at) in lines {
+            sqlx::query("INSERT INTO logs (workspace_id, build, source, stream, at, line) VALUES ($1, $2, $3, $4, $5, $6)")
+                .bind(id)
+                .bind(build)
+                .bind(source)
+                .bind(stream)
+                .bind(at)
+                .bind(line)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn spans(&self, id: i64, build: i64) -> Result<Vec<SpanRow>> {
+        let rows = sqlx::query(
+            "SELECT build, source, stage, name, started_at, ended_at, exit_code, status FROM spans
+             WHERE workspace_id = $1 AND build = $2 ORDER BY started_at, id",
+        )
+        .bind(id)
+        .bind(build)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SpanRow {
+                    build: r.try_get("build")?,
+                    source: r.try_get("source")?,
+                    stage: r.try_get("stage")?,
+                    name: r.try_get("name")?,
+                    started_at: r.try_get("started_at")?,
+                    ended_at: r.try_get("ended_at")?,
+                    exit_code: r.try_get::<Option<i64>, _>("exit_code")?.map(|c| c as i32),
+                    status: word("span status", r.try_get("status")?)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn build_started_at(&self, id: i64, build: i64) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar("SELECT started_at FROM builds WHERE workspace_id = $1 AND build = $2")
+            .bind(id)
+            .bind(build)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn logs(&self, id: i64, after: i64, limit: i64, source: Option<&str>) -> Result<Vec<LogRow>> {
+        let rows = sqlx::query(
+            "SELECT id, build, source, stream, at, line FROM logs
+             WHERE workspace_id = $1 AND id > $2 AND ($3 IS NULL OR source = $3) ORDER BY id LIMIT $4",
+        )
+        .bind(id)
+        .bind(after)
+        .bind(source)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LogRow {
+                    id: r.try_get("id")?,
+                    build: r.try_get("build")?,
+                    source: r.try_get("source")?,
+                    stream: r.try_get("stream")?,
+                    at: r.try_get("at")?,
+                    line: r.try_get("line")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn transitions(&self, id: i64, limit: i64) -> Result<Vec<TransitionRow>> {
+        let rows = sqlx::query(
+            "SELECT at, from_status, to_status, reason FROM
+             (SELECT * FROM transitions WHERE workspace_id = $1 ORDER BY id DESC LIMIT $2) AS t ORDER BY id",
+        )
+        .bind(id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(TransitionRow {
+                    at: r.try_get("at")?,
+                    from: r.try_get("from_status")?,
+                    to: r.try_get("to_status")?,
+                    reason: r.try_get("reason")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Persists last-seen times for many workspaces in one transaction (called periodically, not
+    /// per heartbeat).
+    pub async fn touch_heartbeats(&self, seen: &[(i64, i64)]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in seen {
+            sqlx::query("UPDATE workspaces SET last_heartbeat_at = $1 WHERE id = $2").bind(at).bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn insert_span(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    id: i64,
+    build: i64,
+    source: &str,
+    span: &Span,
+    offset: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO spans (workspace_id, build, source, stage, name, started_at, ended_at, exit_code, status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(id)
+    .bind(build)
+    .bind(source)
+    .bind(&span.stage)
+    .bind(&span.name)
+    .bind(span.started_at_ms + offset)
+    .bind(span.ended_at_ms.max(span.started_at_ms) + offset)
+    .bind(span.exit_code.map(i64::from))
+    .bind(span.status.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

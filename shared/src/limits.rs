@@ -1,0 +1,25 @@
+//! Every size a peer or a user controls, in one place. Errors name the limit they hit.
+
+/// Largest frame either side accepts on any stream, payload only.
+pub const MAX_FRAME: usize = 1024 * 1024;
+/// Longest log line kept; longer lines are cut and marked.
+pub const MAX_LOG_LINE: usize = 16 * 1024;
+/// Output kept (and streamed) per script run before an "output truncated" line.
+pub const MAX_SCRIPT_OUTPUT: u64 = 1024 * 1024;
+/// Scripts in one manifest.
+pub const MAX_SCRIPTS: usize = 64;
+/// Length of a script body.
+pub const MAX_SCRIPT_LEN: usize = 64 * 1024;
+/// Workspace, user and script names.
+pub const MAX_NAME: usize = 63;
+/// Environment variables in one manifest, and the size of each value.
+pub const MAX_ENV: usize = 256;
+pub const MAX_ENV_VALUE: usize = 32 * 1024;
+/// Events (lifecycle changes, spans) in one batch.
+pub const MAX_EVENTS_PER_BATCH: usize = 256;
+/// Bytes of log lines in one batch, so one batch always fits a frame.
+pub const MAX_LOG_BATCH_BYTES: usize = 256 * 1024;
+/// Length of an agent token as sent in a hello.
+pub const MAX_TOKEN: usize = 256;
+/// Free-text fields a peer sends (reasons, host names, versions).
+pub const MAX_TEXT: usize = 1024;

@@ -1,0 +1,298 @@
+//! Messages on the agent tunnel.
+//!
+//! One QUIC connection per agent, dialled by the agent. Streams have one job each:
+//! - the **control** stream (the first bidirectional stream the agent opens): hello, manifest,
+//!   heartbeats, lifecycle changes and spans, acknowledgements, commands from the coordinator;
+//! - the **log** stream (the second): script output, so a burst of logs never delays a heartbeat.
+//!
+//! The first frame on the control stream is a [`Hello`], encoded as a two-byte big-endian protocol
+//! version followed by the postcard body, so a peer can read the version even when it cannot decode
+//! the rest. The coordinator answers with a [`HelloReply`], whose `Rejected` variant is frozen across
+//! versions so an old agent can always read why it was turned away.
+//!
+//! Enum variants are only ever appended; a change to a field bumps [`PROTOCOL_VERSION`].
+
+use crate::limits;
+use crate::status::{Lifecycle, SpanStatus};
+use serde::{Deserialize, Serialize};
+
+/// The one protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// TLS application protocol name on the tunnel. Carries no version: version mismatches must reach the
+/// hello, where they get a readable answer, rather than fail the handshake.
+pub const ALPN: &[u8] = b"tether";
+
+/// Agent → coordinator, first frame of the control stream (after the version prefix).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The per-workspace agent token.
+    pub token: String,
+    /// The agent's build, for logs and `show`.
+    pub agent_version: String,
+    /// Random per agent process: acknowledgements are kept per instance, so a restarted agent starts
+    /// its sequence numbers afresh without being taken for a duplicate.
+    pub instance: u64,
+    /// The agent's wall clock when it sent the hello, to estimate clock offset.
+    pub sent_at_ms: i64,
+    pub hostname: String,
+}
+
+/// Why the coordinator refused a hello. Numbers are stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    BadToken,
+    VersionMismatch,
+    WorkspaceNotRunnable,
+    Malformed,
+    Busy,
+}
+
+/// Coordinator → agent, first frame of the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HelloReply {
+    /// Frozen: never change this variant's place or fields.
+    Rejected { code: RejectCode, message: String },
+    Welcome(Welcome),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub workspace: String,
+    /// The build (start generation) the workspace is on; a new `start` makes a new build.
+    pub build: u64,
+    /// Highest event sequence number already stored for this agent instance.
+    pub events_acked: u64,
+    /// Highest log sequence number already stored for this agent instance.
+    pub logs_acked: u64,
+    pub heartbeat_interval_ms: u64,
+    pub coordinator_version: String,
+}
+
+/// Agent → coordinator on the control stream, after the hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    FetchManifest,
+    Heartbeat(Heartbeat),
+    Events(EventBatch),
+    /// The agent is exiting on purpose; the coordinator need not wait for a heartbeat timeout.
+    Goodbye { reason: String },
+}
+
+/// Coordinator → agent on the control stream, after the welcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorMessage {
+    Manifest(Manifest),
+    /// Everything up to and including `seq` on that channel is stored.
+    Ack { channel: Channel, seq: u64 },
+    /// Run the stop scripts, report the final lifecycle and exit.
+    Shutdown { reason: String },
+    /// The coordinator is going away; reconnect after a random delay below `within_ms`.
+    Reconnect { within_ms: u64 },
+    /// A message the coordinator could not accept; the connection stays up.
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Channel {
+    Events,
+    Logs,
+}
+
+/// What the agent runs and how, fetched once per connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub workspace: String,
+    pub build: u64,
+    pub scripts: Vec<Script>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    /// Time allowed for all stop scripts together.
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScriptTrigger {
+    Start,
+    Stop,
+    Cron,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Script {
+    pub name: String,
+    pub run: String,
+    pub on: ScriptTrigger,
+    /// Cron expression when `on` is `Cron`.
+    pub schedule: Option<String>,
+    pub timeout_ms: u64,
+    pub blocks_login: bool,
+}
+
+/// System stats, refreshed only for what is sent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub sent_at_ms: i64,
+    pub cpu_percent: f32,
+    /// CPUs available: the cgroup quota inside a container, the host's count otherwise.
+    pub cpu_limit: f32,
+    pub mem_used: u64,
+    /// The cgroup limit inside a container, host memory otherwise.
+    pub mem_total: u64,
+    pub disk_used: u64,
+    pub disk_total: u64,
+    pub load: [f32; 3],
+    pub uptime_s: u64,
+}
+
+/// Lifecycle changes and spans, each with a sequence number, kept by the agent until acknowledged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventBatch {
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub build: u64,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EventKind {
+    Lifecycle { state: Lifecycle, at_ms: i64, detail: Option<String> },
+    Span(Span),
+}
+
+/// One timed step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Span {
+    /// `agent` (connect, manifest), `script`, `stop_script`, `ready`.
+    pub stage: String,
+    pub name: String,
+    pub started_at_ms: i64,
+    pub ended_at_ms: i64,
+    pub exit_code: Option<i32>,
+    pub status: SpanStatus,
+}
+
+/// Agent → coordinator on the log stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogBatch {
+    pub lines: Vec<LogLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub seq: u64,
+    pub build: u64,
+    pub script: String,
+    pub stream: LogStream,
+    pub at_ms: i64,
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// A message that decoded but breaks a limit or a rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("{field} is {len} bytes, over the limit of {max}")]
+    TooLong { field: &'static str, len: usize, max: usize },
+    #[error("{field} has {count} entries, over the limit of {max}")]
+    TooMany { field: &'static str, count: usize, max: usize },
+    #[error("{field} must not be empty")]
+    Empty { field: &'static str },
+}
+
+fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), InvalidMessage> {
+    if s.len() > max {
+        return Err(InvalidMessage::TooLong { field, len: s.len(), max });
+    }
+    Ok(())
+}
+
+fn check_count(field: &'static str, count: usize, max: usize) -> Result<(), InvalidMessage> {
+    if count > max {
+        return Err(InvalidMessage::TooMany { field, count, max });
+    }
+    Ok(())
+}
+
+impl Hello {
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        if self.token.is_empty() {
+            return Err(InvalidMessage::Empty { field: "token" });
+        }
+        check_len("token", &self.token, limits::MAX_TOKEN)?;
+        check_len("agent_version", &self.agent_version, limits::MAX_TEXT)?;
+        check_len("hostname", &self.hostname, limits::MAX_TEXT)
+    }
+}
+
+impl AgentMessage {
+    /// Checks the limits a decoded message must keep beyond its frame size.
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        match self {
+            AgentMessage::FetchManifest | AgentMessage::Heartbeat(_) => Ok(()),
+            AgentMessage::Goodbye { reason } => check_len("reason", reason, limits::MAX_TEXT),
+            AgentMessage::Events(batch) => {
+                check_count("events", batch.events.len(), limits::MAX_EVENTS_PER_BATCH)?;
+                for e in &batch.events {
+                    match &e.kind {
+                        EventKind::Lifecycle { detail, .. } => {
+                            check_len("detail", detail.as_deref().unwrap_or(""), limits::MAX_TEXT)?
+                        }
+                        EventKind::Span(s) => {
+                            check_len("span stage", &s.stage, limits::MAX_NAME)?;
+                            check_len("span name", &s.name, limits::MAX_TEXT)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl LogBatch {
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        for l in &self.lines {
+            check_len("log script", &l.script, limits::MAX_TEXT)?;
+            // A cut line carries a short marker past the limit.
+            check_len("log line", &l.line, limits::MAX_LOG_LINE + 64)?;
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        check_count("scripts", self.scripts.len(), limits::MAX_SCRIPTS)?;
+        for s in &self.scripts {
+            check_len("script name", &s.name, limits::MAX_NAME)?;
+            check_len("script body", &s.run, limits::MAX_SCRIPT_LEN)?;
+        }
+        check_count("env", self.env.len(), limits::MAX_ENV)?;
+        for (k, v) in &self.env {
+            check_len("env name", k, limits::MAX_TEXT)?;
+            check_len("env value", v, limits::MAX_ENV_VALUE)?;
+        }
+        Ok(())
+    }
+}
