@@ -1,1 +1,83 @@
-fn main() {}
+//! `tether-agent`: reads its configuration, sets up logging and runs the agent until it is told to
+//! stop. Exit status: 0 after a shutdown, 1 on a runtime failure, 2 on a configuration error or when
+//! the coordinator rejects the agent (bad token, protocol version).
+
+use anyhow::Context;
+use clap::Parser;
+use std::future::Future;
+use std::process::ExitCode;
+use tether_agent::clock::WallClock;
+use tether_agent::config::{Args, Config, LogFormat, LOG_FILTER_ENV};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let boot = WallClock::start();
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    // Another crate may have installed the same provider first; either way ring is in place.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = match Config::from_args(args, &|key| std::env::var_os(key)) {
+        Ok(config) => config,
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!("configuration: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    match run(config, boot) {
+        Ok(tether_agent::Exit::Stopped) => ExitCode::SUCCESS,
+        Ok(exit @ tether_agent::Exit::Rejected { .. }) => {
+            if let tether_agent::Exit::Rejected { code, message } = &exit {
+                tracing::error!(code = ?code, "coordinator rejected this agent: {message}");
+            }
+            ExitCode::from(exit.code())
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config, boot: WallClock) -> anyhow::Result<tether_agent::Exit> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = stop_signal().context("listening for SIGTERM and SIGINT")?;
+        Ok(tether_agent::run(config, boot, shutdown).await?)
+    })
+}
+
+/// Completes on SIGTERM or SIGINT with the goodbye reason.
+fn stop_signal() -> std::io::Result<impl Future<Output = String> + Send> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "received a stop signal");
+        format!("agent stopped by {name}")
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = match std::env::var(LOG_FILTER_ENV) {
+        Ok(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!("tether-agent: ignoring {LOG_FILTER_ENV}={spec:?}: {e}");
+            EnvFilter::new("info")
+        }),
+        Err(_) => EnvFilter::new("info"),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,1 +1,70 @@
-fn main() {}
+use clap::Parser;
+use tether_coordinator::cli::{self, Cli, Command, LogFormat};
+use tether_coordinator::{client::Client, demo, server};
+
+fn init_tracing(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = cli.data_dir.clone().unwrap_or_else(cli::default_data_dir);
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing(cli.log_format, "info");
+            let config = server::ServeConfig {
+                data_dir,
+                listen_http: args.listen_http,
+                listen_quic: args.listen_quic,
+                advertise_quic: args.advertise_quic,
+                agent_binary: args.agent_binary,
+                max_agents: args.max_agents,
+            };
+            server::run(config, terminated()).await
+        }
+        Command::Demo(args) => {
+            init_tracing(cli.log_format, "warn");
+            let serve = cli::ServeArgs {
+                listen_http: "127.0.0.1:0".parse()?,
+                listen_quic: "127.0.0.1:0".parse()?,
+                advertise_quic: None,
+                agent_binary: None,
+                max_agents: 100,
+            };
+            demo::run(args.dir, args.keep_running, &serve).await
+        }
+        Command::Workspace(cmd) => {
+            init_tracing(cli.log_format, "warn");
+            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            cli::workspace(&client, cmd).await
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -225,6 +225,15 @@ impl Store {
         row.as_ref().map(workspace).transpose()
     }
 
+    /// The newest workspace of that name, deleted or not.
+    pub async fn workspace_any(&self, name: &str) -> Result<Option<WorkspaceRow>> {
+        let row = sqlx::query("SELECT * FROM workspaces WHERE name = $1 ORDER BY id DESC LIMIT 1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(workspace).transpose()
+    }
+
     pub async fn workspace_by_id(&self, id: i64) -> Result<Option<WorkspaceRow>> {
         let row = sqlx::query("SELECT * FROM workspaces WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
         row.as_ref().map(workspace).transpose()
@@ -574,4 +583,11 @@ async fn insert_span(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+impl Store {
+    /// Flushes and closes the database (on shutdown).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
 }

@@ -1,0 +1,419 @@
+//! The agent's main loop. It owns the build's lifecycle: it reacts to manifests (run the start phase,
+//! or re-report a build an earlier run already started), to the start phase finishing, and to
+//! shutdown (a signal or the coordinator). It is the only writer of the state file.
+
+use crate::clock::WallClock;
+use crate::config::Config;
+use crate::outbox::Outboxes;
+use crate::phase::{self, PhaseEnv, PhaseKind, ScriptResult};
+use crate::scripts::LocalUser;
+use crate::state::{self, StateFile};
+use crate::stats::Stats;
+use crate::tunnel::{FetchedManifest, Tunnel, TunnelConfig, TunnelError, TunnelLinks, CLOSE_TIMEOUT, DRAIN_TIMEOUT};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_shared::proto::{EventKind, Manifest, RejectCode, Span};
+use tether_shared::tls::{self, TlsError};
+use tether_shared::{limits, Lifecycle, SpanStatus};
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
+
+/// How the agent ended, when it ended on purpose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Shut down as asked (signal or coordinator).
+    Stopped,
+    /// The coordinator refused this agent for good: bad token or protocol version.
+    Rejected { code: RejectCode, message: String },
+}
+
+impl Exit {
+    /// The process exit status: 0 stopped, 2 rejected (retrying will not help).
+    pub fn code(&self) -> u8 {
+        match self {
+            Exit::Stopped => 0,
+            Exit::Rejected { .. } => 2,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("creating data directory {}: {source}", path.display())]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("tls client configuration: {0}")]
+    Tls(#[from] TlsError),
+    #[error("the connection task failed: {0}")]
+    Tunnel(String),
+}
+
+/// What the agent does with a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing: this build is already starting or started in this process.
+    Keep,
+    /// An earlier run of the agent finished this build's start phase: report where it got.
+    Report(Lifecycle),
+    /// Run the start phase for this build (replacing a start phase of another build).
+    Start,
+}
+
+/// Decides what a manifest for `build` means, given the build whose start phase is running, the
+/// build this process already handled, and the state file an earlier run left.
+pub fn decide(build: u64, running: Option<u64>, handled: Option<u64>, saved: Option<StateFile>) -> Decision {
+    if let Some(running) = running {
+        return if running == build { Decision::Keep } else { Decision::Start };
+    }
+    if handled == Some(build) {
+        return Decision::Keep;
+    }
+    if handled.is_none() {
+        if let Some(saved) = saved.filter(|s| s.build == build && s.lifecycle.start_finished()) {
+            return Decision::Report(saved.lifecycle);
+        }
+    }
+    Decision::Start
+}
+
+/// Runs the agent until `shutdown` completes (with a reason) or the coordinator ends it.
+pub async fn run(
+    config: Config,
+    boot: WallClock,
+    shutdown: impl Future<Output = String> + Send,
+) -> Result<Exit, AgentError> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
+    let saved = match state::load(&data_dir) {
+        Ok(saved) => saved,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the state file: start scripts will run");
+            None
+        }
+    };
+    let client = tls::client_config(config.ca.clone())?;
+    let user = LocalUser::discover();
+    let outboxes = Arc::new(Outboxes::default());
+    let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "unknown".to_string());
+    let tunnel = Tunnel::new(
+        TunnelConfig {
+            coordinator: config.coordinator.clone(),
+            client,
+            token: config.token.clone(),
+            instance: rand::random::<u64>(),
+            hostname: phase::truncate(hostname, limits::MAX_TEXT),
+        },
+        outboxes.clone(),
+        Stats::new(user.home.clone()),
+    );
+    tracing::info!(
+        coordinator = %config.coordinator,
+        data_dir = %data_dir.display(),
+        shell = %user.shell.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "agent starting"
+    );
+    let (manifests_tx, manifests) = watch::channel(None);
+    let (coordinator_shutdown_tx, coordinator_shutdown) = watch::channel(None);
+    let (drain, drain_rx) = watch::channel(None);
+    let tunnel = tokio::spawn(tunnel.run(TunnelLinks {
+        manifests: manifests_tx,
+        shutdown: coordinator_shutdown_tx,
+        drain: drain_rx,
+    }));
+    let agent = Agent {
+        env: Arc::new(PhaseEnv { outboxes, clock: boot, user, logs_dir: data_dir.join("logs") }),
+        data_dir,
+        saved,
+        handled: None,
+        manifest: None,
+        seen_manifest: false,
+        start: None,
+    };
+    agent.serve(shutdown, manifests, coordinator_shutdown, drain, tunnel).await
+}
+
+/// A start phase in progress.
+struct StartPhase {
+    build: u64,
+    /// Where the "ready" span begins.
+    ready_from: Instant,
+    cancel: watch::Sender<bool>,
+    task: JoinHandle<Vec<ScriptResult>>,
+}
+
+/// What woke the main loop.
+enum Wake {
+    Stop(String),
+    Manifest(FetchedManifest),
+    StartDone(Result<Vec<ScriptResult>, JoinError>),
+    TunnelEnded(Result<Result<(), TunnelError>, JoinError>),
+    Nothing,
+}
+
+struct Agent {
+    env: Arc<PhaseEnv>,
+    data_dir: PathBuf,
+    /// The state file as last read or written.
+    saved: Option<StateFile>,
+    /// The build this process started or re-reported.
+    handled: Option<u64>,
+    /// The newest manifest, for the stop scripts.
+    manifest: Option<Arc<Manifest>>,
+    seen_manifest: bool,
+    start: Option<StartPhase>,
+}
+
+impl Agent {
+    async fn serve(
+        mut self,
+        shutdown: impl Future<Output = String> + Send,
+        mut manifests: watch::Receiver<Option<FetchedManifest>>,
+        mut coordinator_shutdown: watch::Receiver<Option<String>>,
+        drain: watch::Sender<Option<String>>,
+        mut tunnel: JoinHandle<Result<(), TunnelError>>,
+    ) -> Result<Exit, AgentError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let reason = loop {
+            let wake = tokio::select! {
+                biased;
+                reason = &mut shutdown => Wake::Stop(reason),
+                joined = &mut tunnel => Wake::TunnelEnded(joined),
+                r = coordinator_shutdown.changed() => match r {
+                    Ok(()) => coordinator_shutdown.borrow_and_update().clone().map_or(Wake::Nothing, Wake::Stop),
+                    // The tunnel task holds the sender: it has ended.
+                    Err(_) => Wake::TunnelEnded((&mut tunnel).await),
+                },
+                r = manifests.changed() => match r {
+                    Ok(()) => manifests.borrow_and_update().clone().map_or(Wake::Nothing, Wake::Manifest),
+                    Err(_) => Wake::TunnelEnded((&mut tunnel).await),
+                },
+                joined = start_finished(&mut self.start) => Wake::StartDone(joined),
+            };
+            match wake {
+                Wake::Stop(reason) => break reason,
+                Wake::Manifest(fetched) => self.on_manifest(fetched).await,
+                Wake::StartDone(joined) => self.on_start_finished(joined),
+                Wake::TunnelEnded(joined) => return self.on_tunnel_ended(joined).await,
+                Wake::Nothing => {}
+            }
+        };
+        self.shut_down(reason, drain, tunnel).await
+    }
+
+    async fn on_manifest(&mut self, fetched: FetchedManifest) {
+        let manifest = fetched.manifest.clone();
+        let build = manifest.build;
+        let first = !self.seen_manifest;
+        self.seen_manifest = true;
+        match decide(build, self.start.as_ref().map(|s| s.build), self.handled, self.saved) {
+            Decision::Keep => {}
+            Decision::Report(lifecycle) => {
+                tracing::info!(build, lifecycle = %lifecycle, "this build was started by an earlier agent run; not running its start scripts again");
+                self.lifecycle(build, lifecycle, None);
+                self.handled = Some(build);
+            }
+            Decision::Start => {
+                if let Some(old) = self.start.take() {
+                    tracing::warn!(build = old.build, new_build = build, "a new build replaces the one still starting");
+                    cancel_phase(old).await;
+                }
+                self.begin_start(&fetched, first);
+            }
+        }
+        self.manifest = Some(manifest);
+    }
+
+    fn begin_start(&mut self, fetched: &FetchedManifest, first: bool) {
+        let manifest = fetched.manifest.clone();
+        let build = manifest.build;
+        let clock = self.env.clock;
+        if first {
+            self.span(build, "agent", "connect", clock.origin(), fetched.first_welcome, SpanStatus::Ok);
+        }
+        self.span(build, "agent", "manifest", fetched.fetch_started, fetched.fetch_ended, SpanStatus::Ok);
+        self.lifecycle(build, Lifecycle::Created, None);
+        self.lifecycle(build, Lifecycle::Starting, None);
+        self.save(StateFile { build, lifecycle: Lifecycle::Starting });
+        let scripts = manifest.scripts.iter().filter(|s| s.on == tether_shared::proto::ScriptTrigger::Start).count();
+        tracing::info!(build, scripts, "running start scripts");
+        let (cancel, cancel_rx) = watch::channel(false);
+        let task = tokio::spawn(phase::run_phase(self.env.clone(), manifest, PhaseKind::Start, None, cancel_rx));
+        // The boot that starts a build measures "ready" from process start; a later build from its manifest.
+        let ready_from = if first { clock.origin() } else { Instant::now() };
+        self.start = Some(StartPhase { build, ready_from, cancel, task });
+        self.handled = Some(build);
+    }
+
+    fn on_start_finished(&mut self, joined: Result<Vec<ScriptResult>, JoinError>) {
+        let Some(phase) = self.start.take() else { return };
+        let (lifecycle, detail) = match joined {
+            Ok(results) => phase::verdict(PhaseKind::Start, &results),
+            Err(e) => {
+                tracing::error!(error = %e, "the start phase failed");
+                (Lifecycle::StartError, Some("the agent failed while running the startup scripts".to_string()))
+            }
+        };
+        let now = Instant::now();
+        let status = match lifecycle {
+            Lifecycle::Ready => SpanStatus::Ok,
+            Lifecycle::StartTimeout => SpanStatus::TimedOut,
+            _ => SpanStatus::ExitFailure,
+        };
+        match &detail {
+            None => tracing::info!(build = phase.build, lifecycle = %lifecycle, "start phase finished"),
+            Some(d) => tracing::warn!(build = phase.build, lifecycle = %lifecycle, detail = %d, "start phase finished"),
+        }
+        self.lifecycle(phase.build, lifecycle, detail);
+        self.span(phase.build, "agent", "ready", phase.ready_from, now, status);
+        self.save(StateFile { build: phase.build, lifecycle });
+    }
+
+    async fn on_tunnel_ended(
+        &mut self,
+        joined: Result<Result<(), TunnelError>, JoinError>,
+    ) -> Result<Exit, AgentError> {
+        if let Some(phase) = self.start.take() {
+            cancel_phase(phase).await;
+        }
+        match joined {
+            Ok(Err(TunnelError::Rejected { code, message })) => Ok(Exit::Rejected { code, message }),
+            Ok(Ok(())) => Err(AgentError::Tunnel("the connection loop ended unexpectedly".to_string())),
+            Err(e) => Err(AgentError::Tunnel(e.to_string())),
+        }
+    }
+
+    async fn shut_down(
+        mut self,
+        reason: String,
+        drain: watch::Sender<Option<String>>,
+        mut tunnel: JoinHandle<Result<(), TunnelError>>,
+    ) -> Result<Exit, AgentError> {
+        tracing::info!(reason = %reason, "shutting down");
+        if let Some(phase) = self.start.take() {
+            cancel_phase(phase).await;
+        }
+        match self.manifest.clone() {
+            Some(manifest) => self.stop_phase(manifest).await,
+            None => tracing::info!("no manifest was fetched: no stop scripts to run"),
+        }
+        drain.send_replace(Some(reason));
+        let limit = DRAIN_TIMEOUT + 2 * CLOSE_TIMEOUT + Duration::from_secs(1);
+        match tokio::time::timeout(limit, &mut tunnel).await {
+            Ok(Ok(Ok(()))) => Ok(Exit::Stopped),
+            Ok(Ok(Err(TunnelError::Rejected { code, message }))) => Ok(Exit::Rejected { code, message }),
+            Ok(Err(e)) => Err(AgentError::Tunnel(e.to_string())),
+            Err(_) => {
+                tracing::warn!("could not say goodbye to the coordinator in time");
+                tunnel.abort();
+                Ok(Exit::Stopped)
+            }
+        }
+    }
+
+    async fn stop_phase(&mut self, manifest: Arc<Manifest>) {
+        let build = manifest.build;
+        self.lifecycle(build, Lifecycle::ShuttingDown, None);
+        self.save(StateFile { build, lifecycle: Lifecycle::ShuttingDown });
+        let overall = (manifest.shutdown_timeout_ms > 0).then(|| Duration::from_millis(manifest.shutdown_timeout_ms));
+        // Stop scripts are never cancelled: their budget is the shutdown timeout.
+        let (_keep, never) = watch::channel(false);
+        let results = phase::run_phase(self.env.clone(), manifest, PhaseKind::Stop, overall, never).await;
+        let (lifecycle, detail) = phase::verdict(PhaseKind::Stop, &results);
+        match &detail {
+            None => tracing::info!(build, lifecycle = %lifecycle, "stop phase finished"),
+            Some(d) => tracing::warn!(build, lifecycle = %lifecycle, detail = %d, "stop phase finished"),
+        }
+        self.lifecycle(build, lifecycle, detail);
+        self.save(StateFile { build, lifecycle });
+    }
+
+    fn lifecycle(&self, build: u64, state: Lifecycle, detail: Option<String>) {
+        let at_ms = self.env.clock.now_ms();
+        self.env.outboxes.push_event(build, EventKind::Lifecycle { state, at_ms, detail });
+    }
+
+    fn span(&self, build: u64, stage: &str, name: &str, started: Instant, ended: Instant, status: SpanStatus) {
+        let clock = self.env.clock;
+        self.env.outboxes.push_event(
+            build,
+            EventKind::Span(Span {
+                stage: stage.to_string(),
+                name: name.to_string(),
+                started_at_ms: clock.at(started),
+                ended_at_ms: clock.at(ended),
+                exit_code: None,
+                status,
+            }),
+        );
+    }
+
+    fn save(&mut self, s: StateFile) {
+        if let Err(e) = state::save(&self.data_dir, &s) {
+            tracing::warn!(error = %e, "could not update the state file");
+        }
+        self.saved = Some(s);
+    }
+}
+
+/// Completes when the running start phase does; never when there is none.
+async fn start_finished(start: &mut Option<StartPhase>) -> Result<Vec<ScriptResult>, JoinError> {
+    match start {
+        Some(phase) => (&mut phase.task).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Kills a start phase's scripts and waits for them to be gone. Their spans say they were cut off.
+async fn cancel_phase(phase: StartPhase) {
+    tracing::info!(build = phase.build, "stopping the start scripts still running");
+    let _ = phase.cancel.send(true);
+    if let Err(e) = phase.task.await {
+        tracing::error!(error = %e, "the start phase failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved(build: u64, lifecycle: Lifecycle) -> Option<StateFile> {
+        Some(StateFile { build, lifecycle })
+    }
+
+    #[test]
+    fn first_manifest_of_a_fresh_agent_starts() {
+        assert_eq!(decide(1, None, None, None), Decision::Start);
+        assert_eq!(decide(2, None, None, saved(1, Lifecycle::Ready)), Decision::Start, "new build");
+    }
+
+    #[test]
+    fn restarted_agent_does_not_rerun_a_finished_start() {
+        assert_eq!(decide(3, None, None, saved(3, Lifecycle::Ready)), Decision::Report(Lifecycle::Ready));
+        assert_eq!(decide(3, None, None, saved(3, Lifecycle::StartError)), Decision::Report(Lifecycle::StartError));
+    }
+
+    #[test]
+    fn restarted_agent_reruns_a_start_that_died_midway() {
+        assert_eq!(decide(3, None, None, saved(3, Lifecycle::Starting)), Decision::Start);
+        assert_eq!(decide(3, None, None, saved(3, Lifecycle::Created)), Decision::Start);
+    }
+
+    #[test]
+    fn reconnects_keep_the_build_and_new_builds_start() {
+        assert_eq!(decide(3, Some(3), Some(3), saved(3, Lifecycle::Starting)), Decision::Keep, "still starting");
+        assert_eq!(decide(3, None, Some(3), saved(3, Lifecycle::Ready)), Decision::Keep, "already done");
+        assert_eq!(decide(4, None, Some(3), saved(3, Lifecycle::Ready)), Decision::Start);
+        assert_eq!(decide(4, Some(3), Some(3), saved(3, Lifecycle::Starting)), Decision::Start, "replaces");
+        // Only the first manifest of a process looks at the state file.
+        assert_eq!(decide(3, None, Some(4), saved(3, Lifecycle::Ready)), Decision::Start);
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(Exit::Stopped.code(), 0);
+        assert_eq!(Exit::Rejected { code: RejectCode::BadToken, message: "no".into() }.code(), 2);
+    }
+}

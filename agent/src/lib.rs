@@ -1,0 +1,27 @@
+//! Tether's workspace agent as a library: the binary only parses flags, sets up logging and calls
+//! [`run`].
+//!
+//! Code map:
+//! - [`agent`]: the main loop; owns the lifecycle of the current build and the state file.
+//! - [`tunnel`]: the QUIC connection to the coordinator, reconnects, heartbeats, acknowledgements.
+//! - [`outbox`]: events and log lines kept until the coordinator acknowledges them.
+//! - [`phase`]: start and stop phases (scripts in parallel, spans, verdict).
+//! - [`scripts`]: running one script in its own process group; [`output`]: line cutting and caps.
+//! - [`stats`]: heartbeat numbers; [`state`]: `state.json`; [`config`]: flags and environment.
+//!
+//! Invariants: the agent never listens on a port; it never kills a script's process group unless the
+//! script timed out or the agent is shutting down; nothing a peer or a script sends grows memory
+//! without a bound.
+
+pub mod agent;
+pub mod clock;
+pub mod config;
+pub mod outbox;
+pub mod output;
+pub mod phase;
+pub mod scripts;
+pub mod state;
+pub mod stats;
+pub mod tunnel;
+
+pub use agent::{run, AgentError, Exit};

@@ -1,0 +1,402 @@
+//! The start and stop phases: run a manifest's scripts for one trigger in parallel, send their output
+//! to the log outbox and to local files, report a span per script, and judge the phase.
+
+use crate::clock::WallClock;
+use crate::outbox::Outboxes;
+use crate::scripts::{self, LocalUser, OutputSink, ScriptCommand, ScriptEnd, ScriptRun};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tether_shared::limits;
+use tether_shared::proto::{EventKind, LogStream, Manifest, Script, ScriptTrigger, Span};
+use tether_shared::Lifecycle;
+use tokio::sync::watch;
+
+/// Environment variables the agent keeps from its scripts: the token is the agent's secret.
+const HIDDEN_ENV: &[&str] = &[crate::config::TOKEN_ENV];
+
+/// What phases need from the agent.
+#[derive(Debug)]
+pub struct PhaseEnv {
+    pub outboxes: Arc<Outboxes>,
+    pub clock: WallClock,
+    pub user: LocalUser,
+    /// `DATA/logs`.
+    pub logs_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseKind {
+    Start,
+    Stop,
+}
+
+impl PhaseKind {
+    fn trigger(self) -> ScriptTrigger {
+        match self {
+            PhaseKind::Start => ScriptTrigger::Start,
+            PhaseKind::Stop => ScriptTrigger::Stop,
+        }
+    }
+
+    /// The span stage of this phase's scripts.
+    pub fn stage(self) -> &'static str {
+        match self {
+            PhaseKind::Start => "script",
+            PhaseKind::Stop => "stop_script",
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            PhaseKind::Start => "startup script",
+            PhaseKind::Stop => "stop script",
+        }
+    }
+}
+
+/// One script's run within a phase.
+#[derive(Debug, Clone)]
+pub struct ScriptResult {
+    pub name: String,
+    pub blocks_login: bool,
+    pub run: ScriptRun,
+}
+
+/// Runs every script of `kind` in `manifest` in parallel and returns their results in manifest order.
+/// `overall` bounds each script's time on top of its own timeout (the stop phase's budget). A span
+/// is pushed for each script as it ends. `cancel` turning true kills all the phase's scripts.
+pub async fn run_phase(
+    env: Arc<PhaseEnv>,
+    manifest: Arc<Manifest>,
+    kind: PhaseKind,
+    overall: Option<Duration>,
+    cancel: watch::Receiver<bool>,
+) -> Vec<ScriptResult> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut names = Vec::new();
+    for (index, script) in manifest.scripts.iter().enumerate() {
+        if script.on == ScriptTrigger::Cron {
+            tracing::debug!(script = %script.name, "cron scripts are not run by this agent version");
+            continue;
+        }
+        if script.on != kind.trigger() {
+            continue;
+        }
+        names.push((index, script.name.clone(), script.blocks_login));
+        let (env, manifest, script, cancel) = (env.clone(), manifest.clone(), script.clone(), cancel.clone());
+        tasks.spawn(async move { (index, run_one(&env, &manifest, &script, kind, overall, cancel).await) });
+    }
+    let mut results: Vec<(usize, ScriptResult)> = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((index, result)) => results.push((index, result)),
+            Err(e) => tracing::error!(error = %e, "a script task failed"),
+        }
+    }
+    // A task that panicked still counts as a failed script.
+    for (index, name, blocks_login) in names {
+        if !results.iter().any(|(i, _)| *i == index) {
+            let now = tokio::time::Instant::now();
+            let run = ScriptRun { started: now, ended: now, end: ScriptEnd::Failed("internal agent error".into()) };
+            results.push((index, ScriptResult { name, blocks_login, run }));
+        }
+    }
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+async fn run_one(
+    env: &PhaseEnv,
+    manifest: &Manifest,
+    script: &Script,
+    kind: PhaseKind,
+    overall: Option<Duration>,
+    cancel: watch::Receiver<bool>,
+) -> ScriptResult {
+    let build = manifest.build;
+    let own = (script.timeout_ms > 0).then(|| Duration::from_millis(script.timeout_ms));
+    let timeout = match (own, overall) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut vars: Vec<(String, String)> = manifest.env.clone();
+    vars.push(("TETHER_WORKSPACE".into(), manifest.workspace.clone()));
+    let working_dir = match &manifest.working_dir {
+        Some(dir) if !dir.is_empty() => env.user.home.join(dir),
+        _ => env.user.home.clone(),
+    };
+    let cmd = ScriptCommand {
+        shell: env.user.shell.clone(),
+        run: script.run.clone(),
+        env: vars,
+        env_remove: HIDDEN_ENV.iter().map(|s| s.to_string()).collect(),
+        working_dir,
+        timeout,
+    };
+    let mut sink = ScriptLog::open(env, build, &script.name);
+    tracing::info!(build, script = %script.name, stage = kind.stage(), "script started");
+    let run = scripts::run(&cmd, &mut sink, cancel).await;
+    sink.close();
+    tracing::info!(build, script = %script.name, stage = kind.stage(), end = ?run.end, "script ended");
+    env.outboxes.push_event(
+        build,
+        EventKind::Span(Span {
+            stage: kind.stage().to_string(),
+            name: script.name.clone(),
+            started_at_ms: env.clock.at(run.started),
+            ended_at_ms: env.clock.at(run.ended),
+            exit_code: run.end.exit_code(),
+            status: run.end.span_status(),
+        }),
+    );
+    ScriptResult { name: script.name.clone(), blocks_login: script.blocks_login, run }
+}
+
+/// A script's lines: to `DATA/logs/build-N/NAME.log` and to the log outbox.
+struct ScriptLog<'a> {
+    env: &'a PhaseEnv,
+    build: u64,
+    script: String,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    path: PathBuf,
+}
+
+impl<'a> ScriptLog<'a> {
+    fn open(env: &'a PhaseEnv, build: u64, script: &str) -> Self {
+        let path = log_file(&env.logs_dir, build, script);
+        let file = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::File::create(&path))
+            .map(std::io::BufWriter::new)
+            .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "cannot write the script's local log"))
+            .ok();
+        ScriptLog { env, build, script: script.to_string(), file, path }
+    }
+
+    fn close(&mut self) {
+        if let Some(mut f) = self.file.take() {
+            if let Err(e) = f.flush() {
+                tracing::warn!(path = %self.path.display(), error = %e, "writing the script's local log");
+            }
+        }
+    }
+}
+
+impl OutputSink for ScriptLog<'_> {
+    fn line(&mut self, stream: LogStream, line: String) {
+        if let Some(f) = &mut self.file {
+            if let Err(e) = writeln!(f, "{line}") {
+                tracing::warn!(path = %self.path.display(), error = %e, "writing the script's local log");
+                self.file = None;
+            }
+        }
+        self.env.outboxes.push_log(self.build, &self.script, stream, self.env.clock.now_ms(), line);
+    }
+}
+
+/// `LOGS/build-N/NAME.log`, with the name made safe as one path component.
+pub fn log_file(logs_dir: &Path, build: u64, script: &str) -> PathBuf {
+    logs_dir.join(format!("build-{build}")).join(format!("{}.log", file_name(script)))
+}
+
+fn file_name(name: &str) -> String {
+    let safe: String = name
+        .chars()
+        .take(limits::MAX_NAME)
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .collect();
+    if safe.is_empty() || safe.starts_with('.') {
+        format!("_{safe}")
+    } else {
+        safe
+    }
+}
+
+/// The lifecycle a finished phase reports, and the first problem in words.
+pub fn verdict(kind: PhaseKind, results: &[ScriptResult]) -> (Lifecycle, Option<String>) {
+    let problems: Vec<&ScriptResult> = results.iter().filter(|r| !r.run.end.is_ok()).collect();
+    let timed_out = problems.iter().any(|r| matches!(r.run.end, ScriptEnd::TimedOut(_)));
+    let lifecycle = match (kind, problems.is_empty(), timed_out) {
+        (PhaseKind::Start, true, _) => Lifecycle::Ready,
+        (PhaseKind::Start, false, true) => Lifecycle::StartTimeout,
+        (PhaseKind::Start, false, false) => Lifecycle::StartError,
+        (PhaseKind::Stop, true, _) => Lifecycle::Off,
+        (PhaseKind::Stop, false, true) => Lifecycle::ShutdownTimeout,
+        (PhaseKind::Stop, false, false) => Lifecycle::ShutdownError,
+    };
+    // A script that blocks login is the one users wait for: name its problem first.
+    let first = problems.iter().find(|r| r.blocks_login).or(problems.first());
+    let detail = first.map(|r| {
+        let mut text = describe(kind, r);
+        match problems.len() {
+            1 => {}
+            2 => text.push_str(" (and 1 more problem)"),
+            n => text.push_str(&format!(" (and {} more problems)", n - 1)),
+        }
+        truncate(text, limits::MAX_TEXT)
+    });
+    (lifecycle, detail)
+}
+
+fn describe(kind: PhaseKind, r: &ScriptResult) -> String {
+    let what = format!("{} '{}'", kind.noun(), r.name);
+    match &r.run.end {
+        ScriptEnd::Exited(code) => format!("{what} exited with code {code}"),
+        ScriptEnd::Signaled(sig) => match nix::sys::signal::Signal::try_from(*sig) {
+            Ok(s) => format!("{what} was killed by signal {sig} ({s})"),
+            Err(_) => format!("{what} was killed by signal {sig}"),
+        },
+        ScriptEnd::TimedOut(after) => format!("{what} timed out after {}", seconds(*after)),
+        ScriptEnd::Cancelled => format!("{what} was stopped because the agent is shutting down"),
+        ScriptEnd::Failed(reason) => format!("{what} could not run: {reason}"),
+    }
+}
+
+/// `300s`, `1.5s`.
+fn seconds(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{}s", d.as_secs_f64())
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+pub fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    fn result(name: &str, blocks_login: bool, end: ScriptEnd) -> ScriptResult {
+        let now = Instant::now();
+        ScriptResult { name: name.into(), blocks_login, run: ScriptRun { started: now, ended: now, end } }
+    }
+
+    #[test]
+    fn all_ok_is_ready_or_off() {
+        let ok = [result("a", false, ScriptEnd::Exited(0))];
+        assert_eq!(verdict(PhaseKind::Start, &ok), (Lifecycle::Ready, None));
+        assert_eq!(verdict(PhaseKind::Start, &[]), (Lifecycle::Ready, None));
+        assert_eq!(verdict(PhaseKind::Stop, &ok), (Lifecycle::Off, None));
+    }
+
+    #[test]
+    fn failures_name_the_first_problem() {
+        let r = [result("lint", false, ScriptEnd::Exited(0)), result("install-deps", false, ScriptEnd::Exited(2))];
+        assert_eq!(
+            verdict(PhaseKind::Start, &r),
+            (Lifecycle::StartError, Some("startup script 'install-deps' exited with code 2".into()))
+        );
+        let r = [result("warm-cache", false, ScriptEnd::TimedOut(Duration::from_secs(300)))];
+        assert_eq!(
+            verdict(PhaseKind::Start, &r),
+            (Lifecycle::StartTimeout, Some("startup script 'warm-cache' timed out after 300s".into()))
+        );
+    }
+
+    #[test]
+    fn timeout_wins_the_lifecycle_and_blocking_scripts_win_the_detail() {
+        let r = [
+            result("warm-cache", false, ScriptEnd::TimedOut(Duration::from_millis(1500))),
+            result("db", true, ScriptEnd::Signaled(9)),
+            result("x", false, ScriptEnd::Exited(1)),
+        ];
+        assert_eq!(
+            verdict(PhaseKind::Start, &r),
+            (
+                Lifecycle::StartTimeout,
+                Some("startup script 'db' was killed by signal 9 (SIGKILL) (and 2 more problems)".into())
+            )
+        );
+        let r = [result("flush", false, ScriptEnd::Exited(1)), result("save", false, ScriptEnd::Failed("boom".into()))];
+        assert_eq!(
+            verdict(PhaseKind::Stop, &r),
+            (Lifecycle::ShutdownError, Some("stop script 'flush' exited with code 1 (and 1 more problem)".into()))
+        );
+    }
+
+    #[test]
+    fn log_file_names_are_safe() {
+        let root = Path::new("/data/logs");
+        assert_eq!(log_file(root, 3, "install-deps"), PathBuf::from("/data/logs/build-3/install-deps.log"));
+        assert_eq!(log_file(root, 3, "../../etc/passwd"), PathBuf::from("/data/logs/build-3/_.._.._etc_passwd.log"));
+        assert_eq!(log_file(root, 3, ""), PathBuf::from("/data/logs/build-3/_.log"));
+        assert_eq!(log_file(root, 3, "warm cache/é"), PathBuf::from("/data/logs/build-3/warm_cache__.log"));
+    }
+
+    fn manifest(scripts: Vec<Script>) -> Manifest {
+        Manifest {
+            workspace: "ws1".into(),
+            build: 9,
+            scripts,
+            env: vec![("GREETING".into(), "hello".into())],
+            working_dir: None,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+
+    fn script(name: &str, run: &str, on: ScriptTrigger) -> Script {
+        Script { name: name.into(), run: run.into(), on, schedule: None, timeout_ms: 30_000, blocks_login: false }
+    }
+
+    #[tokio::test]
+    async fn phase_runs_its_scripts_in_parallel_and_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let outboxes = Arc::new(Outboxes::default());
+        let env = Arc::new(PhaseEnv {
+            outboxes: outboxes.clone(),
+            clock: WallClock::start(),
+            user: LocalUser { shell: "/bin/sh".into(), home: dir.path().to_path_buf() },
+            logs_dir: dir.path().join("logs"),
+        });
+        // a and b each wait for the other's file: they only finish if they run at the same time.
+        let m = Arc::new(manifest(vec![
+            script("a", "touch a.up; while [ ! -e b.up ]; do sleep 0.05; done; echo \"$GREETING from $TETHER_WORKSPACE\"", ScriptTrigger::Start),
+            script("b", "touch b.up; while [ ! -e a.up ]; do sleep 0.05; done; exit 4", ScriptTrigger::Start),
+            script("bye", "echo bye", ScriptTrigger::Stop),
+            script("nightly", "echo never", ScriptTrigger::Cron),
+        ]));
+        let results = run_phase(env.clone(), m.clone(), PhaseKind::Start, None, watch::channel(false).1).await;
+        let ends: Vec<_> = results.iter().map(|r| (r.name.as_str(), r.run.end.clone())).collect();
+        assert_eq!(ends, vec![("a", ScriptEnd::Exited(0)), ("b", ScriptEnd::Exited(4))]);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("logs/build-9/a.log")).unwrap(),
+            "hello from ws1\n"
+        );
+        let logs = outboxes.next_logs().unwrap();
+        assert_eq!(logs.len(), 1);
+        assert_eq!((logs[0].seq, logs[0].build, logs[0].script.as_str(), logs[0].line.as_str()), (1, 9, "a", "hello from ws1"));
+        let events = outboxes.next_events().unwrap();
+        let spans: Vec<_> = events
+            .iter()
+            .map(|e| match &e.kind {
+                EventKind::Span(s) => (s.stage.as_str(), s.name.as_str(), s.exit_code, s.status),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(spans.len(), 2);
+        assert!(spans.contains(&("script", "a", Some(0), tether_shared::SpanStatus::Ok)));
+        assert!(spans.contains(&("script", "b", Some(4), tether_shared::SpanStatus::ExitFailure)));
+
+        let results = run_phase(env, m, PhaseKind::Stop, Some(Duration::from_secs(5)), watch::channel(false).1).await;
+        assert_eq!(results.len(), 1);
+        assert_eq!(verdict(PhaseKind::Stop, &results), (Lifecycle::Off, None));
+        let events = outboxes.next_events().unwrap();
+        assert!(matches!(&events[0].kind, EventKind::Span(s) if s.stage == "stop_script" && s.name == "bye"));
+    }
+}

@@ -1,0 +1,126 @@
+//! Heartbeat numbers: cpu, memory, disk, load and uptime. One `System` lives as long as the agent,
+//! and each beat refreshes only cpu usage and memory, which cost microseconds.
+
+use std::path::PathBuf;
+use sysinfo::System;
+use tether_shared::proto::Heartbeat;
+
+const CGROUP_V2_CPU_MAX: &str = "/sys/fs/cgroup/cpu.max";
+const CGROUP_V1_CPU_DIRS: &[&str] = &["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"];
+
+/// Samples system numbers for heartbeats.
+pub struct Stats {
+    sys: Option<System>,
+    /// The volume whose space is reported.
+    home: PathBuf,
+}
+
+impl Stats {
+    pub fn new(home: PathBuf) -> Self {
+        let sys = match System::new() {
+            Ok(mut sys) => {
+                // CPU usage is a difference between two refreshes: take the first one now.
+                sys.refresh_cpu_usage();
+                Some(sys)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "system statistics are unavailable; heartbeats carry zeros");
+                None
+            }
+        };
+        Stats { sys, home }
+    }
+
+    pub fn sample(&mut self, now_ms: i64) -> Heartbeat {
+        let mut hb = Heartbeat { sent_at_ms: now_ms, ..Heartbeat::default() };
+        let mut host_cpus = 0;
+        if let Some(sys) = &mut self.sys {
+            sys.refresh_cpu_usage();
+            sys.refresh_memory();
+            hb.cpu_percent = sys.global_cpu_usage();
+            host_cpus = sys.cpus().len();
+            match sys.cgroup_limits() {
+                Some(limits) => {
+                    hb.mem_total = limits.total_memory;
+                    hb.mem_used = limits.total_memory.saturating_sub(limits.free_memory);
+                }
+                None => {
+                    hb.mem_total = sys.total_memory();
+                    hb.mem_used = sys.used_memory();
+                }
+            }
+        }
+        if host_cpus == 0 {
+            host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+        hb.cpu_limit = cpu_limit().unwrap_or(host_cpus as f32);
+        if let Ok(load) = System::load_average() {
+            hb.load = [load.one as f32, load.five as f32, load.fifteen as f32];
+        }
+        hb.uptime_s = System::uptime().unwrap_or(0);
+        if let Ok(fs) = nix::sys::statvfs::statvfs(&self.home) {
+            let unit = u64::from(fs.fragment_size());
+            let blocks = u64::from(fs.blocks());
+            let free = u64::from(fs.blocks_free());
+            hb.disk_total = blocks.saturating_mul(unit);
+            hb.disk_used = blocks.saturating_sub(free).saturating_mul(unit);
+        }
+        hb
+    }
+}
+
+/// CPUs the cgroup allows, when it sets a quota.
+fn cpu_limit() -> Option<f32> {
+    if let Ok(text) = std::fs::read_to_string(CGROUP_V2_CPU_MAX) {
+        return parse_cpu_max(&text);
+    }
+    for dir in CGROUP_V1_CPU_DIRS {
+        let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
+        if let (Some(quota), Some(period)) = (read("cpu.cfs_quota_us"), read("cpu.cfs_period_us")) {
+            return parse_quota(quota.trim(), period.trim());
+        }
+    }
+    None
+}
+
+/// Parses cgroup v2 `cpu.max`: `QUOTA PERIOD` gives QUOTA/PERIOD CPUs; `max` means no limit.
+pub fn parse_cpu_max(text: &str) -> Option<f32> {
+    let mut parts = text.split_whitespace();
+    let quota = parts.next()?;
+    let period = parts.next().unwrap_or("100000");
+    parse_quota(quota, period)
+}
+
+fn parse_quota(quota: &str, period: &str) -> Option<f32> {
+    // "max" (v2) and "-1" (v1) both mean unlimited and fail to parse as a positive number.
+    let quota: f64 = quota.parse().ok().filter(|q: &f64| *q > 0.0)?;
+    let period: f64 = period.parse().ok().filter(|p: &f64| *p > 0.0)?;
+    Some((quota / period) as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_max_parsing() {
+        assert_eq!(parse_cpu_max("200000 100000\n"), Some(2.0));
+        assert_eq!(parse_cpu_max("50000 100000"), Some(0.5));
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max(""), None);
+        assert_eq!(parse_cpu_max("garbage"), None);
+        assert_eq!(parse_quota("-1", "100000"), None);
+        assert_eq!(parse_quota("150000", "100000"), Some(1.5));
+    }
+
+    #[test]
+    fn a_sample_has_plausible_numbers() {
+        let mut stats = Stats::new(std::env::temp_dir());
+        let hb = stats.sample(42);
+        assert_eq!(hb.sent_at_ms, 42);
+        assert!(hb.mem_total > 0 && hb.mem_used <= hb.mem_total, "{hb:?}");
+        assert!(hb.cpu_limit > 0.0, "{hb:?}");
+        assert!(hb.disk_total > 0 && hb.disk_used <= hb.disk_total, "{hb:?}");
+        assert!((0.0..=100.0 * 1024.0).contains(&hb.cpu_percent), "{hb:?}");
+    }
+}

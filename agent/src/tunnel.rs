@@ -1,0 +1,521 @@
+//! The connection to the coordinator: dial out over QUIC, say hello, fetch the manifest, keep the
+//! control and log streams flowing until the connection drops, then dial again with backoff.
+//!
+//! The tunnel never decides what the agent does: it publishes manifests and shutdown requests on
+//! watch channels and carries whatever the [`Outboxes`] hold. It only ends on its own when the
+//! coordinator rejects the agent for good (bad token, version mismatch), or when asked to drain.
+
+use crate::outbox::Outboxes;
+use crate::phase::truncate;
+use crate::stats::Stats;
+use quinn::{ConnectionError, RecvStream, SendStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tether_shared::backoff::Backoff;
+use tether_shared::frame::{self, FrameError};
+use tether_shared::proto::{
+    AgentMessage, CoordinatorMessage, EventBatch, Hello, HelloReply, InvalidMessage, LogBatch, Manifest,
+    RejectCode, PROTOCOL_VERSION,
+};
+use tether_shared::{io, limits, tls};
+use tokio::sync::watch;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+
+/// Connection, hello and manifest must each finish within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a departing agent waits for the coordinator to acknowledge everything.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a departing agent waits for its goodbye to be delivered, then for the close to go out.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Caps the coordinator's `Reconnect { within_ms }`.
+const MAX_RECONNECT_WITHIN: Duration = Duration::from_secs(600);
+/// Bounds the coordinator's heartbeat interval to something sane.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(500);
+const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+
+/// Who this agent is and where it dials.
+#[derive(Clone)]
+pub struct TunnelConfig {
+    /// `HOST:PORT`, resolved at each attempt.
+    pub coordinator: String,
+    pub client: quinn::ClientConfig,
+    pub token: String,
+    /// Random per agent process.
+    pub instance: u64,
+    pub hostname: String,
+}
+
+/// A manifest as fetched on one connection, with the timings of the connection that fetched it.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub manifest: Arc<Manifest>,
+    /// When the first connection of this process was welcomed.
+    pub first_welcome: Instant,
+    pub fetch_started: Instant,
+    pub fetch_ended: Instant,
+}
+
+/// How the tunnel talks to the rest of the agent.
+pub struct TunnelLinks {
+    /// Every manifest fetched (one per connection).
+    pub manifests: watch::Sender<Option<FetchedManifest>>,
+    /// Set when the coordinator sends `Shutdown`.
+    pub shutdown: watch::Sender<Option<String>>,
+    /// Set by the agent once it is ready to leave, with the goodbye reason.
+    pub drain: watch::Receiver<Option<String>>,
+}
+
+/// Why the tunnel gave up for good.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("coordinator rejected this agent: {message}")]
+    Rejected { code: RejectCode, message: String },
+}
+
+/// Why one connection attempt or connection ended.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("resolving {addr}: {source}")]
+    Resolve { addr: String, source: std::io::Error },
+    #[error("{0} resolved to no address")]
+    NoAddress(String),
+    #[error("opening a udp socket: {0}")]
+    Bind(std::io::Error),
+    #[error("{0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("{}", describe_connection_error(.0))]
+    Connection(#[from] ConnectionError),
+    #[error("no answer from the coordinator within {secs}s ({0})", secs = HANDSHAKE_TIMEOUT.as_secs())]
+    Timeout(&'static str),
+    #[error("coordinator closed the {0} stream")]
+    StreamClosed(&'static str),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("coordinator turned the agent away ({code:?}): {message}")]
+    Refused { code: RejectCode, message: String },
+    #[error("coordinator sent an invalid manifest: {0}")]
+    InvalidManifest(InvalidMessage),
+    #[error("coordinator asked the agent to reconnect")]
+    ReconnectAsked(Duration),
+}
+
+/// How a connection that was fully set up ended.
+enum SessionEnd {
+    /// Said goodbye on the agent's request.
+    Drained,
+    /// The coordinator asked us to come back later.
+    Reconnect(Duration),
+    Lost(LinkError),
+}
+
+/// A welcomed connection with its two streams.
+struct Session {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    control_send: SendStream,
+    control_recv: RecvStream,
+    log_send: SendStream,
+    log_recv: RecvStream,
+    heartbeat: Duration,
+}
+
+pub struct Tunnel {
+    config: TunnelConfig,
+    outboxes: Arc<Outboxes>,
+    stats: Stats,
+    manifests: watch::Sender<Option<FetchedManifest>>,
+    shutdown: watch::Sender<Option<String>>,
+    first_welcome: Option<Instant>,
+}
+
+impl Tunnel {
+    pub fn new(config: TunnelConfig, outboxes: Arc<Outboxes>, stats: Stats) -> Self {
+        let (manifests, _) = watch::channel(None);
+        let (shutdown, _) = watch::channel(None);
+        Tunnel { config, outboxes, stats, manifests, shutdown, first_welcome: None }
+    }
+
+    /// Connects and reconnects until drained (`Ok`) or rejected for good.
+    pub async fn run(mut self, links: TunnelLinks) -> Result<(), TunnelError> {
+        let TunnelLinks { manifests, shutdown, mut drain } = links;
+        self.manifests = manifests;
+        self.shutdown = shutdown;
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        loop {
+            if drain.borrow_and_update().is_some() {
+                return Ok(());
+            }
+            let attempt = tokio::select! {
+                r = self.establish(&mut backoff) => r,
+                _ = drain_requested(&mut drain) => return Ok(()),
+            };
+            let delay = match attempt {
+                Ok(session) => match self.serve(session, &mut drain).await {
+                    SessionEnd::Drained => return Ok(()),
+                    SessionEnd::Reconnect(within) => {
+                        let delay = within.mul_f64(rand::random::<f64>());
+                        tracing::info!(delay_ms = delay.as_millis() as u64, "coordinator asked the agent to reconnect");
+                        delay
+                    }
+                    SessionEnd::Lost(e) => {
+                        let delay = backoff.next_delay(rand::random::<f64>());
+                        tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "connection to the coordinator lost");
+                        delay
+                    }
+                },
+                Err(LinkError::Refused { code, message })
+                    if matches!(code, RejectCode::BadToken | RejectCode::VersionMismatch) =>
+                {
+                    return Err(TunnelError::Rejected { code, message: truncate(message, limits::MAX_TEXT) });
+                }
+                Err(LinkError::ReconnectAsked(within)) => within.mul_f64(rand::random::<f64>()),
+                Err(e) => {
+                    let delay = backoff.next_delay(rand::random::<f64>());
+                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "cannot connect to the coordinator");
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = sleep(delay) => {}
+                _ = drain_requested(&mut drain) => return Ok(()),
+            }
+        }
+    }
+
+    /// Dials, says hello, fetches the manifest and opens the log stream.
+    async fn establish(&mut self, backoff: &mut Backoff) -> Result<Session, LinkError> {
+        let addr = resolve(&self.config.coordinator).await?;
+        let bind: SocketAddr = match addr {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(LinkError::Bind)?;
+        let connecting = endpoint.connect_with(self.config.client.clone(), addr, tls::SERVER_NAME)?;
+        let conn = timeout(HANDSHAKE_TIMEOUT, connecting).await.map_err(|_| LinkError::Timeout("tls handshake"))??;
+        tracing::debug!(addr = %addr, "quic connection established");
+
+        let (mut control_send, mut control_recv) = conn.open_bi().await?;
+        let hello = Hello {
+            token: self.config.token.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            instance: self.config.instance,
+            sent_at_ms: tether_shared::now_ms(),
+            hostname: self.config.hostname.clone(),
+        };
+        let bytes = frame::encode_versioned(PROTOCOL_VERSION, &hello)?;
+        tokio::io::AsyncWriteExt::write_all(&mut control_send, &bytes).await.map_err(FrameError::Io)?;
+        let mut buf = Vec::new();
+        let got = timeout(HANDSHAKE_TIMEOUT, io::read_payload(&mut control_recv, &mut buf))
+            .await
+            .map_err(|_| LinkError::Timeout("hello"))??;
+        if !got {
+            return Err(LinkError::StreamClosed("control"));
+        }
+        let welcome = match frame::decode::<HelloReply>(&buf)? {
+            HelloReply::Rejected { code, message } => {
+                return Err(LinkError::Refused { code, message: truncate(message, limits::MAX_TEXT) })
+            }
+            HelloReply::Welcome(w) => w,
+        };
+        backoff.reset();
+        let now = Instant::now();
+        let first_welcome = *self.first_welcome.get_or_insert(now);
+        self.outboxes.welcome(welcome.events_acked, welcome.logs_acked);
+        tracing::info!(
+            workspace = %truncate(welcome.workspace.clone(), limits::MAX_NAME),
+            build = welcome.build,
+            coordinator_version = %truncate(welcome.coordinator_version.clone(), limits::MAX_NAME),
+            "connected to the coordinator"
+        );
+
+        let fetch_started = Instant::now();
+        io::write_msg(&mut control_send, &AgentMessage::FetchManifest).await?;
+        let manifest = timeout(HANDSHAKE_TIMEOUT, async {
+            loop {
+                let msg = io::read_msg::<CoordinatorMessage, _>(&mut control_recv, &mut buf)
+                    .await?
+                    .ok_or(LinkError::StreamClosed("control"))?;
+                match msg {
+                    CoordinatorMessage::Manifest(m) => return Ok(m),
+                    CoordinatorMessage::Reconnect { within_ms } => {
+                        return Err(LinkError::ReconnectAsked(reconnect_window(within_ms)))
+                    }
+                    other => handle_message(other, &self.outboxes, &self.shutdown),
+                }
+            }
+        })
+        .await
+        .map_err(|_| LinkError::Timeout("manifest"))??;
+        manifest.validate().map_err(LinkError::InvalidManifest)?;
+        let fetch_ended = Instant::now();
+        tracing::info!(build = manifest.build, scripts = manifest.scripts.len(), "manifest fetched");
+
+        let (mut log_send, log_recv) = conn.open_bi().await?;
+        // A QUIC stream reaches the peer with its first bytes: an empty batch announces the log stream
+        // at once instead of with the first script output.
+        io::write_msg(&mut log_send, &LogBatch { lines: Vec::new() }).await?;
+
+        self.manifests.send_replace(Some(FetchedManifest {
+            manifest: Arc::new(manifest),
+            first_welcome,
+            fetch_started,
+            fetch_ended,
+        }));
+        let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);
+        Ok(Session { endpoint, conn, control_send, control_recv, log_send, log_recv, heartbeat })
+    }
+
+    /// Runs a welcomed connection until it ends.
+    async fn serve(&mut self, session: Session, drain: &mut watch::Receiver<Option<String>>) -> SessionEnd {
+        let Session { endpoint, conn, mut control_send, mut control_recv, mut log_send, mut log_recv, heartbeat } =
+            session;
+        let end = {
+            let outboxes = &*self.outboxes;
+            let shutdown = &self.shutdown;
+            let manifests = &self.manifests;
+            let first_welcome = self.first_welcome.unwrap_or_else(Instant::now);
+            tokio::select! {
+                r = control_writer(&mut control_send, outboxes, &mut self.stats, heartbeat, drain) => match r {
+                    Ok(()) => SessionEnd::Drained,
+                    Err(e) => SessionEnd::Lost(e),
+                },
+                r = reader(&mut control_recv, "control", outboxes, shutdown, manifests, first_welcome) => r,
+                r = log_writer(&mut log_send, outboxes) => SessionEnd::Lost(r),
+                r = reader(&mut log_recv, "log", outboxes, shutdown, manifests, first_welcome) => r,
+                e = conn.closed() => SessionEnd::Lost(LinkError::Connection(e)),
+            }
+        };
+        match end {
+            SessionEnd::Drained => {
+                let _ = log_send.finish();
+                // Give the goodbye a moment to be delivered before the close discards anything unsent.
+                let _ = timeout(CLOSE_TIMEOUT, async {
+                    tokio::select! {
+                        _ = control_send.stopped() => {}
+                        _ = conn.closed() => {}
+                    }
+                })
+                .await;
+                conn.close(0u32.into(), b"agent exiting");
+                if timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await.is_err() {
+                    tracing::debug!("the coordinator did not confirm the close in time");
+                }
+                tracing::info!("disconnected from the coordinator");
+                SessionEnd::Drained
+            }
+            SessionEnd::Reconnect(within) => {
+                conn.close(0u32.into(), b"reconnecting");
+                SessionEnd::Reconnect(within)
+            }
+            SessionEnd::Lost(e) => {
+                // A stream error usually stands for the connection's own reason, which says more.
+                let e = match conn.close_reason() {
+                    Some(reason) => LinkError::Connection(reason),
+                    None => e,
+                };
+                conn.close(1u32.into(), b"agent connection error");
+                SessionEnd::Lost(e)
+            }
+        }
+    }
+}
+
+/// Heartbeats and event batches on the control stream; on drain, waits for acknowledgements and
+/// says goodbye. Returns `Ok` once the goodbye is written.
+async fn control_writer(
+    send: &mut SendStream,
+    outboxes: &Outboxes,
+    stats: &mut Stats,
+    heartbeat: Duration,
+    drain: &mut watch::Receiver<Option<String>>,
+) -> Result<(), LinkError> {
+    let mut beat = tokio::time::interval(heartbeat);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining: Option<(String, Instant)> = None;
+    loop {
+        if draining.is_none() {
+            if let Some(reason) = drain.borrow_and_update().clone() {
+                draining = Some((reason, Instant::now() + DRAIN_TIMEOUT));
+            }
+        }
+        while let Some(events) = outboxes.next_events() {
+            io::write_msg(send, &AgentMessage::Events(EventBatch { events })).await?;
+        }
+        if let Some((reason, deadline)) = &draining {
+            let all_acked = outboxes.all_acked();
+            if all_acked || Instant::now() >= *deadline {
+                if !all_acked {
+                    let (events, logs) = outboxes.pending();
+                    tracing::warn!(events, logs, "leaving before the coordinator acknowledged everything");
+                }
+                let reason = truncate(reason.clone(), limits::MAX_TEXT);
+                io::write_msg(send, &AgentMessage::Goodbye { reason }).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+        }
+        let drain_deadline = draining.as_ref().map(|(_, d)| *d);
+        tokio::select! {
+            _ = beat.tick() => {
+                let hb = stats.sample(tether_shared::now_ms());
+                io::write_msg(send, &AgentMessage::Heartbeat(hb)).await?;
+            }
+            _ = outboxes.events_ready.notified() => {}
+            _ = outboxes.acked.notified(), if draining.is_some() => {}
+            _ = until(drain_deadline), if draining.is_some() => {}
+            r = drain.changed(), if draining.is_none() => {
+                if r.is_err() {
+                    // The agent is gone without asking for a drain: leave anyway.
+                    draining = Some(("agent exiting".to_string(), Instant::now()));
+                }
+            }
+        }
+    }
+}
+
+/// Log batches on the log stream, as lines are produced. Only returns on error.
+async fn log_writer(send: &mut SendStream, outboxes: &Outboxes) -> LinkError {
+    loop {
+        match outboxes.next_logs() {
+            Some(lines) => {
+                if let Err(e) = io::write_msg(send, &LogBatch { lines }).await {
+                    return e.into();
+                }
+            }
+            None => outboxes.logs_ready.notified().await,
+        }
+    }
+}
+
+/// Reads coordinator messages from one stream until it ends or asks for a reconnect.
+async fn reader(
+    recv: &mut RecvStream,
+    name: &'static str,
+    outboxes: &Outboxes,
+    shutdown: &watch::Sender<Option<String>>,
+    manifests: &watch::Sender<Option<FetchedManifest>>,
+    first_welcome: Instant,
+) -> SessionEnd {
+    let mut buf = Vec::new();
+    loop {
+        let msg = match io::read_msg::<CoordinatorMessage, _>(recv, &mut buf).await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return SessionEnd::Lost(LinkError::StreamClosed(name)),
+            Err(e) => return SessionEnd::Lost(e.into()),
+        };
+        match msg {
+            CoordinatorMessage::Reconnect { within_ms } => return SessionEnd::Reconnect(reconnect_window(within_ms)),
+            CoordinatorMessage::Manifest(m) => {
+                // Not expected after the fetch, but a pushed manifest is still the newest word.
+                if let Err(e) = m.validate() {
+                    return SessionEnd::Lost(LinkError::InvalidManifest(e));
+                }
+                let now = Instant::now();
+                tracing::info!(build = m.build, "coordinator sent a new manifest");
+                manifests.send_replace(Some(FetchedManifest {
+                    manifest: Arc::new(m),
+                    first_welcome,
+                    fetch_started: now,
+                    fetch_ended: now,
+                }));
+            }
+            other => handle_message(other, outboxes, shutdown),
+        }
+    }
+}
+
+/// Acknowledgements, shutdown requests and errors: the messages handled the same way everywhere.
+fn handle_message(msg: CoordinatorMessage, outboxes: &Outboxes, shutdown: &watch::Sender<Option<String>>) {
+    match msg {
+        CoordinatorMessage::Ack { channel, seq } => outboxes.ack(channel, seq),
+        CoordinatorMessage::Shutdown { reason } => {
+            let reason = truncate(reason, limits::MAX_TEXT);
+            tracing::info!(reason = %reason, "coordinator asked the agent to shut down");
+            shutdown.send_if_modified(|current| {
+                if current.is_none() {
+                    *current = Some(reason);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        CoordinatorMessage::Error { message } => {
+            tracing::warn!(message = %truncate(message, limits::MAX_TEXT), "coordinator reported an error");
+        }
+        CoordinatorMessage::Manifest(m) => tracing::debug!(build = m.build, "ignored a manifest"),
+        CoordinatorMessage::Reconnect { .. } => tracing::debug!("ignored a reconnect request"),
+    }
+}
+
+fn reconnect_window(within_ms: u64) -> Duration {
+    Duration::from_millis(within_ms).min(MAX_RECONNECT_WITHIN)
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| LinkError::Resolve { addr: addr.to_string(), source })?;
+    addrs.next().ok_or_else(|| LinkError::NoAddress(addr.to_string()))
+}
+
+async fn drain_requested(drain: &mut watch::Receiver<Option<String>>) {
+    // A dropped sender means the agent is gone: stop too.
+    let _ = drain.wait_for(Option::is_some).await;
+}
+
+async fn until(t: Option<Instant>) {
+    match t {
+        Some(t) => sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Words for a connection error, with TLS failures spelled out.
+fn describe_connection_error(e: &ConnectionError) -> String {
+    let is_tls = |code: u64| (0x100..0x200).contains(&code);
+    match e {
+        ConnectionError::TransportError(t) if is_tls(t.code.into()) => format!(
+            "tls handshake with the coordinator failed: {} (check that --ca / --ca-sha256 names the coordinator's CA)",
+            if t.reason.is_empty() { t.code.to_string() } else { t.reason.clone() }
+        ),
+        ConnectionError::ConnectionClosed(c) if is_tls(c.error_code.into()) => {
+            format!("the coordinator refused the tls handshake: {c}")
+        }
+        ConnectionError::ApplicationClosed(c) => format!(
+            "the coordinator closed the connection (code {}): {}",
+            c.error_code,
+            truncate(String::from_utf8_lossy(&c.reason).into_owned(), limits::MAX_TEXT)
+        ),
+        ConnectionError::TimedOut => "the coordinator stopped answering (idle timeout)".to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_failures_are_spelled_out() {
+        let mut e = ConnectionError::TransportError(quinn::TransportErrorCode::crypto(42).into());
+        if let ConnectionError::TransportError(t) = &mut e {
+            t.reason = "invalid peer certificate: UnknownIssuer".into();
+        }
+        assert_eq!(
+            describe_connection_error(&e),
+            "tls handshake with the coordinator failed: invalid peer certificate: UnknownIssuer \
+             (check that --ca / --ca-sha256 names the coordinator's CA)"
+        );
+        assert_eq!(describe_connection_error(&ConnectionError::TimedOut), "the coordinator stopped answering (idle timeout)");
+    }
+
+    #[test]
+    fn reconnect_window_is_capped() {
+        assert_eq!(reconnect_window(1500), Duration::from_millis(1500));
+        assert_eq!(reconnect_window(u64::MAX), MAX_RECONNECT_WITHIN);
+    }
+}

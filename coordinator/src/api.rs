@@ -1,0 +1,220 @@
+//! The HTTP JSON API: everything the CLI does, behind the admin token.
+
+use crate::engine::{Engine, OpError};
+use crate::pki;
+use crate::view::{CreatedView, LogView, LogsView, ShowView, TransitionView, WorkspaceView};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_shared::WorkspaceStatus;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub engine: Arc<Engine>,
+    pub admin_token_hash: Arc<String>,
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        let code = match &e {
+            OpError::NotFound(_) => StatusCode::NOT_FOUND,
+            OpError::Conflict(_) => StatusCode::CONFLICT,
+            OpError::Invalid(_) => StatusCode::BAD_REQUEST,
+            OpError::Store(crate::store::StoreError::NameTaken(_)) => StatusCode::CONFLICT,
+            OpError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+pub fn router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/workspaces", get(list).post(create))
+        .route("/workspaces/{name}", get(show).delete(delete))
+        .route("/workspaces/{name}/start", post(start))
+        .route("/workspaces/{name}/stop", post(stop))
+        .route("/workspaces/{name}/token", post(token))
+        .route("/workspaces/{name}/timings", get(timings))
+        .route("/workspaces/{name}/logs", get(logs))
+        .route("/workspaces/{name}/wait", get(wait))
+        .route("/status-counts", get(counts))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(crate::template::MAX_TEMPLATE + 16 * 1024));
+    Router::new().route("/healthz", get(|| async { "ok\n" })).nest("/api/v1", api).with_state(state)
+}
+
+async fn auth(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(t) if pki::hash_token(t) == *state.admin_token_hash => next.run(req).await,
+        Some(_) => ApiError(StatusCode::UNAUTHORIZED, "the API token is not valid".into()).into_response(),
+        None => ApiError(StatusCode::UNAUTHORIZED, "missing API token (Authorization: Bearer …)".into()).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult<Vec<WorkspaceView>> {
+    let status = q.status.as_deref().map(str::parse::<WorkspaceStatus>).transpose().map_err(|e| bad(e.to_string()))?;
+    Ok(Json(s.engine.list(status, q.all).await?))
+}
+
+async fn counts(State(s): State<ApiState>) -> ApiResult<BTreeMap<String, i64>> {
+    let mut out: BTreeMap<String, i64> =
+        WorkspaceStatus::ALL.iter().filter(|w| **w != WorkspaceStatus::Deleted).map(|w| (w.to_string(), 0)).collect();
+    for (status, n) in s.engine.store.counts().await.map_err(OpError::from)? {
+        if status != "deleted" {
+            out.insert(status, n);
+        }
+    }
+    Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    template: String,
+    owner: Option<String>,
+    #[serde(default)]
+    start: bool,
+}
+
+async fn create(State(s): State<ApiState>, Json(b): Json<CreateBody>) -> Result<(StatusCode, Json<CreatedView>), ApiError> {
+    let c = s.engine.create(&b.name, &b.template, b.owner.as_deref(), b.start).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedView { workspace: c.view, agent_token: c.agent_token, agent_command: c.agent_command }),
+    ))
+}
+
+async fn show(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<ShowView> {
+    let (workspace, history) = s.engine.show(&name).await?;
+    Ok(Json(ShowView { workspace, history: history.iter().map(TransitionView::from).collect() }))
+}
+
+async fn start(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<WorkspaceView> {
+    Ok(Json(s.engine.start(&name).await?))
+}
+
+async fn stop(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<WorkspaceView> {
+    Ok(Json(s.engine.stop(&name).await?))
+}
+
+async fn delete(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<WorkspaceView> {
+    Ok(Json(s.engine.delete(&name).await?))
+}
+
+async fn token(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
+    let (token, command) = s.engine.rotate_token(&name).await?;
+    Ok(Json(serde_json::json!({ "agent_token": token, "agent_command": command })))
+}
+
+#[derive(Deserialize)]
+struct TimingsQuery {
+    build: Option<i64>,
+}
+
+async fn timings(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<TimingsQuery>,
+) -> ApiResult<Vec<crate::view::SpanView>> {
+    Ok(Json(s.engine.timings(&name, q.build).await?))
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    after: i64,
+    limit: Option<i64>,
+    /// Seconds to wait for new lines when there are none yet.
+    wait: Option<u64>,
+    source: Option<String>,
+}
+
+async fn logs(State(s): State<ApiState>, Path(name): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<LogsView> {
+    let row = s.engine.store.workspace(&name).await.map_err(OpError::from)?.ok_or(OpError::NotFound(name.clone()))?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(s.engine.config.max_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut rx = s.engine.subscribe_logs();
+    loop {
+        rx.borrow_and_update();
+        let rows = s.engine.store.logs(row.id, q.after, limit, q.source.as_deref()).await.map_err(OpError::from)?;
+        if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
+            let next = rows.last().map_or(q.after, |r| r.id);
+            return Ok(Json(LogsView { lines: rows.iter().map(LogView::from).collect(), next }));
+        }
+        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            continue;
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    /// Comma-separated statuses.
+    #[serde(rename = "for")]
+    until: String,
+    timeout: Option<u64>,
+}
+
+/// Holds the request until the workspace is in one of the given statuses (or the timeout passes),
+/// then returns it. 408 on timeout.
+async fn wait(State(s): State<ApiState>, Path(name): Path<String>, Query(q): Query<WaitQuery>) -> ApiResult<WorkspaceView> {
+    let wanted: Vec<WorkspaceStatus> =
+        q.until.split(',').map(|w| w.trim().parse()).collect::<Result<_, _>>().map_err(|e: tether_shared::status::UnknownWord| bad(e.to_string()))?;
+    let wait = Duration::from_secs(q.timeout.unwrap_or(60)).min(s.engine.config.max_wait);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut rx = s.engine.subscribe_changes();
+    loop {
+        rx.borrow_and_update();
+        let row = s.engine.store.workspace_any(&name).await.map_err(OpError::from)?;
+        let Some(row) = row else { return Err(OpError::NotFound(name).into()) };
+        if wanted.contains(&row.status) {
+            return Ok(Json(s.engine.view(&row)));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("workspace '{name}' is still {} ({}) after {}s", row.status, row.status_reason, wait.as_secs()),
+            ));
+        }
+        let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+    }
+}

@@ -1,0 +1,441 @@
+//! The `tether` command line: flags, and how each command prints what the API returns.
+
+use crate::client::{enc, Client};
+use crate::view::{CreatedView, LogsView, ShowView, SpanView, WorkspaceView};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "tether", version, about = "Tether coordinator and command-line interface")]
+pub struct Cli {
+    /// Coordinator API URL.
+    #[arg(long, env = "TETHER_URL", global = true)]
+    pub url: Option<String>,
+    /// Admin API token.
+    #[arg(long, env = "TETHER_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// The coordinator's data directory (on its own machine, enough to find the URL and token).
+    #[arg(long, env = "TETHER_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Log format for `serve` and `demo`.
+    #[arg(long, env = "TETHER_LOG_FORMAT", global = true, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the coordinator.
+    Serve(ServeArgs),
+    /// Start a coordinator on embedded defaults, run a sample workspace through its life, and show it.
+    Demo(DemoArgs),
+    /// Manage workspaces.
+    #[command(subcommand, visible_alias = "ws")]
+    Workspace(WorkspaceCmd),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// HTTP API address (port 0 picks a free port).
+    #[arg(long, env = "TETHER_LISTEN_HTTP", default_value = "127.0.0.1:7080")]
+    pub listen_http: SocketAddr,
+    /// Agent tunnel (QUIC, UDP) address.
+    #[arg(long, env = "TETHER_LISTEN_QUIC", default_value = "0.0.0.0:7443")]
+    pub listen_quic: SocketAddr,
+    /// The HOST:PORT agents dial, if not the bound address (NAT, load balancer, DNS name).
+    #[arg(long, env = "TETHER_ADVERTISE_QUIC")]
+    pub advertise_quic: Option<String>,
+    /// The tether-agent binary the process provisioner runs (default: next to `tether`).
+    #[arg(long, env = "TETHER_AGENT_BINARY")]
+    pub agent_binary: Option<PathBuf>,
+    /// Most agent connections held at once.
+    #[arg(long, env = "TETHER_MAX_AGENTS", default_value_t = 50_000)]
+    pub max_agents: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Keep the demo's data here instead of a temporary directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Leave the coordinator and workspace running at the end, until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkspaceCmd {
+    /// Create a workspace from a template.
+    Create {
+        name: String,
+        /// Template file (TOML). Without one the workspace is external: you start its agent.
+        #[arg(long)]
+        template: Option<PathBuf>,
+        #[arg(long)]
+        owner: Option<String>,
+        /// Start it right away.
+        #[arg(long)]
+        start: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a workspace (a new build), or bring back a lost `process` agent.
+    Start {
+        name: String,
+        /// Wait until it is running, unhealthy or failed.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a workspace: its stop scripts run, then the provisioner stops it.
+    Stop {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a workspace and its resources.
+    Delete {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List workspaces, with a count by status.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        /// Include deleted workspaces.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Count workspaces in each status.
+    Count {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one workspace: status, reason, agent, recent history.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Timing breakdown of a build: provisioning, agent connection, every script.
+    Timings {
+        name: String,
+        /// Build number (default: the current one).
+        #[arg(long)]
+        build: Option<i64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Startup script and provisioning logs.
+    Logs {
+        name: String,
+        /// Keep printing new lines as they arrive.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this script (or `provision:start` etc.).
+        #[arg(long)]
+        script: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until a workspace reaches one of the given statuses.
+    Wait {
+        name: String,
+        /// Comma-separated statuses, e.g. `running,unhealthy`.
+        #[arg(long = "for", value_name = "STATUSES")]
+        until: String,
+        /// Give up after this long (e.g. 90s, 5m).
+        #[arg(long, default_value = "120s")]
+        timeout: humantime::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue a new agent token for an external workspace (the old one stops working).
+    Token {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("tether");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share/tether"),
+        None => PathBuf::from("tether-data"),
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Column-aligned plain text; the last column is not padded.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<String>| {
+        let n = cells.len();
+        let mut s = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                s.push_str(&c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+    out
+}
+
+pub fn seconds(ms: i64) -> String {
+    format!("{:.3}s", ms as f64 / 1000.0)
+}
+
+pub fn timings_table(spans: &[SpanView]) -> String {
+    let rows: Vec<Vec<String>> = spans
+        .iter()
+        .map(|s| {
+            vec![
+                s.stage.clone(),
+                s.name.clone(),
+                format!("+{}", seconds(s.offset_ms)),
+                seconds(s.duration_ms),
+                s.exit_code.map_or("-".into(), |c| c.to_string()),
+                s.status.to_string(),
+            ]
+        })
+        .collect();
+    table(&["STAGE", "NAME", "START", "DURATION", "EXIT", "STATUS"], &rows)
+}
+
+fn ago(rfc: &Option<String>) -> String {
+    let Some(s) = rfc else { return "-".into() };
+    match humantime::parse_rfc3339(s) {
+        Ok(t) => match std::time::SystemTime::now().duration_since(t) {
+            Ok(d) => format!("{}s ago", d.as_secs()),
+            Err(_) => "just now".into(),
+        },
+        Err(_) => s.clone(),
+    }
+}
+
+pub fn workspaces_table(list: &[WorkspaceView]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|w| {
+            vec![
+                w.name.clone(),
+                w.status.to_string(),
+                w.lifecycle.map_or("-".into(), |l| l.to_string()),
+                ago(&w.last_heartbeat_at),
+                w.status_reason.clone(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "STATUS", "LIFECYCLE", "HEARTBEAT", "REASON"], &rows)
+}
+
+fn count_line(list: &[WorkspaceView]) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for w in list {
+        *counts.entry(w.status.to_string()).or_default() += 1;
+    }
+    let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    format!("{} workspace{}: {}", list.len(), if list.len() == 1 { "" } else { "s" }, parts.join(", "))
+}
+
+pub fn print_workspace(w: &WorkspaceView) {
+    println!("{}: {} ({})", w.name, w.status, w.status_reason);
+}
+
+pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Duration) -> anyhow::Result<WorkspaceView> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let chunk = left.as_secs().clamp(1, 60);
+        match client.get::<WorkspaceView>(&format!("/workspaces/{}/wait?for={}&timeout={chunk}", enc(name), enc(statuses))).await {
+            Ok(w) => return Ok(w),
+            Err(e) if e.to_string().contains("still") && std::time::Instant::now() < deadline => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()> {
+    match cmd {
+        WorkspaceCmd::Create { name, template, owner, start, json } => {
+            let text = match &template {
+                Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading template {}", p.display()))?,
+                None => String::new(),
+            };
+            let body = serde_json::json!({ "name": name, "template": text, "owner": owner, "start": start });
+            let created: CreatedView = client.post("/workspaces", &body).await?;
+            if json {
+                return print_json(&created);
+            }
+            print_workspace(&created.workspace);
+            if let (Some(token), Some(cmd)) = (&created.agent_token, &created.agent_command) {
+                println!("\nagent token (shown once): {token}\n\nstart the agent in the workspace with:\n  {cmd}");
+            }
+        }
+        WorkspaceCmd::Start { name, wait, json } => {
+            let mut w: WorkspaceView = client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
+            if wait {
+                w = wait_for(client, &name, "running,unhealthy,failed", Duration::from_secs(3600)).await?;
+            }
+            if json { print_json(&w)? } else { print_workspace(&w) }
+        }
+        WorkspaceCmd::Stop { name, wait, json } => {
+            let mut w: WorkspaceView = client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
+            if wait {
+                w = wait_for(client, &name, "stopped,failed,running,unhealthy", Duration::from_secs(3600)).await?;
+            }
+            if json { print_json(&w)? } else { print_workspace(&w) }
+        }
+        WorkspaceCmd::Delete { name, wait, json } => {
+            let mut w: WorkspaceView = client.delete(&format!("/workspaces/{}", enc(&name))).await?;
+            if wait {
+                w = wait_for(client, &name, "deleted,running,unhealthy,stopped,failed", Duration::from_secs(3600)).await?;
+            }
+            if json { print_json(&w)? } else { print_workspace(&w) }
+        }
+        WorkspaceCmd::List { status, all, json } => {
+            let mut path = format!("/workspaces?all={all}");
+            if let Some(s) = status {
+                path.push_str(&format!("&status={}", enc(&s)));
+            }
+            let list: Vec<WorkspaceView> = client.get(&path).await?;
+            if json {
+                return print_json(&list);
+            }
+            print!("{}", workspaces_table(&list));
+            println!("{}", count_line(&list));
+        }
+        WorkspaceCmd::Count { json } => {
+            let counts: BTreeMap<String, i64> = client.get("/status-counts").await?;
+            if json {
+                return print_json(&counts);
+            }
+            let rows: Vec<Vec<String>> = counts.iter().map(|(s, n)| vec![s.clone(), n.to_string()]).collect();
+            print!("{}", table(&["STATUS", "COUNT"], &rows));
+        }
+        WorkspaceCmd::Show { name, json } => {
+            let s: ShowView = client.get(&format!("/workspaces/{}", enc(&name))).await?;
+            if json {
+                return print_json(&s);
+            }
+            let w = &s.workspace;
+            println!("name:           {}", w.name);
+            println!("status:         {}", w.status);
+            println!("reason:         {}", w.status_reason);
+            println!("lifecycle:      {}", w.lifecycle.map_or("-".into(), |l| l.to_string()));
+            println!("provisioner:    {}", w.provisioner);
+            println!("build:          {}", w.build);
+            println!("last heartbeat: {}", ago(&w.last_heartbeat_at));
+            if let Some(e) = &w.last_error {
+                println!("last error:     {e}");
+            }
+            if let Some(a) = &w.agent {
+                println!("agent:          {} on {}", a.version, a.hostname);
+                if let Some(st) = &a.stats {
+                    println!(
+                        "stats:          cpu {:.1}% of {:.1} cpus, mem {} / {} MiB, disk {} / {} GiB, load {:.2}",
+                        st.cpu_percent,
+                        st.cpu_limit,
+                        st.mem_used >> 20,
+                        st.mem_total >> 20,
+                        st.disk_used >> 30,
+                        st.disk_total >> 30,
+                        st.load[0]
+                    );
+                }
+            }
+            println!("history:");
+            for t in &s.history {
+                println!("  {}  {:<9} {}", t.at, t.to, t.reason);
+            }
+        }
+        WorkspaceCmd::Timings { name, build, json } => {
+            let mut path = format!("/workspaces/{}/timings", enc(&name));
+            if let Some(b) = build {
+                path.push_str(&format!("?build={b}"));
+            }
+            let spans: Vec<SpanView> = client.get(&path).await?;
+            if json {
+                return print_json(&spans);
+            }
+            print!("{}", timings_table(&spans));
+        }
+        WorkspaceCmd::Logs { name, follow, script, json } => {
+            let mut after = 0;
+            loop {
+                let mut path = format!("/workspaces/{}/logs?after={after}&wait={}", enc(&name), if follow { 30 } else { 0 });
+                if let Some(s) = &script {
+                    path.push_str(&format!("&source={}", enc(s)));
+                }
+                let logs: LogsView = client.get(&path).await?;
+                for l in &logs.lines {
+                    if json {
+                        println!("{}", serde_json::to_string(l)?);
+                    } else {
+                        println!("{} [{}] {}", l.at, l.source, l.line);
+                    }
+                }
+                after = logs.next;
+                if !follow && logs.lines.is_empty() {
+                    break;
+                }
+            }
+        }
+        WorkspaceCmd::Wait { name, until, timeout, json } => {
+            let w = wait_for(client, &name, &until, timeout.into()).await?;
+            if json { print_json(&w)? } else { print_workspace(&w) }
+        }
+        WorkspaceCmd::Token { name, json } => {
+            let v: serde_json::Value = client.post(&format!("/workspaces/{}/token", enc(&name)), &serde_json::json!({})).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "agent token (shown once): {}\n\nstart the agent with:\n  {}",
+                v["agent_token"].as_str().unwrap_or_default(),
+                v["agent_command"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! `tether demo`: a coordinator on embedded defaults, one sample workspace taken through its whole
+//! life (start, timings, a killed agent, recovery, stop), shown as a user would see it.
+
+use crate::cli::{timings_table, ServeArgs};
+use crate::client::Client;
+use crate::server::{self, ServeConfig};
+use crate::view::{LogsView, SpanView, WorkspaceView};
+use anyhow::Context;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const TEMPLATE: &str = include_str!("demo.template.toml");
+
+pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) -> anyhow::Result<()> {
+    let (data_dir, _temp) = match dir {
+        Some(d) => (d, None),
+        None => {
+            let t = tempfile::Builder::new().prefix("tether-demo-").tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let running = server::start(ServeConfig {
+        data_dir: data_dir.clone(),
+        listen_http: "127.0.0.1:0".parse()?,
+        listen_quic: "127.0.0.1:0".parse()?,
+        advertise_quic: None,
+        agent_binary: serve.agent_binary.clone(),
+        max_agents: 100,
+    })
+    .await?;
+    let info = running.info.clone();
+    println!("Tether demo");
+    println!("  coordinator  {} (agents dial {} over QUIC)", info.api_url, info.agent_coordinator);
+    println!("  data         {}", data_dir.display());
+    let template_path = data_dir.join("demo.toml");
+    std::fs::write(&template_path, TEMPLATE)?;
+    let client = Client::discover(None, None, &data_dir)?;
+    let engine = running.engine.clone();
+
+    // Print every status change as it happens.
+    let t0 = Instant::now();
+    let watcher = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut rx = engine.subscribe_changes();
+            let mut last = (String::new(), String::new());
+            loop {
+                if let Ok(Some(row)) = engine.store.workspace_any("demo").await {
+                    let now = (row.status.to_string(), row.status_reason.clone());
+                    if now != last {
+                        println!("  {:>6.2}s  {:<10} {}", t0.elapsed().as_secs_f64(), now.0, now.1);
+                        last = now;
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let step = |s: &str| println!("\n$ {s}");
+
+    step(&format!("tether workspace create demo --template {}", template_path.display()));
+    let body = serde_json::json!({ "name": "demo", "template": TEMPLATE, "start": false });
+    let _: serde_json::Value = client.post("/workspaces", &body).await?;
+    tokio::task::yield_now().await;
+
+    step("tether workspace start demo --wait");
+    let _: WorkspaceView = client.post("/workspaces/demo/start", &serde_json::json!({})).await?;
+    let w = crate::cli::wait_for(&client, "demo", "running,unhealthy,failed", Duration::from_secs(120)).await?;
+    settle().await;
+    if w.status != tether_shared::WorkspaceStatus::Running {
+        anyhow::bail!("the demo workspace did not reach running: {} ({})", w.status, w.status_reason);
+    }
+
+    step("tether workspace timings demo");
+    let spans: Vec<SpanView> = client.get("/workspaces/demo/timings").await?;
+    print!("{}", timings_table(&spans));
+    let chatty: LogsView = client.get("/workspaces/demo/logs?source=chatty&limit=10000").await?;
+    println!(
+        "\n(script 'chatty' printed {} lines; see them with `tether workspace logs demo --script chatty`)",
+        chatty.lines.len()
+    );
+
+    let pid_path = data_dir.join("workspaces/demo/agent.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_path)
+        .with_context(|| format!("reading {}", pid_path.display()))?
+        .trim()
+        .parse()
+        .context("agent pid")?;
+    step(&format!("kill -9 {pid}    # the agent dies without a word"));
+    kill(Pid::from_raw(pid), Signal::SIGKILL).context("killing the agent")?;
+    crate::cli::wait_for(&client, "demo", "unhealthy", Duration::from_secs(60)).await?;
+    settle().await;
+
+    step("tether workspace start demo --wait    # bring the agent back; start scripts do not run again");
+    let _: WorkspaceView = client.post("/workspaces/demo/start", &serde_json::json!({})).await?;
+    crate::cli::wait_for(&client, "demo", "running,failed", Duration::from_secs(60)).await?;
+    settle().await;
+    let after: Vec<SpanView> = client.get("/workspaces/demo/timings").await?;
+    let scripts = |s: &[SpanView]| s.iter().filter(|s| s.stage == "script").count();
+    println!("  script runs recorded: {} before the restart, {} after", scripts(&spans), scripts(&after));
+
+    if keep_running {
+        println!("\nThe coordinator keeps running. In another terminal:");
+        println!("  export TETHER_DATA_DIR={}", data_dir.display());
+        println!("  tether workspace list");
+        println!("  tether workspace logs demo --follow");
+        println!("Press Ctrl-C to stop the workspace and the coordinator.");
+        tokio::signal::ctrl_c().await?;
+    }
+
+    step("tether workspace stop demo --wait");
+    let _: WorkspaceView = client.post("/workspaces/demo/stop", &serde_json::json!({})).await?;
+    crate::cli::wait_for(&client, "demo", "stopped,failed,running,unhealthy", Duration::from_secs(90)).await?;
+    settle().await;
+    watcher.abort();
+    let _ = Arc::strong_count(&engine);
+    running.shutdown().await?;
+    println!("\nDone. Next: `tether serve` runs a coordinator for real; see README.md.");
+    Ok(())
+}
+
+/// Gives the status printer a moment to print the change the API just reported.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}

@@ -1,0 +1,802 @@
+//! The coordinator's state of the world: workspaces in the store, live agents in memory, and every
+//! operation that moves a workspace from one status to another. The HTTP API and the agent tunnel
+//! are thin layers over this.
+
+use crate::pki::{self, Pki};
+use crate::provision::{self, ProvisionError};
+use crate::status::{self, Expiry, Liveness, ScriptProblem};
+use crate::store::{Store, StoreError, WorkspaceRow};
+use crate::template::{check_name, ProvisionerKind, Template};
+use crate::view::{AgentView, SpanView, WorkspaceView};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tether_shared::proto::{
+    CoordinatorMessage, Event, Heartbeat, Hello, LogLine, Manifest, RejectCode, ScriptTrigger, Welcome,
+};
+use tether_shared::{now_ms, Lifecycle, SpanStatus, WorkspaceStatus};
+use tokio::sync::{mpsc, watch, OwnedMutexGuard};
+use tracing::{info, warn};
+
+/// Errors users see from workspace operations; each maps to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("no workspace '{0}'")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Settings the engine needs from `tether serve`.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    /// Where managed agents dial: the QUIC address as reachable from the workspace.
+    pub agent_coordinator_addr: String,
+    /// The `tether-agent` binary for the process provisioner.
+    pub agent_binary: PathBuf,
+    /// Longest a long-poll (`--wait`, `logs --follow`) may hold a request.
+    pub max_wait: Duration,
+}
+
+/// A connected agent, as the tunnel registered it.
+struct AgentConn {
+    conn_id: u64,
+    instance: u64,
+    commands: mpsc::Sender<CoordinatorMessage>,
+    stats: Option<Heartbeat>,
+    version: String,
+    hostname: String,
+    last_heartbeat_ms: i64,
+    heartbeat_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Live {
+    liveness: Liveness,
+    agents: HashMap<i64, AgentConn>,
+}
+
+pub struct Engine {
+    pub store: Store,
+    pub pki: Pki,
+    pub config: EngineConfig,
+    live: Mutex<Live>,
+    locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bumped whenever a workspace's status or agent changes; waiters re-check their condition.
+    changed: watch::Sender<u64>,
+    /// Bumped whenever log lines are stored.
+    logged: watch::Sender<u64>,
+    next_conn: std::sync::atomic::AtomicU64,
+}
+
+/// What an accepted hello gives the tunnel.
+pub struct Accepted {
+    pub workspace_id: i64,
+    pub welcome: Welcome,
+    pub conn_id: u64,
+    pub commands: mpsc::Receiver<CoordinatorMessage>,
+    pub clock_offset_ms: i64,
+}
+
+pub struct Rejected {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+/// What `create` returns: the workspace and, for external ones, how to start the agent.
+pub struct Created {
+    pub view: WorkspaceView,
+    pub agent_token: Option<String>,
+    pub agent_command: Option<String>,
+}
+
+fn template_of(row: &WorkspaceRow) -> Result<Template, OpError> {
+    Template::parse(&row.template).map_err(|e| OpError::Invalid(format!("stored template of '{}' is invalid: {e}", row.name)))
+}
+
+fn unix_to_instant(at_ms: i64, now: Instant) -> Instant {
+    let ago = Duration::from_millis(now_ms().saturating_sub(at_ms).max(0) as u64);
+    now.checked_sub(ago).unwrap_or(now)
+}
+
+impl Engine {
+    pub fn new(store: Store, pki: Pki, config: EngineConfig) -> Arc<Engine> {
+        Arc::new(Engine {
+            store,
+            pki,
+            config,
+            live: Mutex::new(Live::default()),
+            locks: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+            logged: watch::channel(0).0,
+            next_conn: 1.into(),
+        })
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        // A panic while holding this lock is a bug elsewhere; the map itself stays consistent.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn lock(&self, id: i64) -> OwnedMutexGuard<()> {
+        let m = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(id).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn subscribe_logs(&self) -> watch::Receiver<u64> {
+        self.logged.subscribe()
+    }
+
+    pub fn connected_agents(&self) -> usize {
+        self.live().agents.len()
+    }
+
+    async fn row(&self, name: &str) -> Result<WorkspaceRow, OpError> {
+        self.store.workspace(name).await?.ok_or_else(|| OpError::NotFound(name.to_string()))
+    }
+
+    async fn reload(&self, id: i64) -> Result<WorkspaceRow, OpError> {
+        self.store.workspace_by_id(id).await?.ok_or_else(|| OpError::NotFound(format!("#{id}")))
+    }
+
+    /// Writes a new status if it differs; the one place statuses change.
+    async fn set_status(&self, row: &mut WorkspaceRow, to: WorkspaceStatus, reason: &str) -> Result<(), OpError> {
+        if row.status == to && row.status_reason == reason {
+            return Ok(());
+        }
+        self.store.set_status(row.id, row.status, to, reason, now_ms()).await?;
+        info!(workspace = %row.name, from = %row.status, to = %to, reason, "status");
+        row.status = to;
+        row.status_reason = reason.to_string();
+        self.bump();
+        Ok(())
+    }
+
+    // ---- views ------------------------------------------------------------------------------
+
+    pub fn view(&self, row: &WorkspaceRow) -> WorkspaceView {
+        let live = self.live();
+        let agent = live.agents.get(&row.id);
+        WorkspaceView::new(
+            row,
+            agent.map(|a| AgentView {
+                connected: true,
+                version: a.version.clone(),
+                hostname: a.hostname.clone(),
+                stats: a.stats.clone(),
+            }),
+            agent.map(|a| a.last_heartbeat_ms).or(row.last_heartbeat_at),
+        )
+    }
+
+    pub async fn show(&self, name: &str) -> Result<(WorkspaceView, Vec<crate::store::TransitionRow>), OpError> {
+        let row = self.row(name).await?;
+        let history = self.store.transitions(row.id, 20).await?;
+        Ok((self.view(&row), history))
+    }
+
+    pub async fn list(&self, status: Option<WorkspaceStatus>, all: bool) -> Result<Vec<WorkspaceView>, OpError> {
+        Ok(self.store.list(status, all).await?.iter().map(|r| self.view(r)).collect())
+    }
+
+    pub async fn timings(&self, name: &str, build: Option<i64>) -> Result<Vec<SpanView>, OpError> {
+        let row = self.row(name).await?;
+        let build = build.unwrap_or(row.build);
+        let origin = self.store.build_started_at(row.id, build).await?;
+        let spans = self.store.spans(row.id, build).await?;
+        let origin = origin.or(spans.first().map(|s| s.started_at)).unwrap_or(0);
+        Ok(spans.iter().map(|s| SpanView::new(s, origin)).collect())
+    }
+
+    // ---- user operations --------------------------------------------------------------------
+
+    pub async fn create(
+        self: &Arc<Self>,
+        name: &str,
+        template_text: &str,
+        owner: Option<&str>,
+        start: bool,
+    ) -> Result<Created, OpError> {
+        check_name("workspace", name).map_err(OpError::Invalid)?;
+        if let Some(o) = owner {
+            check_name("user", o).map_err(OpError::Invalid)?;
+        }
+        let template = Template::parse(template_text).map_err(|e| OpError::Invalid(format!("template: {e}")))?;
+        let now = now_ms();
+        if template.provisioner == ProvisionerKind::External {
+            let token = pki::new_token("tether_agent");
+            let mut row = self
+                .store
+                .create_workspace(
+                    name,
+                    owner,
+                    template_text,
+                    "external",
+                    WorkspaceStatus::Starting,
+                    "waiting for the agent to connect",
+                    Some(&pki::hash_token(&token)),
+                    now,
+                )
+                .await?;
+            self.store.begin_build(row.id, None, now).await?;
+            self.store.set_waiting_since(row.id, Some(now)).await?;
+            self.live().liveness.await_agent(row.id, Instant::now(), template.connection_timeout);
+            row = self.reload(row.id).await?;
+            let command = format!(
+                "TETHER_AGENT_TOKEN={token} tether-agent --coordinator {} --ca-sha256 {}",
+                self.config.agent_coordinator_addr, self.pki.fingerprint
+            );
+            info!(workspace = %name, provisioner = "external", "created");
+            return Ok(Created { view: self.view(&row), agent_token: Some(token), agent_command: Some(command) });
+        }
+        let row = self
+            .store
+            .create_workspace(
+                name,
+                owner,
+                template_text,
+                template.provisioner.as_str(),
+                WorkspaceStatus::Pending,
+                "created; not started",
+                None,
+                now,
+            )
+            .await?;
+        info!(workspace = %name, provisioner = template.provisioner.as_str(), "created");
+        if start {
+            let view = self.start(name).await?;
+            return Ok(Created { view, agent_token: None, agent_command: None });
+        }
+        Ok(Created { view: self.view(&row), agent_token: None, agent_command: None })
+    }
+
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<WorkspaceView, OpError> {
+        let row = self.row(name).await?;
+        let _guard = self.lock(row.id).await;
+        let mut row = self.reload(row.id).await?;
+        let template = template_of(&row)?;
+        let connected = self.live().agents.contains_key(&row.id);
+        use WorkspaceStatus::*;
+        match (row.status, template.provisioner) {
+            (Pending | Stopped | Failed, ProvisionerKind::External) => {
+                let now = now_ms();
+                self.store.begin_build(row.id, None, now).await?;
+                self.store.set_waiting_since(row.id, Some(now)).await?;
+                self.live().liveness.await_agent(row.id, Instant::now(), template.connection_timeout);
+                self.set_status(&mut row, Starting, "waiting for the agent to connect").await?;
+            }
+            (Pending | Stopped | Failed, _) => {
+                let token = pki::new_token("tether_agent");
+                self.store.begin_build(row.id, Some(&pki::hash_token(&token)), now_ms()).await?;
+                self.store.set_op(row.id, Some("start")).await?;
+                self.set_status(&mut row, Pending, "start requested").await?;
+                let engine = self.clone();
+                let id = row.id;
+                tokio::spawn(async move { engine.provision_start(id, token, false).await });
+            }
+            (Unhealthy, ProvisionerKind::Process) if !connected => {
+                // Bring back a lost agent for the same build: its start scripts do not run again.
+                let token = pki::new_token("tether_agent");
+                self.store.set_token(row.id, Some(&pki::hash_token(&token))).await?;
+                self.store.set_op(row.id, Some("start")).await?;
+                self.set_status(&mut row, Starting, "restarting the agent").await?;
+                let engine = self.clone();
+                let id = row.id;
+                tokio::spawn(async move { engine.provision_start(id, token, true).await });
+            }
+            (Starting | Running | Unhealthy, _) => {
+                return Err(OpError::Conflict(format!("workspace '{name}' is already started ({})", row.status)))
+            }
+            (Stopping | Deleting | Deleted, _) => {
+                return Err(OpError::Conflict(format!("workspace '{name}' is {}; wait for it to finish", row.status)))
+            }
+        }
+        Ok(self.view(&row))
+    }
+
+    async fn provision_start(self: Arc<Self>, id: i64, token: String, restart: bool) {
+        if let Err(e) = self.provision_start_inner(id, token, restart).await {
+            warn!(workspace = id, error = %e, "start failed");
+        }
+    }
+
+    async fn provision_start_inner(self: &Arc<Self>, id: i64, token: String, restart: bool) -> Result<(), OpError> {
+        let (row, template) = {
+            let _guard = self.lock(id).await;
+            let mut row = self.reload(id).await?;
+            if row.op.as_deref() != Some("start") {
+                return Ok(());
+            }
+            let template = template_of(&row)?;
+            let reason = if restart { "restarting the agent" } else { "provisioning" };
+            self.set_status(&mut row, WorkspaceStatus::Starting, reason).await?;
+            (row, template)
+        };
+        let result = provision::start(self, &row, &template, &token, restart).await;
+        let _guard = self.lock(id).await;
+        let mut row = self.reload(id).await?;
+        self.store.set_op(id, None).await?;
+        if row.status != WorkspaceStatus::Starting || row.op.as_deref() != Some("start") {
+            return Ok(()); // stopped or deleted meanwhile
+        }
+        match result {
+            Ok(()) => {
+                if !self.live().agents.contains_key(&id) {
+                    let now = now_ms();
+                    self.store.set_waiting_since(id, Some(now)).await?;
+                    self.live().liveness.await_agent(id, Instant::now(), template.connection_timeout);
+                    self.set_status(&mut row, WorkspaceStatus::Starting, "waiting for the agent to connect").await?;
+                }
+            }
+            Err(e) => {
+                self.store.set_last_error(id, Some(&e.to_string())).await?;
+                self.set_status(&mut row, WorkspaceStatus::Failed, &e.to_string()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<WorkspaceView, OpError> {
+        let row = self.row(name).await?;
+        let _guard = self.lock(row.id).await;
+        let mut row = self.reload(row.id).await?;
+        use WorkspaceStatus::*;
+        match row.status {
+            Pending | Starting | Running | Unhealthy | Failed => {}
+            Stopped => return Err(OpError::Conflict(format!("workspace '{name}' is already stopped"))),
+            Stopping | Deleting | Deleted => {
+                return Err(OpError::Conflict(format!("workspace '{name}' is {}; wait for it to finish", row.status)))
+            }
+        }
+        let previous = (row.status, row.status_reason.clone());
+        self.store.set_op(row.id, Some("stop")).await?;
+        self.set_status(&mut row, Stopping, "stop requested").await?;
+        let engine = self.clone();
+        let id = row.id;
+        tokio::spawn(async move { engine.run_stop(id, previous, false).await });
+        Ok(self.view(&row))
+    }
+
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<WorkspaceView, OpError> {
+        let row = self.row(name).await?;
+        let _guard = self.lock(row.id).await;
+        let mut row = self.reload(row.id).await?;
+        if matches!(row.status, WorkspaceStatus::Deleting) {
+            return Err(OpError::Conflict(format!("workspace '{name}' is already being deleted")));
+        }
+        let previous = (row.status, row.status_reason.clone());
+        self.store.set_op(row.id, Some("delete")).await?;
+        self.set_status(&mut row, WorkspaceStatus::Deleting, "delete requested").await?;
+        let engine = self.clone();
+        let id = row.id;
+        tokio::spawn(async move { engine.run_stop(id, previous, true).await });
+        Ok(self.view(&row))
+    }
+
+    /// Issues a new agent token for an external workspace; the old one stops working at once.
+    pub async fn rotate_token(&self, name: &str) -> Result<(String, String), OpError> {
+        let row = self.row(name).await?;
+        if row.provisioner != "external" {
+            return Err(OpError::Invalid(format!(
+                "workspace '{name}' uses the {} provisioner, which issues a fresh token at each start",
+                row.provisioner
+            )));
+        }
+        let token = pki::new_token("tether_agent");
+        self.store.set_token(row.id, Some(&pki::hash_token(&token))).await?;
+        let command = format!(
+            "TETHER_AGENT_TOKEN={token} tether-agent --coordinator {} --ca-sha256 {}",
+            self.config.agent_coordinator_addr, self.pki.fingerprint
+        );
+        Ok((token, command))
+    }
+
+    /// Stop (and, for delete, remove) a workspace. On failure the workspace returns to the status it
+    /// had, with the failure recorded.
+    async fn run_stop(self: Arc<Self>, id: i64, previous: (WorkspaceStatus, String), delete: bool) {
+        let what = if delete { "delete" } else { "stop" };
+        let result = self.run_stop_inner(id, delete).await;
+        let outcome = async {
+            let _guard = self.lock(id).await;
+            let mut row = self.reload(id).await?;
+            self.store.set_op(id, None).await?;
+            match result {
+                Ok(detail) => {
+                    self.live().liveness.forget(id);
+                    if delete {
+                        self.store.set_token(id, None).await?;
+                        self.set_status(&mut row, WorkspaceStatus::Deleted, "deleted").await?;
+                    } else {
+                        if row.provisioner != "external" {
+                            self.store.set_token(id, None).await?;
+                        }
+                        self.set_status(&mut row, WorkspaceStatus::Stopped, &detail).await?;
+                    }
+                }
+                Err(e) => {
+                    let message = format!("{what} failed: {e}");
+                    warn!(workspace = %row.name, error = %e, "{what} failed");
+                    self.store.set_last_error(id, Some(&message)).await?;
+                    self.set_status(&mut row, previous.0, &previous.1).await?;
+                }
+            }
+            Ok::<_, OpError>(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            warn!(workspace = id, error = %e, "{what} could not be recorded");
+        }
+    }
+
+    async fn run_stop_inner(self: &Arc<Self>, id: i64, delete: bool) -> Result<String, ProvisionError> {
+        let row = self.reload(id).await.map_err(|e| ProvisionError::Other(e.to_string()))?;
+        let template = template_of(&row).map_err(|e| ProvisionError::Other(e.to_string()))?;
+        let mut detail = "stopped".to_string();
+        let commands = self.live().agents.get(&id).map(|a| a.commands.clone());
+        if let Some(commands) = commands {
+            let reason = if delete { "workspace is being deleted" } else { "workspace is stopping" };
+            let _ = commands.send(CoordinatorMessage::Shutdown { reason: reason.into() }).await;
+            let deadline = template.shutdown_timeout + Duration::from_secs(15);
+            let gone = self.wait_for(deadline, || !self.live().agents.contains_key(&id)).await;
+            let row = self.reload(id).await.map_err(|e| ProvisionError::Other(e.to_string()))?;
+            detail = match (gone, row.lifecycle) {
+                (false, _) => "stopped; the agent did not shut down in time".into(),
+                (true, Some(Lifecycle::Off)) => "stopped; stop scripts finished".into(),
+                (true, Some(Lifecycle::ShutdownError)) => "stopped; a stop script failed".into(),
+                (true, Some(Lifecycle::ShutdownTimeout)) => "stopped; stop scripts timed out".into(),
+                (true, _) => "stopped".into(),
+            };
+        }
+        provision::stop(self, &row, &template).await?;
+        if delete {
+            provision::delete(self, &row, &template).await?;
+        }
+        Ok(detail)
+    }
+
+    /// Waits until `done()` holds, re-checking whenever a workspace changes. False on timeout.
+    pub async fn wait_for(&self, timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if done() {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return done(),
+            }
+        }
+    }
+
+    // ---- the agent side ---------------------------------------------------------------------
+
+    /// Checks an agent's hello and registers its connection.
+    pub async fn agent_hello(&self, hello: &Hello) -> Result<Accepted, Rejected> {
+        let internal = |e: OpError| Rejected { code: RejectCode::Busy, message: format!("coordinator error: {e}") };
+        let row = self
+            .store
+            .workspace_by_token(&pki::hash_token(&hello.token))
+            .await
+            .map_err(|e| internal(e.into()))?
+            .ok_or(Rejected {
+                code: RejectCode::BadToken,
+                message: "agent token is not valid (unknown, revoked, or replaced by a newer start)".into(),
+            })?;
+        let _guard = self.lock(row.id).await;
+        let mut row = self.reload(row.id).await.map_err(internal)?;
+        let template = template_of(&row).map_err(internal)?;
+        use WorkspaceStatus::*;
+        match row.status {
+            Starting | Running | Unhealthy | Stopping => {}
+            Pending | Stopped | Failed if row.provisioner == "external" => {
+                // Someone started an external workspace's agent: that is a start.
+                let now = now_ms();
+                self.store.begin_build(row.id, None, now).await.map_err(|e| internal(e.into()))?;
+                row = self.reload(row.id).await.map_err(internal)?;
+                self.set_status(&mut row, Starting, "agent connected").await.map_err(internal)?;
+            }
+            Deleting | Deleted => {
+                return Err(Rejected {
+                    code: RejectCode::WorkspaceNotRunnable,
+                    message: format!("workspace '{}' is deleted", row.name),
+                })
+            }
+            Pending | Stopped | Failed => {
+                return Err(Rejected {
+                    code: RejectCode::WorkspaceNotRunnable,
+                    message: format!("workspace '{}' is {}; start it with `tether workspace start`", row.name, row.status),
+                })
+            }
+        }
+        let now = now_ms();
+        let (events_acked, logs_acked) = self
+            .store
+            .agent_hello(row.id, hello.instance, &hello.agent_version, &hello.hostname, now)
+            .await
+            .map_err(|e| internal(e.into()))?;
+        let conn_id = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(8);
+        {
+            let mut live = self.live();
+            if let Some(old) = live.agents.insert(
+                row.id,
+                AgentConn {
+                    conn_id,
+                    instance: hello.instance,
+                    commands: tx,
+                    stats: None,
+                    version: hello.agent_version.clone(),
+                    hostname: hello.hostname.clone(),
+                    last_heartbeat_ms: now,
+                    heartbeat_timeout: template.heartbeat_timeout,
+                },
+            ) {
+                // The old connection is dead or replaced; tell it to go if it is still there.
+                let _ = old.commands.try_send(CoordinatorMessage::Error { message: "replaced by a newer connection".into() });
+            }
+            live.liveness.heard(row.id, Instant::now(), template.heartbeat_timeout);
+        }
+        self.store.set_waiting_since(row.id, None).await.map_err(|e| internal(e.into()))?;
+        self.refresh_connected_status(&mut row, &template).await.map_err(internal)?;
+        let offset = now - hello.sent_at_ms;
+        let clock_offset_ms = if offset.abs() > 1000 { offset } else { 0 };
+        info!(workspace = %row.name, instance = hello.instance, version = %hello.agent_version, "agent connected");
+        Ok(Accepted {
+            workspace_id: row.id,
+            welcome: Welcome {
+                workspace: row.name.clone(),
+                build: row.build as u64,
+                events_acked,
+                logs_acked,
+                heartbeat_interval_ms: template.heartbeat_interval().as_millis() as u64,
+                coordinator_version: env!("CARGO_PKG_VERSION").into(),
+            },
+            conn_id,
+            commands: rx,
+            clock_offset_ms,
+        })
+    }
+
+    /// Recomputes the status of a workspace whose agent is connected.
+    async fn refresh_connected_status(&self, row: &mut WorkspaceRow, template: &Template) -> Result<(), OpError> {
+        if !status::expects_agent(row.status) {
+            return Ok(());
+        }
+        let problems = if matches!(row.lifecycle, Some(Lifecycle::StartError | Lifecycle::StartTimeout)) {
+            self.script_problems(row, template).await?
+        } else {
+            Vec::new()
+        };
+        let (to, reason) = status::connected_status(row.lifecycle, &problems);
+        self.set_status(row, to, &reason).await
+    }
+
+    async fn script_problems(&self, row: &WorkspaceRow, template: &Template) -> Result<Vec<ScriptProblem>, OpError> {
+        let spans = self.store.spans(row.id, row.build).await?;
+        Ok(spans
+            .iter()
+            .filter(|s| s.stage == "script" && s.status != SpanStatus::Ok)
+            .map(|s| {
+                let script = template.script(&s.name).filter(|sc| sc.on == ScriptTrigger::Start);
+                ScriptProblem {
+                    script: s.name.clone(),
+                    blocks_login: script.is_some_and(|sc| sc.blocks_login),
+                    status: s.status,
+                    exit_code: s.exit_code,
+                    timeout: Duration::from_millis(script.map_or(0, |sc| sc.timeout_ms)),
+                }
+            })
+            .collect())
+    }
+
+    pub async fn manifest(&self, id: i64) -> Result<Manifest, OpError> {
+        let row = self.reload(id).await?;
+        let template = template_of(&row)?;
+        let working_dir = (row.provisioner == "process").then(|| provision::home_dir(self, &row.name).display().to_string());
+        Ok(template.manifest(&row.name, row.build as u64, working_dir))
+    }
+
+    pub fn heartbeat(self: &Arc<Self>, id: i64, conn_id: u64, hb: Heartbeat) {
+        let recovered = {
+            let mut live = self.live();
+            let Some(agent) = live.agents.get_mut(&id) else { return };
+            if agent.conn_id != conn_id {
+                return;
+            }
+            agent.last_heartbeat_ms = now_ms();
+            agent.stats = Some(hb);
+            let timeout = agent.heartbeat_timeout;
+            live.liveness.heard(id, Instant::now(), timeout)
+        };
+        if recovered {
+            let engine = self.clone();
+            tokio::spawn(async move {
+                let _guard = engine.lock(id).await;
+                if let Ok(mut row) = engine.reload(id).await {
+                    if let Ok(t) = template_of(&row) {
+                        let _ = engine.refresh_connected_status(&mut row, &t).await;
+                    }
+                }
+            });
+        }
+    }
+
+    pub async fn agent_events(&self, id: i64, conn_id: u64, events: &[Event], offset: i64) -> Result<u64, OpError> {
+        let instance = match self.live().agents.get(&id) {
+            Some(a) if a.conn_id == conn_id => a.instance,
+            _ => return Err(OpError::Conflict("connection was replaced".into())),
+        };
+        let _guard = self.lock(id).await;
+        let applied = self.store.apply_events(id, instance, events, offset).await?;
+        if applied.lifecycle.is_some() || applied.spans > 0 {
+            let mut row = self.reload(id).await?;
+            if let Some(lc) = applied.lifecycle {
+                info!(workspace = %row.name, lifecycle = %lc, "agent lifecycle");
+            }
+            let template = template_of(&row)?;
+            if !self.live().liveness.is_lost(id) {
+                self.refresh_connected_status(&mut row, &template).await?;
+            }
+            self.bump();
+        }
+        Ok(applied.acked)
+    }
+
+    pub async fn agent_logs(&self, id: i64, conn_id: u64, lines: &[LogLine], offset: i64) -> Result<u64, OpError> {
+        let instance = match self.live().agents.get(&id) {
+            Some(a) if a.conn_id == conn_id => a.instance,
+            _ => return Err(OpError::Conflict("connection was replaced".into())),
+        };
+        let acked = self.store.apply_logs(id, instance, lines, offset).await?;
+        self.logged.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(acked)
+    }
+
+    /// The tunnel closed. `goodbye` is the agent's reason when it left on purpose.
+    pub async fn agent_gone(&self, id: i64, conn_id: u64, goodbye: Option<String>) {
+        {
+            let mut live = self.live();
+            match live.agents.get(&id) {
+                Some(a) if a.conn_id == conn_id => {
+                    live.agents.remove(&id);
+                }
+                _ => return,
+            }
+            if goodbye.is_some() {
+                live.liveness.forget(id);
+            }
+        }
+        self.bump();
+        let Some(reason) = goodbye else {
+            // Silence, not a goodbye: the heartbeat timeout decides, so a quick reconnect never flaps.
+            return;
+        };
+        let _guard = self.lock(id).await;
+        let Ok(mut row) = self.reload(id).await else { return };
+        info!(workspace = %row.name, reason = %reason, "agent said goodbye");
+        if status::expects_agent(row.status) {
+            let shut_down = row.lifecycle.is_some_and(|l| l.rank() >= Lifecycle::ShuttingDown.rank());
+            let result = if shut_down {
+                self.set_status(&mut row, WorkspaceStatus::Stopped, &format!("agent shut down: {reason}")).await
+            } else {
+                self.set_status(&mut row, WorkspaceStatus::Unhealthy, &format!("agent exited: {reason}")).await
+            };
+            if let Err(e) = result {
+                warn!(workspace = id, error = %e, "recording agent exit");
+            }
+        }
+    }
+
+    /// One tick of the liveness clock: silent agents and agents that never came turn unhealthy.
+    pub async fn sweep(&self) {
+        let expired = self.live().liveness.expire(Instant::now());
+        for e in expired {
+            let (id, reason, connected_ok) = match e {
+                Expiry::Lost { workspace, since_heartbeat } => (workspace, status::lost_reason(since_heartbeat), true),
+                Expiry::NeverConnected { workspace, after } => (workspace, status::not_connected_reason(after), false),
+            };
+            let _guard = self.lock(id).await;
+            let Ok(mut row) = self.reload(id).await else { continue };
+            // A heartbeat may have arrived between the expiry and the lock.
+            if connected_ok && !self.live().liveness.is_lost(id) {
+                continue;
+            }
+            if !connected_ok && self.live().agents.contains_key(&id) {
+                continue;
+            }
+            if matches!(row.status, WorkspaceStatus::Starting | WorkspaceStatus::Running | WorkspaceStatus::Unhealthy) {
+                if let Err(err) = self.set_status(&mut row, WorkspaceStatus::Unhealthy, &reason).await {
+                    warn!(workspace = %row.name, error = %err, "marking unhealthy");
+                }
+            }
+        }
+    }
+
+    /// Persists last-seen times of connected agents (periodically, never per heartbeat).
+    pub async fn persist_last_seen(&self) {
+        let seen: Vec<(i64, i64)> = self.live().agents.iter().map(|(id, a)| (*id, a.last_heartbeat_ms)).collect();
+        if let Err(e) = self.store.touch_heartbeats(&seen).await {
+            warn!(error = %e, "persisting last-seen times");
+        }
+    }
+
+    /// After a restart: give every workspace that had an agent a full heartbeat timeout to come
+    /// back, and resume operations that were cut off.
+    pub async fn resume(self: &Arc<Self>) -> Result<(), OpError> {
+        let now = Instant::now();
+        for row in self.store.list(None, false).await? {
+            let Ok(template) = template_of(&row) else { continue };
+            match (row.status, row.op.as_deref()) {
+                (WorkspaceStatus::Stopping, _) => {
+                    let engine = self.clone();
+                    let id = row.id;
+                    tokio::spawn(async move {
+                        engine.run_stop(id, (WorkspaceStatus::Unhealthy, "stop was interrupted".into()), false).await
+                    });
+                }
+                (WorkspaceStatus::Deleting, _) => {
+                    let engine = self.clone();
+                    let id = row.id;
+                    tokio::spawn(async move {
+                        engine.run_stop(id, (WorkspaceStatus::Unhealthy, "delete was interrupted".into()), true).await
+                    });
+                }
+                (WorkspaceStatus::Pending, Some("start")) | (WorkspaceStatus::Starting, Some("start")) => {
+                    self.store.set_op(row.id, None).await?;
+                    self.live().liveness.await_agent(row.id, now, template.connection_timeout);
+                }
+                (WorkspaceStatus::Starting, None) if row.agent_instance.is_none() => {
+                    let since = row.waiting_since.map_or(now, |at| unix_to_instant(at, now));
+                    let remaining = (since + template.connection_timeout).saturating_duration_since(now);
+                    let grace = remaining.max(template.heartbeat_timeout);
+                    self.live().liveness.await_agent(row.id, now, grace);
+                }
+                (s, _) if status::expects_agent(s) => {
+                    let already_gone = s == WorkspaceStatus::Unhealthy && row.status_reason.starts_with("agent has");
+                    if !already_gone {
+                        self.live().liveness.heard(row.id, now, template.heartbeat_timeout);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells every connected agent to reconnect within `within`, so a restart does not bring all
+    /// of them back in the same second.
+    pub fn ask_agents_to_reconnect(&self, within: Duration) {
+        let live = self.live();
+        for a in live.agents.values() {
+            let _ = a.commands.try_send(CoordinatorMessage::Reconnect { within_ms: within.as_millis() as u64 });
+        }
+    }
+
+    pub fn data_dir(&self) -> &PathBuf {
+        &self.config.data_dir
+    }
+}
+
+impl Engine {
+    pub async fn store_close(&self) {
+        self.store.close().await;
+    }
+}

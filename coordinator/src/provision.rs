@@ -1,0 +1,306 @@
+//! Provisioners: how a workspace's compute comes and goes. `process` runs the agent as a local child
+//! in a per-workspace directory; `command` runs ops' own commands; `external` does nothing.
+
+use crate::engine::Engine;
+use crate::store::WorkspaceRow;
+use crate::template::{ProvisionerKind, Template};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tether_shared::proto::Span;
+use tether_shared::{limits, now_ms, SpanStatus};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("could not run {what}: {message}")]
+    Spawn { what: String, message: String },
+    #[error("{what} exited with code {code}{}", last_line.as_deref().map(|l| format!(": {l}")).unwrap_or_default())]
+    Failed { what: String, code: i32, last_line: Option<String> },
+    #[error("{what} was killed by a signal{}", last_line.as_deref().map(|l| format!(": {l}")).unwrap_or_default())]
+    Killed { what: String, last_line: Option<String> },
+    #[error("{what} timed out after {}", crate::status::secs(*after))]
+    TimedOut { what: String, after: Duration },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub fn workspace_dir(engine: &Engine, name: &str) -> PathBuf {
+    engine.data_dir().join("workspaces").join(name)
+}
+
+/// The working directory of a `process` workspace.
+pub fn home_dir(engine: &Engine, name: &str) -> PathBuf {
+    workspace_dir(engine, name).join("home")
+}
+
+fn pid_file(engine: &Engine, name: &str) -> PathBuf {
+    workspace_dir(engine, name).join("agent.pid")
+}
+
+fn other(e: impl std::fmt::Display) -> ProvisionError {
+    ProvisionError::Other(e.to_string())
+}
+
+pub async fn start(
+    engine: &Engine,
+    row: &WorkspaceRow,
+    template: &Template,
+    token: &str,
+    restart: bool,
+) -> Result<(), ProvisionError> {
+    match template.provisioner {
+        ProvisionerKind::External => Ok(()),
+        ProvisionerKind::Process => spawn_agent(engine, row, token, restart).await,
+        ProvisionerKind::Command => {
+            let Some(spec) = &template.command else { return Err(other("template has no [command] table")) };
+            run_command(engine, row, "start", &spec.start, Some(token), spec.timeout).await
+        }
+    }
+}
+
+pub async fn stop(engine: &Engine, row: &WorkspaceRow, template: &Template) -> Result<(), ProvisionError> {
+    match template.provisioner {
+        ProvisionerKind::External => Ok(()),
+        ProvisionerKind::Process => {
+            stop_agent_process(engine, &row.name, template.shutdown_timeout + Duration::from_secs(5)).await;
+            Ok(())
+        }
+        ProvisionerKind::Command => match template.command.as_ref().and_then(|c| c.stop.clone().map(|s| (s, c.timeout))) {
+            Some((cmd, timeout)) => run_command(engine, row, "stop", &cmd, None, timeout).await,
+            None => Ok(()),
+        },
+    }
+}
+
+pub async fn delete(engine: &Engine, row: &WorkspaceRow, template: &Template) -> Result<(), ProvisionError> {
+    match template.provisioner {
+        ProvisionerKind::External => Ok(()),
+        ProvisionerKind::Process => {
+            let dir = workspace_dir(engine, &row.name);
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(other(format!("removing {}: {e}", dir.display()))),
+            }
+        }
+        ProvisionerKind::Command => match template.command.as_ref().and_then(|c| c.delete.clone().map(|s| (s, c.timeout))) {
+            Some((cmd, timeout)) => run_command(engine, row, "delete", &cmd, None, timeout).await,
+            None => Ok(()),
+        },
+    }
+}
+
+fn span(stage: &str, name: &str, started: i64, status: SpanStatus, exit_code: Option<i32>) -> Span {
+    Span { stage: stage.into(), name: name.into(), started_at_ms: started, ended_at_ms: now_ms(), exit_code, status }
+}
+
+async fn spawn_agent(engine: &Engine, row: &WorkspaceRow, token: &str, restart: bool) -> Result<(), ProvisionError> {
+    let started = now_ms();
+    let dir = workspace_dir(engine, &row.name);
+    if restart {
+        stop_agent_process(engine, &row.name, Duration::from_secs(5)).await;
+    }
+    for d in [dir.clone(), dir.join("agent"), home_dir(engine, &row.name)] {
+        tokio::fs::create_dir_all(&d).await.map_err(|e| other(format!("creating {}: {e}", d.display())))?;
+    }
+    let log_path = dir.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| other(format!("opening {}: {e}", log_path.display())))?;
+    let log2 = log.try_clone().map_err(other)?;
+    let binary = &engine.config.agent_binary;
+    let mut cmd = Command::new(binary);
+    cmd.env("TETHER_COORDINATOR", &engine.config.agent_coordinator_addr)
+        .env("TETHER_CA", &engine.pki.ca_path)
+        .env("TETHER_AGENT_TOKEN", token)
+        .env("TETHER_AGENT_DATA_DIR", dir.join("agent"))
+        // The admin credentials of whoever runs the coordinator stay out of workspaces.
+        .env_remove("TETHER_TOKEN")
+        .env_remove("TETHER_URL")
+        .current_dir(home_dir(engine, &row.name))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        // Its own process group: the agent outlives a coordinator restart and its signals.
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|e| ProvisionError::Spawn {
+        what: format!("the agent ({})", binary.display()),
+        message: e.to_string(),
+    })?;
+    let pid = child.id().unwrap_or(0);
+    tokio::fs::write(pid_file(engine, &row.name), pid.to_string()).await.map_err(other)?;
+    let name = row.name.clone();
+    tokio::spawn(async move {
+        match child.wait().await {
+            Ok(status) => info!(workspace = %name, pid, %status, "agent process exited"),
+            Err(e) => warn!(workspace = %name, pid, error = %e, "waiting for agent process"),
+        }
+    });
+    if !restart {
+        let s = span("provision", "spawn agent", started, SpanStatus::Ok, None);
+        engine.store.add_span(row.id, row.build, &s).await.map_err(other)?;
+    }
+    info!(workspace = %row.name, pid, "agent spawned");
+    Ok(())
+}
+
+fn read_pid(engine: &Engine, name: &str) -> Option<Pid> {
+    let text = std::fs::read_to_string(pid_file(engine, name)).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    (pid > 1).then(|| Pid::from_raw(pid))
+}
+
+fn alive(pid: Pid) -> bool {
+    kill(pid, None).is_ok()
+}
+
+async fn wait_gone(pid: Pid, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+/// Ends a `process` workspace's agent: it has usually left already after a shutdown request; if
+/// not, SIGTERM lets it run its stop scripts, and SIGKILL of its group ends a hung one.
+async fn stop_agent_process(engine: &Engine, name: &str, grace: Duration) {
+    let Some(pid) = read_pid(engine, name) else { return };
+    if wait_gone(pid, Duration::from_secs(2)).await {
+        let _ = std::fs::remove_file(pid_file(engine, name));
+        return;
+    }
+    let _ = kill(pid, Signal::SIGTERM);
+    if !wait_gone(pid, grace).await {
+        warn!(workspace = %name, pid = pid.as_raw(), "agent ignored SIGTERM; killing its process group");
+        let _ = killpg(pid, Signal::SIGKILL);
+        wait_gone(pid, Duration::from_secs(5)).await;
+    }
+    let _ = std::fs::remove_file(pid_file(engine, name));
+}
+
+/// Runs one of ops' provisioning commands with the workspace's details in its environment,
+/// keeping its output as provisioning logs and its run as a span.
+async fn run_command(
+    engine: &Engine,
+    row: &WorkspaceRow,
+    transition: &str,
+    command: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(), ProvisionError> {
+    let what = format!("{transition} command");
+    let started = now_ms();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(command)
+        .env("TETHER_WORKSPACE", &row.name)
+        .env("TETHER_BUILD", row.build.to_string())
+        .env("TETHER_TRANSITION", transition)
+        .env("TETHER_COORDINATOR", &engine.config.agent_coordinator_addr)
+        .env("TETHER_CA", &engine.pki.ca_path)
+        .env("TETHER_CA_SHA256", &engine.pki.fingerprint)
+        .env("TETHER_AGENT_BINARY", &engine.config.agent_binary)
+        .env_remove("TETHER_TOKEN")
+        .env_remove("TETHER_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(t) = token {
+        cmd.env("TETHER_AGENT_TOKEN", t);
+    }
+    let mut child = cmd.spawn().map_err(|e| ProvisionError::Spawn { what: what.clone(), message: e.to_string() })?;
+    let pgid = child.id().map(|p| Pid::from_raw(p as i32));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(&'static str, String)>(256);
+    for (stream, reader) in [
+        ("stdout", child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
+        ("stderr", child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
+    ] {
+        let Some(reader) = reader else { continue };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send((stream, line)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut kept: u64 = 0;
+    let mut batch = Vec::new();
+    let mut last_line: Option<String> = None;
+    let mut last_err_line: Option<String> = None;
+    let source = format!("provision:{transition}");
+    let collect = async {
+        while let Some((stream, mut line)) = rx.recv().await {
+            if line.len() > limits::MAX_LOG_LINE {
+                let mut cut = limits::MAX_LOG_LINE;
+                while !line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                line.truncate(cut);
+                line.push_str(" [line truncated]");
+            }
+            if !line.trim().is_empty() {
+                if stream == "stderr" {
+                    last_err_line = Some(line.clone());
+                }
+                last_line = Some(line.clone());
+            }
+            if kept < limits::MAX_SCRIPT_OUTPUT {
+                kept += line.len() as u64 + 1;
+                batch.push((stream.to_string(), line, now_ms()));
+                if kept >= limits::MAX_SCRIPT_OUTPUT {
+                    batch.push(("stderr".into(), "[output truncated: more than 1 MiB]".into(), now_ms()));
+                }
+            }
+            if batch.len() >= 200 {
+                let _ = engine.store.add_logs(row.id, row.build, &source, &std::mem::take(&mut batch)).await;
+            }
+        }
+    };
+    let finished = tokio::time::timeout(timeout, async {
+        collect.await;
+        child.wait().await
+    })
+    .await;
+    if !batch.is_empty() {
+        let _ = engine.store.add_logs(row.id, row.build, &source, &batch).await;
+    }
+    let last = last_err_line.or(last_line);
+    let (status, code, result) = match finished {
+        Err(_) => {
+            if let Some(pg) = pgid {
+                let _ = killpg(pg, Signal::SIGKILL);
+            }
+            (SpanStatus::TimedOut, None, Err(ProvisionError::TimedOut { what: what.clone(), after: timeout }))
+        }
+        Ok(Err(e)) => (SpanStatus::Error, None, Err(ProvisionError::Spawn { what: what.clone(), message: e.to_string() })),
+        Ok(Ok(st)) => match st.code() {
+            Some(0) => (SpanStatus::Ok, Some(0), Ok(())),
+            Some(code) => {
+                (SpanStatus::ExitFailure, Some(code), Err(ProvisionError::Failed { what: what.clone(), code, last_line: last }))
+            }
+            None => (SpanStatus::ExitFailure, None, Err(ProvisionError::Killed { what: what.clone(), last_line: last })),
+        },
+    };
+    let s = span("provision", &what, started, status, code);
+    if let Err(e) = engine.store.add_span(row.id, row.build, &s).await {
+        warn!(workspace = %row.name, error = %e, "recording provisioning span");
+    }
+    result
+}

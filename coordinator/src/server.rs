@@ -1,0 +1,203 @@
+//! `tether serve`: binds the HTTP API and the agent tunnel, writes `coordinator.json`, and runs until
+//! the shutdown future resolves. Takes its settings already parsed; `main` stays thin.
+
+use crate::api::{self, ApiState};
+use crate::engine::{Engine, EngineConfig};
+use crate::pki::{self, Pki};
+use crate::store::Store;
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen_http: SocketAddr,
+    pub listen_quic: SocketAddr,
+    /// The QUIC address agents should dial, when it differs from the bound one.
+    pub advertise_quic: Option<String>,
+    /// `tether-agent` for the process provisioner; defaults to the one next to `tether`.
+    pub agent_binary: Option<PathBuf>,
+    pub max_agents: usize,
+}
+
+/// What `tether serve` writes to `DATA/coordinator.json` once its ports are bound.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CoordinatorInfo {
+    pub version: String,
+    pub pid: u32,
+    pub http_addr: SocketAddr,
+    pub quic_addr: SocketAddr,
+    pub ssh_addr: Option<SocketAddr>,
+    pub api_url: String,
+    pub agent_coordinator: String,
+    pub ca_cert: PathBuf,
+    pub ca_sha256: String,
+    pub admin_token_file: PathBuf,
+}
+
+pub const INFO_FILE: &str = "coordinator.json";
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// A coordinator that is up: its addresses and a handle to stop it.
+pub struct Running {
+    pub info: CoordinatorInfo,
+    pub engine: Arc<Engine>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Graceful stop: agents are asked to reconnect later, then the ports close.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("coordinator task")?
+    }
+}
+
+fn default_agent_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("tether-agent")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("tether-agent"))
+}
+
+/// Makes the admin token on first start: the hash goes into the database, the token itself into a
+/// file only the coordinator's user can read, for the CLI on this machine.
+async fn admin_token(store: &Store, data_dir: &Path) -> anyhow::Result<String> {
+    if let Some(hash) = store.setting("admin_token_hash").await? {
+        return Ok(hash);
+    }
+    let token = pki::new_token("tether_admin");
+    let hash = pki::hash_token(&token);
+    pki::write_private(&data_dir.join(ADMIN_TOKEN_FILE), format!("{token}\n").as_bytes())?;
+    store.set_setting("admin_token_hash", &hash).await?;
+    info!(file = %data_dir.join(ADMIN_TOKEN_FILE).display(), "created the admin API token");
+    Ok(hash)
+}
+
+/// Binds and starts a coordinator in this process.
+pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
+    let data_dir = std::path::absolute(&config.data_dir).context("data directory")?;
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let pki = Pki::load_or_create(&data_dir)?;
+    let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
+    let admin_hash = admin_token(&store, &data_dir).await?;
+
+    let http = tokio::net::TcpListener::bind(config.listen_http)
+        .await
+        .with_context(|| format!("binding the HTTP API on {}", config.listen_http))?;
+    let http_addr = http.local_addr()?;
+    let udp = std::net::UdpSocket::bind(config.listen_quic)
+        .with_context(|| format!("binding the agent tunnel (QUIC) on {}", config.listen_quic))?;
+    let quic_addr = udp.local_addr()?;
+    let endpoint = quinn::Endpoint::new(
+        pki.endpoint_config(),
+        Some(pki.server_config(8)?),
+        udp,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("starting the QUIC endpoint")?;
+
+    let reachable = |a: SocketAddr| -> SocketAddr {
+        if a.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
+        } else {
+            a
+        }
+    };
+    let agent_coordinator = config.advertise_quic.clone().unwrap_or_else(|| reachable(quic_addr).to_string());
+    let info = CoordinatorInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        http_addr,
+        quic_addr,
+        ssh_addr: None,
+        api_url: format!("http://{}", reachable(http_addr)),
+        agent_coordinator: agent_coordinator.clone(),
+        ca_cert: pki.ca_path.clone(),
+        ca_sha256: pki.fingerprint.clone(),
+        admin_token_file: data_dir.join(ADMIN_TOKEN_FILE),
+    };
+
+    let engine = Engine::new(
+        store,
+        pki,
+        EngineConfig {
+            data_dir: data_dir.clone(),
+            agent_coordinator_addr: agent_coordinator,
+            agent_binary: config.agent_binary.clone().unwrap_or_else(default_agent_binary),
+            max_wait: Duration::from_secs(300),
+        },
+    );
+    engine.resume().await.context("resuming workspaces")?;
+
+    let info_json = serde_json::to_vec_pretty(&info)?;
+    let tmp = data_dir.join("coordinator.json.tmp");
+    std::fs::write(&tmp, info_json)?;
+    std::fs::rename(&tmp, data_dir.join(INFO_FILE))?;
+    info!(http = %http_addr, quic = %quic_addr, data_dir = %data_dir.display(), "coordinator listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let tunnel = tokio::spawn(crate::tunnel::serve(endpoint.clone(), engine.clone(), config.max_agents));
+            let clock = tokio::spawn({
+                let engine = engine.clone();
+                async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut n: u64 = 0;
+                    loop {
+                        tick.tick().await;
+                        engine.sweep().await;
+                        n += 1;
+                        if n.is_multiple_of(30) {
+                            engine.persist_last_seen().await;
+                        }
+                    }
+                }
+            });
+            let router = api::router(ApiState { engine: engine.clone(), admin_token_hash: Arc::new(admin_hash) });
+            let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let http_task = tokio::spawn(async move {
+                axum::serve(http, router)
+                    .with_graceful_shutdown(async {
+                        let _ = http_stop_rx.await;
+                    })
+                    .await
+            });
+            let _ = stop_rx.await;
+            info!("shutting down: asking agents to reconnect later");
+            engine.ask_agents_to_reconnect(Duration::from_secs(10));
+            // Let the reconnect requests reach the agents before the endpoint goes.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            engine.persist_last_seen().await;
+            endpoint.close(crate::tunnel::CLOSE_SHUTDOWN.into(), b"coordinator shutting down");
+            let _ = http_stop_tx.send(());
+            clock.abort();
+            tunnel.abort();
+            if tokio::time::timeout(Duration::from_secs(5), http_task).await.is_err() {
+                warn!("HTTP API did not finish in time");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            engine.store_close().await;
+            Ok(())
+        })
+    };
+    Ok(Running { info, engine, stop: stop_tx, task })
+}
+
+/// Runs a coordinator until `shutdown` resolves.
+pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    shutdown.await;
+    running.shutdown().await
+}
