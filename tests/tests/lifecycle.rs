@@ -1,0 +1,214 @@
+//! A workspace's life end to end: real `tether serve`, real `tether-agent`, the CLI.
+
+use std::time::Duration;
+use tether_tests::{external, pid_alive, span, wait_until, Agent, Coordinator};
+
+const LONG: Duration = Duration::from_secs(90);
+
+#[test]
+fn reaches_running_with_a_span_for_every_script() {
+    let c = Coordinator::start();
+    let _agent = external(
+        &c,
+        "web",
+        r#"
+heartbeat_timeout = "15s"
+[[script]]
+name = "install-deps"
+run = "sleep 1; echo installed"
+timeout = "60s"
+blocks_login = true
+
+[[script]]
+name = "quick"
+run = "echo quick"
+
+[[script]]
+name = "lint"
+run = "echo 'lint warnings' >&2; exit 3"
+blocks_login = false
+"#,
+    );
+    let w = c.wait_for("web", "running,unhealthy,failed", LONG);
+    assert_eq!(w["status"], "running", "{w}");
+    assert_eq!(
+        w["status_reason"], "agent connected; startup script 'lint' exited with code 3 (does not block login)",
+        "a failing script that does not block login is shown but the workspace runs"
+    );
+    let show = c.show("web");
+    assert_eq!(show["lifecycle"], "start_error");
+    assert!(show["last_heartbeat_at"].is_string(), "{show}");
+
+    let spans = c.timings("web");
+    let install = span(&spans, "script", "install-deps");
+    assert_eq!(install["exit_code"], 0);
+    assert_eq!(install["status"], "ok");
+    let ms = install["duration_ms"].as_i64().unwrap();
+    assert!((950..30_000).contains(&ms), "install-deps took {ms} ms for `sleep 1`");
+    assert_eq!(span(&spans, "script", "quick")["exit_code"], 0);
+    let lint = span(&spans, "script", "lint");
+    assert_eq!((lint["exit_code"].as_i64(), lint["status"].as_str()), (Some(3), Some("exit_failure")));
+    span(&spans, "agent", "connect");
+    span(&spans, "agent", "manifest");
+    span(&spans, "agent", "ready");
+    for s in &spans {
+        for k in ["stage", "name", "started_at", "ended_at", "exit_code", "status"] {
+            assert!(s.get(k).is_some(), "span lacks {k}: {s}");
+        }
+    }
+    let starts: Vec<i64> = spans.iter().map(|s| s["offset_ms"].as_i64().unwrap()).collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "spans are ordered in time: {starts:?}");
+
+    let table = c.ok(&["workspace", "timings", "web"]);
+    assert!(table.starts_with("STAGE"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("script") && l.contains("install-deps") && l.contains("ok")), "{table}");
+
+    let logs = c.logs("web");
+    assert!(logs.contains(&("install-deps".into(), "installed".into())), "{logs:?}");
+    assert!(logs.contains(&("lint".into(), "lint warnings".into())), "{logs:?}");
+}
+
+#[test]
+fn a_failing_login_script_makes_the_workspace_unhealthy_and_names_it() {
+    let c = Coordinator::start();
+    let _agent = external(
+        &c,
+        "broken",
+        r#"
+[[script]]
+name = "install-deps"
+run = "echo cannot resolve >&2; exit 2"
+blocks_login = true
+"#,
+    );
+    let w = c.wait_for("broken", "unhealthy,running", LONG);
+    assert_eq!(w["status"], "unhealthy");
+    assert_eq!(w["status_reason"], "startup script 'install-deps' exited with code 2");
+    let list = c.json(&["workspace", "list", "--status", "unhealthy"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["name"], "broken");
+}
+
+#[test]
+fn a_script_past_its_timeout_is_killed_with_its_children() {
+    let c = Coordinator::start();
+    let marker = c.data_dir().join("child.pid");
+    let template = format!(
+        r#"
+[[script]]
+name = "warm-cache"
+run = "sleep 300 & echo $! > {}; sleep 300"
+timeout = "2s"
+blocks_login = true
+"#,
+        marker.display()
+    );
+    let _agent = external(&c, "slow", &template);
+    let w = c.wait_for("slow", "unhealthy,running", LONG);
+    assert_eq!(w["status_reason"], "startup script 'warm-cache' timed out after 2s");
+    assert_eq!(c.show("slow")["lifecycle"], "start_timeout");
+    let s = c.timings("slow");
+    assert_eq!(span(&s, "script", "warm-cache")["status"], "timed_out");
+    let child: i32 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
+    wait_until("the script's background child to be gone", Duration::from_secs(30), || !pid_alive(child));
+}
+
+#[test]
+fn a_killed_agent_turns_unhealthy_and_a_restarted_one_recovers_without_rerunning_scripts() {
+    let c = Coordinator::start();
+    let runs = c.data_dir().join("runs.txt");
+    let template = format!(
+        r#"
+heartbeat_timeout = "3s"
+[[script]]
+name = "setup"
+run = "echo ran >> {}"
+blocks_login = true
+"#,
+        runs.display()
+    );
+    let created = c.create("dev", &template, &[]);
+    let token = created["agent_token"].as_str().unwrap().to_string();
+    let agent_dir = c.data_dir().join("agent-dev");
+    let mut agent = Agent::start(&c, &token, &agent_dir);
+    assert_eq!(c.wait_for("dev", "running,unhealthy", LONG)["status"], "running");
+    let spans_before = c.timings("dev").len();
+
+    agent.kill();
+    let w = c.wait_for("dev", "unhealthy", LONG);
+    let reason = w["status_reason"].as_str().unwrap();
+    assert!(reason.starts_with("agent has lost connection (last heartbeat "), "{reason}");
+    assert_eq!(c.json(&["workspace", "count"])["unhealthy"], 1);
+
+    let _agent = Agent::start(&c, &token, &agent_dir);
+    let w = c.wait_for("dev", "running", LONG);
+    assert_eq!(w["status_reason"], "agent connected; startup scripts finished");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n", "start scripts ran once");
+    assert_eq!(c.timings("dev").len(), spans_before, "no new spans for the same build");
+}
+
+#[test]
+fn stop_runs_the_stop_scripts_and_ends_stopped() {
+    let c = Coordinator::start();
+    let template = r#"
+provisioner = "process"
+heartbeat_timeout = "5s"
+[[script]]
+name = "hello"
+run = "echo hello > started.txt"
+blocks_login = true
+
+[[script]]
+name = "save"
+run = "sleep 0.5; echo bye > stopped.txt"
+on = "stop"
+"#;
+    c.create("proc", template, &["--start"]);
+    assert_eq!(c.wait_for("proc", "running,unhealthy,failed", LONG)["status"], "running");
+    let home = c.data_dir().join("workspaces/proc/home");
+    assert_eq!(std::fs::read_to_string(home.join("started.txt")).unwrap(), "hello\n");
+    let pid: i32 = std::fs::read_to_string(c.data_dir().join("workspaces/proc/agent.pid")).unwrap().trim().parse().unwrap();
+
+    c.ok(&["workspace", "stop", "proc"]);
+    let w = c.wait_for("proc", "stopped,running,unhealthy", LONG);
+    assert_eq!(w["status"], "stopped", "{w}");
+    assert_eq!(w["status_reason"], "stopped; stop scripts finished");
+    assert_eq!(w["lifecycle"], "off");
+    assert_eq!(std::fs::read_to_string(home.join("stopped.txt")).unwrap(), "bye\n");
+    wait_until("the agent process to exit", Duration::from_secs(30), || !pid_alive(pid));
+    let spans = c.timings("proc");
+    assert_eq!(span(&spans, "stop_script", "save")["status"], "ok");
+
+    let history = c.show("proc")["history"].as_array().unwrap().clone();
+    let path: Vec<&str> = history.iter().map(|t| t["to"].as_str().unwrap()).collect();
+    assert_eq!(path.first(), Some(&"pending"));
+    assert!(path.contains(&"starting") && path.contains(&"running") && path.contains(&"stopping"), "{path:?}");
+    assert_eq!(path.last(), Some(&"stopped"));
+
+    // Started again: a new build, the scripts run again.
+    c.ok(&["workspace", "start", "proc"]);
+    let w = c.wait_for("proc", "running,unhealthy,failed", LONG);
+    assert_eq!((w["status"].as_str(), w["build"].as_i64()), (Some("running"), Some(2)));
+    c.ok(&["workspace", "delete", "proc"]);
+    c.wait_for("proc", "deleted", LONG);
+    assert!(!c.data_dir().join("workspaces/proc").exists(), "delete removes the workspace directory");
+    assert!(c.fails(&["workspace", "show", "proc"]).contains("no workspace 'proc'"));
+}
+
+#[test]
+fn the_command_provisioner_records_failures_with_the_last_error_line() {
+    let c = Coordinator::start();
+    let template = r#"
+provisioner = "command"
+[command]
+start = "echo pulling image; echo 'image not found: example/dev:latest' >&2; exit 4"
+"#;
+    c.create("cmd", template, &["--start"]);
+    let w = c.wait_for("cmd", "failed,running", LONG);
+    assert_eq!(w["status"], "failed");
+    assert_eq!(w["status_reason"], "start command exited with code 4: image not found: example/dev:latest");
+    let spans = c.timings("cmd");
+    assert_eq!(span(&spans, "provision", "start command")["exit_code"], 4);
+    let logs = c.logs("cmd");
+    assert!(logs.contains(&("provision:start".into(), "pulling image".into())), "{logs:?}");
+}

@@ -1,0 +1,141 @@
+//! Bad peers and restarts: each is refused or survived while other workspaces keep running.
+
+use std::time::Duration;
+use tether_shared::frame;
+use tether_shared::proto::{Hello, HelloReply, RejectCode, PROTOCOL_VERSION};
+use tether_shared::tls::{client_config, CaPin, SERVER_NAME};
+use tether_tests::{external, span, Agent, Coordinator};
+
+const LONG: Duration = Duration::from_secs(90);
+
+const HEALTHY: &str = r#"
+heartbeat_timeout = "4s"
+[[script]]
+name = "setup"
+run = "echo ready"
+blocks_login = true
+"#;
+
+fn hello(token: &str) -> Hello {
+    Hello { token: token.into(), agent_version: "test".into(), instance: 42, sent_at_ms: tether_shared::now_ms(), hostname: "test".into() }
+}
+
+/// Opens a raw tunnel connection the way an agent would, without being one.
+async fn raw_connect(c: &Coordinator) -> (quinn::Endpoint, quinn::Connection) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pem = std::fs::read(c.ca_path()).unwrap();
+    let config = client_config(CaPin::from_pem(&pem, "ca.pem").unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(c.agent_addr().parse().unwrap(), SERVER_NAME).unwrap().await.unwrap();
+    (endpoint, conn)
+}
+
+async fn read_reply(recv: &mut quinn::RecvStream) -> HelloReply {
+    let mut buf = Vec::new();
+    assert!(tether_shared::io::read_payload(recv, &mut buf).await.unwrap(), "a reply frame");
+    frame::decode(&buf).unwrap()
+}
+
+fn assert_still_running(c: &Coordinator, name: &str) {
+    let w = c.show(name);
+    assert_eq!(w["status"], "running", "{name} kept running: {w}");
+}
+
+#[test]
+fn bad_tokens_versions_and_frames_are_refused_while_others_keep_running() {
+    let c = Coordinator::start();
+    let _good = external(&c, "good", HEALTHY);
+    c.wait_for("good", "running", LONG);
+
+    // A wrong token: the agent says why and exits; nothing changes on the coordinator.
+    let before = c.json(&["workspace", "list"]);
+    let mut bad = Agent::start(&c, "tether_agent_0000000000000000000000000000000000000000000000000000000000000000", &c.data_dir().join("agent-bad"));
+    let status = bad.child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "a rejected agent exits with status 2");
+    let log = bad.log_text();
+    assert!(log.contains("agent token is not valid"), "agent log names the problem:\n{log}");
+    let after = c.json(&["workspace", "list"]);
+    assert_eq!(before.as_array().unwrap().len(), after.as_array().unwrap().len());
+    assert_still_running(&c, "good");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        // A protocol version this coordinator does not speak.
+        let (_ep, conn) = raw_connect(&c).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame::encode_versioned(PROTOCOL_VERSION + 98, &hello("whatever")).unwrap()).await.unwrap();
+        match read_reply(&mut recv).await {
+            HelloReply::Rejected { code, message } => {
+                assert_eq!(code, RejectCode::VersionMismatch);
+                assert!(message.contains(&format!("agent speaks protocol version {}", PROTOCOL_VERSION + 98)), "{message}");
+                assert!(message.contains(&format!("speaks version {PROTOCOL_VERSION}")), "{message}");
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        conn.close(0u32.into(), b"done");
+
+        // A frame header announcing 16 MiB: the connection is closed with the limit named.
+        let (_ep, conn) = raw_connect(&c).await;
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(&(16u32 * 1024 * 1024).to_be_bytes()).await.unwrap();
+        let err = conn.closed().await;
+        let text = err.to_string();
+        assert!(text.contains("over the limit of 1048576 bytes"), "close reason names the limit: {text}");
+
+        // Garbage where the hello should be.
+        let (_ep, conn) = raw_connect(&c).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut junk = vec![0, 0, 0, 12];
+        junk.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        junk.extend_from_slice(&[0xff; 10]);
+        send.write_all(&junk).await.unwrap();
+        match read_reply(&mut recv).await {
+            HelloReply::Rejected { code, message } => {
+                assert_eq!(code, RejectCode::Malformed);
+                assert!(message.starts_with("hello is not valid"), "{message}");
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    });
+    assert_still_running(&c, "good");
+    let log = std::fs::read_to_string(c.data_dir().join("coordinator.log")).unwrap();
+    assert!(log.contains("protocol version mismatch") && log.contains("over the limit"), "refusals are logged");
+    let w = c.wait_for("good", "running", LONG);
+    assert_eq!(w["agent"]["connected"], true);
+}
+
+#[test]
+fn a_coordinator_killed_and_restarted_gets_every_agent_back_losing_and_duplicating_nothing() {
+    let mut c = Coordinator::start();
+    // Two workspaces; one prints a numbered line every 50 ms across the restart.
+    let chatty = r#"
+[[script]]
+name = "count"
+run = "for i in $(seq 1 60); do echo line $i; sleep 0.05; done"
+blocks_login = true
+"#;
+    let _a = external(&c, "alpha", chatty);
+    let _b = external(&c, "beta", "[[script]]\nname = \"setup\"\nrun = \"true\"\n");
+    c.wait_for("beta", "running", LONG);
+    // Kill the coordinator while alpha's script is still printing.
+    c.restart();
+    let a = c.wait_for("alpha", "running,unhealthy", LONG);
+    assert_eq!(a["status"], "running", "{a}");
+    c.wait_for("beta", "running", LONG);
+
+    let lines: Vec<String> = c.logs("alpha").into_iter().filter(|(s, _)| s == "count").map(|(_, l)| l).collect();
+    let want: Vec<String> = (1..=60).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, want, "every log line exactly once, in order");
+    let spans = c.timings("alpha");
+    assert_eq!(spans.iter().filter(|s| s["stage"] == "script").count(), 1, "one span per script: {spans:?}");
+    span(&spans, "agent", "ready");
+
+    for name in ["alpha", "beta"] {
+        let history = c.show(name)["history"].as_array().unwrap().clone();
+        assert!(
+            history.iter().all(|t| t["to"] != "unhealthy"),
+            "{name} never showed unhealthy across the restart: {history:?}"
+        );
+    }
+}
