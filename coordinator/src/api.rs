@@ -77,7 +77,9 @@ async fn auth(
     match presented {
         Some(t) if pki::hash_token(t) == *state.admin_token_hash => next.run(req).await,
         Some(_) => ApiError(StatusCode::UNAUTHORIZED, "the API token is not valid".into()).into_response(),
-        None => ApiError(StatusCode::UNAUTHORIZED, "missing API token (Authorization: Bearer …)".into()).into_response(),
+        None => {
+            ApiError(StatusCode::UNAUTHORIZED, "missing API token (Authorization: Bearer …)".into()).into_response()
+        }
     }
 }
 
@@ -114,7 +116,10 @@ struct CreateBody {
     start: bool,
 }
 
-async fn create(State(s): State<ApiState>, Json(b): Json<CreateBody>) -> Result<(StatusCode, Json<CreatedView>), ApiError> {
+async fn create(
+    State(s): State<ApiState>,
+    Json(b): Json<CreateBody>,
+) -> Result<(StatusCode, Json<CreatedView>), ApiError> {
     let c = s.engine.create(&b.name, &b.template, b.owner.as_deref(), b.start).await?;
     Ok((
         StatusCode::CREATED,
@@ -196,9 +201,17 @@ struct WaitQuery {
 
 /// Holds the request until the workspace is in one of the given statuses (or the timeout passes),
 /// then returns it. 408 on timeout.
-async fn wait(State(s): State<ApiState>, Path(name): Path<String>, Query(q): Query<WaitQuery>) -> ApiResult<WorkspaceView> {
-    let wanted: Vec<WorkspaceStatus> =
-        q.until.split(',').map(|w| w.trim().parse()).collect::<Result<_, _>>().map_err(|e: tether_shared::status::UnknownWord| bad(e.to_string()))?;
+async fn wait(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> ApiResult<WorkspaceView> {
+    let wanted: Vec<WorkspaceStatus> = q
+        .until
+        .split(',')
+        .map(|w| w.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e: tether_shared::status::UnknownWord| bad(e.to_string()))?;
     let wait = Duration::from_secs(q.timeout.unwrap_or(60)).min(s.engine.config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let mut rx = s.engine.subscribe_changes();

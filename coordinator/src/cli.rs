@@ -270,11 +270,12 @@ pub fn workspaces_table(list: &[WorkspaceView]) -> String {
 }
 
 fn count_line(list: &[WorkspaceView]) -> String {
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for w in list {
-        *counts.entry(w.status.to_string()).or_default() += 1;
-    }
-    let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    let parts: Vec<String> = tether_shared::WorkspaceStatus::ALL
+        .iter()
+        .map(|s| (s, list.iter().filter(|w| w.status == *s).count()))
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
     format!("{} workspace{}: {}", list.len(), if list.len() == 1 { "" } else { "s" }, parts.join(", "))
 }
 
@@ -287,9 +288,18 @@ pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Dura
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let chunk = left.as_secs().clamp(1, 60);
-        match client.get::<WorkspaceView>(&format!("/workspaces/{}/wait?for={}&timeout={chunk}", enc(name), enc(statuses))).await {
+        match client
+            .get::<WorkspaceView>(&format!("/workspaces/{}/wait?for={}&timeout={chunk}", enc(name), enc(statuses)))
+            .await
+        {
             Ok(w) => return Ok(w),
-            Err(e) if e.to_string().contains("still") && std::time::Instant::now() < deadline => continue,
+            Err(e) if e.to_string().contains(" is still ") => {
+                if std::time::Instant::now() >= deadline {
+                    let msg = e.to_string();
+                    let what = msg.rsplit_once(" after ").map_or(msg.as_str(), |(w, _)| w);
+                    anyhow::bail!("{what} after {}s", timeout.as_secs());
+                }
+            }
             Err(e) => return Err(e),
         }
     }
@@ -313,25 +323,40 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             }
         }
         WorkspaceCmd::Start { name, wait, json } => {
-            let mut w: WorkspaceView = client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
+            let mut w: WorkspaceView =
+                client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
             if wait {
                 w = wait_for(client, &name, "running,unhealthy,failed", Duration::from_secs(3600)).await?;
             }
-            if json { print_json(&w)? } else { print_workspace(&w) }
+            if json {
+                print_json(&w)?
+            } else {
+                print_workspace(&w)
+            }
         }
         WorkspaceCmd::Stop { name, wait, json } => {
-            let mut w: WorkspaceView = client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
+            let mut w: WorkspaceView =
+                client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
             if wait {
                 w = wait_for(client, &name, "stopped,failed,running,unhealthy", Duration::from_secs(3600)).await?;
             }
-            if json { print_json(&w)? } else { print_workspace(&w) }
+            if json {
+                print_json(&w)?
+            } else {
+                print_workspace(&w)
+            }
         }
         WorkspaceCmd::Delete { name, wait, json } => {
             let mut w: WorkspaceView = client.delete(&format!("/workspaces/{}", enc(&name))).await?;
             if wait {
-                w = wait_for(client, &name, "deleted,running,unhealthy,stopped,failed", Duration::from_secs(3600)).await?;
+                w = wait_for(client, &name, "deleted,running,unhealthy,stopped,failed", Duration::from_secs(3600))
+                    .await?;
             }
-            if json { print_json(&w)? } else { print_workspace(&w) }
+            if json {
+                print_json(&w)?
+            } else {
+                print_workspace(&w)
+            }
         }
         WorkspaceCmd::List { status, all, json } => {
             let mut path = format!("/workspaces?all={all}");
@@ -350,7 +375,10 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             if json {
                 return print_json(&counts);
             }
-            let rows: Vec<Vec<String>> = counts.iter().map(|(s, n)| vec![s.clone(), n.to_string()]).collect();
+            let rows: Vec<Vec<String>> = tether_shared::WorkspaceStatus::ALL
+                .iter()
+                .filter_map(|s| counts.get(s.as_str()).map(|n| vec![s.to_string(), n.to_string()]))
+                .collect();
             print!("{}", table(&["STATUS", "COUNT"], &rows));
         }
         WorkspaceCmd::Show { name, json } => {
@@ -403,7 +431,8 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
         WorkspaceCmd::Logs { name, follow, script, json } => {
             let mut after = 0;
             loop {
-                let mut path = format!("/workspaces/{}/logs?after={after}&wait={}", enc(&name), if follow { 30 } else { 0 });
+                let mut path =
+                    format!("/workspaces/{}/logs?after={after}&wait={}", enc(&name), if follow { 30 } else { 0 });
                 if let Some(s) = &script {
                     path.push_str(&format!("&source={}", enc(s)));
                 }
@@ -423,10 +452,15 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
         }
         WorkspaceCmd::Wait { name, until, timeout, json } => {
             let w = wait_for(client, &name, &until, timeout.into()).await?;
-            if json { print_json(&w)? } else { print_workspace(&w) }
+            if json {
+                print_json(&w)?
+            } else {
+                print_workspace(&w)
+            }
         }
         WorkspaceCmd::Token { name, json } => {
-            let v: serde_json::Value = client.post(&format!("/workspaces/{}/token", enc(&name)), &serde_json::json!({})).await?;
+            let v: serde_json::Value =
+                client.post(&format!("/workspaces/{}/token", enc(&name)), &serde_json::json!({})).await?;
             if json {
                 return print_json(&v);
             }

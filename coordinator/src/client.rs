@@ -35,7 +35,9 @@ impl Client {
                     None => {
                         let p = data_dir.join(ADMIN_TOKEN_FILE);
                         std::fs::read_to_string(&p)
-                            .with_context(|| format!("no API token: pass --token or TETHER_TOKEN (reading {})", p.display()))?
+                            .with_context(|| {
+                                format!("no API token: pass --token or TETHER_TOKEN (reading {})", p.display())
+                            })?
                             .trim()
                             .to_string()
                     }
@@ -56,9 +58,11 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
-            anyhow!("cannot reach the coordinator at {}: {}", self.base, e.without_url())
-        })?;
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach the coordinator at {}: {}", self.base, e.without_url()))?;
         let status = resp.status();
         let body = resp.bytes().await.context("reading the coordinator's answer")?;
         if !status.is_success() {
@@ -68,7 +72,8 @@ impl Client {
                 .unwrap_or_else(|| format!("HTTP {status}"));
             bail!("{msg}");
         }
-        serde_json::from_slice(&body).with_context(|| format!("the coordinator's answer is not what this CLI expects (HTTP {status})"))
+        serde_json::from_slice(&body)
+            .with_context(|| format!("the coordinator's answer is not what this CLI expects (HTTP {status})"))
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

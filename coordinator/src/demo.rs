@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const TEMPLATE: &str = include_str!("demo.template.toml");
 
@@ -40,19 +40,20 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
     let client = Client::discover(None, None, &data_dir)?;
     let engine = running.engine.clone();
 
-    // Print every status change as it happens.
-    let t0 = Instant::now();
+    // Print every status change as it happens, from the recorded transitions.
+    let t0 = tether_shared::now_ms();
     let watcher = {
         let engine = engine.clone();
         tokio::spawn(async move {
             let mut rx = engine.subscribe_changes();
-            let mut last = (String::new(), String::new());
+            let mut printed = 0;
             loop {
                 if let Ok(Some(row)) = engine.store.workspace_any("demo").await {
-                    let now = (row.status.to_string(), row.status_reason.clone());
-                    if now != last {
-                        println!("  {:>6.2}s  {:<10} {}", t0.elapsed().as_secs_f64(), now.0, now.1);
-                        last = now;
+                    if let Ok(history) = engine.store.transitions(row.id, 1000).await {
+                        for t in history.iter().skip(printed) {
+                            println!("  {:>6.2}s  {:<10} {}", (t.at - t0) as f64 / 1000.0, t.to, t.reason);
+                        }
+                        printed = printed.max(history.len());
                     }
                 }
                 if rx.changed().await.is_err() {

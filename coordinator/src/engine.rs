@@ -97,7 +97,8 @@ pub struct Created {
 }
 
 fn template_of(row: &WorkspaceRow) -> Result<Template, OpError> {
-    Template::parse(&row.template).map_err(|e| OpError::Invalid(format!("stored template of '{}' is invalid: {e}", row.name)))
+    Template::parse(&row.template)
+        .map_err(|e| OpError::Invalid(format!("stored template of '{}' is invalid: {e}", row.name)))
 }
 
 fn unix_to_instant(at_ms: i64, now: Instant) -> Instant {
@@ -244,6 +245,7 @@ impl Engine {
                 self.config.agent_coordinator_addr, self.pki.fingerprint
             );
             info!(workspace = %name, provisioner = "external", "created");
+            self.bump();
             return Ok(Created { view: self.view(&row), agent_token: Some(token), agent_command: Some(command) });
         }
         let row = self
@@ -260,6 +262,7 @@ impl Engine {
             )
             .await?;
         info!(workspace = %name, provisioner = template.provisioner.as_str(), "created");
+        self.bump();
         if start {
             let view = self.start(name).await?;
             return Ok(Created { view, agent_token: None, agent_command: None });
@@ -272,7 +275,10 @@ impl Engine {
         let _guard = self.lock(row.id).await;
         let mut row = self.reload(row.id).await?;
         let template = template_of(&row)?;
-        let connected = self.live().agents.contains_key(&row.id);
+        let connected = {
+            let live = self.live();
+            live.agents.contains_key(&row.id) && !live.liveness.is_lost(row.id)
+        };
         use WorkspaceStatus::*;
         match (row.status, template.provisioner) {
             (Pending | Stopped | Failed, ProvisionerKind::External) => {
@@ -522,7 +528,10 @@ impl Engine {
             Pending | Stopped | Failed => {
                 return Err(Rejected {
                     code: RejectCode::WorkspaceNotRunnable,
-                    message: format!("workspace '{}' is {}; start it with `tether workspace start`", row.name, row.status),
+                    message: format!(
+                        "workspace '{}' is {}; start it with `tether workspace start`",
+                        row.name, row.status
+                    ),
                 })
             }
         }
@@ -550,7 +559,9 @@ impl Engine {
                 },
             ) {
                 // The old connection is dead or replaced; tell it to go if it is still there.
-                let _ = old.commands.try_send(CoordinatorMessage::Error { message: "replaced by a newer connection".into() });
+                let _ = old
+                    .commands
+                    .try_send(CoordinatorMessage::Error { message: "replaced by a newer connection".into() });
             }
             live.liveness.heard(row.id, Instant::now(), template.heartbeat_timeout);
         }
@@ -610,7 +621,8 @@ impl Engine {
     pub async fn manifest(&self, id: i64) -> Result<Manifest, OpError> {
         let row = self.reload(id).await?;
         let template = template_of(&row)?;
-        let working_dir = (row.provisioner == "process").then(|| provision::home_dir(self, &row.name).display().to_string());
+        let working_dir =
+            (row.provisioner == "process").then(|| provision::home_dir(self, &row.name).display().to_string());
         Ok(template.manifest(&row.name, row.build as u64, working_dir))
     }
 

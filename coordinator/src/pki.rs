@@ -40,7 +40,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 /// Writes a file readable only by its owner, whole or not at all.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+    let mut f =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
     f.write_all(contents).and_then(|_| f.sync_all()).map_err(io(&tmp))?;
     fs::rename(&tmp, path).map_err(io(path))
 }

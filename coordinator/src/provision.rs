@@ -70,10 +70,12 @@ pub async fn stop(engine: &Engine, row: &WorkspaceRow, template: &Template) -> R
             stop_agent_process(engine, &row.name, template.shutdown_timeout + Duration::from_secs(5)).await;
             Ok(())
         }
-        ProvisionerKind::Command => match template.command.as_ref().and_then(|c| c.stop.clone().map(|s| (s, c.timeout))) {
-            Some((cmd, timeout)) => run_command(engine, row, "stop", &cmd, None, timeout).await,
-            None => Ok(()),
-        },
+        ProvisionerKind::Command => {
+            match template.command.as_ref().and_then(|c| c.stop.clone().map(|s| (s, c.timeout))) {
+                Some((cmd, timeout)) => run_command(engine, row, "stop", &cmd, None, timeout).await,
+                None => Ok(()),
+            }
+        }
     }
 }
 
@@ -88,10 +90,12 @@ pub async fn delete(engine: &Engine, row: &WorkspaceRow, template: &Template) ->
                 Err(e) => Err(other(format!("removing {}: {e}", dir.display()))),
             }
         }
-        ProvisionerKind::Command => match template.command.as_ref().and_then(|c| c.delete.clone().map(|s| (s, c.timeout))) {
-            Some((cmd, timeout)) => run_command(engine, row, "delete", &cmd, None, timeout).await,
-            None => Ok(()),
-        },
+        ProvisionerKind::Command => {
+            match template.command.as_ref().and_then(|c| c.delete.clone().map(|s| (s, c.timeout))) {
+                Some((cmd, timeout)) => run_command(engine, row, "delete", &cmd, None, timeout).await,
+                None => Ok(()),
+            }
+        }
     }
 }
 
@@ -289,13 +293,19 @@ async fn run_command(
             }
             (SpanStatus::TimedOut, None, Err(ProvisionError::TimedOut { what: what.clone(), after: timeout }))
         }
-        Ok(Err(e)) => (SpanStatus::Error, None, Err(ProvisionError::Spawn { what: what.clone(), message: e.to_string() })),
+        Ok(Err(e)) => {
+            (SpanStatus::Error, None, Err(ProvisionError::Spawn { what: what.clone(), message: e.to_string() }))
+        }
         Ok(Ok(st)) => match st.code() {
             Some(0) => (SpanStatus::Ok, Some(0), Ok(())),
-            Some(code) => {
-                (SpanStatus::ExitFailure, Some(code), Err(ProvisionError::Failed { what: what.clone(), code, last_line: last }))
+            Some(code) => (
+                SpanStatus::ExitFailure,
+                Some(code),
+                Err(ProvisionError::Failed { what: what.clone(), code, last_line: last }),
+            ),
+            None => {
+                (SpanStatus::ExitFailure, None, Err(ProvisionError::Killed { what: what.clone(), last_line: last }))
             }
-            None => (SpanStatus::ExitFailure, None, Err(ProvisionError::Killed { what: what.clone(), last_line: last })),
         },
     };
     let s = span("provision", &what, started, status, code);

@@ -97,13 +97,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let udp = std::net::UdpSocket::bind(config.listen_quic)
         .with_context(|| format!("binding the agent tunnel (QUIC) on {}", config.listen_quic))?;
     let quic_addr = udp.local_addr()?;
-    let endpoint = quinn::Endpoint::new(
-        pki.endpoint_config(),
-        Some(pki.server_config(8)?),
-        udp,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .context("starting the QUIC endpoint")?;
+    let endpoint =
+        quinn::Endpoint::new(pki.endpoint_config(), Some(pki.server_config(8)?), udp, Arc::new(quinn::TokioRuntime))
+            .context("starting the QUIC endpoint")?;
 
     let reachable = |a: SocketAddr| -> SocketAddr {
         if a.ip().is_unspecified() {

@@ -153,7 +153,13 @@ mod tests {
     use super::*;
 
     fn problem(script: &str, blocks: bool, status: SpanStatus, code: Option<i32>) -> ScriptProblem {
-        ScriptProblem { script: script.into(), blocks_login: blocks, status, exit_code: code, timeout: Duration::from_secs(300) }
+        ScriptProblem {
+            script: script.into(),
+            blocks_login: blocks,
+            status,
+            exit_code: code,
+            timeout: Duration::from_secs(300),
+        }
     }
 
     #[test]
@@ -166,7 +172,10 @@ mod tests {
         check(Some(Lifecycle::Ready), &[], WorkspaceStatus::Running, "agent connected; startup scripts finished");
         check(
             Some(Lifecycle::StartError),
-            &[problem("lint", false, SpanStatus::ExitFailure, Some(1)), problem("install-deps", true, SpanStatus::ExitFailure, Some(2))],
+            &[
+                problem("lint", false, SpanStatus::ExitFailure, Some(1)),
+                problem("install-deps", true, SpanStatus::ExitFailure, Some(2)),
+            ],
             WorkspaceStatus::Unhealthy,
             "startup script 'install-deps' exited with code 2",
         );

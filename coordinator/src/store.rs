@@ -139,6 +139,13 @@ impl Store {
         Ok(store)
     }
 
+    /// A write transaction that takes SQLite's write lock up front. A deferred transaction that
+    /// reads and then writes can fail at once with "database is locked" when another writer got
+    /// there first; taking the lock first makes it wait its turn (up to the busy timeout).
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     async fn migrate(&self) -> Result<()> {
         sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").execute(&self.pool).await?;
         let current: Option<i64> =
@@ -149,11 +156,18 @@ impl Store {
             return Err(StoreError::TooNew { found: current, known });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-            let mut tx = self.pool.begin().await?;
-            for stmt in sql.split(';').map(str::trim).filter(|s| !s.lines().all(|l| l.trim().is_empty() || l.trim().starts_with("--"))) {
+            let mut tx = self.write_tx().await?;
+            for stmt in sql
+                .split(';')
+                .map(str::trim)
+                .filter(|s| !s.lines().all(|l| l.trim().is_empty() || l.trim().starts_with("--")))
+            {
                 sqlx::query(sqlx::AssertSqlSafe(stmt.to_string())).execute(&mut *tx).await?;
             }
-            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)").bind(i as i64 + 1).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+                .bind(i as i64 + 1)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
         }
         Ok(())
@@ -164,11 +178,13 @@ impl Store {
     }
 
     pub async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
-        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
-            .bind(key)
-            .bind(value)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -184,11 +200,12 @@ impl Store {
         token_hash: Option<&str>,
         now: i64,
     ) -> Result<WorkspaceRow> {
-        let mut tx = self.pool.begin().await?;
-        let taken: Option<i64> = sqlx::query_scalar("SELECT id FROM workspaces WHERE name = $1 AND status <> 'deleted'")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let mut tx = self.write_tx().await?;
+        let taken: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM workspaces WHERE name = $1 AND status <> 'deleted'")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
         if taken.is_some() {
             return Err(StoreError::NameTaken(name.to_string()));
         }
@@ -206,13 +223,15 @@ impl Store {
         .bind(token_hash)
         .fetch_one(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO transitions (workspace_id, at, from_status, to_status, reason) VALUES ($1, $2, '', $3, $4)")
-            .bind(id)
-            .bind(now)
-            .bind(status.as_str())
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO transitions (workspace_id, at, from_status, to_status, reason) VALUES ($1, $2, '', $3, $4)",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(status.as_str())
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         self.workspace_by_id(id).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))
     }
@@ -255,7 +274,9 @@ impl Store {
                     .fetch_all(&self.pool)
                     .await?
             }
-            None if include_deleted => sqlx::query("SELECT * FROM workspaces ORDER BY name, id").fetch_all(&self.pool).await?,
+            None if include_deleted => {
+                sqlx::query("SELECT * FROM workspaces ORDER BY name, id").fetch_all(&self.pool).await?
+            }
             None => {
                 sqlx::query("SELECT * FROM workspaces WHERE status <> 'deleted' ORDER BY name, id")
                     .fetch_all(&self.pool)
@@ -266,13 +287,21 @@ impl Store {
     }
 
     pub async fn counts(&self) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM workspaces GROUP BY status").fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT status, COUNT(*) AS n FROM workspaces GROUP BY status").fetch_all(&self.pool).await?;
         rows.iter().map(|r| Ok((r.try_get("status")?, r.try_get("n")?))).collect()
     }
 
     /// Moves a workspace to a new status and records the transition.
-    pub async fn set_status(&self, id: i64, from: WorkspaceStatus, to: WorkspaceStatus, reason: &str, now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+    pub async fn set_status(
+        &self,
+        id: i64,
+        from: WorkspaceStatus,
+        to: WorkspaceStatus,
+        reason: &str,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.write_tx().await?;
         sqlx::query("UPDATE workspaces SET status = $1, status_reason = $2, status_changed_at = $3 WHERE id = $4")
             .bind(to.as_str())
             .bind(reason)
@@ -280,14 +309,16 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO transitions (workspace_id, at, from_status, to_status, reason) VALUES ($1, $2, $3, $4, $5)")
-            .bind(id)
-            .bind(now)
-            .bind(from.as_str())
-            .bind(to.as_str())
-            .bind(reason)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO transitions (workspace_id, at, from_status, to_status, reason) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(from.as_str())
+        .bind(to.as_str())
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -295,7 +326,7 @@ impl Store {
     /// Starts a new build: the next build number, a fresh lifecycle, and (for managed workspaces) the
     /// hash of a fresh agent token.
     pub async fn begin_build(&self, id: i64, token_hash: Option<&str>, now: i64) -> Result<i64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let build: i64 = sqlx::query_scalar(
             "UPDATE workspaces SET build = build + 1, build_started_at = $1, lifecycle = NULL, last_error = NULL,
              token_hash = COALESCE($2, token_hash) WHERE id = $3 RETURNING build",
@@ -321,30 +352,50 @@ impl Store {
     }
 
     pub async fn set_last_error(&self, id: i64, error: Option<&str>) -> Result<()> {
-        sqlx::query("UPDATE workspaces SET last_error = $1 WHERE id = $2").bind(error).bind(id).execute(&self.pool).await?;
+        sqlx::query("UPDATE workspaces SET last_error = $1 WHERE id = $2")
+            .bind(error)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     pub async fn set_waiting_since(&self, id: i64, since: Option<i64>) -> Result<()> {
-        sqlx::query("UPDATE workspaces SET waiting_since = $1 WHERE id = $2").bind(since).bind(id).execute(&self.pool).await?;
+        sqlx::query("UPDATE workspaces SET waiting_since = $1 WHERE id = $2")
+            .bind(since)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     pub async fn set_token(&self, id: i64, token_hash: Option<&str>) -> Result<()> {
-        sqlx::query("UPDATE workspaces SET token_hash = $1 WHERE id = $2").bind(token_hash).bind(id).execute(&self.pool).await?;
+        sqlx::query("UPDATE workspaces SET token_hash = $1 WHERE id = $2")
+            .bind(token_hash)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     /// Records an agent's hello. Acknowledgements carry over only for the same agent instance.
-    pub async fn agent_hello(&self, id: i64, instance: u64, version: &str, hostname: &str, now: i64) -> Result<(u64, u64)> {
+    pub async fn agent_hello(
+        &self,
+        id: i64,
+        instance: u64,
+        version: &str,
+        hostname: &str,
+        now: i64,
+    ) -> Result<(u64, u64)> {
         let instance = instance as i64;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query("SELECT agent_instance, events_acked, logs_acked FROM workspaces WHERE id = $1")
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;
         let same = row.try_get::<Option<i64>, _>("agent_instance")? == Some(instance);
-        let acked = if same { (row.try_get::<i64, _>("events_acked")?, row.try_get::<i64, _>("logs_acked")?) } else { (0, 0) };
+        let acked =
+            if same { (row.try_get::<i64, _>("events_acked")?, row.try_get::<i64, _>("logs_acked")?) } else { (0, 0) };
         sqlx::query(
             "UPDATE workspaces SET agent_instance = $1, events_acked = $2, logs_acked = $3, agent_version = $4,
              agent_hostname = $5, last_heartbeat_at = $6 WHERE id = $7",
@@ -365,8 +416,14 @@ impl Store {
     /// Stores lifecycle changes and spans exactly once: events at or below the stored
     /// acknowledgement are skipped, and the acknowledgement moves in the same transaction.
     /// `clock_offset_ms` is added to agent times to put them on the coordinator's clock.
-    pub async fn apply_events(&self, id: i64, instance: u64, events: &[Event], clock_offset_ms: i64) -> Result<Applied> {
-        let mut tx = self.pool.begin().await?;
+    pub async fn apply_events(
+        &self,
+        id: i64,
+        instance: u64,
+        events: &[Event],
+        clock_offset_ms: i64,
+    ) -> Result<Applied> {
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query("SELECT agent_instance, events_acked, build, lifecycle FROM workspaces WHERE id = $1")
             .bind(id)
             .fetch_one(&mut *tx)
@@ -410,7 +467,7 @@ impl Store {
 
     /// Stores log lines exactly once, like [`Store::apply_events`]. Returns the acknowledgement.
     pub async fn apply_logs(&self, id: i64, instance: u64, lines: &[LogLine], clock_offset_ms: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query("SELECT agent_instance, logs_acked FROM workspaces WHERE id = $1")
             .bind(id)
             .fetch_one(&mut *tx)
@@ -424,24 +481,30 @@ impl Store {
                 continue;
             }
             acked = l.seq;
-            sqlx::query("INSERT INTO logs (workspace_id, build, source, stream, at, line) VALUES ($1, $2, $3, $4, $5, $6)")
-                .bind(id)
-                .bind(l.build as i64)
-                .bind(&l.script)
-                .bind(l.stream.as_str())
-                .bind(l.at_ms + clock_offset_ms)
-                .bind(&l.line)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO logs (workspace_id, build, source, stream, at, line) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id)
+            .bind(l.build as i64)
+            .bind(&l.script)
+            .bind(l.stream.as_str())
+            .bind(l.at_ms + clock_offset_ms)
+            .bind(&l.line)
+            .execute(&mut *tx)
+            .await?;
         }
-        sqlx::query("UPDATE workspaces SET logs_acked = $1 WHERE id = $2").bind(acked as i64).bind(id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE workspaces SET logs_acked = $1 WHERE id = $2")
+            .bind(acked as i64)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(acked)
     }
 
     /// A span the coordinator itself measured (provisioning).
     pub async fn add_span(&self, id: i64, build: i64, span: &Span) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         insert_span(&mut tx, id, build, "coordinator", span, 0).await?;
         tx.commit().await?;
         Ok(())
@@ -449,17 +512,19 @@ impl Store {
 
     /// Log lines the coordinator itself captured (provisioning output).
     pub async fn add_logs(&self, id: i64, build: i64, source: &str, lines: &[(String, String, i64)]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for (stream, line, at) in lines {
-            sqlx::query("INSERT INTO logs (workspace_id, build, source, stream, at, line) VALUES ($1, $2, $3, $4, $5, $6)")
-                .bind(id)
-                .bind(build)
-                .bind(source)
-                .bind(stream)
-                .bind(at)
-                .bind(line)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO logs (workspace_id, build, source, stream, at, line) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id)
+            .bind(build)
+            .bind(source)
+            .bind(stream)
+            .bind(at)
+            .bind(line)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -550,9 +615,13 @@ impl Store {
         if seen.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for (id, at) in seen {
-            sqlx::query("UPDATE workspaces SET last_heartbeat_at = $1 WHERE id = $2").bind(at).bind(id).execute(&mut *tx).await?;
+            sqlx::query("UPDATE workspaces SET last_heartbeat_at = $1 WHERE id = $2")
+                .bind(at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())

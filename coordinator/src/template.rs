@@ -169,7 +169,10 @@ impl Template {
                 None
             }
             (_, Some(_)) => {
-                errors.push(format!("[command] is only used with provisioner = \"command\", not \"{}\"", provisioner.as_str()));
+                errors.push(format!(
+                    "[command] is only used with provisioner = \"command\", not \"{}\"",
+                    provisioner.as_str()
+                ));
                 None
             }
             (_, None) => None,
@@ -182,7 +185,11 @@ impl Template {
                 errors.push(format!("env variable '{k}' is not a valid name or value"));
             }
             if v.len() > limits::MAX_ENV_VALUE {
-                errors.push(format!("env variable '{k}' is {} bytes, over the limit of {}", v.len(), limits::MAX_ENV_VALUE));
+                errors.push(format!(
+                    "env variable '{k}' is {} bytes, over the limit of {}",
+                    v.len(),
+                    limits::MAX_ENV_VALUE
+                ));
             }
         }
         if raw.script.len() > limits::MAX_SCRIPTS {
@@ -202,7 +209,11 @@ impl Template {
                 errors.push(format!("{at}: `run` is empty"));
             }
             if s.run.len() > limits::MAX_SCRIPT_LEN {
-                errors.push(format!("{at}: `run` is {} bytes, over the limit of {}", s.run.len(), limits::MAX_SCRIPT_LEN));
+                errors.push(format!(
+                    "{at}: `run` is {} bytes, over the limit of {}",
+                    s.run.len(),
+                    limits::MAX_SCRIPT_LEN
+                ));
             }
             let on = s.on.unwrap_or(ScriptTrigger::Start);
             match (on, &s.schedule) {
@@ -212,7 +223,8 @@ impl Template {
                 }
                 _ => {}
             }
-            let timeout = duration(&format!("{at}: timeout"), s.timeout.as_deref(), DEFAULT_SCRIPT_TIMEOUT, &mut errors);
+            let timeout =
+                duration(&format!("{at}: timeout"), s.timeout.as_deref(), DEFAULT_SCRIPT_TIMEOUT, &mut errors);
             scripts.push(Script {
                 name: s.name,
                 run: s.run,

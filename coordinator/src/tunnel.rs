@@ -86,8 +86,9 @@ async fn reject(conn: &quinn::Connection, send: &mut quinn::SendStream, code: Re
 }
 
 async fn session(conn: &quinn::Connection, remote: SocketAddr, engine: &Arc<Engine>) -> Result<(), TunnelError> {
-    let (mut send, mut recv) =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await.map_err(|_| TunnelError::Timeout("the control stream"))??;
+    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| TunnelError::Timeout("the control stream"))??;
     let mut buf = Vec::new();
     let got = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_payload(&mut recv, &mut buf))
         .await

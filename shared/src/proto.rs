@@ -52,7 +52,10 @@ pub enum RejectCode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum HelloReply {
     /// Frozen: never change this variant's place or fields.
-    Rejected { code: RejectCode, message: String },
+    Rejected {
+        code: RejectCode,
+        message: String,
+    },
     Welcome(Welcome),
 }
 
@@ -76,7 +79,9 @@ pub enum AgentMessage {
     Heartbeat(Heartbeat),
     Events(EventBatch),
     /// The agent is exiting on purpose; the coordinator need not wait for a heartbeat timeout.
-    Goodbye { reason: String },
+    Goodbye {
+        reason: String,
+    },
 }
 
 /// Coordinator → agent on the control stream, after the welcome.
@@ -84,13 +89,22 @@ pub enum AgentMessage {
 pub enum CoordinatorMessage {
     Manifest(Manifest),
     /// Everything up to and including `seq` on that channel is stored.
-    Ack { channel: Channel, seq: u64 },
+    Ack {
+        channel: Channel,
+        seq: u64,
+    },
     /// Run the stop scripts, report the final lifecycle and exit.
-    Shutdown { reason: String },
+    Shutdown {
+        reason: String,
+    },
     /// The coordinator is going away; reconnect after a random delay below `within_ms`.
-    Reconnect { within_ms: u64 },
+    Reconnect {
+        within_ms: u64,
+    },
     /// A message the coordinator could not accept; the connection stays up.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -148,10 +148,8 @@ impl ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| Sha256::digest(c.as_ref())[..] == self.fingerprint[..])
-            .ok_or_else(|| {
+        let ca =
+            intermediates.iter().find(|c| Sha256::digest(c.as_ref())[..] == self.fingerprint[..]).ok_or_else(|| {
                 rustls::Error::General("coordinator's certificate chain does not contain the pinned CA".into())
             })?;
         let mut roots = RootCertStore::empty();

@@ -12,7 +12,11 @@ pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target directory");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is not built; run `cargo test --workspace` (or `cargo build --workspace`) first", path.display());
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo test --workspace` (or `cargo build --workspace`) first",
+        path.display()
+    );
     path
 }
 
@@ -244,8 +248,10 @@ impl Agent {
     }
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ =
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         self.child.wait().expect("wait agent")
     }
 
@@ -272,8 +278,7 @@ pub fn pid_alive(pid: i32) -> bool {
 }
 
 pub fn span<'a>(spans: &'a [Value], stage: &str, name: &str) -> &'a Value {
-    spans
-        .iter()
-        .find(|s| s["stage"] == stage && s["name"] == name)
-        .unwrap_or_else(|| panic!("no span {stage}/{name} in {}", serde_json::to_string_pretty(spans).unwrap_or_default()))
+    spans.iter().find(|s| s["stage"] == stage && s["name"] == name).unwrap_or_else(|| {
+        panic!("no span {stage}/{name} in {}", serde_json::to_string_pretty(spans).unwrap_or_default())
+    })
 }

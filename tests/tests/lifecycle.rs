@@ -61,7 +61,10 @@ blocks_login = false
 
     let table = c.ok(&["workspace", "timings", "web"]);
     assert!(table.starts_with("STAGE"), "{table}");
-    assert!(table.lines().any(|l| l.starts_with("script") && l.contains("install-deps") && l.contains("ok")), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("script") && l.contains("install-deps") && l.contains("ok")),
+        "{table}"
+    );
 
     let logs = c.logs("web");
     assert!(logs.contains(&("install-deps".into(), "installed".into())), "{logs:?}");
@@ -167,7 +170,8 @@ on = "stop"
     assert_eq!(c.wait_for("proc", "running,unhealthy,failed", LONG)["status"], "running");
     let home = c.data_dir().join("workspaces/proc/home");
     assert_eq!(std::fs::read_to_string(home.join("started.txt")).unwrap(), "hello\n");
-    let pid: i32 = std::fs::read_to_string(c.data_dir().join("workspaces/proc/agent.pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 =
+        std::fs::read_to_string(c.data_dir().join("workspaces/proc/agent.pid")).unwrap().trim().parse().unwrap();
 
     c.ok(&["workspace", "stop", "proc"]);
     let w = c.wait_for("proc", "stopped,running,unhealthy", LONG);

@@ -17,7 +17,13 @@ blocks_login = true
 "#;
 
 fn hello(token: &str) -> Hello {
-    Hello { token: token.into(), agent_version: "test".into(), instance: 42, sent_at_ms: tether_shared::now_ms(), hostname: "test".into() }
+    Hello {
+        token: token.into(),
+        agent_version: "test".into(),
+        instance: 42,
+        sent_at_ms: tether_shared::now_ms(),
+        hostname: "test".into(),
+    }
 }
 
 /// Opens a raw tunnel connection the way an agent would, without being one.
@@ -50,7 +56,11 @@ fn bad_tokens_versions_and_frames_are_refused_while_others_keep_running() {
 
     // A wrong token: the agent says why and exits; nothing changes on the coordinator.
     let before = c.json(&["workspace", "list"]);
-    let mut bad = Agent::start(&c, "tether_agent_0000000000000000000000000000000000000000000000000000000000000000", &c.data_dir().join("agent-bad"));
+    let mut bad = Agent::start(
+        &c,
+        "tether_agent_0000000000000000000000000000000000000000000000000000000000000000",
+        &c.data_dir().join("agent-bad"),
+    );
     let status = bad.child.wait().unwrap();
     assert_eq!(status.code(), Some(2), "a rejected agent exits with status 2");
     let log = bad.log_text();
@@ -68,7 +78,10 @@ fn bad_tokens_versions_and_frames_are_refused_while_others_keep_running() {
         match read_reply(&mut recv).await {
             HelloReply::Rejected { code, message } => {
                 assert_eq!(code, RejectCode::VersionMismatch);
-                assert!(message.contains(&format!("agent speaks protocol version {}", PROTOCOL_VERSION + 98)), "{message}");
+                assert!(
+                    message.contains(&format!("agent speaks protocol version {}", PROTOCOL_VERSION + 98)),
+                    "{message}"
+                );
                 assert!(message.contains(&format!("speaks version {PROTOCOL_VERSION}")), "{message}");
             }
             other => panic!("expected a rejection, got {other:?}"),
