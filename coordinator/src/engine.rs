@@ -19,6 +19,9 @@ use tether_shared::{now_ms, Lifecycle, SpanStatus, WorkspaceStatus};
 use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 use tracing::{info, warn};
 
+/// Extra time agents get to come back after a coordinator restart, beyond their heartbeat timeout.
+pub const RESTART_GRACE: Duration = Duration::from_secs(30);
+
 /// Errors users see from workspace operations; each maps to an HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
@@ -784,7 +787,9 @@ impl Engine {
                 (s, _) if status::expects_agent(s) => {
                     let already_gone = s == WorkspaceStatus::Unhealthy && row.status_reason.starts_with("agent has");
                     if !already_gone {
-                        self.live().liveness.heard(row.id, now, template.heartbeat_timeout);
+                        // The restart is the coordinator's doing: agents get extra time on top of
+                        // the heartbeat timeout, as thousands of them cannot all reconnect at once.
+                        self.live().liveness.heard(row.id, now, template.heartbeat_timeout + RESTART_GRACE);
                     }
                 }
                 _ => {}

@@ -109,7 +109,15 @@ impl Pki {
     pub fn endpoint_config(&self) -> quinn::EndpointConfig {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.reset_key);
         let mut config = quinn::EndpointConfig::new(Arc::new(key));
-        config.min_reset_interval(std::time::Duration::from_millis(1));
+        // Connection IDs must be recognisable by the next process too, or it drops the old
+        // connections' packets as invalid instead of answering them with a stateless reset.
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&self.reset_key[56..64]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+        // A reset is smaller than the packet that triggers it, so answering every one amplifies
+        // nothing; rate-limiting them would leave thousands of agents waiting for an idle timeout.
+        config.min_reset_interval(std::time::Duration::ZERO);
         config
     }
 

@@ -41,6 +41,8 @@ pub struct CoordinatorInfo {
     pub admin_token_file: PathBuf,
 }
 
+const UDP_BUFFER: usize = 4 << 20;
+
 pub const INFO_FILE: &str = "coordinator.json";
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
@@ -97,6 +99,19 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let udp = std::net::UdpSocket::bind(config.listen_quic)
         .with_context(|| format!("binding the agent tunnel (QUIC) on {}", config.listen_quic))?;
     let quic_addr = udp.local_addr()?;
+    // Thousands of agents reconnecting at once overflow Linux's default 208 KB receive buffer; the
+    // kernel caps the request at net.core.rmem_max.
+    match quinn::udp::UdpSocketState::new((&udp).into())
+        .and_then(|s| s.set_recv_buffer_size((&udp).into(), UDP_BUFFER).map(|_| s))
+    {
+        Ok(state) => {
+            let got = state.recv_buffer_size((&udp).into()).unwrap_or(0);
+            if got < UDP_BUFFER {
+                warn!(granted = got, wanted = UDP_BUFFER, "UDP receive buffer is small; raise net.core.rmem_max");
+            }
+        }
+        Err(e) => warn!(error = %e, "could not size the UDP receive buffer"),
+    }
     let endpoint =
         quinn::Endpoint::new(pki.endpoint_config(), Some(pki.server_config(8)?), udp, Arc::new(quinn::TokioRuntime))
             .context("starting the QUIC endpoint")?;

@@ -149,10 +149,8 @@ async fn session(conn: &quinn::Connection, remote: SocketAddr, engine: &Arc<Engi
                         AgentMessage::Heartbeat(hb) => engine.heartbeat(id, conn_id, hb),
                         AgentMessage::Events(batch) => match engine.agent_events(id, conn_id, &batch.events, offset).await {
                             Ok(seq) => write_msg(&mut send, &CoordinatorMessage::Ack { channel: Channel::Events, seq }).await?,
-                            Err(e) => {
-                                warn!(workspace = %name, error = %e, "storing agent events");
-                                write_msg(&mut send, &CoordinatorMessage::Error { message: e.to_string() }).await?;
-                            }
+                            // The agent resends whatever is unacknowledged on its next connection.
+                            Err(e) => return Err(TunnelError::Protocol(format!("storing events: {e}"))),
                         },
                         AgentMessage::Goodbye { reason } => goodbye = Some(reason),
                     }

@@ -21,8 +21,9 @@ pub const SERVER_NAME: &str = "tether-coordinator";
 /// QUIC idle timeout on the tunnel. Below the default heartbeat timeout, so a vanished peer is noticed
 /// before the workspace is declared unhealthy.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keep-alive, well under the idle timeout so NAT bindings stay open.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(4);
+/// Agent keep-alive: under the idle timeout so NAT bindings stay open, above the heartbeat interval
+/// (at most 5 s) so a live agent's heartbeats make it unnecessary. The coordinator sends none.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(7);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -121,6 +122,7 @@ pub fn server_config(
     let quic = QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut t = transport();
+    t.keep_alive_interval(None);
     t.max_concurrent_bidi_streams(max_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
     // An idle agent needs little; these bound what one connection can make us buffer.
