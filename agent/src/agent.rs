@@ -9,8 +9,11 @@ use crate::phase::{self, PhaseEnv, PhaseKind, ScriptResult};
 use crate::scripts::LocalUser;
 use crate::state::{self, StateFile};
 use crate::stats::Stats;
-use crate::tunnel::{FetchedManifest, Tunnel, TunnelConfig, TunnelError, TunnelLinks, CLOSE_TIMEOUT, DRAIN_TIMEOUT};
+use crate::tunnel::{
+    DrainRequest, FetchedManifest, Tunnel, TunnelConfig, TunnelError, TunnelLinks, CLOSE_TIMEOUT, DRAIN_TIMEOUT,
+};
 use std::future::Future;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,7 +88,12 @@ pub async fn run(
     shutdown: impl Future<Output = String> + Send,
 ) -> Result<Exit, AgentError> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
+    // Script logs may hold secrets a script printed: keep the directory to the workspace user.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&data_dir)
+        .map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
     let saved = match state::load(&data_dir) {
         Ok(saved) => saved,
         Err(e) => {
@@ -141,14 +149,15 @@ struct StartPhase {
     /// Where the "ready" span begins.
     ready_from: Instant,
     cancel: watch::Sender<bool>,
-    task: JoinHandle<Vec<ScriptResult>>,
+    /// The results and when the last script ended.
+    task: JoinHandle<(Vec<ScriptResult>, Instant)>,
 }
 
 /// What woke the main loop.
 enum Wake {
     Stop(String),
     Manifest(FetchedManifest),
-    StartDone(Result<Vec<ScriptResult>, JoinError>),
+    StartDone(Result<(Vec<ScriptResult>, Instant), JoinError>),
     TunnelEnded(Result<Result<(), TunnelError>, JoinError>),
     Nothing,
 }
@@ -172,7 +181,7 @@ impl Agent {
         shutdown: impl Future<Output = String> + Send,
         mut manifests: watch::Receiver<Option<FetchedManifest>>,
         mut coordinator_shutdown: watch::Receiver<Option<String>>,
-        drain: watch::Sender<Option<String>>,
+        drain: watch::Sender<Option<DrainRequest>>,
         mut tunnel: JoinHandle<Result<(), TunnelError>>,
     ) -> Result<Exit, AgentError> {
         let mut shutdown = std::pin::pin!(shutdown);
@@ -200,6 +209,10 @@ impl Agent {
                 Wake::Nothing => {}
             }
         };
+        if self.manifest.is_none() {
+            // A manifest that arrived together with the shutdown still names the stop scripts.
+            self.manifest = manifests.borrow().as_ref().map(|f| f.manifest.clone());
+        }
         self.shut_down(reason, drain, tunnel).await
     }
 
@@ -240,23 +253,30 @@ impl Agent {
         let scripts = manifest.scripts.iter().filter(|s| s.on == tether_shared::proto::ScriptTrigger::Start).count();
         tracing::info!(build, scripts, "running start scripts");
         let (cancel, cancel_rx) = watch::channel(false);
-        let task = tokio::spawn(phase::run_phase(self.env.clone(), manifest, PhaseKind::Start, None, cancel_rx));
+        let env = self.env.clone();
+        let task = tokio::spawn(async move {
+            let results = phase::run_phase(env, manifest, PhaseKind::Start, None, cancel_rx).await;
+            (results, Instant::now())
+        });
         // The boot that starts a build measures "ready" from process start; a later build from its manifest.
         let ready_from = if first { clock.origin() } else { Instant::now() };
         self.start = Some(StartPhase { build, ready_from, cancel, task });
         self.handled = Some(build);
     }
 
-    fn on_start_finished(&mut self, joined: Result<Vec<ScriptResult>, JoinError>) {
+    fn on_start_finished(&mut self, joined: Result<(Vec<ScriptResult>, Instant), JoinError>) {
         let Some(phase) = self.start.take() else { return };
-        let (lifecycle, detail) = match joined {
-            Ok(results) => phase::verdict(PhaseKind::Start, &results),
+        let (lifecycle, detail, now) = match joined {
+            Ok((results, finished)) => {
+                let (lifecycle, detail) = phase::verdict(PhaseKind::Start, &results);
+                (lifecycle, detail, finished)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "the start phase failed");
-                (Lifecycle::StartError, Some("the agent failed while running the startup scripts".to_string()))
+                let detail = "the agent failed while running the startup scripts".to_string();
+                (Lifecycle::StartError, Some(detail), Instant::now())
             }
         };
-        let now = Instant::now();
         let status = match lifecycle {
             Lifecycle::Ready => SpanStatus::Ok,
             Lifecycle::StartTimeout => SpanStatus::TimedOut,
@@ -266,8 +286,9 @@ impl Agent {
             None => tracing::info!(build = phase.build, lifecycle = %lifecycle, "start phase finished"),
             Some(d) => tracing::warn!(build = phase.build, lifecycle = %lifecycle, detail = %d, "start phase finished"),
         }
-        self.lifecycle(phase.build, lifecycle, detail);
+        // The span first: whoever sees the final lifecycle stored can already see the whole timeline.
         self.span(phase.build, "agent", "ready", phase.ready_from, now, status);
+        self.lifecycle(phase.build, lifecycle, detail);
         self.save(StateFile { build: phase.build, lifecycle });
     }
 
@@ -288,7 +309,7 @@ impl Agent {
     async fn shut_down(
         mut self,
         reason: String,
-        drain: watch::Sender<Option<String>>,
+        drain: watch::Sender<Option<DrainRequest>>,
         mut tunnel: JoinHandle<Result<(), TunnelError>>,
     ) -> Result<Exit, AgentError> {
         tracing::info!(reason = %reason, "shutting down");
@@ -299,7 +320,7 @@ impl Agent {
             Some(manifest) => self.stop_phase(manifest).await,
             None => tracing::info!("no manifest was fetched: no stop scripts to run"),
         }
-        drain.send_replace(Some(reason));
+        drain.send_replace(Some(DrainRequest { reason, deadline: Instant::now() + DRAIN_TIMEOUT }));
         let limit = DRAIN_TIMEOUT + 2 * CLOSE_TIMEOUT + Duration::from_secs(1);
         match tokio::time::timeout(limit, &mut tunnel).await {
             Ok(Ok(Ok(()))) => Ok(Exit::Stopped),
@@ -332,7 +353,13 @@ impl Agent {
 
     fn lifecycle(&self, build: u64, state: Lifecycle, detail: Option<String>) {
         let at_ms = self.env.clock.now_ms();
-        self.env.outboxes.push_event(build, EventKind::Lifecycle { state, at_ms, detail });
+        let event = EventKind::Lifecycle { state, at_ms, detail };
+        if state.start_finished() {
+            // A verdict: the coordinator stores it after the output of the scripts it judges.
+            self.env.outboxes.push_event_after_logs(build, event);
+        } else {
+            self.env.outboxes.push_event(build, event);
+        }
     }
 
     fn span(&self, build: u64, stage: &str, name: &str, started: Instant, ended: Instant, status: SpanStatus) {
@@ -359,7 +386,7 @@ impl Agent {
 }
 
 /// Completes when the running start phase does; never when there is none.
-async fn start_finished(start: &mut Option<StartPhase>) -> Result<Vec<ScriptResult>, JoinError> {
+async fn start_finished(start: &mut Option<StartPhase>) -> Result<(Vec<ScriptResult>, Instant), JoinError> {
     match start {
         Some(phase) => (&mut phase.task).await,
         None => std::future::pending().await,

@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use tether_shared::limits;
-use tether_shared::tls::{CaPin, TlsError};
+use tether_shared::tls::{self, CaPin, TlsError};
 
 /// Environment variable holding the agent token.
 pub const TOKEN_ENV: &str = "TETHER_AGENT_TOKEN";
@@ -87,7 +87,7 @@ pub enum ConfigError {
     BadCoordinator(String),
     #[error("no coordinator CA: set one of --ca (TETHER_CA) or --ca-sha256 (TETHER_CA_SHA256)")]
     NoCa,
-    #[error("both --ca (TETHER_CA) and --ca-sha256 (TETHER_CA_SHA256) are set; set exactly one")]
+    #[error("--ca (TETHER_CA) and --ca-sha256 (TETHER_CA_SHA256) name different CAs; set exactly one")]
     TwoCas,
     #[error("reading ca file {}: {source}", path.display())]
     ReadCa { path: PathBuf, source: std::io::Error },
@@ -131,13 +131,27 @@ impl Config {
             Some(addr) => Some(addr.to_string()),
         };
 
+        let ca_file = |path: &PathBuf| {
+            read_limited(path, MAX_CA_FILE)
+                .map_err(|source| ConfigError::ReadCa { path: path.clone(), source })
+                .and_then(|pem| Ok(CaPin::from_pem(&pem, &path.display().to_string())?))
+        };
         let ca = match (&args.ca, args.ca_sha256.as_deref().filter(|s| !s.trim().is_empty())) {
             (None, None) => Err(ConfigError::NoCa),
-            (Some(_), Some(_)) => Err(ConfigError::TwoCas),
-            (Some(path), None) => read_limited(path, MAX_CA_FILE)
-                .map_err(|source| ConfigError::ReadCa { path: path.clone(), source })
-                .and_then(|pem| Ok(CaPin::from_pem(&pem, &path.display().to_string())?)),
+            (Some(path), None) => ca_file(path),
             (None, Some(fp)) => CaPin::from_fingerprint(fp).map_err(ConfigError::from),
+            // Both may be inherited together (the command provisioner exports both): fine when they
+            // name the same CA, an error when they disagree.
+            (Some(path), Some(fp)) => match (ca_file(path), CaPin::from_fingerprint(fp)) {
+                (Ok(CaPin::Certificate(der)), Ok(CaPin::Fingerprint(want)))
+                    if tls::fingerprint(&der) == format!("sha256:{}", hex_lower(&want)) =>
+                {
+                    Ok(CaPin::Certificate(der))
+                }
+                (Err(e), _) => Err(e),
+                (_, Err(e)) => Err(e.into()),
+                _ => Err(ConfigError::TwoCas),
+            },
         };
         let ca = ca.map_err(|e| errors.push(e)).ok();
 
@@ -159,12 +173,10 @@ impl Config {
 
 /// `host:port` or `[v6]:port`, with a numeric port. Resolution happens at connect time.
 fn is_host_port(s: &str) -> bool {
-    match s.rsplit_once(':') {
-        Some((host, port)) => {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) && !(host.contains(':') && !host.starts_with('['))
-        }
-        None => false,
-    }
+    let Some((host, port)) = s.rsplit_once(':') else { return false };
+    // A bare IPv6 address needs brackets, or its last group would be taken for the port.
+    let host_ok = !host.is_empty() && (host.starts_with('[') || !host.contains(':'));
+    host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
 }
 
 fn read_token(from_env: Option<OsString>, file: Option<&Path>) -> Result<String, ConfigError> {
@@ -204,6 +216,10 @@ fn default_data_dir(env: &dyn Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
     env("HOME").and_then(absolute).map(|home| home.join(".local/state/tether-agent"))
 }
 
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Reads a whole file, refusing files over `max` bytes.
 fn read_limited(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
@@ -236,10 +252,10 @@ mod tests {
 
     #[test]
     fn minimal_config_with_token_from_env() {
-        let c = check(&["--coordinator", "coord.example:4433", "--ca-sha256", FP], &[
-            (TOKEN_ENV, " tok \n"),
-            ("HOME", "/home/dev"),
-        ])
+        let c = check(
+            &["--coordinator", "coord.example:4433", "--ca-sha256", FP],
+            &[(TOKEN_ENV, " tok \n"), ("HOME", "/home/dev")],
+        )
         .unwrap();
         assert_eq!(c.coordinator, "coord.example:4433");
         assert_eq!(c.token, "tok");
@@ -263,32 +279,48 @@ mod tests {
         let file = dir.path().join("token");
         std::fs::write(&file, "  secret-token\n\n").unwrap();
         let f = file.to_str().unwrap();
-        let c = check(&["--coordinator", "[::1]:4433", "--ca-sha256", FP, "--token-file", f], &[("HOME", "/h")]).unwrap();
+        let c =
+            check(&["--coordinator", "[::1]:4433", "--ca-sha256", FP, "--token-file", f], &[("HOME", "/h")]).unwrap();
         assert_eq!(c.token, "secret-token");
-        let err = check(&["--coordinator", "c:1", "--ca-sha256", FP, "--token-file", f], &[
-            ("HOME", "/h"),
-            (TOKEN_ENV, "x"),
-        ])
-        .unwrap_err();
+        let err =
+            check(&["--coordinator", "c:1", "--ca-sha256", FP, "--token-file", f], &[("HOME", "/h"), (TOKEN_ENV, "x")])
+                .unwrap_err();
         assert_eq!(err, vec![ConfigError::TwoTokens.to_string()]);
     }
 
     #[test]
     fn all_problems_are_reported_at_once() {
         let err = check(&[], &[]).unwrap_err();
-        assert_eq!(err, vec![
-            ConfigError::NoCoordinator.to_string(),
-            ConfigError::NoCa.to_string(),
-            ConfigError::NoToken.to_string(),
-            ConfigError::NoDataDir.to_string(),
-        ]);
+        assert_eq!(
+            err,
+            vec![
+                ConfigError::NoCoordinator.to_string(),
+                ConfigError::NoCa.to_string(),
+                ConfigError::NoToken.to_string(),
+                ConfigError::NoDataDir.to_string(),
+            ]
+        );
     }
 
     #[test]
-    fn ca_choice_must_be_exactly_one() {
+    fn ca_file_and_fingerprint_must_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, cert.pem()).unwrap();
+        let pem = pem.to_str().unwrap();
         let env = [(TOKEN_ENV, "t"), ("HOME", "/h")];
-        let err = check(&["--coordinator", "c:1", "--ca", "/nonexistent.pem", "--ca-sha256", FP], &env).unwrap_err();
+        let same = tls::fingerprint(cert.der());
+        let c = check(&["--coordinator", "c:1", "--ca", pem, "--ca-sha256", &same], &env).unwrap();
+        assert!(matches!(c.ca, CaPin::Certificate(ref der) if der == cert.der()));
+        let err = check(&["--coordinator", "c:1", "--ca", pem, "--ca-sha256", FP], &env).unwrap_err();
         assert_eq!(err, vec![ConfigError::TwoCas.to_string()]);
+    }
+
+    #[test]
+    fn ca_problems_are_named() {
+        let env = [(TOKEN_ENV, "t"), ("HOME", "/h")];
         let err = check(&["--coordinator", "c:1", "--ca-sha256", "sha256:12"], &env).unwrap_err();
         assert_eq!(err, vec!["ca: ca fingerprint 'sha256:12' is not 'sha256:' followed by 64 hex digits".to_string()]);
         let err = check(&["--coordinator", "c:1", "--ca", "/nonexistent.pem"], &env).unwrap_err();
@@ -309,7 +341,10 @@ mod tests {
     fn token_limits() {
         let long = "x".repeat(limits::MAX_TOKEN + 1);
         let err = read_token(Some(long.into()), None).unwrap_err().to_string();
-        assert_eq!(err, format!("agent token from TETHER_AGENT_TOKEN is 257 bytes, over the limit of {}", limits::MAX_TOKEN));
+        assert_eq!(
+            err,
+            format!("agent token from TETHER_AGENT_TOKEN is 257 bytes, over the limit of {}", limits::MAX_TOKEN)
+        );
         let err = read_token(Some(" \n".into()), None).unwrap_err().to_string();
         assert_eq!(err, "agent token from TETHER_AGENT_TOKEN is empty");
     }

@@ -15,11 +15,19 @@ use tokio::sync::Notify;
 pub const MAX_UNACKED_LOG_BYTES: usize = 64 * 1024 * 1024;
 /// Unacknowledged event bytes kept before the oldest events are dropped.
 pub const MAX_UNACKED_EVENT_BYTES: usize = 8 * 1024 * 1024;
+/// How long, on one connection, an event held behind log lines waits for them to be stored before
+/// it goes anyway (a coordinator that stores no logs must still learn the verdict).
+pub const LOGS_FIRST_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Memory an item costs beyond its text: the struct and its allocations' headers. Counting it keeps
+/// a flood of empty lines bounded too, and it is more than an item's framing on the wire, so a batch
+/// measured this way always fits a frame.
+pub const ITEM_OVERHEAD: usize = 128;
 
 /// An item with a sequence number and a size.
 pub trait Sequenced: Clone {
     fn seq(&self) -> u64;
-    /// Approximate bytes the item costs, in memory and on the wire.
+    /// Approximate bytes the item costs in memory, at least its size on the wire.
     fn cost(&self) -> usize;
 }
 
@@ -28,10 +36,11 @@ impl Sequenced for Event {
         self.seq
     }
     fn cost(&self) -> usize {
-        64 + match &self.kind {
-            EventKind::Lifecycle { detail, .. } => detail.as_ref().map_or(0, String::len),
-            EventKind::Span(s) => s.stage.len() + s.name.len(),
-        }
+        ITEM_OVERHEAD
+            + match &self.kind {
+                EventKind::Lifecycle { detail, .. } => detail.as_ref().map_or(0, String::len),
+                EventKind::Span(s) => s.stage.len() + s.name.len(),
+            }
     }
 }
 
@@ -40,8 +49,7 @@ impl Sequenced for LogLine {
         self.seq
     }
     fn cost(&self) -> usize {
-        // Counting the per-line overhead keeps a batch of many empty lines inside a frame too.
-        self.line.len() + self.script.len() + 32
+        ITEM_OVERHEAD + self.line.len() + self.script.len()
     }
 }
 
@@ -87,12 +95,17 @@ impl<T: Sequenced> Outbox<T> {
     /// The next unsent items, oldest first, at most `max_items` and at most `max_bytes` of
     /// [`Sequenced::cost`] (but always at least one item). Marks them sent on this connection.
     pub fn next_batch(&mut self, max_items: usize, max_bytes: usize) -> Option<Vec<T>> {
+        self.next_batch_before(max_items, max_bytes, u64::MAX)
+    }
+
+    /// Like [`Outbox::next_batch`], but only items with a sequence number below `end`.
+    pub fn next_batch_before(&mut self, max_items: usize, max_bytes: usize, end: u64) -> Option<Vec<T>> {
         let first = self.items.front()?.seq();
         let start = usize::try_from((self.sent + 1).saturating_sub(first)).unwrap_or(usize::MAX);
         let mut batch = Vec::new();
         let mut bytes = 0;
         for item in self.items.iter().skip(start) {
-            if batch.len() >= max_items || (!batch.is_empty() && bytes + item.cost() > max_bytes) {
+            if item.seq() >= end || batch.len() >= max_items || (!batch.is_empty() && bytes + item.cost() > max_bytes) {
                 break;
             }
             bytes += item.cost();
@@ -119,9 +132,24 @@ impl<T: Sequenced> Outbox<T> {
         self.sent = self.sent.max(seq);
     }
 
+    /// Something went out on this connection and is not acknowledged yet.
+    pub fn in_flight(&self) -> bool {
+        self.sent > self.acked
+    }
+
     /// A new connection: everything not acknowledged is unsent again.
     pub fn rewind(&mut self) {
         self.sent = self.acked;
+    }
+
+    /// Some item numbered `from` or later has not been sent on this connection.
+    pub fn has_unsent_from(&self, from: u64) -> bool {
+        self.last_seq() > self.sent && self.last_seq() >= from
+    }
+
+    /// The sequence number of the newest item pushed (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
     }
 
     /// Nothing waits for an acknowledgement.
@@ -154,6 +182,29 @@ struct Inner {
     logs: Outbox<LogLine>,
     /// Lines dropped by the memory cap and not yet reported: (build, script, count).
     log_drops: Option<(u64, String, u64)>,
+    barrier: Option<Barrier>,
+}
+
+/// Events from `event_seq` on wait until the log lines up to `log_seq` are stored.
+#[derive(Debug, Clone, Copy)]
+struct Barrier {
+    event_seq: u64,
+    log_seq: u64,
+}
+
+impl Inner {
+    /// The first event sequence number the barrier holds back, if it holds anything back.
+    fn held_from(&self) -> Option<u64> {
+        let b = self.barrier?;
+        let blocked = self.logs.acked() < b.log_seq && self.events.last_seq() >= b.event_seq;
+        blocked.then_some(b.event_seq)
+    }
+
+    fn lift_barrier_if_met(&mut self) {
+        if self.barrier.is_some_and(|b| self.logs.acked() >= b.log_seq) {
+            self.barrier = None;
+        }
+    }
 }
 
 /// The two outboxes, shared between the producers (phases, the agent loop) and the tunnel.
@@ -181,6 +232,7 @@ impl Outboxes {
                 events: Outbox::new(max_event_bytes),
                 logs: Outbox::new(max_log_bytes),
                 log_drops: None,
+                barrier: None,
             }),
             events_ready: Notify::new(),
             logs_ready: Notify::new(),
@@ -206,10 +258,29 @@ impl Outboxes {
         seq
     }
 
+    /// Pushes an event that must not reach the coordinator before the log lines pushed so far:
+    /// whoever sees a phase's verdict stored can then already read the phase's output. The tunnel
+    /// may still let it through after [`LOGS_FIRST_GRACE`] on a connection that stores no logs.
+    pub fn push_event_after_logs(&self, build: u64, kind: EventKind) -> u64 {
+        let seq = {
+            let mut inner = self.lock();
+            let log_seq = inner.logs.last_seq();
+            let seq = inner.events.push_with(|seq| Event { seq, build, kind });
+            if inner.logs.acked() < log_seq {
+                let event_seq = inner.barrier.map_or(seq, |b| b.event_seq.min(seq));
+                inner.barrier = Some(Barrier { event_seq, log_seq });
+            }
+            seq
+        };
+        self.events_ready.notify_one();
+        seq
+    }
+
     pub fn push_log(&self, build: u64, script: &str, stream: LogStream, at_ms: i64, line: String) -> u64 {
         let seq = {
             let mut inner = self.lock();
-            let seq = inner.logs.push_with(|seq| LogLine { seq, build, script: script.to_string(), stream, at_ms, line });
+            let seq =
+                inner.logs.push_with(|seq| LogLine { seq, build, script: script.to_string(), stream, at_ms, line });
             let dropped = inner.logs.take_dropped();
             if dropped > 0 {
                 let note = inner.log_drops.get_or_insert_with(|| (build, script.to_string(), 0));
@@ -228,6 +299,7 @@ impl Outboxes {
         inner.events.rewind();
         inner.logs.ack(logs_acked);
         inner.logs.rewind();
+        inner.lift_barrier_if_met();
         drop(inner);
         self.events_ready.notify_one();
         self.logs_ready.notify_one();
@@ -239,14 +311,41 @@ impl Outboxes {
             let mut inner = self.lock();
             match channel {
                 Channel::Events => inner.events.ack(seq),
-                Channel::Logs => inner.logs.ack(seq),
+                Channel::Logs => {
+                    inner.logs.ack(seq);
+                    inner.lift_barrier_if_met();
+                }
             }
         }
+        // The next event batch may go now (after an event ack, or a log ack lifting a barrier).
+        self.events_ready.notify_one();
         self.acked.notify_one();
     }
 
-    pub fn next_events(&self) -> Option<Vec<Event>> {
-        self.lock().events.next_batch(limits::MAX_EVENTS_PER_BATCH, usize::MAX)
+    /// The next event batch, once the previous one is acknowledged. Events go one batch at a time:
+    /// the coordinator answers a batch it could not store with an error and keeps reading, so a
+    /// later batch must not overtake it (its acknowledgement would cover the lost one).
+    ///
+    /// Events behind a log barrier (see [`Outboxes::push_event_after_logs`]) wait unless
+    /// `past_barrier`.
+    pub fn next_events(&self, past_barrier: bool) -> Option<Vec<Event>> {
+        let mut inner = self.lock();
+        if inner.events.in_flight() {
+            return None;
+        }
+        let end = if past_barrier { None } else { inner.held_from() };
+        inner.events.next_batch_before(limits::MAX_EVENTS_PER_BATCH, usize::MAX, end.unwrap_or(u64::MAX))
+    }
+
+    /// Unsent events wait for log lines to be stored.
+    pub fn events_held(&self) -> bool {
+        let inner = self.lock();
+        inner.held_from().is_some_and(|from| inner.events.has_unsent_from(from))
+    }
+
+    /// An event batch is sent and not yet acknowledged.
+    pub fn events_in_flight(&self) -> bool {
+        self.lock().events.in_flight()
     }
 
     pub fn next_logs(&self) -> Option<Vec<LogLine>> {
@@ -402,9 +501,14 @@ mod tests {
         for i in 0..300 {
             o.push_event(1, EventKind::Lifecycle { state: Lifecycle::Starting, at_ms: i, detail: None });
         }
-        assert_eq!(o.next_events().unwrap().len(), limits::MAX_EVENTS_PER_BATCH);
-        assert_eq!(o.next_events().unwrap().len(), 300 - limits::MAX_EVENTS_PER_BATCH);
-        assert!(o.next_events().is_none());
+        let first = o.next_events(false).unwrap();
+        assert_eq!(first.len(), limits::MAX_EVENTS_PER_BATCH);
+        assert!(o.events_in_flight());
+        assert!(o.next_events(false).is_none(), "one event batch at a time");
+        o.ack(Channel::Events, first.last().unwrap().seq);
+        assert!(!o.events_in_flight());
+        assert_eq!(o.next_events(false).unwrap().len(), 300 - limits::MAX_EVENTS_PER_BATCH);
+        assert!(o.next_events(false).is_none());
 
         let line = "x".repeat(limits::MAX_LOG_LINE);
         for _ in 0..40 {
@@ -413,20 +517,64 @@ mod tests {
         let batch = o.next_logs().unwrap();
         let text: usize = batch.iter().map(|l| l.line.len()).sum();
         assert!(text <= limits::MAX_LOG_BATCH_BYTES, "{text}");
-        assert_eq!(batch.len(), limits::MAX_LOG_BATCH_BYTES / (limits::MAX_LOG_LINE + 32 + 5));
+        assert_eq!(batch.len(), limits::MAX_LOG_BATCH_BYTES / (limits::MAX_LOG_LINE + ITEM_OVERHEAD + "build".len()));
+        let empty: Vec<LogLine> = (0..100_000)
+            .map(|seq| LogLine {
+                seq,
+                build: u64::MAX,
+                script: "x".repeat(limits::MAX_NAME),
+                stream: LogStream::Stderr,
+                at_ms: i64::MIN,
+                line: String::new(),
+            })
+            .collect();
+        let n = limits::MAX_LOG_BATCH_BYTES / empty[0].cost();
+        let frame = tether_shared::frame::encode(&tether_shared::proto::LogBatch { lines: empty[..n].to_vec() });
+        assert!(frame.is_ok(), "a batch of the most empty lines still fits a frame");
         // And the batch fits one frame.
         let frame = tether_shared::frame::encode(&tether_shared::proto::LogBatch { lines: batch }).unwrap();
         assert!(frame.len() <= limits::MAX_FRAME);
 
-        assert_eq!(o.pending(), (300, 40));
+        assert_eq!(o.pending(), (300 - limits::MAX_EVENTS_PER_BATCH, 40));
         o.ack(Channel::Events, 300);
         o.ack(Channel::Logs, 40);
         assert!(o.all_acked());
     }
 
     #[test]
+    fn a_verdict_waits_for_the_output_before_it() {
+        let o = Outboxes::default();
+        let lifecycle = |state| EventKind::Lifecycle { state, at_ms: 0, detail: None };
+        o.push_event(1, lifecycle(Lifecycle::Starting));
+        o.push_log(1, "s", LogStream::Stdout, 0, "one".into());
+        o.push_log(1, "s", LogStream::Stdout, 0, "two".into());
+        o.push_event_after_logs(1, lifecycle(Lifecycle::Ready));
+        o.push_event(1, lifecycle(Lifecycle::ShuttingDown));
+        assert_eq!(o.next_events(false).unwrap().len(), 1, "only what precedes the verdict");
+        o.ack(Channel::Events, 1);
+        assert!(o.events_held());
+        assert!(o.next_events(false).is_none());
+        o.ack(Channel::Logs, 1);
+        assert!(o.next_events(false).is_none(), "line two is not stored yet");
+        o.ack(Channel::Logs, 2);
+        assert!(!o.events_held());
+        assert_eq!(o.next_events(false).unwrap().len(), 2);
+
+        // With the logs already stored there is no barrier; and the tunnel may overrule one.
+        o.ack(Channel::Events, 3);
+        o.push_event_after_logs(1, lifecycle(Lifecycle::Off));
+        assert!(!o.events_held());
+        assert_eq!(o.next_events(false).unwrap().len(), 1);
+        o.ack(Channel::Events, 4);
+        o.push_log(1, "s", LogStream::Stdout, 0, "three".into());
+        o.push_event_after_logs(2, lifecycle(Lifecycle::Ready));
+        assert!(o.events_held());
+        assert_eq!(o.next_events(true).unwrap().len(), 1);
+    }
+
+    #[test]
     fn dropped_log_lines_are_reported_in_the_stream() {
-        let o = Outboxes::new(MAX_UNACKED_EVENT_BYTES, 1000);
+        let o = Outboxes::new(MAX_UNACKED_EVENT_BYTES, 2000);
         for i in 0..20 {
             o.push_log(4, "seed", LogStream::Stdout, 0, format!("line {i:03} {}", "x".repeat(50)));
         }

@@ -97,7 +97,13 @@ impl Default for ScriptOutput {
 
 impl ScriptOutput {
     pub fn new(max_line: usize, cap: u64) -> Self {
-        ScriptOutput { stdout: LineCutter::new(max_line), stderr: LineCutter::new(max_line), kept: 0, cap, exhausted: false }
+        ScriptOutput {
+            stdout: LineCutter::new(max_line),
+            stderr: LineCutter::new(max_line),
+            kept: 0,
+            cap,
+            exhausted: false,
+        }
     }
 
     /// Feeds raw bytes read from `stream`; `emit` gets the lines to keep, and once the cap is reached
@@ -234,12 +240,18 @@ mod tests {
         o.feed(LogStream::Stdout, b"ffff\n", &mut emit);
         o.finish(LogStream::Stdout, &mut emit);
         o.finish(LogStream::Stderr, &mut emit);
-        assert_eq!(out, vec![
-            (LogStream::Stdout, "aaaa".to_string()),
-            (LogStream::Stdout, "bbbb".to_string()),
-            (LogStream::Stderr, "cccc".to_string()),
-            (LogStream::Stderr, "[output truncated: script printed more than 20 bytes; the rest is discarded]".to_string()),
-        ]);
+        assert_eq!(
+            out,
+            vec![
+                (LogStream::Stdout, "aaaa".to_string()),
+                (LogStream::Stdout, "bbbb".to_string()),
+                (LogStream::Stderr, "cccc".to_string()),
+                (
+                    LogStream::Stderr,
+                    "[output truncated: script printed more than 20 bytes; the rest is discarded]".to_string()
+                ),
+            ]
+        );
         assert_eq!(o.kept(), 15);
         assert!(o.is_exhausted());
     }

@@ -366,7 +366,11 @@ mod tests {
         });
         // a and b each wait for the other's file: they only finish if they run at the same time.
         let m = Arc::new(manifest(vec![
-            script("a", "touch a.up; while [ ! -e b.up ]; do sleep 0.05; done; echo \"$GREETING from $TETHER_WORKSPACE\"", ScriptTrigger::Start),
+            script(
+                "a",
+                "touch a.up; while [ ! -e b.up ]; do sleep 0.05; done; echo \"$GREETING from $TETHER_WORKSPACE\"",
+                ScriptTrigger::Start,
+            ),
             script("b", "touch b.up; while [ ! -e a.up ]; do sleep 0.05; done; exit 4", ScriptTrigger::Start),
             script("bye", "echo bye", ScriptTrigger::Stop),
             script("nightly", "echo never", ScriptTrigger::Cron),
@@ -374,14 +378,14 @@ mod tests {
         let results = run_phase(env.clone(), m.clone(), PhaseKind::Start, None, watch::channel(false).1).await;
         let ends: Vec<_> = results.iter().map(|r| (r.name.as_str(), r.run.end.clone())).collect();
         assert_eq!(ends, vec![("a", ScriptEnd::Exited(0)), ("b", ScriptEnd::Exited(4))]);
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("logs/build-9/a.log")).unwrap(),
-            "hello from ws1\n"
-        );
+        assert_eq!(std::fs::read_to_string(dir.path().join("logs/build-9/a.log")).unwrap(), "hello from ws1\n");
         let logs = outboxes.next_logs().unwrap();
         assert_eq!(logs.len(), 1);
-        assert_eq!((logs[0].seq, logs[0].build, logs[0].script.as_str(), logs[0].line.as_str()), (1, 9, "a", "hello from ws1"));
-        let events = outboxes.next_events().unwrap();
+        assert_eq!(
+            (logs[0].seq, logs[0].build, logs[0].script.as_str(), logs[0].line.as_str()),
+            (1, 9, "a", "hello from ws1")
+        );
+        let events = outboxes.next_events(false).unwrap();
         let spans: Vec<_> = events
             .iter()
             .map(|e| match &e.kind {
@@ -392,11 +396,12 @@ mod tests {
         assert_eq!(spans.len(), 2);
         assert!(spans.contains(&("script", "a", Some(0), tether_shared::SpanStatus::Ok)));
         assert!(spans.contains(&("script", "b", Some(4), tether_shared::SpanStatus::ExitFailure)));
+        outboxes.ack(tether_shared::proto::Channel::Events, events.last().unwrap().seq);
 
         let results = run_phase(env, m, PhaseKind::Stop, Some(Duration::from_secs(5)), watch::channel(false).1).await;
         assert_eq!(results.len(), 1);
         assert_eq!(verdict(PhaseKind::Stop, &results), (Lifecycle::Off, None));
-        let events = outboxes.next_events().unwrap();
+        let events = outboxes.next_events(false).unwrap();
         assert!(matches!(&events[0].kind, EventKind::Span(s) if s.stage == "stop_script" && s.name == "bye"));
     }
 }

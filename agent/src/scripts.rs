@@ -28,7 +28,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// The workspace user, as scripts see it.
 #[derive(Debug, Clone)]
 pub struct LocalUser {
-    /// The login shell from `/etc/passwd`, else `/bin/sh`.
+    /// The login shell from `/etc/passwd`, else `/bin/sh` (also instead of `nologin` or `false`).
     pub shell: PathBuf,
     /// `$HOME`, else the home directory from `/etc/passwd`, else `/`.
     pub home: PathBuf,
@@ -40,7 +40,8 @@ impl LocalUser {
         let shell = user
             .as_ref()
             .map(|u| u.shell.clone())
-            .filter(|s| s.is_absolute() && s.exists())
+            // Service accounts often have nologin or false as their shell: those cannot run scripts.
+            .filter(|s| s.is_absolute() && s.exists() && !s.ends_with("nologin") && !s.ends_with("false"))
             .unwrap_or_else(|| PathBuf::from("/bin/sh"));
         let home = std::env::var_os("HOME")
             .map(PathBuf::from)
@@ -130,7 +131,11 @@ enum Stop {
 }
 
 /// Runs one script to its end. `cancel` turning true kills the script's group (agent shutdown).
-pub async fn run<S: OutputSink + Send>(cmd: &ScriptCommand, sink: &mut S, mut cancel: watch::Receiver<bool>) -> ScriptRun {
+pub async fn run<S: OutputSink + Send>(
+    cmd: &ScriptCommand,
+    sink: &mut S,
+    mut cancel: watch::Receiver<bool>,
+) -> ScriptRun {
     let started = Instant::now();
     let mut command = tokio::process::Command::new(&cmd.shell);
     command
@@ -376,7 +381,8 @@ mod tests {
     async fn output_is_capped_and_the_child_never_blocks() {
         // About 5 MiB in 100-byte lines.
         let (r, lines) =
-            go("i=0; line=$(printf '%099d' 0); while [ $i -lt 52429 ]; do echo \"$line\"; i=$((i+1)); done", None).await;
+            go("i=0; line=$(printf '%099d' 0); while [ $i -lt 52429 ]; do echo \"$line\"; i=$((i+1)); done", None)
+                .await;
         assert_eq!(r.end, ScriptEnd::Exited(0), "the script ran to its end");
         let marker = crate::output::truncation_marker(limits::MAX_SCRIPT_OUTPUT);
         assert_eq!(lines.last().unwrap().1, marker);
@@ -384,6 +390,22 @@ mod tests {
         let kept: usize = lines[..lines.len() - 1].iter().map(|(_, l)| l.len() + 1).sum();
         assert!(kept as u64 <= limits::MAX_SCRIPT_OUTPUT);
         assert!(kept as u64 > limits::MAX_SCRIPT_OUTPUT - 200, "{kept}");
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_output_is_read_and_discarded() {
+        // 256 MiB of short lines: the first 1 MiB is kept, the rest read and dropped.
+        let (r, lines) = go("yes | head -c 268435456; exit 5", None).await;
+        assert_eq!(r.end, ScriptEnd::Exited(5));
+        let marker = crate::output::truncation_marker(limits::MAX_SCRIPT_OUTPUT);
+        assert_eq!(lines.len() as u64, limits::MAX_SCRIPT_OUTPUT / 2 + 1);
+        assert_eq!(lines.last().unwrap().1, marker);
+
+        // 256 MiB without a newline is one line, cut.
+        let (r, lines) = go("head -c 268435456 /dev/zero | tr '\\0' x", None).await;
+        assert_eq!(r.end, ScriptEnd::Exited(0));
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].1.ends_with(crate::output::LINE_CUT_MARKER));
     }
 
     #[tokio::test]

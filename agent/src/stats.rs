@@ -59,14 +59,20 @@ impl Stats {
         }
         hb.uptime_s = System::uptime().unwrap_or(0);
         if let Ok(fs) = nix::sys::statvfs::statvfs(&self.home) {
-            let unit = u64::from(fs.fragment_size());
-            let blocks = u64::from(fs.blocks());
-            let free = u64::from(fs.blocks_free());
-            hb.disk_total = blocks.saturating_mul(unit);
-            hb.disk_used = blocks.saturating_sub(free).saturating_mul(unit);
+            (hb.disk_used, hb.disk_total) = disk_space(&fs);
         }
         hb
     }
+}
+
+/// (used, total) bytes, as `df` counts them.
+// The statvfs field types differ between platforms; on 64-bit Linux they are already u64.
+#[allow(clippy::useless_conversion)]
+fn disk_space(fs: &nix::sys::statvfs::Statvfs) -> (u64, u64) {
+    let unit = u64::from(fs.fragment_size());
+    let blocks = u64::from(fs.blocks());
+    let free = u64::from(fs.blocks_free());
+    (blocks.saturating_sub(free).saturating_mul(unit), blocks.saturating_mul(unit))
 }
 
 /// CPUs the cgroup allows, when it sets a quota.

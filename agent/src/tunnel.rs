@@ -5,7 +5,7 @@
 //! watch channels and carries whatever the [`Outboxes`] hold. It only ends on its own when the
 //! coordinator rejects the agent for good (bad token, version mismatch), or when asked to drain.
 
-use crate::outbox::Outboxes;
+use crate::outbox::{Outboxes, LOGS_FIRST_GRACE};
 use crate::phase::truncate;
 use crate::stats::Stats;
 use quinn::{ConnectionError, RecvStream, SendStream};
@@ -15,8 +15,8 @@ use std::time::Duration;
 use tether_shared::backoff::Backoff;
 use tether_shared::frame::{self, FrameError};
 use tether_shared::proto::{
-    AgentMessage, CoordinatorMessage, EventBatch, Hello, HelloReply, InvalidMessage, LogBatch, Manifest,
-    RejectCode, PROTOCOL_VERSION,
+    AgentMessage, CoordinatorMessage, EventBatch, Hello, HelloReply, InvalidMessage, LogBatch, Manifest, RejectCode,
+    PROTOCOL_VERSION,
 };
 use tether_shared::{io, limits, tls};
 use tokio::sync::watch;
@@ -64,8 +64,15 @@ pub struct TunnelLinks {
     pub manifests: watch::Sender<Option<FetchedManifest>>,
     /// Set when the coordinator sends `Shutdown`.
     pub shutdown: watch::Sender<Option<String>>,
-    /// Set by the agent once it is ready to leave, with the goodbye reason.
-    pub drain: watch::Receiver<Option<String>>,
+    /// Set by the agent once it is ready to leave.
+    pub drain: watch::Receiver<Option<DrainRequest>>,
+}
+
+/// The agent is leaving: deliver what is unacknowledged until `deadline`, then say goodbye.
+#[derive(Debug, Clone)]
+pub struct DrainRequest {
+    pub reason: String,
+    pub deadline: Instant,
 }
 
 /// Why the tunnel gave up for good.
@@ -96,6 +103,10 @@ enum LinkError {
     Frame(#[from] FrameError),
     #[error("coordinator turned the agent away ({code:?}): {message}")]
     Refused { code: RejectCode, message: String },
+    #[error("coordinator could not store events: {0}")]
+    EventsRefused(String),
+    #[error("coordinator could not give the manifest: {0}")]
+    NoManifest(String),
     #[error("coordinator sent an invalid manifest: {0}")]
     InvalidManifest(InvalidMessage),
     #[error("coordinator asked the agent to reconnect")]
@@ -115,6 +126,11 @@ enum SessionEnd {
 struct Session {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    streams: Streams,
+}
+
+/// The control and log streams of a welcomed connection, and the heartbeat it asked for.
+struct Streams {
     control_send: SendStream,
     control_recv: RecvStream,
     log_send: SendStream,
@@ -144,13 +160,13 @@ impl Tunnel {
         self.manifests = manifests;
         self.shutdown = shutdown;
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        let outboxes = self.outboxes.clone();
         loop {
-            if drain.borrow_and_update().is_some() {
-                return Ok(());
-            }
+            // Leaving: reconnect only to deliver what is still unacknowledged, and only until the
+            // drain deadline.
             let attempt = tokio::select! {
                 r = self.establish(&mut backoff) => r,
-                _ = drain_requested(&mut drain) => return Ok(()),
+                _ = drain_gives_up(&mut drain, &outboxes) => return Ok(()),
             };
             let delay = match attempt {
                 Ok(session) => match self.serve(session, &mut drain).await {
@@ -180,7 +196,7 @@ impl Tunnel {
             };
             tokio::select! {
                 _ = sleep(delay) => {}
-                _ = drain_requested(&mut drain) => return Ok(()),
+                _ = drain_gives_up(&mut drain, &outboxes) => return Ok(()),
             }
         }
     }
@@ -196,7 +212,24 @@ impl Tunnel {
         let connecting = endpoint.connect_with(self.config.client.clone(), addr, tls::SERVER_NAME)?;
         let conn = timeout(HANDSHAKE_TIMEOUT, connecting).await.map_err(|_| LinkError::Timeout("tls handshake"))??;
         tracing::debug!(addr = %addr, "quic connection established");
+        match self.greet(&conn, backoff).await {
+            Ok(streams) => Ok(Session { endpoint, conn, streams }),
+            Err(e @ LinkError::Refused { .. }) => {
+                // Say we read the answer, so the coordinator need not wait for us to go.
+                conn.close(0u32.into(), b"rejected");
+                let _ = timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
+                Err(e)
+            }
+            // A stream error usually stands for the connection's own reason, which says more.
+            Err(e @ (LinkError::Frame(_) | LinkError::StreamClosed(_) | LinkError::Timeout(_))) => {
+                Err(conn.close_reason().map_or(e, LinkError::Connection))
+            }
+            Err(e) => Err(e),
+        }
+    }
 
+    /// Hello, welcome, manifest and the log stream on a fresh connection.
+    async fn greet(&mut self, conn: &quinn::Connection, backoff: &mut Backoff) -> Result<Streams, LinkError> {
         let (mut control_send, mut control_recv) = conn.open_bi().await?;
         let hello = Hello {
             token: self.config.token.clone(),
@@ -243,6 +276,10 @@ impl Tunnel {
                     CoordinatorMessage::Reconnect { within_ms } => {
                         return Err(LinkError::ReconnectAsked(reconnect_window(within_ms)))
                     }
+                    // The coordinator could not build the manifest: waiting longer will not help.
+                    CoordinatorMessage::Error { message } => {
+                        return Err(LinkError::NoManifest(truncate(message, limits::MAX_TEXT)))
+                    }
                     other => handle_message(other, &self.outboxes, &self.shutdown),
                 }
             }
@@ -253,10 +290,8 @@ impl Tunnel {
         let fetch_ended = Instant::now();
         tracing::info!(build = manifest.build, scripts = manifest.scripts.len(), "manifest fetched");
 
-        let (mut log_send, log_recv) = conn.open_bi().await?;
-        // A QUIC stream reaches the peer with its first bytes: an empty batch announces the log stream
-        // at once instead of with the first script output.
-        io::write_msg(&mut log_send, &LogBatch { lines: Vec::new() }).await?;
+        // The peer learns of this stream with its first batch; nothing is sent just to announce it.
+        let (log_send, log_recv) = conn.open_bi().await?;
 
         self.manifests.send_replace(Some(FetchedManifest {
             manifest: Arc::new(manifest),
@@ -265,13 +300,13 @@ impl Tunnel {
             fetch_ended,
         }));
         let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);
-        Ok(Session { endpoint, conn, control_send, control_recv, log_send, log_recv, heartbeat })
+        Ok(Streams { control_send, control_recv, log_send, log_recv, heartbeat })
     }
 
     /// Runs a welcomed connection until it ends.
-    async fn serve(&mut self, session: Session, drain: &mut watch::Receiver<Option<String>>) -> SessionEnd {
-        let Session { endpoint, conn, mut control_send, mut control_recv, mut log_send, mut log_recv, heartbeat } =
-            session;
+    async fn serve(&mut self, session: Session, drain: &mut watch::Receiver<Option<DrainRequest>>) -> SessionEnd {
+        let Session { endpoint, conn, streams } = session;
+        let Streams { mut control_send, mut control_recv, mut log_send, mut log_recv, heartbeat } = streams;
         let end = {
             let outboxes = &*self.outboxes;
             let shutdown = &self.shutdown;
@@ -330,18 +365,24 @@ async fn control_writer(
     outboxes: &Outboxes,
     stats: &mut Stats,
     heartbeat: Duration,
-    drain: &mut watch::Receiver<Option<String>>,
+    drain: &mut watch::Receiver<Option<DrainRequest>>,
 ) -> Result<(), LinkError> {
     let mut beat = tokio::time::interval(heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining: Option<(String, Instant)> = None;
+    // When events on this connection started waiting for log lines to be stored.
+    let mut held_since: Option<Instant> = None;
     loop {
         if draining.is_none() {
-            if let Some(reason) = drain.borrow_and_update().clone() {
-                draining = Some((reason, Instant::now() + DRAIN_TIMEOUT));
+            if let Some(request) = drain.borrow_and_update().clone() {
+                draining = Some((request.reason, request.deadline));
             }
         }
-        while let Some(events) = outboxes.next_events() {
+        let held = outboxes.events_held();
+        let now = Instant::now();
+        held_since = held.then(|| held_since.unwrap_or(now));
+        let past_barrier = held_since.is_some_and(|t| now >= t + LOGS_FIRST_GRACE) || draining.is_some();
+        if let Some(events) = outboxes.next_events(past_barrier) {
             io::write_msg(send, &AgentMessage::Events(EventBatch { events })).await?;
         }
         if let Some((reason, deadline)) = &draining {
@@ -358,7 +399,9 @@ async fn control_writer(
             }
         }
         let drain_deadline = draining.as_ref().map(|(_, d)| *d);
+        let barrier_deadline = held_since.map(|t| t + LOGS_FIRST_GRACE);
         tokio::select! {
+            _ = until(barrier_deadline), if barrier_deadline.is_some_and(|d| d > now) => {}
             _ = beat.tick() => {
                 let hb = stats.sample(tether_shared::now_ms());
                 io::write_msg(send, &AgentMessage::Heartbeat(hb)).await?;
@@ -408,6 +451,11 @@ async fn reader(
         };
         match msg {
             CoordinatorMessage::Reconnect { within_ms } => return SessionEnd::Reconnect(reconnect_window(within_ms)),
+            CoordinatorMessage::Error { message } if outboxes.events_in_flight() => {
+                // Most likely the answer to the event batch in flight: it was not stored. Start over
+                // on a new connection, whose welcome says exactly what was.
+                return SessionEnd::Lost(LinkError::EventsRefused(truncate(message, limits::MAX_TEXT)));
+            }
             CoordinatorMessage::Manifest(m) => {
                 // Not expected after the fetch, but a pushed manifest is still the newest word.
                 if let Err(e) = m.validate() {
@@ -456,15 +504,23 @@ fn reconnect_window(within_ms: u64) -> Duration {
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
-    let mut addrs = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|source| LinkError::Resolve { addr: addr.to_string(), source })?;
+    let mut addrs =
+        tokio::net::lookup_host(addr).await.map_err(|source| LinkError::Resolve { addr: addr.to_string(), source })?;
     addrs.next().ok_or_else(|| LinkError::NoAddress(addr.to_string()))
 }
 
-async fn drain_requested(drain: &mut watch::Receiver<Option<String>>) {
-    // A dropped sender means the agent is gone: stop too.
-    let _ = drain.wait_for(Option::is_some).await;
+/// Completes when the agent is leaving and there is nothing left to deliver, or no time left to.
+async fn drain_gives_up(drain: &mut watch::Receiver<Option<DrainRequest>>, outboxes: &Outboxes) {
+    let request = match drain.wait_for(Option::is_some).await {
+        Ok(request) => request.clone(),
+        // The agent is gone: stop too.
+        Err(_) => return,
+    };
+    if let Some(request) = request {
+        if !outboxes.all_acked() {
+            sleep_until(request.deadline).await;
+        }
+    }
 }
 
 async fn until(t: Option<Instant>) {
@@ -490,7 +546,7 @@ fn describe_connection_error(e: &ConnectionError) -> String {
             c.error_code,
             truncate(String::from_utf8_lossy(&c.reason).into_owned(), limits::MAX_TEXT)
         ),
-        ConnectionError::TimedOut => "the coordinator stopped answering (idle timeout)".to_string(),
+        ConnectionError::TimedOut => "the coordinator did not answer in time (quic idle timeout)".to_string(),
         other => other.to_string(),
     }
 }
@@ -510,7 +566,10 @@ mod tests {
             "tls handshake with the coordinator failed: invalid peer certificate: UnknownIssuer \
              (check that --ca / --ca-sha256 names the coordinator's CA)"
         );
-        assert_eq!(describe_connection_error(&ConnectionError::TimedOut), "the coordinator stopped answering (idle timeout)");
+        assert_eq!(
+            describe_connection_error(&ConnectionError::TimedOut),
+            "the coordinator did not answer in time (quic idle timeout)"
+        );
     }
 
     #[test]

@@ -40,7 +40,8 @@ fn pki() -> Pki {
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![tls::SERVER_NAME.to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    let leaf =
+        CertificateParams::new(vec![tls::SERVER_NAME.to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
     Pki { ca: ca.der().clone(), chain: vec![leaf.der().clone(), ca.der().clone()], key: leaf_key.serialize_der() }
 }
 
@@ -122,7 +123,8 @@ enum Seen {
 struct Session {
     conn: quinn::Connection,
     control: SendStream,
-    log: SendStream,
+    /// Log acknowledgements to write on the log stream (which exists once the first batch came).
+    log_acks: mpsc::UnboundedSender<u64>,
     seen: mpsc::UnboundedReceiver<Seen>,
 }
 
@@ -135,7 +137,6 @@ impl Handshake {
         assert_eq!(msg, AgentMessage::FetchManifest);
         bytes = frame::encode(&CoordinatorMessage::Manifest(manifest)).unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut self.send, &bytes).await.unwrap();
-        let (log_send, mut log_recv) = timeout(DEADLINE, self.conn.accept_bi()).await.unwrap().unwrap();
         let (tx, seen) = mpsc::unbounded_channel();
         let mut control_recv = self.recv;
         let control_tx = tx.clone();
@@ -160,14 +161,39 @@ impl Handshake {
                 }
             }
         });
+        // The log stream shows up with the agent's first log batch, if any.
+        let (log_acks, mut acks) = mpsc::unbounded_channel::<u64>();
+        let conn = self.conn.clone();
         tokio::spawn(async move {
-            let mut buf = Vec::new();
-            while let Ok(Some(batch)) = io::read_msg::<LogBatch, _>(&mut log_recv, &mut buf).await {
-                batch.validate().unwrap();
-                let _ = tx.send(Seen::Logs(batch.lines));
+            let Ok((mut log_send, mut log_recv)) = conn.accept_bi().await else { return };
+            let (batches_tx, mut batches) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Ok(Some(batch)) = io::read_msg::<LogBatch, _>(&mut log_recv, &mut buf).await {
+                    batch.validate().unwrap();
+                    assert!(!batch.lines.is_empty(), "no empty batches");
+                    let _ = batches_tx.send(batch.lines);
+                }
+            });
+            loop {
+                tokio::select! {
+                    lines = batches.recv() => match lines {
+                        Some(lines) => { let _ = tx.send(Seen::Logs(lines)); }
+                        None => return,
+                    },
+                    seq = acks.recv() => match seq {
+                        Some(seq) => {
+                            let ack = CoordinatorMessage::Ack { channel: Channel::Logs, seq };
+                            if io::write_msg(&mut log_send, &ack).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                }
             }
         });
-        Session { conn: self.conn, control: self.send, log: log_send, seen }
+        Session { conn: self.conn, control: self.send, log_acks, seen }
     }
 }
 
@@ -176,8 +202,8 @@ impl Session {
         io::write_msg(&mut self.control, &msg).await.unwrap();
     }
 
-    async fn ack_logs(&mut self, seq: u64) {
-        io::write_msg(&mut self.log, &CoordinatorMessage::Ack { channel: Channel::Logs, seq }).await.unwrap();
+    fn ack_logs(&mut self, seq: u64) {
+        let _ = self.log_acks.send(seq);
     }
 
     /// The coordinator goes away.
@@ -225,9 +251,9 @@ impl Record {
     }
 }
 
-/// The start phase is over and fully reported (the "ready" span comes last).
+/// The start phase is over and fully reported (its final lifecycle comes last).
 fn started(r: &Record) -> bool {
-    r.span("agent", "ready").is_some()
+    r.lifecycles().iter().any(|l| l.start_finished())
 }
 
 /// Reads from the session, acknowledging everything, until `done` holds.
@@ -245,7 +271,7 @@ async fn pump(s: &mut Session, rec: &mut Record, ack: bool, done: impl Fn(&Recor
                 if let Some(last) = lines.last().map(|l| l.seq) {
                     rec.logs.extend(lines);
                     if ack {
-                        s.ack_logs(last).await;
+                        s.ack_logs(last);
                     }
                 }
             }
@@ -299,8 +325,15 @@ impl RunningAgent {
     }
 
     async fn signal(mut self) -> Exit {
-        let _ = self.stop.take().unwrap().send(());
+        self.stop();
         self.exit().await
+    }
+
+    /// Sends the stop signal without waiting.
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
@@ -318,15 +351,18 @@ async fn full_life_of_a_build() {
     let hs = coord.hello().await;
     assert_eq!(hs.hello.token, TOKEN);
     assert_eq!(hs.hello.agent_version, env!("CARGO_PKG_VERSION"));
-    let m = manifest(1, work.path(), vec![
-        script("install-deps", "echo \"hello $MARKER in $TETHER_WORKSPACE\"; echo oops >&2", ScriptTrigger::Start),
-        script("flush", "echo bye > flushed", ScriptTrigger::Stop),
-        script("nightly", "touch cron-ran", ScriptTrigger::Cron),
-    ]);
+    let m = manifest(
+        1,
+        work.path(),
+        vec![
+            script("install-deps", "echo \"hello $MARKER in $TETHER_WORKSPACE\"; echo oops >&2", ScriptTrigger::Start),
+            script("flush", "echo bye > flushed", ScriptTrigger::Stop),
+            script("nightly", "touch cron-ran", ScriptTrigger::Cron),
+        ],
+    );
     let mut s = hs.serve(welcome(1, 0, 0), m).await;
     let mut rec = Record::default();
-    pump(&mut s, &mut rec, true, |r| started(r) && r.logs.len() >= 2 && r.heartbeats >= 2)
-        .await;
+    pump(&mut s, &mut rec, true, |r| started(r) && r.logs.len() >= 2 && r.heartbeats >= 2).await;
 
     assert_eq!(rec.lifecycles(), vec![Lifecycle::Created, Lifecycle::Starting, Lifecycle::Ready]);
     let seqs: Vec<u64> = rec.events.iter().map(|e| e.seq).collect();
@@ -391,41 +427,49 @@ async fn busy_is_retried_and_unacked_items_are_resent() {
     let busy = HelloReply::Rejected { code: RejectCode::Busy, message: "try later".into() };
     io::write_msg(&mut hs.send, &busy).await.unwrap();
 
-    // Second attempt: welcomed, receives events, acknowledges only the first two, then drops.
+    // Second attempt: welcomed; acknowledges nothing. Events go one batch at a time, so only the
+    // first batch comes; log lines keep flowing.
     let hs = coord.hello().await;
     let first_instance = hs.hello.instance;
     let m = manifest(5, work.path(), vec![script("seed", "echo seeded", ScriptTrigger::Start)]);
     let mut s = hs.serve(welcome(5, 0, 0), m.clone()).await;
     let mut rec = Record::default();
-    pump(&mut s, &mut rec, false, |r| started(r) && !r.logs.is_empty()).await;
-    // Acknowledge part, then go away; the next welcome says a little more was stored.
-    s.send(CoordinatorMessage::Ack { channel: Channel::Events, seq: 2 }).await;
-    s.close();
+    pump(&mut s, &mut rec, false, |r| !r.events.is_empty() && !r.logs.is_empty()).await;
+    assert_eq!(rec.events[0].seq, 1);
+    // The coordinator could not store that batch: it says so and keeps the connection.
+    s.send(CoordinatorMessage::Error { message: "database is locked".into() }).await;
 
-    // Third connection: same agent process, so the same instance; the welcome says 3 events and no
-    // logs are stored, and the agent resends from there, once.
+    // Third connection: the agent left the one where its events were refused. Same agent process,
+    // so the same instance; the welcome says 2 events and no logs are stored, and the agent resends
+    // everything after that, once.
     let hs = coord.hello().await;
     assert_eq!(hs.hello.instance, first_instance);
-    let mut s = hs.serve(welcome(5, 3, 0), m).await;
+    let mut s = hs.serve(welcome(5, 2, 0), m).await;
     let mut again = Record::default();
-    let total = rec.events.len();
-    pump(&mut s, &mut again, true, |r| r.events.len() + 3 >= total && !r.logs.is_empty()).await;
+    pump(&mut s, &mut again, true, |r| started(r) && !r.logs.is_empty()).await;
     let resent: Vec<u64> = again.events.iter().map(|e| e.seq).collect();
-    assert_eq!(resent, (4..=total as u64).collect::<Vec<_>>());
+    assert_eq!(resent, (3..3 + resent.len() as u64).collect::<Vec<_>>(), "from 3, each once, in order");
+    assert_eq!(again.lifecycles(), vec![Lifecycle::Created, Lifecycle::Starting, Lifecycle::Ready]);
+    assert!(again.span("script", "seed").is_some());
+    assert!(again.span("agent", "connect").is_none(), "stored already: not resent");
     assert_eq!(again.logs[0].seq, 1);
     assert_eq!(again.logs[0].line, "seeded");
+    let total = resent.last().copied().unwrap();
 
     // Same build on reconnect: the start scripts do not run again; the only new events are the
     // shutdown's.
     s.send(CoordinatorMessage::Shutdown { reason: "done".into() }).await;
     pump(&mut s, &mut again, true, |r| r.goodbye.is_some()).await;
     assert_eq!(agent.exit().await, Exit::Stopped);
-    let new: Vec<&EventKind> = again.events.iter().filter(|e| e.seq > total as u64).map(|e| &e.kind).collect();
+    let new: Vec<&EventKind> = again.events.iter().filter(|e| e.seq > total).map(|e| &e.kind).collect();
     assert!(
-        matches!(new[..], [
-            EventKind::Lifecycle { state: Lifecycle::ShuttingDown, .. },
-            EventKind::Lifecycle { state: Lifecycle::Off, .. }
-        ]),
+        matches!(
+            new[..],
+            [
+                EventKind::Lifecycle { state: Lifecycle::ShuttingDown, .. },
+                EventKind::Lifecycle { state: Lifecycle::Off, .. }
+            ]
+        ),
         "{new:?}"
     );
     assert_eq!(again.logs.iter().filter(|l| l.line == "seeded").count(), 1);
@@ -438,25 +482,29 @@ async fn restarted_agent_does_not_rerun_start_scripts_for_the_same_build() {
     let work = tempfile::tempdir().unwrap();
     let m = manifest(7, work.path(), vec![script("count", "echo run >> runs", ScriptTrigger::Start)]);
 
-    let agent = start_agent(coord.config(data.path(), coord.pin()));
+    let mut agent = start_agent(coord.config(data.path(), coord.pin()));
     let mut s = coord.hello().await.serve(welcome(7, 0, 0), m.clone()).await;
     let mut rec = Record::default();
     pump(&mut s, &mut rec, true, started).await;
-    // A SIGTERM-style stop runs the (absent) stop scripts: state becomes off. Make it "ready" again
-    // to model an agent that was killed without a shutdown.
-    s.close();
-    assert_eq!(agent.signal().await, Exit::Stopped);
+    // A SIGTERM-style stop runs the (absent) stop scripts and says goodbye: state becomes off.
+    agent.stop();
+    pump(&mut s, &mut rec, true, |r| r.goodbye.is_some()).await;
+    assert_eq!(rec.goodbye.as_deref(), Some("test stop"));
+    assert_eq!(agent.exit().await, Exit::Stopped);
+    assert_eq!(read_state(data.path()), "{\"build\":7,\"lifecycle\":\"off\"}\n");
+    // Make it "ready" again to model an agent that was killed without a shutdown.
     std::fs::write(data.path().join("state.json"), "{\"build\":7,\"lifecycle\":\"ready\"}").unwrap();
 
-    let agent = start_agent(coord.config(data.path(), coord.pin()));
+    let mut agent = start_agent(coord.config(data.path(), coord.pin()));
     let mut s = coord.hello().await.serve(welcome(7, 0, 0), m).await;
     let mut rec = Record::default();
     pump(&mut s, &mut rec, true, |r| !r.lifecycles().is_empty()).await;
     assert_eq!(rec.lifecycles(), vec![Lifecycle::Ready], "re-reported, not restarted");
     assert!(rec.span("agent", "connect").is_none(), "no start phase, no connect span");
     assert_eq!(std::fs::read_to_string(work.path().join("runs")).unwrap(), "run\n");
-    s.close();
-    assert_eq!(agent.signal().await, Exit::Stopped);
+    agent.stop();
+    pump(&mut s, &mut rec, true, |r| r.goodbye.is_some()).await;
+    assert_eq!(agent.exit().await, Exit::Stopped);
 }
 
 #[tokio::test]
@@ -480,8 +528,33 @@ async fn failing_and_timed_out_start_scripts() {
     assert_eq!(ready.status, SpanStatus::TimedOut);
     let slow = rec.span("script", "warm-cache").unwrap();
     assert_eq!((slow.status, slow.exit_code), (SpanStatus::TimedOut, None));
+    s.send(CoordinatorMessage::Shutdown { reason: "stop".into() }).await;
+    pump(&mut s, &mut rec, true, |r| r.goodbye.is_some()).await;
+    assert_eq!(agent.exit().await, Exit::Stopped);
+}
+
+#[tokio::test]
+async fn final_events_are_delivered_on_a_new_connection_while_leaving() {
+    let coord = FakeCoordinator::start();
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let m = manifest(4, work.path(), vec![script("bye", "sleep 0.2", ScriptTrigger::Stop)]);
+    let mut agent = start_agent(coord.config(data.path(), coord.pin()));
+    let mut s = coord.hello().await.serve(welcome(4, 0, 0), m.clone()).await;
+    let mut rec = Record::default();
+    pump(&mut s, &mut rec, true, started).await;
+    let stored = rec.events.last().unwrap().seq;
+
+    // SIGTERM, and the coordinator drops the connection while the stop script runs.
+    agent.stop();
     s.close();
-    assert_eq!(agent.signal().await, Exit::Stopped);
+    let mut s = coord.hello().await.serve(welcome(4, stored, 0), m).await;
+    let mut after = Record::default();
+    pump(&mut s, &mut after, true, |r| r.goodbye.is_some()).await;
+    assert_eq!(agent.exit().await, Exit::Stopped);
+    assert_eq!(after.lifecycles(), vec![Lifecycle::ShuttingDown, Lifecycle::Off]);
+    assert_eq!(after.events[0].seq, stored + 1);
+    assert_eq!(after.span("stop_script", "bye").unwrap().status, SpanStatus::Ok);
 }
 
 #[tokio::test]
@@ -499,7 +572,10 @@ async fn shutdown_during_start_kills_the_start_scripts() {
     s.send(CoordinatorMessage::Shutdown { reason: "stop".into() }).await;
     pump(&mut s, &mut rec, true, |r| r.goodbye.is_some()).await;
     assert_eq!(agent.exit().await, Exit::Stopped);
-    assert_eq!(rec.lifecycles(), vec![Lifecycle::Created, Lifecycle::Starting, Lifecycle::ShuttingDown, Lifecycle::Off]);
+    assert_eq!(
+        rec.lifecycles(),
+        vec![Lifecycle::Created, Lifecycle::Starting, Lifecycle::ShuttingDown, Lifecycle::Off]
+    );
     assert_eq!(rec.span("script", "server").unwrap().status, SpanStatus::Error);
     let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     let gone = || {
