@@ -707,7 +707,10 @@ impl Engine {
         let _guard = self.lock(id).await;
         let Ok(mut row) = self.reload(id).await else { return };
         info!(workspace = %row.name, reason = %reason, "agent said goodbye");
-        if status::expects_agent(row.status) {
+        // An agent that shut down on its own (SIGTERM in the workspace) shows `stopping` while its
+        // stop scripts run; with no stop request of ours to finish the job, its goodbye does.
+        let own_shutdown = row.status == WorkspaceStatus::Stopping && row.op.is_none();
+        if status::expects_agent(row.status) || own_shutdown {
             let shut_down = row.lifecycle.is_some_and(|l| l.rank() >= Lifecycle::ShuttingDown.rank());
             let result = if shut_down {
                 self.set_status(&mut row, WorkspaceStatus::Stopped, &format!("agent shut down: {reason}")).await

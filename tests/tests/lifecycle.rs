@@ -216,3 +216,97 @@ start = "echo pulling image; echo 'image not found: example/dev:latest' >&2; exi
     let logs = c.logs("cmd");
     assert!(logs.contains(&("provision:start".into(), "pulling image".into())), "{logs:?}");
 }
+
+#[test]
+fn the_printed_agent_command_works_as_given_and_a_clean_exit_stops_the_workspace() {
+    let c = Coordinator::start();
+    let created = c.create(
+        "ext",
+        r#"
+[[script]]
+name = "setup"
+run = "echo up"
+blocks_login = true
+
+[[script]]
+name = "goodbye"
+run = "echo going"
+on = "stop"
+"#,
+        &[],
+    );
+    // `create` prints the exact command to run anywhere: the token and the CA pinned by fingerprint.
+    let command = created["agent_command"].as_str().unwrap();
+    let (env, rest) = command.split_once(' ').unwrap();
+    let token = env.strip_prefix("TETHER_AGENT_TOKEN=").unwrap();
+    let args: Vec<&str> = rest.split_whitespace().collect();
+    assert_eq!(args[0], "tether-agent");
+    assert_eq!(&args[1..4], &["--coordinator", c.agent_addr().as_str(), "--ca-sha256"]);
+    let dir = c.data_dir().join("agent-ext");
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+    let mut agent = std::process::Command::new(tether_tests::bin("tether-agent"))
+        .args(&args[1..])
+        .env("TETHER_AGENT_TOKEN", token)
+        .env("TETHER_AGENT_DATA_DIR", &dir)
+        .env_remove("TETHER_CA")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    assert_eq!(c.wait_for("ext", "running,unhealthy", LONG)["status"], "running");
+
+    // SIGTERM: the agent runs its stop scripts, says goodbye and exits 0; no heartbeat timeout.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(agent.wait().unwrap().success(), "agent exits 0 on SIGTERM");
+    let w = c.wait_for("ext", "stopped,unhealthy", LONG);
+    assert_eq!(w["status"], "stopped", "{w}");
+    assert!(w["status_reason"].as_str().unwrap().starts_with("agent shut down"), "{w}");
+    assert_eq!(w["lifecycle"], "off");
+    let logs = c.logs("ext");
+    assert!(logs.contains(&("goodbye".into(), "going".into())), "{logs:?}");
+}
+
+#[test]
+fn logs_follow_prints_lines_as_the_script_writes_them() {
+    let c = Coordinator::start();
+    let created = c.create(
+        "tail",
+        r#"
+[[script]]
+name = "build"
+run = "for i in 1 2 3 4 5; do echo step $i; sleep 0.3; done; echo build finished"
+"#,
+        &[],
+    );
+    let mut follow = std::process::Command::new(tether_tests::bin("tether"))
+        .arg("--data-dir")
+        .arg(c.data_dir())
+        .args(["workspace", "logs", "tail", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let token = created["agent_token"].as_str().unwrap();
+    let _agent = Agent::start(&c, token, &c.data_dir().join("agent-tail"));
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.ends_with("[build] build finished")) {
+        match rx.recv_timeout(LONG) {
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no more lines from logs --follow ({e}); got {seen:?}"),
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let steps: Vec<&String> = seen.iter().filter(|l| l.contains("[build] step")).collect();
+    assert_eq!(steps.len(), 5, "{seen:?}");
+}
