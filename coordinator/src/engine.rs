@@ -443,7 +443,21 @@ impl Engine {
                     let message = format!("{what} failed: {e}");
                     warn!(workspace = %row.name, error = %e, "{what} failed");
                     self.store.set_last_error(id, Some(&message)).await?;
-                    self.set_status(&mut row, previous.0, &previous.1).await?;
+                    // Back to the status it had, unless that would now be a lie: an agent that
+                    // already shut down leaves nothing running.
+                    let agent_left = status::expects_agent(previous.0)
+                        && previous.0 != WorkspaceStatus::Unhealthy
+                        && !self.live().agents.contains_key(&id);
+                    if agent_left {
+                        self.set_status(
+                            &mut row,
+                            WorkspaceStatus::Unhealthy,
+                            &format!("{message}; the agent has shut down"),
+                        )
+                        .await?;
+                    } else {
+                        self.set_status(&mut row, previous.0, &previous.1).await?;
+                    }
                 }
             }
             Ok::<_, OpError>(())

@@ -310,3 +310,30 @@ run = "for i in 1 2 3 4 5; do echo step $i; sleep 0.3; done; echo build finished
     let steps: Vec<&String> = seen.iter().filter(|l| l.contains("[build] step")).collect();
     assert_eq!(steps.len(), 5, "{seen:?}");
 }
+
+#[test]
+fn a_failed_stop_is_recorded_and_never_leaves_a_false_running() {
+    let c = Coordinator::start();
+    // The command provisioner starts a real agent in the background, as `docker run -d` would.
+    let template = r#"
+provisioner = "command"
+heartbeat_timeout = "4s"
+[command]
+start = "D=$(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE; mkdir -p $D; TETHER_AGENT_DATA_DIR=$D $TETHER_AGENT_BINARY > $D.log 2>&1 < /dev/null &"
+stop = "echo 'cannot reach the docker daemon' >&2; exit 1"
+[[script]]
+name = "setup"
+run = "echo up"
+blocks_login = true
+"#;
+    c.create("cmdws", template, &["--start"]);
+    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
+    c.ok(&["workspace", "stop", "cmdws"]);
+    let w = c.wait_for("cmdws", "running,unhealthy,stopped", LONG);
+    assert_eq!(w["last_error"], "stop failed: stop command exited with code 1: cannot reach the docker daemon", "{w}");
+    // The agent ran its stop scripts and left, so the workspace is not shown as running.
+    assert_eq!(w["status"], "unhealthy", "{w}");
+    assert!(w["status_reason"].as_str().unwrap().ends_with("the agent has shut down"), "{w}");
+    let spans = c.timings("cmdws");
+    assert_eq!(span(&spans, "provision", "stop command")["exit_code"], 1);
+}
