@@ -305,6 +305,20 @@ pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Dura
     }
 }
 
+/// After a start, stop or delete: optionally wait for the workspace to settle, then print it.
+async fn settle(client: &Client, name: &str, w: WorkspaceView, until: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let w = match until {
+        Some(statuses) => wait_for(client, name, statuses, Duration::from_secs(3600)).await?,
+        None => w,
+    };
+    if json {
+        print_json(&w)
+    } else {
+        print_workspace(&w);
+        Ok(())
+    }
+}
+
 pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()> {
     match cmd {
         WorkspaceCmd::Create { name, template, owner, start, json } => {
@@ -323,40 +337,16 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             }
         }
         WorkspaceCmd::Start { name, wait, json } => {
-            let mut w: WorkspaceView =
-                client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
-            if wait {
-                w = wait_for(client, &name, "running,unhealthy,failed", Duration::from_secs(3600)).await?;
-            }
-            if json {
-                print_json(&w)?
-            } else {
-                print_workspace(&w)
-            }
+            let w = client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
+            settle(client, &name, w, wait.then_some("running,unhealthy,failed"), json).await?;
         }
         WorkspaceCmd::Stop { name, wait, json } => {
-            let mut w: WorkspaceView =
-                client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
-            if wait {
-                w = wait_for(client, &name, "stopped,failed,running,unhealthy", Duration::from_secs(3600)).await?;
-            }
-            if json {
-                print_json(&w)?
-            } else {
-                print_workspace(&w)
-            }
+            let w = client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
+            settle(client, &name, w, wait.then_some("stopped,failed,running,unhealthy"), json).await?;
         }
         WorkspaceCmd::Delete { name, wait, json } => {
-            let mut w: WorkspaceView = client.delete(&format!("/workspaces/{}", enc(&name))).await?;
-            if wait {
-                w = wait_for(client, &name, "deleted,running,unhealthy,stopped,failed", Duration::from_secs(3600))
-                    .await?;
-            }
-            if json {
-                print_json(&w)?
-            } else {
-                print_workspace(&w)
-            }
+            let w = client.delete(&format!("/workspaces/{}", enc(&name))).await?;
+            settle(client, &name, w, wait.then_some("deleted,running,unhealthy,stopped,failed"), json).await?;
         }
         WorkspaceCmd::List { status, all, json } => {
             let mut path = format!("/workspaces?all={all}");

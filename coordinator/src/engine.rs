@@ -243,10 +243,7 @@ impl Engine {
             self.store.set_waiting_since(row.id, Some(now)).await?;
             self.live().liveness.await_agent(row.id, Instant::now(), template.connection_timeout);
             row = self.reload(row.id).await?;
-            let command = format!(
-                "TETHER_AGENT_TOKEN={token} tether-agent --coordinator {} --ca-sha256 {}",
-                self.config.agent_coordinator_addr, self.pki.fingerprint
-            );
+            let command = self.agent_command(&token);
             info!(workspace = %name, provisioner = "external", "created");
             self.bump();
             return Ok(Created { view: self.view(&row), agent_token: Some(token), agent_command: Some(command) });
@@ -399,6 +396,15 @@ impl Engine {
         Ok(self.view(&row))
     }
 
+    /// The one line that starts an external workspace's agent anywhere: its token and the CA pinned
+    /// by fingerprint.
+    fn agent_command(&self, token: &str) -> String {
+        format!(
+            "TETHER_AGENT_TOKEN={token} tether-agent --coordinator {} --ca-sha256 {}",
+            self.config.agent_coordinator_addr, self.pki.fingerprint
+        )
+    }
+
     /// Issues a new agent token for an external workspace; the old one stops working at once.
     pub async fn rotate_token(&self, name: &str) -> Result<(String, String), OpError> {
         let row = self.row(name).await?;
@@ -410,10 +416,7 @@ impl Engine {
         }
         let token = pki::new_token("tether_agent");
         self.store.set_token(row.id, Some(&pki::hash_token(&token))).await?;
-        let command = format!(
-            "TETHER_AGENT_TOKEN={token} tether-agent --coordinator {} --ca-sha256 {}",
-            self.config.agent_coordinator_addr, self.pki.fingerprint
-        );
+        let command = self.agent_command(&token);
         Ok((token, command))
     }
 
