@@ -347,6 +347,7 @@ mod tests {
             env: vec![("GREETING".into(), "hello".into())],
             working_dir: None,
             shutdown_timeout_ms: 10_000,
+            ssh: Default::default(),
         }
     }
 

@@ -237,6 +237,7 @@ impl Tunnel {
             instance: self.config.instance,
             sent_at_ms: tether_shared::now_ms(),
             hostname: self.config.hostname.clone(),
+            ssh_host_key: None,
         };
         let bytes = frame::encode_versioned(PROTOCOL_VERSION, &hello)?;
         tokio::io::AsyncWriteExt::write_all(&mut control_send, &bytes).await.map_err(FrameError::Io)?;

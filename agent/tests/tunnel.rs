@@ -106,6 +106,7 @@ fn welcome(build: u64, events_acked: u64, logs_acked: u64) -> HelloReply {
         logs_acked,
         heartbeat_interval_ms: 300,
         coordinator_version: "test".into(),
+        ssh_host_certificate: None,
     })
 }
 
@@ -300,6 +301,7 @@ fn manifest(build: u64, dir: &Path, scripts: Vec<Script>) -> Manifest {
         env: vec![("MARKER".into(), "from-the-manifest".into())],
         working_dir: Some(dir.display().to_string()),
         shutdown_timeout_ms: 10_000,
+        ssh: Default::default(),
     }
 }
 

@@ -599,6 +599,7 @@ impl Engine {
                 logs_acked,
                 heartbeat_interval_ms: template.heartbeat_interval().as_millis() as u64,
                 coordinator_version: env!("CARGO_PKG_VERSION").into(),
+                ssh_host_certificate: None,
             },
             conn_id,
             commands: rx,

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tether_shared::limits;
-use tether_shared::proto::{Manifest, Script, ScriptTrigger};
+use tether_shared::proto::{Manifest, Script, ScriptTrigger, SshSettings};
 
 /// Largest template file accepted.
 pub const MAX_TEMPLATE: usize = 256 * 1024;
@@ -40,6 +40,7 @@ pub struct Template {
     pub env: BTreeMap<String, String>,
     pub command: Option<CommandSpec>,
     pub scripts: Vec<Script>,
+    pub ssh: SshSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +74,15 @@ struct RawTemplate {
     command: Option<RawCommand>,
     #[serde(default)]
     script: Vec<RawScript>,
+    ssh: Option<RawSsh>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSsh {
+    motd: Option<String>,
+    #[serde(default)]
+    allowed_env: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -234,10 +244,27 @@ impl Template {
                 blocks_login: s.blocks_login,
             });
         }
+        let ssh = raw.ssh.map_or_else(SshSettings::default, |s| SshSettings { motd: s.motd, allowed_env: s.allowed_env });
+        if ssh.motd.as_ref().is_some_and(|m| m.len() > limits::MAX_MOTD) {
+            errors.push(format!("ssh.motd is over the limit of {} bytes", limits::MAX_MOTD));
+        }
+        if ssh.allowed_env.len() > limits::MAX_ENV {
+            errors.push(format!("ssh.allowed_env has {} entries, over the limit of {}", ssh.allowed_env.len(), limits::MAX_ENV));
+        }
+        for name in &ssh.allowed_env {
+            let stem = name.strip_suffix('*').unwrap_or(name);
+            if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                errors.push(format!(
+                    "ssh.allowed_env entry '{}' is not a variable name (letters, digits, '_', optionally ending in '*')",
+                    name.chars().take(80).collect::<String>()
+                ));
+            }
+        }
         if !errors.is_empty() {
             return Err(TemplateError::Invalid(errors));
         }
         Ok(Template {
+            ssh,
             provisioner,
             connection_timeout,
             heartbeat_timeout,
@@ -258,6 +285,7 @@ impl Template {
             env: self.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             working_dir: self.working_dir.clone().or(working_dir),
             shutdown_timeout_ms: self.shutdown_timeout.as_millis() as u64,
+            ssh: self.ssh.clone(),
         }
     }
 

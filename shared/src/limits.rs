@@ -23,3 +23,9 @@ pub const MAX_LOG_BATCH_BYTES: usize = 256 * 1024;
 pub const MAX_TOKEN: usize = 256;
 /// Free-text fields a peer sends (reasons, host names, versions).
 pub const MAX_TEXT: usize = 1024;
+/// SSH public keys one user may register, and fingerprints one brokered stream may carry.
+pub const MAX_SSH_KEYS: usize = 16;
+/// A template's message of the day.
+pub const MAX_MOTD: usize = 8 * 1024;
+/// Size of one SSH public key line a user registers, or an agent's host key.
+pub const MAX_SSH_PUBLIC_KEY: usize = 16 * 1024;

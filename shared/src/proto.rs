@@ -3,7 +3,11 @@
 //! One QUIC connection per agent, dialled by the agent. Streams have one job each:
 //! - the **control** stream (the first bidirectional stream the agent opens): hello, manifest,
 //!   heartbeats, lifecycle changes and spans, acknowledgements, commands from the coordinator;
-//! - the **log** stream (the second): script output, so a burst of logs never delays a heartbeat.
+//! - the **log** stream (the second): script output, so a burst of logs never delays a heartbeat;
+//! - **brokered** streams, opened by the coordinator, one per SSH connection a user makes through the
+//!   front door. Each starts with one [`StreamOpen`] frame naming who is connecting; the rest of the
+//!   stream is the raw bytes of an SSH connection between the user's client and the agent, which the
+//!   coordinator splices but cannot read.
 //!
 //! The first frame on the control stream is a [`Hello`], encoded as a two-byte big-endian protocol
 //! version followed by the postcard body, so a peer can read the version even when it cannot decode
@@ -17,7 +21,7 @@ use crate::status::{Lifecycle, SpanStatus};
 use serde::{Deserialize, Serialize};
 
 /// The one protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// TLS application protocol name on the tunnel. Carries no version: version mismatches must reach the
 /// hello, where they get a readable answer, rather than fail the handshake.
@@ -36,6 +40,9 @@ pub struct Hello {
     /// The agent's wall clock when it sent the hello, to estimate clock offset.
     pub sent_at_ms: i64,
     pub hostname: String,
+    /// The agent's persistent SSH host key, one OpenSSH public-key line (`ssh-ed25519 AAAA…`). The
+    /// coordinator signs it as a host certificate for the workspace's name.
+    pub ssh_host_key: Option<String>,
 }
 
 /// Why the coordinator refused a hello. Numbers are stable.
@@ -70,6 +77,9 @@ pub struct Welcome {
     pub logs_acked: u64,
     pub heartbeat_interval_ms: u64,
     pub coordinator_version: String,
+    /// The agent's host key signed by the coordinator's SSH CA (one OpenSSH certificate line), for the
+    /// principals `NAME.tether` and `NAME`. `None` when the hello carried no host key.
+    pub ssh_host_certificate: Option<String>,
 }
 
 /// Agent → coordinator on the control stream, after the hello.
@@ -123,6 +133,17 @@ pub struct Manifest {
     pub working_dir: Option<String>,
     /// Time allowed for all stop scripts together.
     pub shutdown_timeout_ms: u64,
+    pub ssh: SshSettings,
+}
+
+/// How the agent's SSH server treats sessions, from the template's `[ssh]` table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SshSettings {
+    /// Printed at the start of interactive sessions.
+    pub motd: Option<String>,
+    /// Environment variables a client may set besides `LANG` and `LC_*`. An entry ending in `*` is a
+    /// prefix.
+    pub allowed_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +179,42 @@ pub struct Heartbeat {
     pub disk_total: u64,
     pub load: [f32; 3],
     pub uptime_s: u64,
+    pub ssh: SshActivity,
+}
+
+/// What users are doing over SSH, as of the heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SshActivity {
+    /// SSH connections open now.
+    pub connections: u32,
+    /// Sessions (shells, commands, subsystems) open now.
+    pub sessions: u32,
+    /// Wall-clock time of the last byte in either direction; 0 if never.
+    pub last_activity_ms: i64,
+    /// Totals since the agent started: bytes received from and sent to SSH clients.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Coordinator → agent: the first frame of a bidirectional stream the coordinator opens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StreamOpen {
+    /// The rest of the stream is an SSH connection from a user the coordinator authenticated.
+    Ssh(SshStreamOpen),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SshStreamOpen {
+    /// The coordinator's id for this connection, as in its audit log.
+    pub connection_id: u64,
+    /// The Tether user the coordinator authenticated.
+    pub user: String,
+    /// SHA-256 fingerprints (`SHA256:…`, as `ssh-keygen -l` prints them) of the keys the inner SSH
+    /// session may authenticate with: the one the front door saw, or all of the user's keys when the
+    /// user came in with an API token.
+    pub key_fingerprints: Vec<String>,
+    /// Where the user connected from, for logs and `SSH_CONNECTION`.
+    pub peer: String,
 }
 
 /// Lifecycle changes and spans, each with a sequence number, kept by the agent until acknowledged.
@@ -255,7 +312,8 @@ impl Hello {
         }
         check_len("token", &self.token, limits::MAX_TOKEN)?;
         check_len("agent_version", &self.agent_version, limits::MAX_TEXT)?;
-        check_len("hostname", &self.hostname, limits::MAX_TEXT)
+        check_len("hostname", &self.hostname, limits::MAX_TEXT)?;
+        check_len("ssh_host_key", self.ssh_host_key.as_deref().unwrap_or(""), limits::MAX_TEXT)
     }
 }
 
@@ -284,6 +342,24 @@ impl AgentMessage {
     }
 }
 
+impl StreamOpen {
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        match self {
+            StreamOpen::Ssh(s) => {
+                if s.user.is_empty() {
+                    return Err(InvalidMessage::Empty { field: "user" });
+                }
+                check_len("user", &s.user, limits::MAX_NAME)?;
+                check_count("key_fingerprints", s.key_fingerprints.len(), limits::MAX_SSH_KEYS)?;
+                for f in &s.key_fingerprints {
+                    check_len("key fingerprint", f, limits::MAX_NAME * 2)?;
+                }
+                check_len("peer", &s.peer, limits::MAX_TEXT)
+            }
+        }
+    }
+}
+
 impl LogBatch {
     pub fn validate(&self) -> Result<(), InvalidMessage> {
         for l in &self.lines {
@@ -306,6 +382,11 @@ impl Manifest {
         for (k, v) in &self.env {
             check_len("env name", k, limits::MAX_TEXT)?;
             check_len("env value", v, limits::MAX_ENV_VALUE)?;
+        }
+        check_len("motd", self.ssh.motd.as_deref().unwrap_or(""), limits::MAX_MOTD)?;
+        check_count("ssh allowed_env", self.ssh.allowed_env.len(), limits::MAX_ENV)?;
+        for k in &self.ssh.allowed_env {
+            check_len("ssh allowed_env entry", k, limits::MAX_TEXT)?;
         }
         Ok(())
     }

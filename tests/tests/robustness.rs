@@ -23,6 +23,7 @@ fn hello(token: &str) -> Hello {
         instance: 42,
         sent_at_ms: tether_shared::now_ms(),
         hostname: "test".into(),
+        ssh_host_key: None,
     }
 }
 

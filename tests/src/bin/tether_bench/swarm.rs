@@ -425,6 +425,7 @@ impl SimAgent {
             instance: self.instance,
             sent_at_ms: now_ms(),
             hostname: format!("sim-{:05}", self.index),
+            ssh_host_key: None,
         };
         control_send.write_all(&frame::encode_versioned(PROTOCOL_VERSION, &hello)?).await?;
         let mut rbuf = Vec::new();
@@ -572,6 +573,7 @@ impl SimAgent {
             disk_total: 50 * GIB,
             load: [0.08, 0.05, 0.01],
             uptime_s: 3600 + self.started.elapsed().as_secs(),
+            ssh: Default::default(),
         }
     }
 }
