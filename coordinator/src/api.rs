@@ -1,4 +1,5 @@
-//! The HTTP JSON API: everything the CLI does, behind the admin token.
+//! The HTTP JSON API: everything the CLI does, behind the admin token; the SSH routes that users'
+//! tokens reach are in [`crate::api_ssh`].
 
 use crate::engine::{Engine, OpError};
 use crate::pki;
@@ -20,7 +21,7 @@ pub struct ApiState {
     pub admin_token_hash: Arc<String>,
 }
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -31,7 +32,7 @@ impl IntoResponse for ApiError {
 impl From<OpError> for ApiError {
     fn from(e: OpError) -> Self {
         let code = match &e {
-            OpError::NotFound(_) => StatusCode::NOT_FOUND,
+            OpError::NotFound(_) | OpError::Missing(_) => StatusCode::NOT_FOUND,
             OpError::Conflict(_) => StatusCode::CONFLICT,
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
             OpError::Store(crate::store::StoreError::NameTaken(_)) => StatusCode::CONFLICT,
@@ -58,7 +59,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/workspaces/{name}/logs", get(logs))
         .route("/workspaces/{name}/wait", get(wait))
         .route("/status-counts", get(counts))
+        .merge(crate::api_ssh::admin_routes())
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .merge(
+            crate::api_ssh::user_routes()
+                .layer(axum::middleware::from_fn_with_state(state.clone(), crate::api_ssh::user_auth)),
+        )
         .layer(DefaultBodyLimit::max(crate::template::MAX_TEMPLATE + 16 * 1024));
     Router::new().route("/healthz", get(|| async { "ok\n" })).nest("/api/v1", api).with_state(state)
 }
@@ -69,18 +75,22 @@ async fn auth(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let presented = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
+    match bearer(&headers) {
         Some(t) if pki::hash_token(t) == *state.admin_token_hash => next.run(req).await,
         Some(_) => ApiError(StatusCode::UNAUTHORIZED, "the API token is not valid".into()).into_response(),
         None => {
             ApiError(StatusCode::UNAUTHORIZED, "missing API token (Authorization: Bearer …)".into()).into_response()
         }
     }
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 #[derive(Deserialize)]

@@ -43,6 +43,49 @@ pub enum Command {
     /// Manage workspaces.
     #[command(subcommand, visible_alias = "ws")]
     Workspace(WorkspaceCmd),
+    /// Manage users and their SSH keys.
+    #[command(subcommand)]
+    User(crate::cli_ssh::UserCmd),
+    /// Brokered SSH connections: who reached which workspace, when, and how much.
+    Audit {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        workspace: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a `Host *.tether` block into your ssh config, so `ssh NAME.tether` works with strict
+    /// host-key checking.
+    ConfigSsh {
+        /// The Tether user you log in as (default: the owner of the API token).
+        #[arg(long)]
+        user: Option<String>,
+        /// Edit this file instead of ~/.ssh/config; the managed known_hosts file goes beside it.
+        #[arg(long, value_name = "FILE")]
+        ssh_config: Option<PathBuf>,
+        /// Private key to use (IdentityFile); default: ssh's own choice.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+    },
+    /// SSH into a workspace through the coordinator's API port (for networks that block the front
+    /// door's port). With --stdio, carry one connection on stdin/stdout: `ProxyCommand tether ssh
+    /// --stdio %h`.
+    Ssh {
+        /// Workspace (`NAME` or `NAME.tether`).
+        workspace: String,
+        /// Carry the connection on stdin/stdout instead of running ssh.
+        #[arg(long)]
+        stdio: bool,
+        /// With the admin token: connect as this user.
+        #[arg(long = "as", value_name = "USER")]
+        as_user: Option<String>,
+        /// Passed to ssh (a command to run, or options after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -62,6 +105,23 @@ pub struct ServeArgs {
     /// Most agent connections held at once.
     #[arg(long, env = "TETHER_MAX_AGENTS", default_value_t = 50_000)]
     pub max_agents: usize,
+    /// SSH front door (TCP) address, or `off`.
+    #[arg(long, env = "TETHER_LISTEN_SSH", default_value = "0.0.0.0:2222", value_parser = parse_listen)]
+    pub listen_ssh: Listen,
+    /// The HOST:PORT users dial for the SSH front door, if not the bound address.
+    #[arg(long, env = "TETHER_ADVERTISE_SSH")]
+    pub advertise_ssh: Option<String>,
+}
+
+/// An address to listen on, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|e| format!("'{s}' is not HOST:PORT or `off`: {e}"))
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +235,12 @@ pub enum WorkspaceCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Let a user reach a workspace over SSH (besides its owner).
+    Grant { name: String, user: String },
+    /// Take back a grant.
+    Revoke { name: String, user: String },
+    /// Show who may reach a workspace.
+    Access { name: String },
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -387,6 +453,7 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             if let Some(e) = &w.last_error {
                 println!("last error:     {e}");
             }
+            println!("owner:          {}", w.owner.as_deref().unwrap_or("-"));
             if let Some(a) = &w.agent {
                 println!("agent:          {} on {}", a.version, a.hostname);
                 if let Some(st) = &a.stats {
@@ -399,6 +466,20 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                         st.disk_used >> 30,
                         st.disk_total >> 30,
                         st.load[0]
+                    );
+                    let ssh = &st.ssh;
+                    let last = if ssh.last_activity_ms > 0 {
+                        let ago = (tether_shared::now_ms() - ssh.last_activity_ms).max(0) / 1000;
+                        format!("last activity {ago}s ago")
+                    } else {
+                        "no activity yet".to_string()
+                    };
+                    println!(
+                        "ssh:            {} connections, {} sessions, {last}, {} KiB in / {} KiB out",
+                        ssh.connections,
+                        ssh.sessions,
+                        ssh.bytes_in >> 10,
+                        ssh.bytes_out >> 10
                     );
                 }
             }
@@ -448,6 +529,9 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                 print_workspace(&w)
             }
         }
+        WorkspaceCmd::Grant { name, user } => crate::cli_ssh::grant(client, &name, &user).await?,
+        WorkspaceCmd::Revoke { name, user } => crate::cli_ssh::revoke(client, &name, &user).await?,
+        WorkspaceCmd::Access { name } => crate::cli_ssh::access(client, &name).await?,
         WorkspaceCmd::Token { name, json } => {
             let v: serde_json::Value =
                 client.post(&format!("/workspaces/{}/token", enc(&name)), &serde_json::json!({})).await?;

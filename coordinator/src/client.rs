@@ -53,6 +53,37 @@ impl Client {
         Client { http, base: base.trim_end_matches('/').to_string(), token }
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// An HTTP/1.1 upgrade to `protocol`: the raw byte stream after a 101, or the API's error.
+    pub async fn upgrade(&self, path: &str, protocol: &str) -> anyhow::Result<reqwest::Upgraded> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, protocol)
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach the coordinator at {}: {}", self.base, e.without_url()))?;
+        let status = resp.status();
+        if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            let body = resp.bytes().await.unwrap_or_default();
+            let msg = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            bail!("{msg}");
+        }
+        resp.upgrade().await.map_err(|e| anyhow!("upgrading the connection: {e}"))
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}/api/v1{path}", self.base)
     }

@@ -29,6 +29,8 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
         advertise_quic: None,
         agent_binary: serve.agent_binary.clone(),
         max_agents: 100,
+        listen_ssh: serve.listen_ssh.0,
+        advertise_ssh: None,
     })
     .await?;
     let info = running.info.clone();

@@ -4,6 +4,7 @@
 
 use crate::pki::{self, Pki};
 use crate::provision::{self, ProvisionError};
+use crate::sshca::SshCa;
 use crate::status::{self, Expiry, Liveness, ScriptProblem};
 use crate::store::{Store, StoreError, WorkspaceRow};
 use crate::template::{check_name, ProvisionerKind, Template};
@@ -27,6 +28,9 @@ pub const RESTART_GRACE: Duration = Duration::from_secs(30);
 pub enum OpError {
     #[error("no workspace '{0}'")]
     NotFound(String),
+    /// Something other than a workspace is missing; the message says what.
+    #[error("{0}")]
+    Missing(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -45,11 +49,15 @@ pub struct EngineConfig {
     pub agent_binary: PathBuf,
     /// Longest a long-poll (`--wait`, `logs --follow`) may hold a request.
     pub max_wait: Duration,
+    /// `HOST:PORT` of the SSH front door as users dial it; `None` when it is off.
+    pub ssh_front_door: Option<String>,
 }
 
 /// A connected agent, as the tunnel registered it.
 struct AgentConn {
     conn_id: u64,
+    /// The agent's QUIC connection, for streams the coordinator opens (brokered SSH).
+    quic: Option<quinn::Connection>,
     instance: u64,
     commands: mpsc::Sender<CoordinatorMessage>,
     stats: Option<Heartbeat>,
@@ -68,6 +76,7 @@ struct Live {
 pub struct Engine {
     pub store: Store,
     pub pki: Pki,
+    pub ssh_ca: SshCa,
     pub config: EngineConfig,
     live: Mutex<Live>,
     locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
@@ -110,10 +119,11 @@ fn unix_to_instant(at_ms: i64, now: Instant) -> Instant {
 }
 
 impl Engine {
-    pub fn new(store: Store, pki: Pki, config: EngineConfig) -> Arc<Engine> {
+    pub fn new(store: Store, pki: Pki, ssh_ca: SshCa, config: EngineConfig) -> Arc<Engine> {
         Arc::new(Engine {
             store,
             pki,
+            ssh_ca,
             config,
             live: Mutex::new(Live::default()),
             locks: Mutex::new(HashMap::new()),
@@ -150,6 +160,15 @@ impl Engine {
 
     pub fn connected_agents(&self) -> usize {
         self.live().agents.len()
+    }
+
+    /// The QUIC connection of a workspace's agent, if it is connected now.
+    pub fn agent_connection(&self, id: i64) -> Option<quinn::Connection> {
+        self.live().agents.get(&id).and_then(|a| a.quic.clone())
+    }
+
+    pub(crate) async fn workspace_row(&self, name: &str) -> Result<WorkspaceRow, OpError> {
+        self.row(name).await
     }
 
     async fn row(&self, name: &str) -> Result<WorkspaceRow, OpError> {
@@ -221,6 +240,11 @@ impl Engine {
         check_name("workspace", name).map_err(OpError::Invalid)?;
         if let Some(o) = owner {
             check_name("user", o).map_err(OpError::Invalid)?;
+            if self.store.user(o).await?.is_none() {
+                return Err(OpError::Invalid(format!(
+                    "no user '{o}'; add it with `tether user add {o} --ssh-key FILE`"
+                )));
+            }
         }
         let template = Template::parse(template_text).map_err(|e| OpError::Invalid(format!("template: {e}")))?;
         let now = now_ms();
@@ -515,7 +539,7 @@ impl Engine {
     // ---- the agent side ---------------------------------------------------------------------
 
     /// Checks an agent's hello and registers its connection.
-    pub async fn agent_hello(&self, hello: &Hello) -> Result<Accepted, Rejected> {
+    pub async fn agent_hello(&self, hello: &Hello, quic: Option<quinn::Connection>) -> Result<Accepted, Rejected> {
         let internal = |e: OpError| Rejected { code: RejectCode::Busy, message: format!("coordinator error: {e}") };
         let row = self
             .store
@@ -569,6 +593,7 @@ impl Engine {
                 row.id,
                 AgentConn {
                     conn_id,
+                    quic,
                     instance: hello.instance,
                     commands: tx,
                     stats: None,
@@ -587,6 +612,12 @@ impl Engine {
         }
         self.store.set_waiting_since(row.id, None).await.map_err(|e| internal(e.into()))?;
         self.refresh_connected_status(&mut row, &template).await.map_err(internal)?;
+        let ssh_host_certificate = hello.ssh_host_key.as_deref().and_then(|key| {
+            self.ssh_ca
+                .sign_workspace_host(key, &row.name)
+                .inspect_err(|e| warn!(workspace = %row.name, error = %e, "not signing the agent's SSH host key"))
+                .ok()
+        });
         let offset = now - hello.sent_at_ms;
         let clock_offset_ms = if offset.abs() > 1000 { offset } else { 0 };
         info!(workspace = %row.name, instance = hello.instance, version = %hello.agent_version, "agent connected");
@@ -599,7 +630,7 @@ impl Engine {
                 logs_acked,
                 heartbeat_interval_ms: template.heartbeat_interval().as_millis() as u64,
                 coordinator_version: env!("CARGO_PKG_VERSION").into(),
-                ssh_host_certificate: None,
+                ssh_host_certificate,
             },
             conn_id,
             commands: rx,

@@ -5,15 +5,21 @@
 //! stops workspaces' compute; [`status`] holds the pure rules for status and liveness.
 
 pub mod api;
+pub mod api_ssh;
+pub mod broker;
 pub mod cli;
+pub mod cli_ssh;
 pub mod client;
 pub mod demo;
 pub mod engine;
+pub mod frontdoor;
 pub mod pki;
 pub mod provision;
 pub mod server;
+pub mod sshca;
 pub mod status;
 pub mod store;
 pub mod template;
 pub mod tunnel;
+pub mod users;
 pub mod view;

@@ -1,5 +1,6 @@
 use clap::Parser;
 use tether_coordinator::cli::{self, Cli, Command, LogFormat};
+use tether_coordinator::cli_ssh;
 use tether_coordinator::{client::Client, demo, server};
 
 fn init_tracing(format: LogFormat, default: &str) {
@@ -37,6 +38,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 advertise_quic: args.advertise_quic,
                 agent_binary: args.agent_binary,
                 max_agents: args.max_agents,
+                listen_ssh: args.listen_ssh.0,
+                advertise_ssh: args.advertise_ssh,
             };
             server::run(config, terminated()).await
         }
@@ -48,6 +51,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 advertise_quic: None,
                 agent_binary: None,
                 max_agents: 100,
+                listen_ssh: cli::Listen(Some("127.0.0.1:0".parse()?)),
+                advertise_ssh: None,
             };
             demo::run(args.dir, args.keep_running, &serve).await
         }
@@ -55,6 +60,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing(cli.log_format, "warn");
             let client = Client::discover(cli.url, cli.token, &data_dir)?;
             cli::workspace(&client, cmd).await
+        }
+        Command::User(cmd) => {
+            init_tracing(cli.log_format, "warn");
+            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            cli_ssh::user(&client, cmd).await
+        }
+        Command::Audit { user, workspace, limit, json } => {
+            init_tracing(cli.log_format, "warn");
+            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            cli_ssh::audit(&client, user, workspace, limit, json).await
+        }
+        Command::ConfigSsh { user, ssh_config, identity } => {
+            init_tracing(cli.log_format, "warn");
+            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            cli_ssh::config_ssh(&client, user, ssh_config, identity).await
+        }
+        Command::Ssh { workspace, stdio, as_user, args } => {
+            init_tracing(cli.log_format, "warn");
+            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            if stdio {
+                cli_ssh::ssh_stdio(&client, &workspace, as_user.as_deref()).await
+            } else {
+                cli_ssh::ssh_exec(&client, &workspace, as_user.as_deref(), &args).await
+            }
         }
     }
 }

@@ -24,6 +24,10 @@ pub struct ServeConfig {
     /// `tether-agent` for the process provisioner; defaults to the one next to `tether`.
     pub agent_binary: Option<PathBuf>,
     pub max_agents: usize,
+    /// The SSH front door's TCP address; `None` turns it off.
+    pub listen_ssh: Option<SocketAddr>,
+    /// The HOST:PORT users dial for the front door, when it differs from the bound address.
+    pub advertise_ssh: Option<String>,
 }
 
 /// What `tether serve` writes to `DATA/coordinator.json` once its ports are bound.
@@ -34,6 +38,8 @@ pub struct CoordinatorInfo {
     pub http_addr: SocketAddr,
     pub quic_addr: SocketAddr,
     pub ssh_addr: Option<SocketAddr>,
+    /// What `tether config-ssh` writes as the front door's address.
+    pub ssh_front_door: Option<String>,
     pub api_url: String,
     pub agent_coordinator: String,
     pub ca_cert: PathBuf,
@@ -89,6 +95,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let data_dir = std::path::absolute(&config.data_dir).context("data directory")?;
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let pki = Pki::load_or_create(&data_dir)?;
+    let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir).context("loading the SSH CA")?;
     let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
     let admin_hash = admin_token(&store, &data_dir).await?;
 
@@ -116,6 +123,15 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         quinn::Endpoint::new(pki.endpoint_config(), Some(pki.server_config(8)?), udp, Arc::new(quinn::TokioRuntime))
             .context("starting the QUIC endpoint")?;
 
+    let ssh = match config.listen_ssh {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the SSH front door on {addr}"))?,
+        ),
+        None => None,
+    };
+    let ssh_addr = ssh.as_ref().map(|l| l.local_addr()).transpose()?;
     let reachable = |a: SocketAddr| -> SocketAddr {
         if a.ip().is_unspecified() {
             SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
@@ -124,12 +140,14 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         }
     };
     let agent_coordinator = config.advertise_quic.clone().unwrap_or_else(|| reachable(quic_addr).to_string());
+    let ssh_front_door = ssh_addr.map(|a| config.advertise_ssh.clone().unwrap_or_else(|| reachable(a).to_string()));
     let info = CoordinatorInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         http_addr,
         quic_addr,
-        ssh_addr: None,
+        ssh_addr,
+        ssh_front_door: ssh_front_door.clone(),
         api_url: format!("http://{}", reachable(http_addr)),
         agent_coordinator: agent_coordinator.clone(),
         ca_cert: pki.ca_path.clone(),
@@ -140,7 +158,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let engine = Engine::new(
         store,
         pki,
+        ssh_ca,
         EngineConfig {
+            ssh_front_door: ssh_front_door.clone(),
             data_dir: data_dir.clone(),
             agent_coordinator_addr: agent_coordinator,
             agent_binary: config.agent_binary.clone().unwrap_or_else(default_agent_binary),
@@ -153,13 +173,21 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let tmp = data_dir.join("coordinator.json.tmp");
     std::fs::write(&tmp, info_json)?;
     std::fs::rename(&tmp, data_dir.join(INFO_FILE))?;
-    info!(http = %http_addr, quic = %quic_addr, data_dir = %data_dir.display(), "coordinator listening");
+    info!(http = %http_addr, quic = %quic_addr, ssh = ?ssh_addr, data_dir = %data_dir.display(), "coordinator listening");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = {
         let engine = engine.clone();
         tokio::spawn(async move {
             let tunnel = tokio::spawn(crate::tunnel::serve(endpoint.clone(), engine.clone(), config.max_agents));
+            let front_door = ssh.map(|listener| {
+                let host_names: Vec<String> = ssh_front_door
+                    .iter()
+                    .filter_map(|a| a.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_string()))
+                    .collect();
+                let fd = crate::frontdoor::FrontDoorConfig { max_connections: 10_000, host_names };
+                tokio::spawn(crate::frontdoor::serve(listener, engine.clone(), fd))
+            });
             let clock = tokio::spawn({
                 let engine = engine.clone();
                 async move {
@@ -179,7 +207,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             let router = api::router(ApiState { engine: engine.clone(), admin_token_hash: Arc::new(admin_hash) });
             let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
             let http_task = tokio::spawn(async move {
-                axum::serve(http, router)
+                axum::serve(http, router.into_make_service_with_connect_info::<SocketAddr>())
                     .with_graceful_shutdown(async {
                         let _ = http_stop_rx.await;
                     })
@@ -195,6 +223,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             let _ = http_stop_tx.send(());
             clock.abort();
             tunnel.abort();
+            if let Some(fd) = front_door {
+                fd.abort();
+            }
             if tokio::time::timeout(Duration::from_secs(5), http_task).await.is_err() {
                 warn!("HTTP API did not finish in time");
             }

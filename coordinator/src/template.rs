@@ -244,12 +244,17 @@ impl Template {
                 blocks_login: s.blocks_login,
             });
         }
-        let ssh = raw.ssh.map_or_else(SshSettings::default, |s| SshSettings { motd: s.motd, allowed_env: s.allowed_env });
+        let ssh =
+            raw.ssh.map_or_else(SshSettings::default, |s| SshSettings { motd: s.motd, allowed_env: s.allowed_env });
         if ssh.motd.as_ref().is_some_and(|m| m.len() > limits::MAX_MOTD) {
             errors.push(format!("ssh.motd is over the limit of {} bytes", limits::MAX_MOTD));
         }
         if ssh.allowed_env.len() > limits::MAX_ENV {
-            errors.push(format!("ssh.allowed_env has {} entries, over the limit of {}", ssh.allowed_env.len(), limits::MAX_ENV));
+            errors.push(format!(
+                "ssh.allowed_env has {} entries, over the limit of {}",
+                ssh.allowed_env.len(),
+                limits::MAX_ENV
+            ));
         }
         for name in &ssh.allowed_env {
             let stem = name.strip_suffix('*').unwrap_or(name);

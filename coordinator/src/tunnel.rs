@@ -118,7 +118,7 @@ async fn session(conn: &quinn::Connection, remote: SocketAddr, engine: &Arc<Engi
             return Ok(());
         }
     };
-    let accepted = match engine.agent_hello(&hello).await {
+    let accepted = match engine.agent_hello(&hello, Some(conn.clone())).await {
         Ok(a) => a,
         Err(r) => {
             warn!(%remote, code = ?r.code, reason = %r.message, "rejecting agent");

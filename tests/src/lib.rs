@@ -36,12 +36,13 @@ pub struct Coordinator {
     child: Option<Child>,
     http_port: u16,
     quic_port: u16,
+    ssh_port: u16,
 }
 
 impl Coordinator {
     pub fn start() -> Coordinator {
         let dir = tempfile::Builder::new().prefix("tether-e2e-").tempdir().expect("tempdir");
-        let mut c = Coordinator { dir, info: Value::Null, child: None, http_port: 0, quic_port: 0 };
+        let mut c = Coordinator { dir, info: Value::Null, child: None, http_port: 0, quic_port: 0, ssh_port: 0 };
         c.spawn();
         c
     }
@@ -66,6 +67,8 @@ impl Coordinator {
             .arg(format!("127.0.0.1:{}", self.http_port))
             .arg("--listen-quic")
             .arg(format!("127.0.0.1:{}", self.quic_port))
+            .arg("--listen-ssh")
+            .arg(format!("127.0.0.1:{}", self.ssh_port))
             .env("TETHER_LOG", "info,tether_coordinator=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -84,11 +87,22 @@ impl Coordinator {
         let port = |k: &str| self.info[k].as_str().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok());
         self.http_port = port("http_addr").expect("http port");
         self.quic_port = port("quic_addr").expect("quic port");
+        self.ssh_port = port("ssh_addr").expect("ssh port");
     }
 
     /// The address agents dial.
     pub fn agent_addr(&self) -> String {
         self.info["agent_coordinator"].as_str().expect("agent_coordinator").to_string()
+    }
+
+    /// The SSH front door, `127.0.0.1:PORT`.
+    pub fn ssh_addr(&self) -> String {
+        self.info["ssh_addr"].as_str().expect("ssh_addr").to_string()
+    }
+
+    /// The HTTP API's base URL.
+    pub fn api_url(&self) -> String {
+        self.info["api_url"].as_str().expect("api_url").to_string()
     }
 
     pub fn ca_path(&self) -> PathBuf {
@@ -272,6 +286,8 @@ pub fn external(coord: &Coordinator, name: &str, template: &str) -> Agent {
     let token = created["agent_token"].as_str().expect("agent_token").to_string();
     Agent::start(coord, &token, &coord.data_dir().join(format!("agent-{name}")))
 }
+
+pub mod ssh;
 
 pub fn pid_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()

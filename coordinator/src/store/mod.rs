@@ -16,6 +16,10 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("a workspace named '{0}' already exists")]
     NameTaken(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Missing(String),
     #[error("database holds an unknown value in {column}: {value}")]
     Corrupt { column: &'static str, value: String },
     #[error("database schema version {found} is newer than this coordinator knows ({known}); upgrade tether")]
@@ -24,7 +28,8 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("../../migrations/0001_init.sql"), include_str!("../../migrations/0002_ssh.sql")];
 
 #[derive(Debug, Clone)]
 pub struct WorkspaceRow {
@@ -91,7 +96,7 @@ pub struct Applied {
 
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 fn word<T: FromStr>(column: &'static str, value: String) -> Result<T> {
@@ -142,7 +147,7 @@ impl Store {
     /// A write transaction that takes SQLite's write lock up front. A deferred transaction that
     /// reads and then writes can fail at once with "database is locked" when another writer got
     /// there first; taking the lock first makes it wait its turn (up to the busy timeout).
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+    pub(crate) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
@@ -660,3 +665,6 @@ impl Store {
         self.pool.close().await;
     }
 }
+
+mod users;
+pub use users::{AuditRow, UserRow};

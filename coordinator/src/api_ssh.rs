@@ -1,0 +1,272 @@
+//! The API for users, grants, the SSH audit log, and SSH over HTTP.
+//!
+//! Admin routes manage users and grants. User routes accept a user's API token (or the admin
+//! token): `GET /ssh` tells `tether config-ssh` where the front door is and which CA to trust, and
+//! `GET /workspaces/{name}/ssh` with `Upgrade: tether-ssh` turns the HTTP connection into a raw
+//! byte stream to the workspace's agent, for `ProxyCommand tether ssh --stdio %h`.
+
+use crate::api::{ApiError, ApiState};
+use crate::broker::{self, RefusalKind, Request, Via};
+use crate::pki;
+use crate::sshca::{FRONT_DOOR_ALIAS, HOST_SUFFIX};
+use crate::users::{AuditView, UserView};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// The `Upgrade` protocol name for SSH over the API.
+pub const UPGRADE_PROTOCOL: &str = "tether-ssh";
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Who a request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Admin,
+    User(String),
+}
+
+pub fn admin_routes() -> Router<ApiState> {
+    Router::new()
+        .route("/users", get(list_users).post(add_user))
+        .route("/users/{name}", get(show_user).delete(remove_user))
+        .route("/users/{name}/keys", post(add_keys))
+        .route("/users/{name}/keys/{fingerprint}", delete(remove_key))
+        .route("/users/{name}/token", post(user_token))
+        .route("/workspaces/{name}/grants", get(grants).post(grant))
+        .route("/workspaces/{name}/grants/{user}", delete(revoke))
+        .route("/audit", get(audit))
+}
+
+pub fn user_routes() -> Router<ApiState> {
+    Router::new().route("/ssh", get(ssh_info)).route("/workspaces/{name}/ssh", get(ssh_upgrade))
+}
+
+/// Accepts the admin token or a user's token, and records which in the request.
+pub async fn user_auth(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = crate::api::bearer(&headers) else {
+        return ApiError(StatusCode::UNAUTHORIZED, "missing API token (Authorization: Bearer …)".into())
+            .into_response();
+    };
+    let identity = if pki::hash_token(token) == *state.admin_token_hash {
+        Identity::Admin
+    } else {
+        match state.engine.user_for_token(token).await {
+            Ok(Some(user)) => Identity::User(user),
+            Ok(None) => return ApiError(StatusCode::UNAUTHORIZED, "the API token is not valid".into()).into_response(),
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    };
+    req.extensions_mut().insert(identity);
+    next.run(req).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddUserBody {
+    name: String,
+    /// Public-key lines, as in an authorized_keys file.
+    ssh_keys: String,
+}
+
+#[derive(Serialize)]
+struct AddedUser {
+    user: UserView,
+    /// The user's API token, shown once.
+    token: String,
+}
+
+async fn add_user(
+    State(s): State<ApiState>,
+    Json(b): Json<AddUserBody>,
+) -> Result<(StatusCode, Json<AddedUser>), ApiError> {
+    let (user, token) = s.engine.add_user(&b.name, &b.ssh_keys).await?;
+    Ok((StatusCode::CREATED, Json(AddedUser { user, token })))
+}
+
+async fn list_users(State(s): State<ApiState>) -> ApiResult<Vec<UserView>> {
+    Ok(Json(s.engine.users().await?))
+}
+
+async fn show_user(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<UserView> {
+    Ok(Json(s.engine.user(&name).await?))
+}
+
+async fn remove_user(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
+    s.engine.remove_user(&name).await?;
+    Ok(Json(serde_json::json!({ "removed": name })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysBody {
+    ssh_keys: String,
+}
+
+async fn add_keys(State(s): State<ApiState>, Path(name): Path<String>, Json(b): Json<KeysBody>) -> ApiResult<UserView> {
+    Ok(Json(s.engine.add_user_keys(&name, &b.ssh_keys).await?))
+}
+
+async fn remove_key(State(s): State<ApiState>, Path((name, fp)): Path<(String, String)>) -> ApiResult<UserView> {
+    Ok(Json(s.engine.remove_user_key(&name, &fp).await?))
+}
+
+async fn user_token(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
+    let token = s.engine.rotate_user_token(&name).await?;
+    Ok(Json(serde_json::json!({ "user": name, "token": token })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantBody {
+    user: String,
+}
+
+#[derive(Serialize)]
+struct GrantsView {
+    workspace: String,
+    owner: Option<String>,
+    granted: Vec<String>,
+}
+
+async fn grants_view(s: &ApiState, name: &str, granted: Vec<String>) -> ApiResult<GrantsView> {
+    let row = s.engine.workspace_row(name).await?;
+    Ok(Json(GrantsView { workspace: row.name, owner: row.owner, granted }))
+}
+
+async fn grants(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<GrantsView> {
+    let granted = s.engine.grants(&name).await?;
+    grants_view(&s, &name, granted).await
+}
+
+async fn grant(State(s): State<ApiState>, Path(name): Path<String>, Json(b): Json<GrantBody>) -> ApiResult<GrantsView> {
+    let granted = s.engine.grant(&name, &b.user).await?;
+    grants_view(&s, &name, granted).await
+}
+
+async fn revoke(State(s): State<ApiState>, Path((name, user)): Path<(String, String)>) -> ApiResult<GrantsView> {
+    let granted = s.engine.revoke(&name, &user).await?;
+    grants_view(&s, &name, granted).await
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    user: Option<String>,
+    workspace: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditView>> {
+    Ok(Json(s.engine.audit(q.user.as_deref(), q.workspace.as_deref(), q.limit.unwrap_or(100)).await?))
+}
+
+/// What a client needs to reach workspaces over SSH.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SshInfo {
+    /// `HOST:PORT` of the SSH front door, as users should dial it; `None` when it is off.
+    pub front_door: Option<String>,
+    /// The name the front door's host certificate carries; use it as `HostKeyAlias`.
+    pub front_door_alias: String,
+    /// Workspace host names are `NAME` plus this.
+    pub host_suffix: String,
+    /// The line for a known_hosts file that trusts the coordinator's SSH CA.
+    pub known_hosts: String,
+    /// The user the token belongs to; `None` for the admin token.
+    pub user: Option<String>,
+}
+
+async fn ssh_info(State(s): State<ApiState>, Extension(id): Extension<Identity>) -> ApiResult<SshInfo> {
+    Ok(Json(SshInfo {
+        front_door: s.engine.config.ssh_front_door.clone(),
+        front_door_alias: FRONT_DOOR_ALIAS.into(),
+        host_suffix: HOST_SUFFIX.into(),
+        known_hosts: s.engine.ssh_ca.known_hosts_line(),
+        user: match id {
+            Identity::User(u) => Some(u),
+            Identity::Admin => None,
+        },
+    }))
+}
+
+#[derive(Deserialize)]
+struct UpgradeQuery {
+    /// With the admin token: act as this user.
+    user: Option<String>,
+}
+
+/// Turns the connection into a byte stream to the workspace's agent (HTTP 101), after the same
+/// checks as the front door.
+async fn ssh_upgrade(
+    State(s): State<ApiState>,
+    Extension(id): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    Query(q): Query<UpgradeQuery>,
+    mut req: axum::extract::Request,
+) -> Response {
+    let wants_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(UPGRADE_PROTOCOL));
+    if !wants_upgrade {
+        return ApiError(
+            StatusCode::UPGRADE_REQUIRED,
+            format!("this endpoint carries SSH: send `Connection: upgrade` and `Upgrade: {UPGRADE_PROTOCOL}`"),
+        )
+        .into_response();
+    }
+    let user = match (id, q.user) {
+        (Identity::User(u), None) => u,
+        (Identity::User(u), Some(other)) if u == other => u,
+        (Identity::User(u), Some(other)) => {
+            return ApiError(StatusCode::FORBIDDEN, format!("user '{u}' may not connect as '{other}'")).into_response()
+        }
+        (Identity::Admin, Some(u)) => u,
+        (Identity::Admin, None) => {
+            return ApiError(StatusCode::BAD_REQUEST, "the admin token connects as a user: add ?user=NAME".into())
+                .into_response()
+        }
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return ApiError(StatusCode::BAD_REQUEST, "this connection cannot be upgraded (HTTP/1.1 only)".into())
+            .into_response();
+    };
+    let request = Request { user, target: name, via: Via::Api, peer: peer.to_string(), key_fingerprint: None };
+    let brokered = match broker::open(&s.engine, request).await {
+        Ok(b) => b,
+        Err(refusal) => {
+            let code = match refusal.kind {
+                RefusalKind::NotFound => StatusCode::NOT_FOUND,
+                RefusalKind::Forbidden => StatusCode::FORBIDDEN,
+                RefusalKind::Unavailable => StatusCode::CONFLICT,
+                RefusalKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            return ApiError(code, refusal.message).into_response();
+        }
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                brokered.splice(hyper_util::rt::TokioIo::new(upgraded)).await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "ssh upgrade did not complete");
+                brokered.abandon(&format!("upgrade failed: {e}")).await;
+            }
+        }
+    });
+    let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    resp
+}

@@ -1,0 +1,328 @@
+//! Brokered SSH: checks that a user may reach a workspace, opens a stream to its agent over the
+//! agent's own QUIC connection, and splices the user's bytes onto it. The bytes are the user's SSH
+//! session with the agent, encrypted end to end; the coordinator only counts them.
+//!
+//! Both ways in use this module: the SSH front door (`direct-tcpip`, as `ssh -J` asks for) and the
+//! HTTP upgrade behind `tether ssh` (for users who cannot reach the front door's port). Every
+//! attempt, refused or not, lands in the audit log.
+
+use crate::engine::{Engine, OpError};
+use crate::sshca::HOST_SUFFIX;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tether_shared::proto::{SshStreamOpen, StreamOpen};
+use tether_shared::{now_ms, Lifecycle, WorkspaceStatus};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{info, warn};
+
+/// Opening a stream to a connected agent should take one round trip; this bounds a dying one.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Copy buffer per direction: large enough for full-speed bulk transfers, small enough that a slow
+/// reader holds at most this much per direction in the coordinator.
+const SPLICE_BUFFER: usize = 256 * 1024;
+
+/// How the user reached the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The SSH front door, authenticated by the user's SSH key.
+    FrontDoor,
+    /// An HTTP upgrade, authenticated by the user's API token.
+    Api,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::FrontDoor => "ssh",
+            Via::Api => "api",
+        }
+    }
+}
+
+pub struct Request {
+    pub user: String,
+    /// What the client asked for: `NAME` or `NAME.tether`.
+    pub target: String,
+    pub via: Via,
+    pub peer: String,
+    /// The key the front door authenticated; `None` for API tokens, which allow any of the user's keys.
+    pub key_fingerprint: Option<String>,
+}
+
+/// A refusal with the sentence the user sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    NotFound,
+    Forbidden,
+    Unavailable,
+    Internal,
+}
+
+fn refuse(kind: RefusalKind, message: String) -> Refusal {
+    Refusal { kind, message }
+}
+
+/// An open stream to a workspace's agent, ready to splice.
+pub struct Brokered {
+    pub workspace: String,
+    pub connection_id: i64,
+    engine: Arc<Engine>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+/// The workspace a client's host name names: `NAME.tether` or `NAME`, any case.
+pub fn workspace_name(target: &str) -> String {
+    let t = target.trim().trim_end_matches('.').to_ascii_lowercase();
+    t.strip_suffix(HOST_SUFFIX).map(str::to_string).unwrap_or(t)
+}
+
+/// Whether a workspace in `status` with these facts takes SSH connections; the refusal if not.
+fn check_reachable(
+    name: &str,
+    status: WorkspaceStatus,
+    reason: &str,
+    connected: bool,
+    lifecycle: Option<Lifecycle>,
+    blocks_login: bool,
+) -> Result<(), Refusal> {
+    use WorkspaceStatus::*;
+    let unavailable = |m: String| Err(refuse(RefusalKind::Unavailable, m));
+    match status {
+        Stopped => unavailable(format!("workspace '{name}' is stopped; start it with `tether workspace start {name}`")),
+        Pending | Failed | Stopping | Deleting | Deleted => {
+            unavailable(format!("workspace '{name}' is {status}: {reason}"))
+        }
+        Starting | Running | Unhealthy if !connected => {
+            unavailable(format!("workspace '{name}' has no connected agent ({status}: {reason})"))
+        }
+        Starting
+            if blocks_login
+                && !matches!(lifecycle, Some(Lifecycle::Ready | Lifecycle::StartError | Lifecycle::StartTimeout)) =>
+        {
+            unavailable(format!("workspace '{name}' is starting: startup scripts that block login are still running"))
+        }
+        Starting | Running | Unhealthy => Ok(()),
+    }
+}
+
+/// Checks access and opens a stream to the workspace's agent. Refusals are logged and audited.
+pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusal> {
+    let name = workspace_name(&req.target);
+    match authorize_and_open(engine, &req, &name).await {
+        Ok((send, recv)) => {
+            let connection_id = engine
+                .store
+                .audit_start(
+                    &req.user,
+                    &name,
+                    req.via.as_str(),
+                    &req.peer,
+                    req.key_fingerprint.as_deref(),
+                    "open",
+                    now_ms(),
+                )
+                .await
+                .map_err(|e| refuse(RefusalKind::Internal, format!("coordinator error: {e}")))?;
+            info!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, connection_id, "ssh connection brokered");
+            let mut b = Brokered { workspace: name, connection_id, engine: engine.clone(), send, recv };
+            let open = StreamOpen::Ssh(SshStreamOpen {
+                connection_id: connection_id as u64,
+                user: req.user.clone(),
+                key_fingerprints: match req.key_fingerprint {
+                    Some(fp) => vec![fp],
+                    None => user_keys(engine, &req.user).await?,
+                },
+                peer: req.peer.clone(),
+            });
+            if let Err(e) = tether_shared::io::write_msg(&mut b.send, &open).await {
+                let message = format!("workspace '{}': its agent went away ({e})", b.workspace);
+                b.finish(0, 0, &format!("agent stream failed: {e}")).await;
+                return Err(refuse(RefusalKind::Unavailable, message));
+            }
+            Ok(b)
+        }
+        Err(refusal) => {
+            warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh refused: {refusal}");
+            let now = now_ms();
+            if let Ok(id) = engine
+                .store
+                .audit_start(
+                    &req.user,
+                    &name,
+                    req.via.as_str(),
+                    &req.peer,
+                    req.key_fingerprint.as_deref(),
+                    &format!("refused: {refusal}"),
+                    now,
+                )
+                .await
+            {
+                let _ = engine.store.audit_end(id, 0, 0, &format!("refused: {refusal}"), now).await;
+            }
+            Err(refusal)
+        }
+    }
+}
+
+async fn user_keys(engine: &Engine, user: &str) -> Result<Vec<String>, Refusal> {
+    let u = engine
+        .store
+        .user(user)
+        .await
+        .map_err(|e| refuse(RefusalKind::Internal, format!("coordinator error: {e}")))?
+        .ok_or_else(|| refuse(RefusalKind::Forbidden, format!("no user '{user}'")))?;
+    Ok(u.keys.into_iter().map(|(fp, _)| fp).collect())
+}
+
+async fn authorize_and_open(
+    engine: &Arc<Engine>,
+    req: &Request,
+    name: &str,
+) -> Result<(quinn::SendStream, quinn::RecvStream), Refusal> {
+    let internal = |e: OpError| refuse(RefusalKind::Internal, format!("coordinator error: {e}"));
+    let not_found = || refuse(RefusalKind::NotFound, format!("no workspace '{name}'"));
+    if crate::template::check_name("workspace", name).is_err() {
+        return Err(not_found());
+    }
+    let row = match engine.workspace_row(name).await {
+        Ok(row) => row,
+        Err(OpError::NotFound(_)) => return Err(not_found()),
+        Err(e) => return Err(internal(e)),
+    };
+    let owner = row.owner.as_deref() == Some(req.user.as_str());
+    if !owner && !engine.store.grants(row.id).await.map_err(|e| internal(e.into()))?.contains(&req.user) {
+        return Err(refuse(RefusalKind::Forbidden, format!("user '{}' may not access workspace '{name}'", req.user)));
+    }
+    let quic = engine.agent_connection(row.id);
+    let blocks_login = crate::template::Template::parse(&row.template)
+        .map(|t| t.scripts.iter().any(|s| s.blocks_login && s.on == tether_shared::proto::ScriptTrigger::Start))
+        .unwrap_or(false);
+    check_reachable(name, row.status, &row.status_reason, quic.is_some(), row.lifecycle, blocks_login)?;
+    let quic =
+        quic.ok_or_else(|| refuse(RefusalKind::Unavailable, format!("workspace '{name}' has no connected agent")))?;
+    match tokio::time::timeout(OPEN_TIMEOUT, quic.open_bi()).await {
+        Ok(Ok(pair)) => Ok(pair),
+        Ok(Err(e)) => Err(refuse(RefusalKind::Unavailable, format!("workspace '{name}': its agent went away ({e})"))),
+        Err(_) => {
+            Err(refuse(RefusalKind::Unavailable, format!("workspace '{name}': its agent did not answer in time")))
+        }
+    }
+}
+
+impl Brokered {
+    /// Copies bytes both ways until both sides are done or one fails, then records the end.
+    /// Returns the bytes sent up (client → agent) and down.
+    pub async fn splice<S: AsyncRead + AsyncWrite + Unpin>(self, client: S) -> (u64, u64) {
+        let counters = Arc::new(Counters::default());
+        let mut client = Counting { inner: client, counters: counters.clone() };
+        let Brokered { workspace, connection_id, engine, send, recv } = self;
+        let mut agent = tokio::io::join(recv, send);
+        let result =
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, SPLICE_BUFFER, SPLICE_BUFFER).await;
+        let (up, down) = (counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
+        let outcome = match &result {
+            Ok(_) => "closed".to_string(),
+            Err(e) => {
+                let (mut recv, mut send) = agent.into_inner();
+                let _ = send.reset(0u32.into());
+                let _ = recv.stop(0u32.into());
+                format!("ended: {e}")
+            }
+        };
+        info!(%workspace, connection_id, up, down, %outcome, "ssh connection ended");
+        record_end(&engine, &workspace, connection_id, up, down, &outcome).await;
+        (up, down)
+    }
+
+    /// Records the end of a connection that never carried bytes.
+    pub async fn abandon(self, outcome: &str) {
+        self.finish(0, 0, outcome).await;
+    }
+
+    async fn finish(self, up: u64, down: u64, outcome: &str) {
+        record_end(&self.engine, &self.workspace, self.connection_id, up, down, outcome).await;
+    }
+}
+
+async fn record_end(engine: &Engine, workspace: &str, connection_id: i64, up: u64, down: u64, outcome: &str) {
+    if let Err(e) = engine.store.audit_end(connection_id, up, down, outcome, now_ms()).await {
+        warn!(%workspace, connection_id, error = %e, "could not record the end of an ssh connection");
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+/// The client side of a splice, counting bytes: reads go up to the agent, writes come down.
+struct Counting<S> {
+    inner: S,
+    counters: Arc<Counters>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.counters.up.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counters.down.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_map_to_workspaces() {
+        assert_eq!(workspace_name("dev.tether"), "dev");
+        assert_eq!(workspace_name("Dev.Tether."), "dev");
+        assert_eq!(workspace_name("dev"), "dev");
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        use WorkspaceStatus::*;
+        let r = |s, c, l, b| check_reachable("x", s, "why", c, l, b).map_err(|e| e.message);
+        assert_eq!(
+            r(Stopped, false, None, false).unwrap_err(),
+            "workspace 'x' is stopped; start it with `tether workspace start x`"
+        );
+        assert!(r(Unhealthy, false, None, false).unwrap_err().contains("has no connected agent (unhealthy: why)"));
+        assert!(r(Starting, true, Some(Lifecycle::Starting), true).unwrap_err().contains("block login"));
+        assert!(r(Starting, true, Some(Lifecycle::Starting), false).is_ok());
+        assert!(r(Unhealthy, true, Some(Lifecycle::StartError), true).is_ok());
+        assert!(r(Running, true, Some(Lifecycle::Ready), true).is_ok());
+    }
+}

@@ -1,0 +1,424 @@
+//! The SSH side of the CLI: `tether user`, `tether workspace grant|revoke|access`, `tether audit`,
+//! `tether config-ssh` and `tether ssh`.
+
+use crate::api_ssh::{SshInfo, UPGRADE_PROTOCOL};
+use crate::cli::table;
+use crate::client::{enc, Client};
+use crate::users::{AuditView, UserView};
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand, Debug)]
+pub enum UserCmd {
+    /// Add a user with their SSH public key(s); prints their API token once.
+    Add {
+        name: String,
+        /// Public key file (`id_ed25519.pub`, or several keys one per line). Repeatable.
+        #[arg(long = "ssh-key", value_name = "FILE", required = true)]
+        ssh_keys: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List users and their key fingerprints.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one user.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a user, their keys and grants.
+    Remove { name: String },
+    /// Add SSH public keys to a user.
+    AddKey {
+        name: String,
+        #[arg(long = "ssh-key", value_name = "FILE", required = true)]
+        ssh_keys: Vec<PathBuf>,
+    },
+    /// Remove one of a user's keys, by fingerprint (`SHA256:…`).
+    RemoveKey { name: String, fingerprint: String },
+    /// Issue a new API token for a user (the old one stops working).
+    Token {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Reads public-key files, refusing anything that is clearly not one before it is sent.
+fn read_keys(files: &[PathBuf]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for f in files {
+        let meta = std::fs::metadata(f).with_context(|| format!("reading SSH key {}", f.display()))?;
+        if meta.len() > 256 * 1024 {
+            bail!("{} is {} bytes; an SSH public key file is a few hundred", f.display(), meta.len());
+        }
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading SSH key {}", f.display()))?;
+        out.push_str(&text);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_user(u: &UserView) {
+    println!("user {}", u.name);
+    for k in &u.keys {
+        let kind = k.public_key.split_whitespace().next().unwrap_or("?");
+        println!("  {}  {kind}", k.fingerprint);
+    }
+}
+
+pub async fn user(client: &Client, cmd: UserCmd) -> anyhow::Result<()> {
+    match cmd {
+        UserCmd::Add { name, ssh_keys, json } => {
+            let body = serde_json::json!({ "name": name, "ssh_keys": read_keys(&ssh_keys)? });
+            let v: serde_json::Value = client.post("/users", &body).await?;
+            if json {
+                return print_json(&v);
+            }
+            let u: UserView = serde_json::from_value(v["user"].clone())?;
+            print_user(&u);
+            println!("\nAPI token for {name} (shown once; for `tether ssh` and `tether config-ssh`):");
+            println!("  {}", v["token"].as_str().unwrap_or_default());
+        }
+        UserCmd::List { json } => {
+            let users: Vec<UserView> = client.get("/users").await?;
+            if json {
+                return print_json(&users);
+            }
+            let rows: Vec<Vec<String>> = users
+                .iter()
+                .map(|u| {
+                    vec![u.name.clone(), u.keys.iter().map(|k| k.fingerprint.as_str()).collect::<Vec<_>>().join(" ")]
+                })
+                .collect();
+            print!("{}", table(&["USER", "KEYS"], &rows));
+        }
+        UserCmd::Show { name, json } => {
+            let u: UserView = client.get(&format!("/users/{}", enc(&name))).await?;
+            if json {
+                return print_json(&u);
+            }
+            print_user(&u);
+        }
+        UserCmd::Remove { name } => {
+            let _: serde_json::Value = client.delete(&format!("/users/{}", enc(&name))).await?;
+            println!("user {name} removed");
+        }
+        UserCmd::AddKey { name, ssh_keys } => {
+            let body = serde_json::json!({ "ssh_keys": read_keys(&ssh_keys)? });
+            let u: UserView = client.post(&format!("/users/{}/keys", enc(&name)), &body).await?;
+            print_user(&u);
+        }
+        UserCmd::RemoveKey { name, fingerprint } => {
+            let u: UserView = client.delete(&format!("/users/{}/keys/{}", enc(&name), enc(&fingerprint))).await?;
+            print_user(&u);
+        }
+        UserCmd::Token { name, json } => {
+            let v: serde_json::Value =
+                client.post(&format!("/users/{}/token", enc(&name)), &serde_json::json!({})).await?;
+            if json {
+                return print_json(&v);
+            }
+            println!("API token for {name} (shown once): {}", v["token"].as_str().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+fn print_grants(v: &serde_json::Value) {
+    let owner = v["owner"].as_str().unwrap_or("-");
+    let granted: Vec<&str> =
+        v["granted"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+    println!(
+        "{}: owner {owner}; granted: {}",
+        v["workspace"].as_str().unwrap_or_default(),
+        if granted.is_empty() { "nobody".to_string() } else { granted.join(", ") }
+    );
+}
+
+pub async fn grant(client: &Client, workspace: &str, user: &str) -> anyhow::Result<()> {
+    let v: serde_json::Value =
+        client.post(&format!("/workspaces/{}/grants", enc(workspace)), &serde_json::json!({ "user": user })).await?;
+    print_grants(&v);
+    Ok(())
+}
+
+pub async fn revoke(client: &Client, workspace: &str, user: &str) -> anyhow::Result<()> {
+    let v: serde_json::Value = client.delete(&format!("/workspaces/{}/grants/{}", enc(workspace), enc(user))).await?;
+    print_grants(&v);
+    Ok(())
+}
+
+pub async fn access(client: &Client, workspace: &str) -> anyhow::Result<()> {
+    let v: serde_json::Value = client.get(&format!("/workspaces/{}/grants", enc(workspace))).await?;
+    print_grants(&v);
+    Ok(())
+}
+
+fn when(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub async fn audit(
+    client: &Client,
+    user: Option<String>,
+    workspace: Option<String>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut path = format!("/audit?limit={limit}");
+    if let Some(u) = &user {
+        path.push_str(&format!("&user={}", enc(u)));
+    }
+    if let Some(w) = &workspace {
+        path.push_str(&format!("&workspace={}", enc(w)));
+    }
+    let rows: Vec<AuditView> = client.get(&path).await?;
+    if json {
+        return print_json(&rows);
+    }
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.to_string(),
+                when(a.started_at_ms),
+                a.ended_at_ms.map_or("open".into(), |e| format!("{:.1}s", (e - a.started_at_ms) as f64 / 1000.0)),
+                a.user.clone(),
+                a.workspace.clone(),
+                a.via.clone(),
+                a.peer.clone(),
+                a.bytes_up.to_string(),
+                a.bytes_down.to_string(),
+                a.outcome.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["ID", "STARTED", "LASTED", "USER", "WORKSPACE", "VIA", "FROM", "UP", "DOWN", "OUTCOME"], &rows)
+    );
+    Ok(())
+}
+
+const BEGIN: &str = "# >>> tether: managed by `tether config-ssh`; edits between these lines are overwritten >>>";
+const END: &str = "# <<< tether <<<";
+
+/// Quotes a path for ssh_config if it needs it.
+fn quote(p: &Path) -> String {
+    let s = p.display().to_string();
+    if s.contains([' ', '\t', '"']) {
+        format!("\"{}\"", s.replace('"', "\\\""))
+    } else {
+        s
+    }
+}
+
+/// The managed block for an ssh config file.
+pub fn config_block(info: &SshInfo, user: &str, identity: Option<&Path>, known_hosts: &Path) -> anyhow::Result<String> {
+    let Some(front_door) = &info.front_door else {
+        bail!("the coordinator's SSH front door is off (`tether serve --listen-ssh`)");
+    };
+    let (host, port) = match front_door.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => (h.trim_matches(['[', ']']).to_string(), p.to_string()),
+        _ => bail!("the coordinator advertises a front door address '{front_door}' that is not HOST:PORT"),
+    };
+    let common = {
+        let mut c = format!("  User {user}\n");
+        if let Some(id) = identity {
+            c.push_str(&format!("  IdentityFile {}\n  IdentitiesOnly yes\n", quote(id)));
+        }
+        c.push_str(&format!("  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n", quote(known_hosts)));
+        c
+    };
+    let alias = &info.front_door_alias;
+    Ok(format!(
+        "{BEGIN}\nHost {alias}\n  HostName {host}\n  Port {port}\n  HostKeyAlias {alias}\n{common}\nHost *{suffix}\n  ProxyJump {alias}\n{common}{END}\n",
+        suffix = info.host_suffix
+    ))
+}
+
+/// `text` with the managed block replaced, or appended if it has none. Appending keeps the user's
+/// global options (lines before any `Host`) applying to everything, as they did.
+pub fn with_block(text: &str, block: &str) -> String {
+    if let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) {
+        if b < e {
+            let end = e + END.len();
+            let end = if text[end..].starts_with('\n') { end + 1 } else { end };
+            return format!("{}{block}{}", &text[..b], &text[end..]);
+        }
+    }
+    let mut out = text.to_string();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(block);
+    out
+}
+
+fn write_atomic(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tether-tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+pub async fn config_ssh(
+    client: &Client,
+    user: Option<String>,
+    ssh_config: Option<PathBuf>,
+    identity: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let info: SshInfo = client.get("/ssh").await?;
+    let user = match (user, &info.user) {
+        (Some(u), _) => u,
+        (None, Some(u)) => u.clone(),
+        (None, None) => bail!("give --user NAME (the Tether user whose key you log in with)"),
+    };
+    let config_path = match ssh_config {
+        Some(p) => p,
+        None => {
+            let home =
+                std::env::var_os("HOME").filter(|h| !h.is_empty()).context("HOME is not set; pass --ssh-config")?;
+            let dir = PathBuf::from(home).join(".ssh");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            dir.join("config")
+        }
+    };
+    let config_path = std::path::absolute(&config_path)?;
+    let dir = config_path.parent().context("the ssh config path has no directory")?;
+    let known_hosts = dir.join("tether_known_hosts");
+    let identity = identity.map(|i| std::path::absolute(&i)).transpose()?;
+    if let Some(i) = &identity {
+        if !i.exists() {
+            bail!("identity file {} does not exist", i.display());
+        }
+    }
+    let block = config_block(&info, &user, identity.as_deref(), &known_hosts)?;
+    write_atomic(&known_hosts, &format!("# managed by `tether config-ssh`\n{}\n", info.known_hosts), 0o644)?;
+    let old = match std::fs::read_to_string(&config_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", config_path.display())),
+    };
+    let new = with_block(&old, &block);
+    if new != old {
+        write_atomic(&config_path, &new, 0o600)?;
+    }
+    println!("wrote the tether block in {} and the CA in {}", config_path.display(), known_hosts.display());
+    println!("connect with: ssh WORKSPACE{}", info.host_suffix);
+    Ok(())
+}
+
+/// `tether ssh --stdio NAME`: joins stdin/stdout to the workspace's agent over the API (for
+/// `ProxyCommand`).
+pub async fn ssh_stdio(client: &Client, target: &str, as_user: Option<&str>) -> anyhow::Result<()> {
+    let name = crate::broker::workspace_name(target);
+    let mut path = format!("/workspaces/{}/ssh", enc(&name));
+    if let Some(u) = as_user {
+        path.push_str(&format!("?user={}", enc(u)));
+    }
+    let mut stream = client.upgrade(&path, UPGRADE_PROTOCOL).await?;
+    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    tokio::io::copy_bidirectional_with_sizes(&mut stdio, &mut stream, 256 * 1024, 256 * 1024)
+        .await
+        .context("ssh stream")?;
+    Ok(())
+}
+
+/// `tether ssh NAME [ARGS…]`: runs OpenSSH with this CLI as its `ProxyCommand` and the coordinator's
+/// CA as the only trusted host key, so nothing else is needed on the user's machine.
+pub async fn ssh_exec(client: &Client, target: &str, as_user: Option<&str>, args: &[String]) -> anyhow::Result<()> {
+    let info: SshInfo = client.get("/ssh").await?;
+    let name = crate::broker::workspace_name(target);
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("tether");
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let known_hosts = cache.join("known_hosts");
+    write_atomic(&known_hosts, &format!("{}\n", info.known_hosts), 0o644)?;
+    let exe = std::env::current_exe().context("finding the tether executable")?;
+    let mut proxy = format!("{} ssh --stdio", quote(&exe));
+    if let Some(u) = as_user {
+        proxy.push_str(&format!(" --as {u}"));
+    }
+    proxy.push_str(" %h");
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.arg("-o")
+        .arg(format!("ProxyCommand={proxy}"))
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", quote(&known_hosts)))
+        .arg("-o")
+        .arg("StrictHostKeyChecking=yes")
+        .arg(format!("{name}{}", info.host_suffix))
+        .args(args)
+        // The token reaches the ProxyCommand through the environment, never the command line.
+        .env("TETHER_URL", client.base())
+        .env("TETHER_TOKEN", client.token());
+    use std::os::unix::process::CommandExt;
+    let err = cmd.exec();
+    bail!("running ssh: {err} (is OpenSSH's client installed?)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> SshInfo {
+        SshInfo {
+            front_door: Some("127.0.0.1:2222".into()),
+            front_door_alias: "tether-frontdoor".into(),
+            host_suffix: ".tether".into(),
+            known_hosts: "@cert-authority *.tether,tether-frontdoor ssh-ed25519 AAAA".into(),
+            user: None,
+        }
+    }
+
+    #[test]
+    fn the_block_is_replaced_in_place_and_nothing_else_changes() {
+        let block =
+            config_block(&info(), "alice", Some(Path::new("/k/id")), Path::new("/h/tether_known_hosts")).unwrap();
+        assert!(block.contains("Host *.tether\n  ProxyJump tether-frontdoor\n"));
+        assert!(block.contains("HostKeyAlias tether-frontdoor"));
+        let mine = "ServerAliveInterval 30\n\nHost work\n  HostName work.example\n";
+        let once = with_block(mine, &block);
+        assert!(once.starts_with(mine));
+        assert_eq!(with_block(&once, &block), once, "idempotent");
+        let block2 = config_block(&info(), "bob", None, Path::new("/h/tether_known_hosts")).unwrap();
+        let twice = with_block(&format!("{once}Host later\n"), &block2);
+        assert!(twice.contains("User bob") && !twice.contains("User alice"));
+        assert!(twice.starts_with(mine) && twice.ends_with("Host later\n"));
+        assert_eq!(twice.matches(BEGIN).count(), 1);
+    }
+
+    #[test]
+    fn paths_with_spaces_are_quoted() {
+        assert_eq!(quote(Path::new("/a b/c")), "\"/a b/c\"");
+        assert_eq!(quote(Path::new("/ab/c")), "/ab/c");
+    }
+}

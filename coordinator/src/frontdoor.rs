@@ -1,0 +1,285 @@
+//! The SSH front door: an SSH server (russh) on TCP that users reach with `ssh -J`. It
+//! authenticates users by their registered public keys and answers `direct-tcpip` requests for
+//! `NAME.tether` by splicing the channel onto a stream to that workspace's agent ([`broker`]). It
+//! never sees the inner session: the user's client and the agent run their own SSH over it.
+//!
+//! A plain `ssh -p PORT user@coordinator` gets a short message saying how to connect, and the list
+//! of the workspaces the user may reach.
+
+use crate::broker::{self, Request, Via};
+use crate::engine::Engine;
+use crate::sshca::{self, HOST_SUFFIX};
+use russh::keys::ssh_key::Certificate;
+use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+/// Time a client has to authenticate before it is disconnected.
+const LOGIN_GRACE: Duration = Duration::from_secs(30);
+/// Workspace connections one front-door connection may carry at once (`ssh -J` uses one; a
+/// multiplexing client a few).
+const MAX_CHANNELS: usize = 64;
+
+/// Settings for [`serve`].
+#[derive(Debug, Clone)]
+pub struct FrontDoorConfig {
+    /// Most SSH connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Host names the front door's certificate is valid for, beyond its alias.
+    pub host_names: Vec<String>,
+}
+
+/// Ciphers in the order the front door and agents offer them. OpenSSH's client picks the first of
+/// *its* list that the server offers, so offering only AES-GCM (hardware-accelerated almost
+/// everywhere, and the fastest in russh) is what makes clients use it; chacha20-poly1305 stays
+/// available for clients configured to insist on it.
+pub const CIPHERS: &[russh::cipher::Name] =
+    &[russh::cipher::AES_128_GCM, russh::cipher::AES_256_GCM, russh::cipher::CHACHA20_POLY1305];
+
+/// The russh server settings of the front door.
+pub fn ssh_config(engine: &Engine, config: &FrontDoorConfig) -> anyhow::Result<russh::server::Config> {
+    let cert: Certificate = engine.ssh_ca.front_door_certificate(&config.host_names)?;
+    let mut methods = MethodSet::empty();
+    methods.push(MethodKind::PublicKey);
+    Ok(russh::server::Config {
+        server_id: russh::SshId::Standard(Cow::Owned(format!("SSH-2.0-tether_{}", env!("CARGO_PKG_VERSION")))),
+        methods,
+        // The "none" probe every OpenSSH client sends first must not cost a second.
+        auth_rejection_time: Duration::from_millis(50),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![engine.ssh_ca.front_door_key().clone()],
+        certificates: vec![cert],
+        window_size: 8 * 1024 * 1024,
+        maximum_packet_size: 65535,
+        channel_buffer_size: 64,
+        preferred: russh::Preferred { cipher: Cow::Borrowed(CIPHERS), ..Default::default() },
+        max_auth_attempts: 6,
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// Accepts SSH connections until the listener's task is dropped.
+pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoorConfig) -> anyhow::Result<()> {
+    let ssh = Arc::new(ssh_config(&engine, &config)?);
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                warn!(error = %e, "ssh front door: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if open.load(Ordering::Relaxed) >= config.max_connections {
+            warn!(%peer, max = config.max_connections, "ssh front door: refusing connection, at the limit");
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        open.fetch_add(1, Ordering::Relaxed);
+        let (engine, ssh, open) = (engine.clone(), ssh.clone(), open.clone());
+        tokio::spawn(async move {
+            let authed = Arc::new(AtomicBool::new(false));
+            let handler =
+                Handler { engine, peer, user: None, authed: authed.clone(), channels: Arc::new(AtomicUsize::new(0)) };
+            match russh::server::run_stream(ssh, tcp, handler).await {
+                Ok(session) => {
+                    let handle = session.handle();
+                    let grace = tokio::spawn(async move {
+                        tokio::time::sleep(LOGIN_GRACE).await;
+                        if !authed.load(Ordering::Relaxed) {
+                            debug!(%peer, "ssh front door: no login within the grace time");
+                            let _ = handle
+                                .disconnect(
+                                    russh::Disconnect::ByApplication,
+                                    "authentication took too long".into(),
+                                    "en".into(),
+                                )
+                                .await;
+                        }
+                    });
+                    if let Err(e) = session.await {
+                        debug!(%peer, error = %e, "ssh front door: connection ended");
+                    }
+                    grace.abort();
+                }
+                Err(e) => debug!(%peer, error = %e, "ssh front door: handshake failed"),
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+struct Handler {
+    engine: Arc<Engine>,
+    peer: SocketAddr,
+    /// `(user, key fingerprint)` once authenticated.
+    user: Option<(String, String)>,
+    authed: Arc<AtomicBool>,
+    /// Brokered channels open now on this connection.
+    channels: Arc<AtomicUsize>,
+}
+
+impl Handler {
+    /// Whether `key` is registered to `user`.
+    async fn key_matches(&self, user: &str, key: &russh::keys::PublicKey) -> Result<bool, anyhow::Error> {
+        let fp = sshca::fingerprint(key);
+        Ok(self.engine.store.user_by_key(&fp).await?.as_deref() == Some(user))
+    }
+
+    /// What a plain login (no workspace) prints.
+    async fn greeting(&self) -> String {
+        let Some((user, _)) = &self.user else { return String::new() };
+        let mut text = format!(
+            "Hi {user}. This is Tether's SSH front door; it does not run shells itself.\r\n\
+             Connect to a workspace with `ssh WORKSPACE{HOST_SUFFIX}` after `tether config-ssh --user {user}`,\r\n\
+             or with `ssh -J {user}@HOST:PORT WORKSPACE{HOST_SUFFIX}`.\r\n"
+        );
+        if let Ok(all) = self.engine.list(None, false).await {
+            let mut mine = Vec::new();
+            for w in all {
+                let granted = match self.engine.grants(&w.name).await {
+                    Ok(g) => g.contains(user),
+                    Err(_) => false,
+                };
+                if w.owner.as_deref() == Some(user.as_str()) || granted {
+                    mine.push(format!("  {}{HOST_SUFFIX}  {}: {}\r\n", w.name, w.status, w.status_reason));
+                }
+            }
+            if mine.is_empty() {
+                text.push_str("You have no workspaces.\r\n");
+            } else {
+                text.push_str("Your workspaces:\r\n");
+                text.extend(mine);
+            }
+        }
+        text
+    }
+
+    async fn say_and_close(&self, channel: ChannelId, session: &mut Session) -> Result<(), anyhow::Error> {
+        let text = self.greeting().await;
+        session.channel_success(channel)?;
+        session.data(channel, text.into_bytes())?;
+        session.exit_status_request(channel, 0)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        Ok(())
+    }
+}
+
+impl russh::server::Handler for Handler {
+    type Error = anyhow::Error;
+
+    async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        if self.key_matches(user, offer.public_key).await? {
+            Ok(Auth::Accept)
+        } else {
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        let fp = sshca::fingerprint(key.public_key);
+        if self.key_matches(user, key.public_key).await? {
+            info!(peer = %self.peer, user, key = %fp, "ssh front door: user authenticated");
+            self.user = Some((user.to_string(), fp));
+            self.authed.store(true, Ordering::Relaxed);
+            Ok(Auth::Accept)
+        } else {
+            warn!(peer = %self.peer, user, key = %fp, "ssh front door: key is not registered to this user");
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some((user, fp)) = self.user.clone() else {
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        };
+        if self.channels.load(Ordering::Relaxed) >= MAX_CHANNELS {
+            let reason = format!("at most {MAX_CHANNELS} workspace connections per SSH connection");
+            reply.reject(ChannelOpenFailure::Other { code: 4, reason }).await;
+            return Ok(());
+        }
+        let request = Request {
+            user,
+            target: host_to_connect.chars().take(255).collect(),
+            via: Via::FrontDoor,
+            peer: self.peer.to_string(),
+            key_fingerprint: Some(fp),
+        };
+        match broker::open(&self.engine, request).await {
+            Ok(brokered) => {
+                reply.accept().await;
+                let channels = self.channels.clone();
+                channels.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    brokered.splice(channel.into_stream()).await;
+                    channels.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(refusal) => {
+                reply.reject(ChannelOpenFailure::Other { code: 1, reason: refusal.message }).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.say_and_close(channel, session).await
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.say_and_close(channel, session).await
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        Ok(())
+    }
+}

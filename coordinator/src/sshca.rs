@@ -1,0 +1,187 @@
+//! The coordinator as an SSH certificate authority.
+//!
+//! One ed25519 CA key, kept in the data directory, signs every agent's host key as a host
+//! certificate for its workspace (`NAME.tether` and `NAME`), and the front door's own host key for
+//! [`FRONT_DOOR_ALIAS`] and its configured host names. Users trust the CA once, with one
+//! `@cert-authority` line that `tether config-ssh` writes; a rebuilt workspace with a new host key
+//! then never triggers a host-key warning, and strict host-key checking stays on.
+
+use russh::keys::ssh_key::certificate::{Builder, CertType};
+use russh::keys::ssh_key::private::Ed25519Keypair;
+use russh::keys::ssh_key::{Algorithm, Certificate, HashAlg, LineEnding, PrivateKey, PublicKey};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tether_shared::limits;
+
+/// The name the front door's host certificate carries, and the `HostKeyAlias` the ssh config that
+/// `tether config-ssh` writes uses for it, so the check does not depend on how the coordinator's
+/// address is spelled.
+pub const FRONT_DOOR_ALIAS: &str = "tether-frontdoor";
+/// Host names of workspaces end in this.
+pub const HOST_SUFFIX: &str = ".tether";
+
+/// Host certificates are signed again at every agent connection and every coordinator start; the
+/// validity only bounds how long a stolen agent host key stays useful.
+const HOST_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Slack for clocks that run behind.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshCaError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Write(#[from] crate::pki::PkiError),
+    #[error("{path}: not an OpenSSH private key: {source}")]
+    BadKeyFile { path: PathBuf, source: russh::keys::ssh_key::Error },
+    #[error("host key is not valid: {0}")]
+    BadHostKey(String),
+    #[error("signing failed: {0}")]
+    Sign(russh::keys::ssh_key::Error),
+}
+
+pub struct SshCa {
+    ca: PrivateKey,
+    front_door: PrivateKey,
+}
+
+/// A new ed25519 key from the system's random source.
+pub fn new_ed25519(comment: &str) -> PrivateKey {
+    let seed: [u8; 32] = rand::random();
+    let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
+    key.set_comment(comment);
+    key
+}
+
+/// Loads an OpenSSH private key, creating it (mode 0600, written atomically) if missing.
+pub fn load_or_create_key(path: &Path, comment: &str) -> Result<PrivateKey, SshCaError> {
+    let io = |source| SshCaError::Io { path: path.to_path_buf(), source };
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            PrivateKey::from_openssh(bytes).map_err(|source| SshCaError::BadKeyFile { path: path.into(), source })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = new_ed25519(comment);
+            let text = key.to_openssh(LineEnding::LF).map_err(SshCaError::Sign)?;
+            crate::pki::write_private(path, text.as_bytes())?;
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// `SHA256:…`, as `ssh-keygen -l` prints it.
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+/// Parses one OpenSSH public-key line (`ssh-ed25519 AAAA… comment`), with the reason if it is not one.
+pub fn parse_public_key(line: &str) -> Result<PublicKey, String> {
+    let line = line.trim();
+    if line.len() > limits::MAX_SSH_PUBLIC_KEY {
+        return Err(format!("key is {} bytes, over the limit of {}", line.len(), limits::MAX_SSH_PUBLIC_KEY));
+    }
+    if line.starts_with("-----BEGIN") {
+        return Err("this is a private key; give the public key (the .pub file)".into());
+    }
+    let key = PublicKey::from_openssh(line).map_err(|e| format!("not an OpenSSH public key line: {e}"))?;
+    match key.algorithm() {
+        Algorithm::Ed25519 | Algorithm::Ecdsa { .. } | Algorithm::Rsa { .. } => Ok(key),
+        other => Err(format!("key type {other} is not accepted; use ed25519, ecdsa or rsa")),
+    }
+}
+
+fn unix_s(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl SshCa {
+    /// Loads the CA key and the front door's host key from `dir`, creating them on first start.
+    pub fn load_or_create(dir: &Path) -> Result<SshCa, SshCaError> {
+        Ok(SshCa {
+            ca: load_or_create_key(&dir.join("ssh-ca.key"), "tether ssh ca")?,
+            front_door: load_or_create_key(&dir.join("ssh-frontdoor.key"), "tether front door")?,
+        })
+    }
+
+    pub fn public_key(&self) -> &PublicKey {
+        self.ca.public_key()
+    }
+
+    /// The CA's public key as one OpenSSH line.
+    pub fn public_line(&self) -> String {
+        self.ca.public_key().to_openssh().unwrap_or_default()
+    }
+
+    /// The known_hosts line that makes OpenSSH trust every workspace and the front door.
+    pub fn known_hosts_line(&self) -> String {
+        let key = self.ca.public_key().to_openssh().unwrap_or_default();
+        format!("@cert-authority *{HOST_SUFFIX},{FRONT_DOOR_ALIAS} {key}")
+    }
+
+    pub fn front_door_key(&self) -> &PrivateKey {
+        &self.front_door
+    }
+
+    /// Signs a host certificate for `key` valid for `principals`.
+    pub fn sign_host(&self, key: &PublicKey, key_id: &str, principals: &[String]) -> Result<Certificate, SshCaError> {
+        let now = std::time::SystemTime::now();
+        let after = unix_s(now - CLOCK_SKEW);
+        let before = unix_s(now + HOST_CERT_VALIDITY);
+        let nonce: [u8; 32] = rand::random();
+        let mut b = Builder::new(nonce.to_vec(), key.key_data().clone(), after, before).map_err(SshCaError::Sign)?;
+        b.cert_type(CertType::Host).map_err(SshCaError::Sign)?;
+        b.serial(rand::random()).map_err(SshCaError::Sign)?;
+        b.key_id(key_id).map_err(SshCaError::Sign)?;
+        for p in principals {
+            b.valid_principal(p.clone()).map_err(SshCaError::Sign)?;
+        }
+        b.sign(&self.ca).map_err(SshCaError::Sign)
+    }
+
+    /// An agent's host certificate for workspace `name`, as one OpenSSH line.
+    pub fn sign_workspace_host(&self, host_key_line: &str, name: &str) -> Result<String, SshCaError> {
+        let key = parse_public_key(host_key_line).map_err(SshCaError::BadHostKey)?;
+        let cert =
+            self.sign_host(&key, &format!("workspace {name}"), &[format!("{name}{HOST_SUFFIX}"), name.to_string()])?;
+        cert.to_openssh().map_err(SshCaError::Sign)
+    }
+
+    /// The front door's host certificate, for [`FRONT_DOOR_ALIAS`] and `names`.
+    pub fn front_door_certificate(&self, names: &[String]) -> Result<Certificate, SshCaError> {
+        let mut principals = vec![FRONT_DOOR_ALIAS.to_string()];
+        principals.extend(names.iter().filter(|n| n.as_str() != FRONT_DOOR_ALIAS).cloned());
+        self.sign_host(self.front_door.public_key(), "tether front door", &principals)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_persist_and_certificates_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = SshCa::load_or_create(dir.path()).unwrap();
+        let again = SshCa::load_or_create(dir.path()).unwrap();
+        assert_eq!(ca.public_line(), again.public_line());
+
+        let host = new_ed25519("host");
+        let line = ca.sign_workspace_host(&host.public_key().to_openssh().unwrap(), "dev").unwrap();
+        let cert = Certificate::from_openssh(&line).unwrap();
+        assert_eq!(cert.cert_type(), CertType::Host);
+        assert_eq!(cert.valid_principals(), ["dev.tether".to_string(), "dev".to_string()]);
+        let fp = ca.public_key().fingerprint(HashAlg::Sha256);
+        cert.validate(&[fp]).unwrap();
+        assert!(ca.known_hosts_line().starts_with("@cert-authority *.tether,tether-frontdoor ssh-ed25519 "));
+    }
+
+    #[test]
+    fn public_keys_are_checked() {
+        assert!(parse_public_key("ssh-ed25519 nonsense").unwrap_err().contains("not an OpenSSH public key"));
+        assert!(parse_public_key("-----BEGIN OPENSSH PRIVATE KEY-----").unwrap_err().contains("private key"));
+        let key = new_ed25519("alice@laptop");
+        let line = key.public_key().to_openssh().unwrap();
+        assert_eq!(fingerprint(&parse_public_key(&line).unwrap()), fingerprint(key.public_key()));
+    }
+}

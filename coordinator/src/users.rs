@@ -1,0 +1,212 @@
+//! Users, their SSH keys and API tokens, workspace grants, and the audit log: the engine's
+//! operations behind `tether user`, `tether workspace grant` and `tether audit`.
+
+use crate::engine::{Engine, OpError};
+use crate::pki;
+use crate::sshca;
+use crate::store::{AuditRow, StoreError, UserRow};
+use crate::template::check_name;
+use serde::{Deserialize, Serialize};
+use tether_shared::{limits, now_ms};
+use tracing::info;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserView {
+    pub name: String,
+    pub created_at_ms: i64,
+    pub keys: Vec<KeyView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyView {
+    pub fingerprint: String,
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditView {
+    pub id: i64,
+    pub user: String,
+    pub workspace: String,
+    pub via: String,
+    pub peer: String,
+    pub key_fingerprint: Option<String>,
+    pub started_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    pub bytes_up: i64,
+    pub bytes_down: i64,
+    pub outcome: String,
+}
+
+impl From<UserRow> for UserView {
+    fn from(u: UserRow) -> Self {
+        UserView {
+            name: u.name,
+            created_at_ms: u.created_at,
+            keys: u.keys.into_iter().map(|(fingerprint, public_key)| KeyView { fingerprint, public_key }).collect(),
+        }
+    }
+}
+
+impl From<AuditRow> for AuditView {
+    fn from(a: AuditRow) -> Self {
+        AuditView {
+            id: a.id,
+            user: a.user,
+            workspace: a.workspace,
+            via: a.via,
+            peer: a.peer,
+            key_fingerprint: a.key_fingerprint,
+            started_at_ms: a.started_at,
+            ended_at_ms: a.ended_at,
+            bytes_up: a.bytes_up,
+            bytes_down: a.bytes_down,
+            outcome: a.outcome,
+        }
+    }
+}
+
+fn store_err(e: StoreError) -> OpError {
+    match e {
+        StoreError::Conflict(m) => OpError::Conflict(m),
+        StoreError::Missing(m) => OpError::Missing(m),
+        e => OpError::Store(e),
+    }
+}
+
+/// Parses public-key lines (one per line, `#` comments and blanks skipped) into `(fingerprint, line)`.
+/// Every bad line is reported, with its number.
+pub fn parse_keys(text: &str) -> Result<Vec<(String, String)>, OpError> {
+    let mut keys = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match sshca::parse_public_key(line) {
+            Ok(key) => {
+                let fp = sshca::fingerprint(&key);
+                if !keys.iter().any(|(f, _)| f == &fp) {
+                    keys.push((fp, key.to_openssh().unwrap_or_else(|_| line.to_string())));
+                }
+            }
+            Err(e) => errors.push(format!("key line {}: {e}", i + 1)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(OpError::Invalid(errors.join("; ")));
+    }
+    if keys.is_empty() {
+        return Err(OpError::Invalid("no SSH public key given".into()));
+    }
+    if keys.len() > limits::MAX_SSH_KEYS {
+        return Err(OpError::Invalid(format!("{} keys, over the limit of {}", keys.len(), limits::MAX_SSH_KEYS)));
+    }
+    Ok(keys)
+}
+
+impl Engine {
+    /// Adds a user with SSH keys; returns the user and their API token (shown once).
+    pub async fn add_user(&self, name: &str, keys_text: &str) -> Result<(UserView, String), OpError> {
+        check_name("user", name).map_err(OpError::Invalid)?;
+        let keys = parse_keys(keys_text)?;
+        let token = pki::new_token("tether_user");
+        let row = self.store.add_user(name, &keys, &pki::hash_token(&token), now_ms()).await.map_err(store_err)?;
+        info!(user = name, keys = keys.len(), "user added");
+        Ok((row.into(), token))
+    }
+
+    pub async fn add_user_keys(&self, name: &str, keys_text: &str) -> Result<UserView, OpError> {
+        let keys = parse_keys(keys_text)?;
+        let row = self.store.add_user_keys(name, &keys, now_ms()).await.map_err(store_err)?;
+        info!(user = name, keys = keys.len(), "user keys added");
+        Ok(row.into())
+    }
+
+    pub async fn remove_user_key(&self, name: &str, fingerprint: &str) -> Result<UserView, OpError> {
+        if !self.store.remove_user_key(name, fingerprint).await? {
+            return Err(OpError::Missing(format!("user '{name}' has no key {fingerprint}")));
+        }
+        self.user(name).await
+    }
+
+    pub async fn remove_user(&self, name: &str) -> Result<(), OpError> {
+        if !self.store.remove_user(name).await? {
+            return Err(OpError::Missing(format!("no user '{name}'")));
+        }
+        info!(user = name, "user removed");
+        Ok(())
+    }
+
+    /// Issues a new API token for a user; the old one stops working.
+    pub async fn rotate_user_token(&self, name: &str) -> Result<String, OpError> {
+        let token = pki::new_token("tether_user");
+        if !self.store.set_user_token(name, &pki::hash_token(&token)).await? {
+            return Err(OpError::Missing(format!("no user '{name}'")));
+        }
+        Ok(token)
+    }
+
+    pub async fn user(&self, name: &str) -> Result<UserView, OpError> {
+        Ok(self.store.user(name).await?.ok_or_else(|| OpError::Missing(format!("no user '{name}'")))?.into())
+    }
+
+    pub async fn users(&self) -> Result<Vec<UserView>, OpError> {
+        Ok(self.store.users().await?.into_iter().map(Into::into).collect())
+    }
+
+    /// The user an API token belongs to.
+    pub async fn user_for_token(&self, token: &str) -> Result<Option<String>, OpError> {
+        Ok(self.store.user_by_token(&pki::hash_token(token)).await?)
+    }
+
+    pub async fn grant(&self, workspace: &str, user: &str) -> Result<Vec<String>, OpError> {
+        let row = self.workspace_row(workspace).await?;
+        if self.store.user(user).await?.is_none() {
+            return Err(OpError::Missing(format!("no user '{user}'")));
+        }
+        self.store.grant(row.id, user, now_ms()).await?;
+        info!(workspace, user, "access granted");
+        Ok(self.store.grants(row.id).await?)
+    }
+
+    pub async fn revoke(&self, workspace: &str, user: &str) -> Result<Vec<String>, OpError> {
+        let row = self.workspace_row(workspace).await?;
+        if !self.store.revoke(row.id, user).await? {
+            return Err(OpError::Missing(format!("user '{user}' has no grant on workspace '{workspace}'")));
+        }
+        info!(workspace, user, "access revoked");
+        Ok(self.store.grants(row.id).await?)
+    }
+
+    pub async fn grants(&self, workspace: &str) -> Result<Vec<String>, OpError> {
+        let row = self.workspace_row(workspace).await?;
+        Ok(self.store.grants(row.id).await?)
+    }
+
+    pub async fn audit(
+        &self,
+        user: Option<&str>,
+        workspace: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditView>, OpError> {
+        Ok(self.store.audit(user, workspace, limit.clamp(1, 10_000)).await?.into_iter().map(Into::into).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_files_are_checked_line_by_line() {
+        let a = sshca::new_ed25519("a").public_key().to_openssh().unwrap();
+        let b = sshca::new_ed25519("b").public_key().to_openssh().unwrap();
+        let keys = parse_keys(&format!("# mine\n{a}\n\n{b}\n{a}\n")).unwrap();
+        assert_eq!(keys.len(), 2);
+        let err = parse_keys(&format!("{a}\nssh-ed25519 AAAAnope\nhello\n")).unwrap_err().to_string();
+        assert!(err.contains("key line 2") && err.contains("key line 3"), "{err}");
+        assert!(parse_keys("\n# nothing\n").unwrap_err().to_string().contains("no SSH public key"));
+    }
+}

@@ -1,0 +1,409 @@
+//! SSH into workspaces with the stock OpenSSH client (`ssh`, `scp`, `sftp`, `rsync`, tmux), through
+//! the coordinator's front door (`ProxyJump`, as `tether config-ssh` writes it) and through the API
+//! (`tether ssh`), against the real `tether` and `tether-agent` binaries on 127.0.0.1. Every
+//! connection checks host keys strictly against the coordinator's SSH CA.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tether_tests::ssh::{keygen, SshUser};
+use tether_tests::{wait_until, Agent, Coordinator};
+
+const TEMPLATE: &str = r#"
+heartbeat_timeout = "6s"
+
+[env]
+WORKSPACE_GREETING = "hello from the template"
+
+[ssh]
+motd = "Welcome to a Tether workspace"
+allowed_env = ["TETHER_TEST_*"]
+"#;
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// Creates an external workspace owned by `owner` and starts its agent.
+fn workspace(coord: &Coordinator, name: &str, owner: &str) -> Agent {
+    let created = coord.create(name, TEMPLATE, &["--owner", owner]);
+    let token = created["agent_token"].as_str().expect("agent token").to_string();
+    let agent = Agent::start(coord, &token, &coord.data_dir().join(format!("agent-{name}")));
+    coord.wait_for(name, "running", LONG);
+    agent
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A one-response HTTP server on 127.0.0.1 that answers every connection with `body`.
+fn http_server(body: &'static str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    port
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// GET / on a local port, retrying until it answers (a forward being set up) or the deadline.
+fn http_get(port: u16, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            if s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_ok() {
+                let mut out = String::new();
+                if s.read_to_string(&mut out).is_ok() && out.contains("200 OK") {
+                    return out;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "nothing answered on port {port} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn random_file(path: &Path, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, data).expect("write file");
+}
+
+fn same_file(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).expect("read a"), std::fs::read(b).expect("read b"));
+    assert!(x == y, "{} and {} differ ({} vs {} bytes)", a.display(), b.display(), x.len(), y.len());
+}
+
+/// Every file under `a` is under `b` with the same bytes, and the other way round.
+fn same_tree(a: &Path, b: &Path) {
+    fn files(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                files(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).expect("prefix").display().to_string());
+            }
+        }
+    }
+    let (mut fa, mut fb) = (Vec::new(), Vec::new());
+    files(a, a, &mut fa);
+    files(b, b, &mut fb);
+    fa.sort();
+    fb.sort();
+    assert_eq!(fa, fb, "trees differ");
+    for f in &fa {
+        same_file(&a.join(f), &b.join(f));
+    }
+}
+
+#[test]
+fn ssh_exec_pty_files_and_forwarding() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _agent = workspace(&coord, "dev", "alice");
+    let host = "dev.tether";
+
+    // exec: output, exit status, stdin, the workspace's environment.
+    assert_eq!(alice.ok(host, "echo $WORKSPACE_GREETING").trim(), "hello from the template");
+    assert_eq!(alice.run(host, "exit 7").status.code(), Some(7), "remote exit status");
+    let mut child = alice.ssh().arg(host).arg("wc -c").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let payload = vec![b'x'; 3 << 20];
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&payload));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert_eq!(text(&out.stdout).trim(), (3 << 20).to_string(), "stdin reaches the command whole");
+
+    // Environment: LANG and allowed names pass, others do not.
+    let out = alice
+        .ssh()
+        .args(["-o", "SendEnv=LANG TETHER_TEST_COLOUR NOT_ALLOWED", host])
+        .arg("echo \"$LANG|$TETHER_TEST_COLOUR|${NOT_ALLOWED:-unset}\"")
+        .env("LANG", "C.UTF-8")
+        .env("TETHER_TEST_COLOUR", "teal")
+        .env("NOT_ALLOWED", "leaked")
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "C.UTF-8|teal|unset", "{}", text(&out.stderr));
+
+    // An interactive PTY in tmux: the MOTD, a command, and a resize the shell sees.
+    let sock = alice.dir.join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux").arg("-S").arg(&sock).args(args).env("TERM", "xterm").output().expect("tmux")
+    };
+    let ssh_cmd = format!("ssh -F {} {host}", alice.config.display());
+    let started = tmux(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &ssh_cmd]);
+    assert!(started.status.success(), "tmux: {}", text(&started.stderr));
+    let pane = || text(&tmux(&["capture-pane", "-p", "-t", "t", "-S", "-200"]).stdout);
+    wait_until("the MOTD in the pty", LONG, || pane().contains("Welcome to a Tether workspace"));
+    tmux(&["send-keys", "-t", "t", "stty size | sed 's/^/SIZE:/'", "Enter"]);
+    wait_until("stty size 30x100", LONG, || pane().lines().any(|l| l.trim() == "SIZE:30 100"));
+    tmux(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+    tmux(&["send-keys", "-t", "t", "stty size | sed 's/^/SIZE:/'", "Enter"]);
+    wait_until("stty size after the resize", LONG, || pane().lines().any(|l| l.trim() == "SIZE:40 120"));
+    tmux(&["send-keys", "-t", "t", "tty | sed 's/^/TTY:/'; exit", "Enter"]);
+    let _ = tmux(&["kill-server"]);
+
+    // scp both ways, rsync of a tree, an sftp batch: byte-identical.
+    let files = alice.dir.join("files");
+    std::fs::create_dir_all(files.join("tree/sub")).unwrap();
+    let up = files.join("up.bin");
+    random_file(&up, 5 << 20, 1);
+    let remote = coord.data_dir().join("remote");
+    std::fs::create_dir_all(&remote).unwrap();
+    let cfg = alice.config.to_str().unwrap().to_string();
+    let scp = |from: String, to: String| {
+        let out = Command::new("scp").args(["-q", "-F", &cfg, &from, &to]).output().unwrap();
+        assert!(out.status.success(), "scp {from} {to}: {}", text(&out.stderr));
+    };
+    scp(up.display().to_string(), format!("{host}:{}/up.bin", remote.display()));
+    same_file(&up, &remote.join("up.bin"));
+    let down = files.join("down.bin");
+    scp(format!("{host}:{}/up.bin", remote.display()), down.display().to_string());
+    same_file(&up, &down);
+
+    for (i, name) in ["a.txt", "sub/b.bin", "sub/c.bin"].iter().enumerate() {
+        random_file(&files.join("tree").join(name), 100_000 * (i + 1), i as u64 + 7);
+    }
+    let out = Command::new("rsync")
+        .args(["-a", "-e", &format!("ssh -F {cfg}")])
+        .arg(format!("{}/", files.join("tree").display()))
+        .arg(format!("{host}:{}/tree/", remote.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rsync: {}", text(&out.stderr));
+    same_tree(&files.join("tree"), &remote.join("tree"));
+
+    let batch = files.join("batch");
+    let back = files.join("back.bin");
+    let sd = remote.join("sftp");
+    std::fs::write(
+        &batch,
+        format!(
+            "mkdir {sd}\nput {up} {sd}/a.bin\nls -l {sd}\nrename {sd}/a.bin {sd}/b.bin\nget {sd}/b.bin {back}\nrm {sd}/b.bin\nrmdir {sd}\n",
+            sd = sd.display(),
+            up = up.display(),
+            back = back.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("sftp").args(["-F", &cfg, "-b"]).arg(&batch).arg(host).output().unwrap();
+    assert!(out.status.success(), "sftp: {}\n{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).contains("a.bin"), "ls -l lists the file: {}", text(&out.stdout));
+    same_file(&up, &back);
+    assert!(!sd.exists(), "rmdir removed the directory");
+
+    // ssh -L to a server inside the workspace; ssh -R to one outside it.
+    let inside = http_server("hello from inside");
+    let local = free_port();
+    let _forward = Killed(
+        alice
+            .ssh()
+            .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L", &format!("{local}:127.0.0.1:{inside}"), host])
+            .spawn()
+            .unwrap(),
+    );
+    assert!(http_get(local, LONG).ends_with("hello from inside"));
+
+    let outside = http_server("hello from outside");
+    let rport = free_port();
+    let out = alice
+        .ssh()
+        .args(["-o", "ExitOnForwardFailure=yes", "-R", &format!("{rport}:127.0.0.1:{outside}"), host])
+        .arg(format!(
+            "for i in $(seq 100); do curl -sf http://127.0.0.1:{rport}/ && exit 0; sleep 0.2; done; exit 1"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ssh -R: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from outside");
+
+    // Agent forwarding: the workspace lists the client's key.
+    let agent_sock = alice.dir.join("agent.sock");
+    let _ssh_agent =
+        Killed(Command::new("ssh-agent").arg("-D").arg("-a").arg(&agent_sock).stdout(Stdio::null()).spawn().unwrap());
+    wait_until("ssh-agent socket", LONG, || agent_sock.exists());
+    let added = Command::new("ssh-add").arg(&alice.key).env("SSH_AUTH_SOCK", &agent_sock).output().unwrap();
+    assert!(added.status.success(), "ssh-add: {}", text(&added.stderr));
+    let out = alice.ssh().args(["-A", host, "ssh-add -l"]).env("SSH_AUTH_SOCK", &agent_sock).output().unwrap();
+    assert!(out.status.success(), "ssh -A: {}", text(&out.stderr));
+    let fp = text(&Command::new("ssh-keygen").arg("-lf").arg(alice.key.with_extension("pub")).output().unwrap().stdout);
+    let fp = fp.split_whitespace().nth(1).unwrap().to_string();
+    assert!(text(&out.stdout).contains(&fp), "forwarded agent lists {fp}: {}", text(&out.stdout));
+
+    // The audit log has the connections, with bytes; heartbeats report the activity.
+    let audit = coord.json(&["audit", "--workspace", "dev"]);
+    let rows = audit.as_array().unwrap();
+    assert!(rows.len() >= 8, "{audit}");
+    assert!(rows.iter().all(|r| r["user"] == "alice" && r["via"] == "ssh"), "{audit}");
+    assert!(rows.iter().any(|r| r["outcome"] == "closed" && r["bytes_up"].as_i64().unwrap() > 3 << 20), "{audit}");
+    wait_until("ssh activity in a heartbeat", LONG, || {
+        let show = coord.show("dev");
+        show["agent"]["stats"]["ssh"]["bytes_in"].as_u64().unwrap_or(0) > 3 << 20
+    });
+}
+
+#[test]
+fn refusals_say_why() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let bob = SshUser::add(&coord, "bob");
+    let _dev = workspace(&coord, "dev", "alice");
+    let stopped = coord.create("idle", TEMPLATE, &["--owner", "alice"]);
+    assert_eq!(stopped["status"], "starting");
+    let refused = |user: &SshUser, host: &str, want: &str| {
+        let out = user.run(host, "true");
+        assert_eq!(out.status.code(), Some(255), "ssh {host} as {} should fail", user.name);
+        let err = text(&out.stderr);
+        assert!(err.contains(want), "ssh {host} as {}: want {want:?} in: {err}", user.name);
+    };
+    refused(&bob, "dev.tether", "user 'bob' may not access workspace 'dev'");
+    refused(&alice, "nosuch.tether", "no workspace 'nosuch'");
+    // The external workspace `idle` has no agent yet.
+    refused(&alice, "idle.tether", "workspace 'idle' has no connected agent");
+
+    // A key that is not registered gets nowhere, and neither does a registered key under another name.
+    let stranger = alice.dir.join("stranger");
+    keygen(&stranger, "stranger");
+    let mut cfg = std::fs::read_to_string(&alice.config).unwrap();
+    cfg = cfg.replace(alice.key.to_str().unwrap(), stranger.to_str().unwrap());
+    let stranger_cfg = alice.dir.join("stranger-config");
+    std::fs::write(&stranger_cfg, cfg).unwrap();
+    let out = Command::new("ssh").arg("-F").arg(&stranger_cfg).args(["dev.tether", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(text(&out.stderr).contains("Permission denied (publickey)"), "{}", text(&out.stderr));
+
+    // A grant lets bob in; a revoke shuts him out again.
+    coord.ok(&["workspace", "grant", "dev", "bob"]);
+    assert_eq!(bob.ok("dev.tether", "echo in").trim(), "in");
+    coord.ok(&["workspace", "revoke", "dev", "bob"]);
+    refused(&bob, "dev.tether", "user 'bob' may not access workspace 'dev'");
+
+    // A stopped workspace.
+    coord.ok(&["workspace", "stop", "dev", "--wait"]);
+    refused(&alice, "dev.tether", "workspace 'dev' is stopped");
+
+    // Every refusal is in the audit log.
+    let audit = coord.json(&["audit"]);
+    let outcomes: Vec<String> =
+        audit.as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap().to_string()).collect();
+    for want in ["may not access", "no workspace 'nosuch'", "is stopped"] {
+        assert!(outcomes.iter().any(|o| o.starts_with("refused") && o.contains(want)), "{want}: {outcomes:?}");
+    }
+}
+
+#[test]
+fn a_killed_agent_ends_its_sessions_and_a_rebuilt_one_keeps_trust() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let mut dev = workspace(&coord, "dev", "alice");
+    let _other = workspace(&coord, "other", "alice");
+
+    let mut session = alice
+        .ssh()
+        .args(["dev.tether", "echo started; sleep 600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(session.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "started");
+    dev.kill();
+    let deadline = Instant::now() + LONG;
+    let status = loop {
+        if let Some(s) = session.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the ssh client did not end after its agent died");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "the session ended with a failure status");
+    // The front door keeps serving other workspaces.
+    assert_eq!(alice.ok("other.tether", "echo fine").trim(), "fine");
+
+    // A rebuilt workspace: a new agent with a new host key, and strict checking still passes.
+    let old_key = std::fs::read_to_string(dev.data_dir.join("ssh_host_ed25519_key.pub")).ok();
+    let token = coord.json(&["workspace", "token", "dev"])["agent_token"].as_str().unwrap().to_string();
+    let rebuilt = Agent::start(&coord, &token, &coord.data_dir().join("agent-dev-rebuilt"));
+    coord.wait_for("dev", "running", LONG);
+    let new_key = std::fs::read_to_string(rebuilt.data_dir.join("ssh_host_ed25519_key.pub")).ok();
+    assert_ne!(old_key, new_key, "the rebuilt agent has a new host key");
+    assert_eq!(alice.ok("dev.tether", "echo again").trim(), "again");
+}
+
+#[test]
+fn tether_ssh_goes_through_the_api_port() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+
+    // `tether ssh NAME -- …` runs OpenSSH with `tether ssh --stdio` as its ProxyCommand.
+    let out = alice
+        .tether(&coord)
+        .args(["ssh", "dev", "--", "-i", alice.key.to_str().unwrap(), "-o", "BatchMode=yes", "echo via-api"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tether ssh: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "via-api");
+
+    // The same as a ProxyCommand in a plain ssh config.
+    let known = alice.dir.join("tether_known_hosts");
+    let cfg = alice.dir.join("proxycommand-config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host *.tether\n  ProxyCommand {} ssh --stdio %h\n  IdentityFile {}\n  IdentitiesOnly yes\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n",
+            tether_tests::bin("tether").display(),
+            alice.key.display(),
+            known.display()
+        ),
+    )
+    .unwrap();
+    let run = |host: &str| {
+        Command::new("ssh")
+            .arg("-F")
+            .arg(&cfg)
+            .args([host, "echo proxied"])
+            .env("TETHER_URL", coord.api_url())
+            .env("TETHER_TOKEN", &alice.token)
+            .output()
+            .unwrap()
+    };
+    let out = run("dev.tether");
+    assert!(out.status.success(), "ProxyCommand: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "proxied");
+    let out = run("nosuch.tether");
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no workspace 'nosuch'"), "{}", text(&out.stderr));
+
+    let audit = coord.json(&["audit", "--workspace", "dev"]);
+    assert!(audit.as_array().unwrap().iter().any(|r| r["via"] == "api" && r["outcome"] == "closed"), "{audit}");
+}
