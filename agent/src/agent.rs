@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::outbox::Outboxes;
 use crate::phase::{self, PhaseEnv, PhaseKind, ScriptResult};
 use crate::scripts::LocalUser;
+use crate::ssh::{Account, SshServer};
 use crate::state::{self, StateFile};
 use crate::stats::Stats;
 use crate::tunnel::{
@@ -51,6 +52,10 @@ pub enum AgentError {
     Tls(#[from] TlsError),
     #[error("the connection task failed: {0}")]
     Tunnel(String),
+    #[error("ssh: {0}")]
+    Ssh(#[from] crate::ssh::SshError),
+    #[error("listening for ssh on {addr}: {source}")]
+    SshListen { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// What the agent does with a manifest.
@@ -105,6 +110,14 @@ pub async fn run(
     let user = LocalUser::discover();
     let outboxes = Arc::new(Outboxes::default());
     let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "unknown".to_string());
+    let (manifests_tx, manifests) = watch::channel(None);
+    let ssh = SshServer::new(&data_dir, manifests_tx.subscribe(), Account::discover())?;
+    if let Some(listen) = &config.ssh_listen {
+        let listener = tokio::net::TcpListener::bind(listen.addr)
+            .await
+            .map_err(|source| AgentError::SshListen { addr: listen.addr, source })?;
+        tokio::spawn(ssh.clone().serve_tcp(listener, listen.authorized_keys.clone().into()));
+    }
     let tunnel = Tunnel::new(
         TunnelConfig {
             coordinator: config.coordinator.clone(),
@@ -112,9 +125,10 @@ pub async fn run(
             token: config.token.clone(),
             instance: rand::random::<u64>(),
             hostname: phase::truncate(hostname, limits::MAX_TEXT),
+            ssh: ssh.clone(),
         },
         outboxes.clone(),
-        Stats::new(user.home.clone()),
+        Stats::new(user.home.clone()).with_ssh(ssh.activity()),
     );
     tracing::info!(
         coordinator = %config.coordinator,
@@ -123,7 +137,6 @@ pub async fn run(
         version = env!("CARGO_PKG_VERSION"),
         "agent starting"
     );
-    let (manifests_tx, manifests) = watch::channel(None);
     let (coordinator_shutdown_tx, coordinator_shutdown) = watch::channel(None);
     let (drain, drain_rx) = watch::channel(None);
     let tunnel = tokio::spawn(tunnel.run(TunnelLinks {

@@ -54,6 +54,28 @@ pub struct Args {
     /// Log output format (the filter comes from TETHER_LOG, default "info").
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Also serve SSH directly on this TCP address, for debugging and tests (needs
+    /// --ssh-authorized-keys). Off by default: users normally come through the coordinator.
+    #[arg(long, env = "TETHER_AGENT_SSH_LISTEN", value_name = "ADDR")]
+    pub ssh_listen: Option<std::net::SocketAddr>,
+
+    /// OpenSSH authorized_keys file naming the keys --ssh-listen accepts.
+    #[arg(long, env = "TETHER_AGENT_SSH_AUTHORIZED_KEYS", value_name = "FILE")]
+    pub ssh_authorized_keys: Option<PathBuf>,
+
+    /// A helper the agent runs as its own child process instead of the agent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Helpers the agent starts itself; hidden from `--help`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Serve SFTP on stdin and stdout in the working directory (the `sftp` subsystem where
+    /// OpenSSH's sftp-server is not installed).
+    #[command(hide = true)]
+    SftpServer,
 }
 
 /// Everything the agent needs, checked.
@@ -65,6 +87,15 @@ pub struct Config {
     pub token: String,
     pub data_dir: PathBuf,
     pub log_format: LogFormat,
+    /// The optional direct SSH listener (`--ssh-listen`).
+    pub ssh_listen: Option<SshListen>,
+}
+
+/// A TCP address to serve SSH on, and the fingerprints of the keys it accepts.
+#[derive(Debug, Clone)]
+pub struct SshListen {
+    pub addr: std::net::SocketAddr,
+    pub authorized_keys: Vec<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -75,6 +106,7 @@ impl std::fmt::Debug for Config {
             .field("ca", &self.ca)
             .field("data_dir", &self.data_dir)
             .field("log_format", &self.log_format)
+            .field("ssh_listen", &self.ssh_listen)
             .finish_non_exhaustive()
     }
 }
@@ -107,6 +139,12 @@ pub enum ConfigError {
     TokenNotUtf8 { origin: String },
     #[error("no data directory: set --data-dir (TETHER_AGENT_DATA_DIR), XDG_STATE_HOME or HOME")]
     NoDataDir,
+    #[error("--ssh-listen (TETHER_AGENT_SSH_LISTEN) needs --ssh-authorized-keys (TETHER_AGENT_SSH_AUTHORIZED_KEYS)")]
+    SshListenWithoutKeys,
+    #[error("--ssh-authorized-keys (TETHER_AGENT_SSH_AUTHORIZED_KEYS) is set without --ssh-listen")]
+    SshKeysWithoutListen,
+    #[error("{0}")]
+    SshKeys(#[from] crate::ssh::keys::KeyError),
 }
 
 /// All configuration problems found, reported together.
@@ -162,9 +200,28 @@ impl Config {
             errors.push(ConfigError::NoDataDir);
         }
 
+        let ssh_listen = match (args.ssh_listen, &args.ssh_authorized_keys) {
+            (None, None) => None,
+            (Some(_), None) => {
+                errors.push(ConfigError::SshListenWithoutKeys);
+                None
+            }
+            (None, Some(_)) => {
+                errors.push(ConfigError::SshKeysWithoutListen);
+                None
+            }
+            (Some(addr), Some(path)) => match crate::ssh::keys::read_authorized_keys(path) {
+                Ok(authorized_keys) => Some(SshListen { addr, authorized_keys }),
+                Err(e) => {
+                    errors.push(e.into());
+                    None
+                }
+            },
+        };
+
         match (coordinator, ca, token, data_dir) {
             (Some(coordinator), Some(ca), Some(token), Some(data_dir)) if errors.is_empty() => {
-                Ok(Config { coordinator, ca, token, data_dir, log_format: args.log_format })
+                Ok(Config { coordinator, ca, token, data_dir, log_format: args.log_format, ssh_listen })
             }
             _ => Err(ConfigErrors(errors)),
         }
@@ -335,6 +392,22 @@ mod tests {
         for good in ["coord:4433", "10.0.0.1:1", "[::1]:4433"] {
             assert!(is_host_port(good), "{good}");
         }
+    }
+
+    #[test]
+    fn ssh_listen_needs_an_authorized_keys_file() {
+        let env = [(TOKEN_ENV, "t"), ("HOME", "/h")];
+        let base = ["--coordinator", "c:1", "--ca-sha256", FP];
+        assert!(check(&base, &env).unwrap().ssh_listen.is_none(), "off by default");
+        let err = check(&[&base[..], &["--ssh-listen", "127.0.0.1:0"]].concat(), &env).unwrap_err();
+        assert_eq!(err, vec![ConfigError::SshListenWithoutKeys.to_string()]);
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("authorized_keys");
+        std::fs::write(&keys, "# nothing\n").unwrap();
+        let keys = keys.to_str().unwrap();
+        let err = check(&[&base[..], &["--ssh-listen", "127.0.0.1:0", "--ssh-authorized-keys", keys]].concat(), &env)
+            .unwrap_err();
+        assert_eq!(err, vec![format!("authorized keys {keys} holds no key")]);
     }
 
     #[test]

@@ -1,19 +1,23 @@
 //! `tether-agent`: reads its configuration, sets up logging and runs the agent until it is told to
 //! stop. Exit status: 0 after a shutdown, 1 on a runtime failure, 2 on a configuration error or when
-//! the coordinator rejects the agent (bad token, protocol version).
+//! the coordinator rejects the agent (bad token, protocol version). `tether-agent sftp-server` (hidden)
+//! serves SFTP on stdin and stdout instead, for the SSH server.
 
 use anyhow::Context;
 use clap::Parser;
 use std::future::Future;
 use std::process::ExitCode;
 use tether_agent::clock::WallClock;
-use tether_agent::config::{Args, Config, LogFormat, LOG_FILTER_ENV};
+use tether_agent::config::{Args, Command, Config, LogFormat, LOG_FILTER_ENV};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let boot = WallClock::start();
     let args = Args::parse();
     init_tracing(args.log_format);
+    if let Some(Command::SftpServer) = args.command {
+        return sftp_server();
+    }
     // Another crate may have installed the same provider first; either way ring is in place.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match Config::from_args(args, &|key| std::env::var_os(key)) {
@@ -50,6 +54,17 @@ fn run(config: Config, boot: WallClock) -> anyhow::Result<tether_agent::Exit> {
         let shutdown = stop_signal().context("listening for SIGTERM and SIGINT")?;
         Ok(tether_agent::run(config, boot, shutdown).await?)
     })
+}
+
+/// `tether-agent sftp-server`: SFTP on stdin and stdout until stdin ends. Logs go to stderr.
+fn sftp_server() -> ExitCode {
+    match tether_agent::sftp::serve_stdio() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("sftp: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT with the goodbye reason.

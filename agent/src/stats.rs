@@ -1,7 +1,9 @@
 //! Heartbeat numbers: cpu, memory, disk, load and uptime. One `System` lives as long as the agent,
 //! and each beat refreshes only cpu usage and memory, which cost microseconds.
 
+use crate::ssh::activity::Activity;
 use std::path::PathBuf;
+use std::sync::Arc;
 use sysinfo::System;
 use tether_shared::proto::Heartbeat;
 
@@ -13,6 +15,7 @@ pub struct Stats {
     sys: Option<System>,
     /// The volume whose space is reported.
     home: PathBuf,
+    ssh: Option<Arc<Activity>>,
 }
 
 impl Stats {
@@ -28,7 +31,13 @@ impl Stats {
                 None
             }
         };
-        Stats { sys, home }
+        Stats { sys, home, ssh: None }
+    }
+
+    /// Reports SSH activity from these counters in each heartbeat.
+    pub fn with_ssh(mut self, activity: Arc<Activity>) -> Self {
+        self.ssh = Some(activity);
+        self
     }
 
     pub fn sample(&mut self, now_ms: i64) -> Heartbeat {
@@ -58,6 +67,9 @@ impl Stats {
             hb.load = [load.one as f32, load.five as f32, load.fifteen as f32];
         }
         hb.uptime_s = System::uptime().unwrap_or(0);
+        if let Some(ssh) = &self.ssh {
+            hb.ssh = ssh.snapshot();
+        }
         if let Ok(fs) = nix::sys::statvfs::statvfs(&self.home) {
             (hb.disk_used, hb.disk_total) = disk_space(&fs);
         }

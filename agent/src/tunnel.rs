@@ -7,6 +7,7 @@
 
 use crate::outbox::{Outboxes, LOGS_FIRST_GRACE};
 use crate::phase::truncate;
+use crate::ssh::SshServer;
 use crate::stats::Stats;
 use quinn::{ConnectionError, RecvStream, SendStream};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -46,6 +47,8 @@ pub struct TunnelConfig {
     /// Random per agent process.
     pub instance: u64,
     pub hostname: String,
+    /// Serves the SSH streams the coordinator opens; its host key goes in the hello.
+    pub ssh: Arc<SshServer>,
 }
 
 /// A manifest as fetched on one connection, with the timings of the connection that fetched it.
@@ -237,7 +240,7 @@ impl Tunnel {
             instance: self.config.instance,
             sent_at_ms: tether_shared::now_ms(),
             hostname: self.config.hostname.clone(),
-            ssh_host_key: None,
+            ssh_host_key: Some(self.config.ssh.host_public_key().to_string()),
         };
         let bytes = frame::encode_versioned(PROTOCOL_VERSION, &hello)?;
         tokio::io::AsyncWriteExt::write_all(&mut control_send, &bytes).await.map_err(FrameError::Io)?;
@@ -255,6 +258,7 @@ impl Tunnel {
             HelloReply::Welcome(w) => w,
         };
         backoff.reset();
+        self.config.ssh.set_host_certificate(welcome.ssh_host_certificate.as_deref());
         let now = Instant::now();
         let first_welcome = *self.first_welcome.get_or_insert(now);
         self.outboxes.welcome(welcome.events_acked, welcome.logs_acked);
@@ -308,6 +312,8 @@ impl Tunnel {
     async fn serve(&mut self, session: Session, drain: &mut watch::Receiver<Option<DrainRequest>>) -> SessionEnd {
         let Session { endpoint, conn, streams } = session;
         let Streams { mut control_send, mut control_recv, mut log_send, mut log_recv, heartbeat } = streams;
+        // Brokered SSH streams live and die with this connection.
+        let _brokered = self.config.ssh.accept_brokered(conn.clone());
         let end = {
             let outboxes = &*self.outboxes;
             let shutdown = &self.shutdown;

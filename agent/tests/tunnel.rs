@@ -69,6 +69,7 @@ impl FakeCoordinator {
             token: TOKEN.to_string(),
             data_dir: data_dir.to_path_buf(),
             log_format: LogFormat::Text,
+            ssh_listen: None,
         }
     }
 

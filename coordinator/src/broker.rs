@@ -233,6 +233,8 @@ impl Brokered {
         let (up, down) = (counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
         let outcome = match &result {
             Ok(_) => "closed".to_string(),
+            // The client closed its channel while the agent still had bytes for it: a normal end.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => "closed".to_string(),
             Err(e) => {
                 let (mut recv, mut send) = agent.into_inner();
                 let _ = send.reset(0u32.into());

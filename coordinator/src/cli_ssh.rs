@@ -240,6 +240,7 @@ pub fn config_block(info: &SshInfo, user: &str, identity: Option<&Path>, known_h
             c.push_str(&format!("  IdentityFile {}\n  IdentitiesOnly yes\n", quote(id)));
         }
         c.push_str(&format!("  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n", quote(known_hosts)));
+        c.push_str(&format!("  Ciphers {}\n", crate::frontdoor::CLIENT_CIPHERS));
         c
     };
     let alias = &info.front_door_alias;
@@ -375,6 +376,8 @@ pub async fn ssh_exec(client: &Client, target: &str, as_user: Option<&str>, args
         .arg(format!("UserKnownHostsFile={}", quote(&known_hosts)))
         .arg("-o")
         .arg("StrictHostKeyChecking=yes")
+        .arg("-o")
+        .arg(format!("Ciphers={}", crate::frontdoor::CLIENT_CIPHERS))
         .arg(format!("{name}{}", info.host_suffix))
         .args(args)
         // The token reaches the ProxyCommand through the environment, never the command line.

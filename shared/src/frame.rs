@@ -116,8 +116,14 @@ mod tests {
 
     #[test]
     fn version_prefix() {
-        let hello =
-            Hello { token: "t".into(), agent_version: "0".into(), instance: 7, sent_at_ms: 1, hostname: "h".into(), ssh_host_key: None };
+        let hello = Hello {
+            token: "t".into(),
+            agent_version: "0".into(),
+            instance: 7,
+            sent_at_ms: 1,
+            hostname: "h".into(),
+            ssh_host_key: None,
+        };
         let bytes = encode_versioned(PROTOCOL_VERSION, &hello).unwrap();
         let (payload, _) = parse(&bytes).unwrap().unwrap();
         let (v, body) = split_version(payload).unwrap();

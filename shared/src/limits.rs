@@ -29,3 +29,6 @@ pub const MAX_SSH_KEYS: usize = 16;
 pub const MAX_MOTD: usize = 8 * 1024;
 /// Size of one SSH public key line a user registers, or an agent's host key.
 pub const MAX_SSH_PUBLIC_KEY: usize = 16 * 1024;
+/// SSH connections one agent serves at once: brokered streams the coordinator may open on a tunnel
+/// connection (the agent's QUIC stream limit) and the agent's own cap.
+pub const MAX_SSH_CONNECTIONS: u32 = 256;

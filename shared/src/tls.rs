@@ -81,8 +81,18 @@ pub fn transport() -> quinn::TransportConfig {
     // IDLE_TIMEOUT is a small constant that always fits a QUIC varint.
     t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits a varint")));
     t.keep_alive_interval(Some(KEEP_ALIVE));
+    // Brokered SSH streams carry bulk transfers (scp, rsync). quinn's default 1.25 MB stream window
+    // caps one stream at window / round trip (12.5 MB/s at 100 ms); these are credits, not buffers
+    // allocated up front, so idle agents cost nothing more.
+    t.stream_receive_window(STREAM_WINDOW.into());
+    t.receive_window(CONNECTION_WINDOW.into());
+    t.send_window(CONNECTION_WINDOW.into());
     t
 }
+
+/// Flow-control credit per stream and per connection on the tunnel.
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// The agent's QUIC client configuration.
 pub fn client_config(pin: CaPin) -> Result<quinn::ClientConfig, TlsError> {
@@ -103,7 +113,10 @@ pub fn client_config(pin: CaPin) -> Result<quinn::ClientConfig, TlsError> {
     config.alpn_protocols = vec![crate::proto::ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    client.transport_config(Arc::new(transport()));
+    let mut t = transport();
+    // The coordinator opens one bidirectional stream per brokered SSH connection.
+    t.max_concurrent_bidi_streams(crate::limits::MAX_SSH_CONNECTIONS.into());
+    client.transport_config(Arc::new(t));
     Ok(client)
 }
 

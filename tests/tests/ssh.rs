@@ -237,9 +237,7 @@ fn ssh_exec_pty_files_and_forwarding() {
     let out = alice
         .ssh()
         .args(["-o", "ExitOnForwardFailure=yes", "-R", &format!("{rport}:127.0.0.1:{outside}"), host])
-        .arg(format!(
-            "for i in $(seq 100); do curl -sf http://127.0.0.1:{rport}/ && exit 0; sleep 0.2; done; exit 1"
-        ))
+        .arg(format!("for i in $(seq 100); do curl -sf http://127.0.0.1:{rport}/ && exit 0; sleep 0.2; done; exit 1"))
         .output()
         .unwrap();
     assert!(out.status.success(), "ssh -R: {}", text(&out.stderr));
@@ -350,11 +348,11 @@ fn a_killed_agent_ends_its_sessions_and_a_rebuilt_one_keeps_trust() {
     assert_eq!(alice.ok("other.tether", "echo fine").trim(), "fine");
 
     // A rebuilt workspace: a new agent with a new host key, and strict checking still passes.
-    let old_key = std::fs::read_to_string(dev.data_dir.join("ssh_host_ed25519_key.pub")).ok();
+    let old_key = std::fs::read(dev.data_dir.join("ssh_host_ed25519_key")).expect("the agent's host key");
     let token = coord.json(&["workspace", "token", "dev"])["agent_token"].as_str().unwrap().to_string();
     let rebuilt = Agent::start(&coord, &token, &coord.data_dir().join("agent-dev-rebuilt"));
     coord.wait_for("dev", "running", LONG);
-    let new_key = std::fs::read_to_string(rebuilt.data_dir.join("ssh_host_ed25519_key.pub")).ok();
+    let new_key = std::fs::read(rebuilt.data_dir.join("ssh_host_ed25519_key")).expect("the new agent's host key");
     assert_ne!(old_key, new_key, "the rebuilt agent has a new host key");
     assert_eq!(alice.ok("dev.tether", "echo again").trim(), "again");
 }

@@ -12,6 +12,8 @@ mod coordinator;
 mod host;
 #[path = "tether_bench/report.rs"]
 mod report;
+#[path = "tether_bench/ssh.rs"]
+mod ssh;
 #[path = "tether_bench/swarm.rs"]
 mod swarm;
 
@@ -35,6 +37,9 @@ enum Bench {
     Agents(agents::AgentsArgs),
     /// The real tether-agent: start-to-running time and idle memory.
     Agent(agent::AgentArgs),
+    /// The same OpenSSH client straight to a local sshd, through a local `ssh -J` hop, and
+    /// through Tether's front door to an agent: throughput, setup time, echo latency, as ratios.
+    Ssh(ssh::SshArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -45,6 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (name, figures) = match &cli.command {
         Bench::Agents(a) => ("agents", agents::run(a, &machine).await?),
         Bench::Agent(a) => ("agent", agent::run(a, &machine).await?),
+        Bench::Ssh(a) => ("ssh", ssh::run(a, &machine).await?),
     };
     if let Some(path) = &cli.json {
         let binaries: Vec<_> = ["tether", "tether-agent"].into_iter().map(binary_identity).collect();

@@ -1,0 +1,181 @@
+//! Listeners inside the workspace that lead back to the client: remote TCP forwarding
+//! (`tcpip-forward`), remote Unix-socket forwarding (`streamlocal-forward@openssh.com`) and agent
+//! forwarding (a private socket for `SSH_AUTH_SOCK`). Each accepted connection becomes a channel the
+//! agent opens toward the client, spliced with bounded buffers.
+
+use super::activity::Activity;
+use super::splice::splice;
+use russh::server::{Handle, Msg};
+use russh::Channel;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
+
+/// How long the client has to accept a channel the agent opens.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A listener task; dropping it stops listening (and removes its socket file, if any).
+#[derive(Debug)]
+pub struct Listener {
+    task: AbortHandle,
+    /// Removed on drop: a socket file, then its private directory.
+    cleanup: Vec<PathBuf>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+        for path in &self.cleanup {
+            let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir(path));
+        }
+    }
+}
+
+/// What a listener needs to reach the client.
+#[derive(Clone)]
+pub struct Link {
+    pub handle: Handle,
+    pub activity: Arc<Activity>,
+    /// The connection's channel budget.
+    pub channels: Arc<Semaphore>,
+}
+
+impl Link {
+    /// Opens a channel with `open` for each accepted connection and splices it.
+    fn serve<S, F, Fut>(&self, stream: S, what: &'static str, open: F)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+        F: FnOnce(Handle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Channel<Msg>, russh::Error>> + Send,
+    {
+        let Some(permit) = self.permit() else {
+            tracing::warn!(what, "too many channels on this ssh connection; dropping a forwarded connection");
+            return;
+        };
+        let link = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(OPEN_TIMEOUT, open(link.handle.clone())).await {
+                Ok(Ok(channel)) => splice(channel, stream, &link.activity).await,
+                Ok(Err(e)) => tracing::debug!(what, error = %e, "the client refused a forwarded connection"),
+                Err(_) => tracing::debug!(what, "the client did not answer a channel open"),
+            }
+        });
+    }
+
+    fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.channels.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Where `tcpip-forward` listens: loopback unless the client names an address.
+pub fn bind_address(address: &str, port: u16) -> Result<Vec<SocketAddr>, std::io::Error> {
+    use std::net::ToSocketAddrs;
+    match address {
+        "" | "localhost" => Ok(vec![(Ipv4Addr::LOCALHOST, port).into()]),
+        "*" | "0.0.0.0" => Ok(vec![(Ipv4Addr::UNSPECIFIED, port).into()]),
+        host => Ok((host, port).to_socket_addrs()?.collect()),
+    }
+}
+
+/// Listens for `tcpip-forward`; returns the bound port (the chosen one when `port` is 0).
+pub async fn listen_tcp(link: Link, address: &str, port: u32) -> std::io::Result<(u32, Listener)> {
+    let port = u16::try_from(port).map_err(|_| std::io::Error::other(format!("port {port} is out of range")))?;
+    let addrs = bind_address(address, port)?;
+    let listener = tokio::net::TcpListener::bind(&addrs[..]).await?;
+    let bound = listener.local_addr()?.port();
+    let address = address.to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "remote forward: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let address = address.clone();
+            link.serve(stream, "forwarded-tcpip", move |h| async move {
+                h.channel_open_forwarded_tcpip(address, u32::from(bound), peer.ip().to_string(), u32::from(peer.port()))
+                    .await
+            });
+        }
+    })
+    .abort_handle();
+    Ok((u32::from(bound), Listener { task, cleanup: Vec::new() }))
+}
+
+/// Listens for `streamlocal-forward@openssh.com` on a Unix socket at `path`, which must not exist.
+pub fn listen_unix(link: Link, path: &str) -> std::io::Result<Listener> {
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let socket_path = path.to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "remote unix forward: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let socket_path = socket_path.clone();
+            link.serve(stream, "forwarded-streamlocal", move |h| async move {
+                h.channel_open_forwarded_streamlocal(socket_path).await
+            });
+        }
+    })
+    .abort_handle();
+    Ok(Listener { task, cleanup: vec![PathBuf::from(path)] })
+}
+
+/// Agent forwarding: a socket in a fresh private directory; each connection to it becomes an
+/// `auth-agent@openssh.com` channel to the client. Returns the socket path for `SSH_AUTH_SOCK`.
+pub fn listen_agent(link: Link, parent: &Path) -> std::io::Result<(PathBuf, Listener)> {
+    let dir = parent.join(format!("tether-ssh-{:016x}", rand::random::<u64>()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let path = dir.join("agent.sock");
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
+    };
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    let task = tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent forwarding: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            link.serve(stream, "auth-agent", |h| async move { h.channel_open_agent().await });
+        }
+    })
+    .abort_handle();
+    Ok((path.clone(), Listener { task, cleanup: vec![path, dir] }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_addresses() {
+        assert_eq!(bind_address("", 80).unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 80))]);
+        assert_eq!(bind_address("localhost", 0).unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 0))]);
+        assert_eq!(bind_address("*", 8).unwrap(), vec![SocketAddr::from(([0, 0, 0, 0], 8))]);
+        assert_eq!(bind_address("::1", 9).unwrap(), vec!["[::1]:9".parse::<SocketAddr>().unwrap()]);
+    }
+}

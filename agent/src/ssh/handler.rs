@@ -1,0 +1,580 @@
+//! One SSH connection's handler: public-key authentication against the fingerprints the connection
+//! was given, session requests (pty, env, shell, exec, subsystem, signals, window changes, agent
+//! forwarding), channel opens (sessions, `direct-tcpip`, `direct-streamlocal@openssh.com`) and
+//! global requests (`tcpip-forward`, `streamlocal-forward@openssh.com` and their cancels).
+//!
+//! Channel requests are answered here, before russh reads the next packet: OpenSSH sends `pty-req`,
+//! `env` and `exec` back to back, and russh remembers only the latest request's want-reply flag.
+
+use super::activity::Gauge;
+use super::forward::{self, Link, Listener};
+use super::keys::fingerprint;
+use super::session::{self, Control, Launch, Program, PtySpec};
+use super::{Peer, SshServer, MAX_CHANNELS};
+use russh::keys::PublicKey;
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty, Sig};
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_shared::limits;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Environment variables a client may set on one session.
+const MAX_CLIENT_ENV: usize = 64;
+/// Remote forwards (TCP and Unix together) one connection may hold.
+const MAX_FORWARDS: usize = 64;
+/// How long a `direct-tcpip` connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `TERM` value kept.
+const MAX_TERM: usize = 64;
+/// Variables never passed from the agent's own environment to sessions: the agent's secret, and the
+/// SSH variables of whatever session started the agent.
+const HIDDEN_ENV: &[&str] = &[
+    crate::config::TOKEN_ENV,
+    "SSH_AUTH_SOCK",
+    "SSH_AGENT_PID",
+    "SSH_CLIENT",
+    "SSH_CONNECTION",
+    "SSH_TTY",
+    "SSH_ORIGINAL_COMMAND",
+];
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A session channel as the handler sees it.
+struct SessionChannel {
+    control: mpsc::Sender<Control>,
+    pty: Option<PtySpec>,
+    env: Vec<(String, String)>,
+    started: bool,
+}
+
+pub struct Connection {
+    server: Arc<SshServer>,
+    peer: Peer,
+    /// `SHA256:…` fingerprints of the keys this connection may authenticate with.
+    keys: Arc<[String]>,
+    authed: Option<oneshot::Sender<()>>,
+    /// The login name the client gave.
+    login: String,
+    sessions: HashMap<ChannelId, SessionChannel>,
+    /// One permit per open channel, held by the channel's task.
+    channels: Arc<Semaphore>,
+    tcp_forwards: HashMap<(String, u32), Listener>,
+    unix_forwards: HashMap<String, Listener>,
+    /// Agent forwarding, once the client asked for it: `SSH_AUTH_SOCK` for later sessions.
+    agent: Option<(PathBuf, Listener)>,
+    _gauge: Gauge,
+}
+
+impl Connection {
+    pub fn new(server: Arc<SshServer>, peer: Peer, keys: Arc<[String]>, authed: oneshot::Sender<()>) -> Self {
+        let gauge = server.activity.connection();
+        Connection {
+            server,
+            peer,
+            keys,
+            authed: Some(authed),
+            login: String::new(),
+            sessions: HashMap::new(),
+            channels: Arc::new(Semaphore::new(MAX_CHANNELS)),
+            tcp_forwards: HashMap::new(),
+            unix_forwards: HashMap::new(),
+            agent: None,
+            _gauge: gauge,
+        }
+    }
+
+    fn allows(&self, key: &PublicKey) -> bool {
+        let fp = fingerprint(key);
+        self.keys.contains(&fp)
+    }
+
+    fn link(&self, session: &Session) -> Link {
+        Link { handle: session.handle(), activity: self.server.activity.clone(), channels: self.channels.clone() }
+    }
+
+    fn forwards(&self) -> usize {
+        self.tcp_forwards.len() + self.unix_forwards.len()
+    }
+
+    /// What a session's process starts with: the agent's environment without its secrets, the
+    /// template's variables, the account, the client's accepted variables, then SSH's own.
+    fn launch(&self, program: Program, channel: &SessionChannel) -> Launch {
+        let account = &self.server.account;
+        let manifest = self.server.manifest();
+        let mut env: BTreeMap<OsString, OsString> =
+            std::env::vars_os().filter(|(k, _)| !HIDDEN_ENV.iter().any(|h| k == h)).collect();
+        if let Some(m) = &manifest {
+            env.extend(m.env.iter().map(|(k, v)| (k.into(), v.into())));
+            env.insert("TETHER_WORKSPACE".into(), m.workspace.clone().into());
+        }
+        env.insert("HOME".into(), account.home.clone().into());
+        env.insert("USER".into(), account.name.clone().into());
+        env.insert("LOGNAME".into(), account.name.clone().into());
+        env.insert("SHELL".into(), account.shell.clone().into());
+        env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+        env.extend(channel.env.iter().map(|(k, v)| (k.into(), v.into())));
+        let client_port = self.peer.client.rsplit(' ').next().unwrap_or("0");
+        let client_ip = self.peer.client.split(' ').next().unwrap_or("0.0.0.0");
+        let server_port = self.peer.server.rsplit(' ').next().unwrap_or("0");
+        env.insert("SSH_CONNECTION".into(), format!("{} {}", self.peer.client, self.peer.server).into());
+        env.insert("SSH_CLIENT".into(), format!("{client_ip} {client_port} {server_port}").into());
+        if let Some((sock, _)) = &self.agent {
+            env.insert("SSH_AUTH_SOCK".into(), sock.clone().into());
+        }
+        if let Program::Exec(cmd) = &program {
+            env.insert("SSH_ORIGINAL_COMMAND".into(), cmd.clone());
+        }
+        let cwd = match manifest.as_ref().and_then(|m| m.working_dir.as_deref()).filter(|d| !d.is_empty()) {
+            Some(dir) => Some(account.home.join(dir)).filter(|d| d.is_dir()).unwrap_or_else(|| account.home.clone()),
+            None => account.home.clone(),
+        };
+        Launch { program, shell: account.shell.clone(), env: env.into_iter().collect(), cwd, pty: channel.pty.clone() }
+    }
+
+    /// Starts the program of a `shell`, `exec` or `subsystem` request and answers it.
+    fn start(&mut self, channel: ChannelId, program: Program, session: &mut Session) -> Result<(), russh::Error> {
+        let Some(state) = self.sessions.get(&channel).filter(|s| !s.started) else {
+            return session.channel_failure(channel);
+        };
+        let interactive = matches!(program, Program::Shell) && state.pty.is_some();
+        let what = match &program {
+            Program::Shell => "shell".to_string(),
+            Program::Exec(_) => "exec".to_string(),
+            Program::Subsystem { path, .. } => format!("subsystem {}", path.display()),
+        };
+        let launch = self.launch(program, state);
+        let banner = interactive
+            .then(|| self.server.manifest().and_then(|m| m.ssh.motd.clone()))
+            .flatten()
+            .filter(|m| !m.is_empty())
+            .map(|m| motd_bytes(&m));
+        match session::spawn(&launch, banner, &self.server.activity) {
+            Ok(started) => {
+                let state = self.sessions.get_mut(&channel).filter(|s| !s.started);
+                match state.map(|s| (s.control.try_send(Control::Start(Box::new(started))), s)) {
+                    Some((Ok(()), s)) => {
+                        s.started = true;
+                        tracing::info!(client = %self.peer.client, login = %self.login, what = %what, pty = launch.pty.is_some(), "ssh session started");
+                        session.channel_success(channel)
+                    }
+                    Some((Err(e), _)) => {
+                        if let Control::Start(started) = e.into_inner() {
+                            started.hang_up();
+                        }
+                        session.channel_failure(channel)
+                    }
+                    None => session.channel_failure(channel),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.peer.client, what = %what, error = %e, "could not start an ssh session");
+                session.channel_failure(channel)
+            }
+        }
+    }
+
+    /// Drops the state of session channels whose task has ended.
+    fn prune(&mut self) {
+        self.sessions.retain(|_, s| !s.control.is_closed());
+    }
+}
+
+/// The MOTD as a terminal wants it: CRLF line ends, ending with one.
+fn motd_bytes(motd: &str) -> Vec<u8> {
+    let mut text = motd.replace("\r\n", "\n").replace('\n', "\r\n");
+    if !text.ends_with("\r\n") {
+        text.push_str("\r\n");
+    }
+    text.into_bytes()
+}
+
+/// Whether a client may set `name`: `LANG`, `LC_*` and the template's list (`*` ends a prefix).
+pub fn env_allowed(name: &str, allowed: &[String]) -> bool {
+    name == "LANG"
+        || name.starts_with("LC_")
+        || allowed.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => a == name,
+        })
+}
+
+fn valid_env(name: &str, value: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= limits::MAX_TEXT
+        && !name.contains(['=', '\0'])
+        && !value.contains('\0')
+        && value.len() <= limits::MAX_ENV_VALUE
+}
+
+fn pty_size(cols: u32, rows: u32, px: u32, py: u32) -> pty_process::Size {
+    let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+    pty_process::Size::new_with_pixel(clamp(rows), clamp(cols), clamp(px), clamp(py))
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::Reject {
+            proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+            partial_success: false,
+        })
+    }
+
+    async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        if self.allows(offer.public_key) {
+            return Ok(Auth::Accept);
+        }
+        tracing::debug!(client = %self.peer.client, key = %fingerprint(offer.public_key), "ssh key not accepted");
+        Ok(Auth::reject())
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+        if !self.allows(key.public_key) {
+            tracing::info!(client = %self.peer.client, key = %fingerprint(key.public_key), "ssh key refused");
+            return Ok(Auth::reject());
+        }
+        self.login = user.chars().take(limits::MAX_NAME).collect();
+        tracing::info!(
+            client = %self.peer.client,
+            user = self.peer.user.as_deref().unwrap_or("-"),
+            connection = self.peer.connection_id.unwrap_or(0),
+            login = %self.login,
+            key = %fingerprint(key.public_key),
+            "ssh connection authenticated"
+        );
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(tx) = self.authed.take() {
+            let _ = tx.send(());
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.prune();
+        let Ok(permit) = self.channels.clone().try_acquire_owned() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let (control, control_rx) = mpsc::channel(16);
+        self.sessions.insert(channel.id(), SessionChannel { control, pty: None, env: Vec::new(), started: false });
+        let (handle, activity) = (session.handle(), self.server.activity.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            session::serve(channel, handle, control_rx, activity).await;
+        });
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (Ok(permit), Ok(port)) = (self.channels.clone().try_acquire_owned(), u16::try_from(port)) else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let host = host.to_string();
+        let activity = self.server.activity.clone();
+        // Connecting can take a while: never in the handler, which would stall the whole connection.
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    reply.accept().await;
+                    super::splice::splice(channel, stream, &activity).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(host = %host, port, error = %e, "direct-tcpip: connect failed");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+            }
+        });
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Ok(permit) = self.channels.clone().try_acquire_owned() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let path = socket_path.to_string();
+        let activity = self.server.activity.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(&path)).await {
+                Ok(Ok(stream)) => {
+                    reply.accept().await;
+                    super::splice::splice(channel, stream, &activity).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(path = %path, error = %e, "direct-streamlocal: connect failed");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+            }
+        });
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        self.sessions.remove(&channel);
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        cols: u32,
+        rows: u32,
+        px: u32,
+        py: u32,
+        _modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.sessions.get_mut(&channel).filter(|s| !s.started && s.pty.is_none()) {
+            Some(s) => {
+                let term = if term.is_empty() || term.len() > MAX_TERM || term.contains('\0') { "xterm" } else { term };
+                s.pty = Some(PtySpec { term: term.to_string(), size: pty_size(cols, rows, px, py) });
+                session.channel_success(channel)
+            }
+            None => session.channel_failure(channel),
+        }
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let allowed = self.server.manifest().map(|m| m.ssh.allowed_env.clone()).unwrap_or_default();
+        match self.sessions.get_mut(&channel) {
+            Some(s)
+                if !s.started
+                    && s.env.len() < MAX_CLIENT_ENV
+                    && valid_env(name, value)
+                    && env_allowed(name, &allowed) =>
+            {
+                s.env.retain(|(k, _)| k != name);
+                s.env.push((name.to_string(), value.to_string()));
+                session.channel_success(channel)
+            }
+            _ => {
+                tracing::debug!(name = %name.chars().take(64).collect::<String>(), "ssh env variable refused");
+                session.channel_failure(channel)
+            }
+        }
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        self.start(channel, Program::Shell, session)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if data.contains(&0) {
+            return session.channel_failure(channel);
+        }
+        let command = std::ffi::OsStr::from_bytes(data).to_os_string();
+        self.start(channel, Program::Exec(command), session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if name != "sftp" {
+            tracing::debug!(name = %name.chars().take(64).collect::<String>(), "unknown ssh subsystem");
+            return session.channel_failure(channel);
+        }
+        match session::sftp_program() {
+            Ok(program) => self.start(channel, program, session),
+            Err(e) => {
+                tracing::warn!(error = %e, "no sftp server to run");
+                session.channel_failure(channel)
+            }
+        }
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        cols: u32,
+        rows: u32,
+        px: u32,
+        py: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let size = pty_size(cols, rows, px, py);
+        match self.sessions.get_mut(&channel) {
+            Some(s) if s.started => {
+                let _ = s.control.try_send(Control::Resize(size));
+                session.channel_success(channel)
+            }
+            Some(SessionChannel { pty: Some(pty), .. }) => {
+                pty.size = size;
+                session.channel_success(channel)
+            }
+            _ => session.channel_failure(channel),
+        }
+    }
+
+    async fn signal(&mut self, channel: ChannelId, signal: Sig, _session: &mut Session) -> Result<(), Self::Error> {
+        if let (Some(s), Some(sig)) = (self.sessions.get(&channel), session::local_signal(&signal)) {
+            if s.started {
+                let _ = s.control.try_send(Control::Signal(sig));
+            }
+        }
+        Ok(())
+    }
+
+    async fn agent_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<bool, Self::Error> {
+        if !self.sessions.contains_key(&channel) {
+            return Ok(false);
+        }
+        if self.agent.is_none() {
+            match forward::listen_agent(self.link(session), &self.server.runtime_dir) {
+                Ok(agent) => self.agent = Some(agent),
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent forwarding: cannot create the socket");
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        if self.forwards() >= MAX_FORWARDS || address.len() > limits::MAX_TEXT {
+            return Ok(false);
+        }
+        match forward::listen_tcp(self.link(session), address, *port).await {
+            Ok((bound, listener)) => {
+                tracing::info!(client = %self.peer.client, address = %address, port = bound, "remote forward listening");
+                *port = bound;
+                self.tcp_forwards.insert((address.to_string(), bound), listener);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(address = %address, port = *port, error = %e, "remote forward refused");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.tcp_forwards.remove(&(address.to_string(), port)).is_some())
+    }
+
+    async fn streamlocal_forward(&mut self, socket_path: &str, session: &mut Session) -> Result<bool, Self::Error> {
+        if self.forwards() >= MAX_FORWARDS
+            || socket_path.len() > limits::MAX_TEXT
+            || self.unix_forwards.contains_key(socket_path)
+        {
+            return Ok(false);
+        }
+        match forward::listen_unix(self.link(session), socket_path) {
+            Ok(listener) => {
+                tracing::info!(client = %self.peer.client, path = %socket_path, "remote unix forward listening");
+                self.unix_forwards.insert(socket_path.to_string(), listener);
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::info!(path = %socket_path, error = %e, "remote unix forward refused");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.unix_forwards.remove(socket_path).is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_policy() {
+        let allowed = vec!["EDITOR".to_string(), "GIT_*".to_string()];
+        for ok in ["LANG", "LC_ALL", "LC_CTYPE", "EDITOR", "GIT_AUTHOR_NAME"] {
+            assert!(env_allowed(ok, &allowed), "{ok}");
+        }
+        for no in ["PATH", "LD_PRELOAD", "EDITORS", "GI", "LANGUAGE", "lang"] {
+            assert!(!env_allowed(no, &allowed), "{no}");
+        }
+        assert!(!valid_env("A=B", "x"));
+        assert!(!valid_env("A", "x\0y"));
+        assert!(valid_env("LANG", "C.UTF-8"));
+    }
+
+    #[test]
+    fn motd_lines_end_in_crlf() {
+        assert_eq!(motd_bytes("a\nb"), b"a\r\nb\r\n");
+        assert_eq!(motd_bytes("a\r\n"), b"a\r\n");
+    }
+}

@@ -1,0 +1,477 @@
+//! Session channels: the user's login shell or a command, on a pty or on pipes, or a subsystem
+//! (`sftp`). The handler decides and spawns (so it can answer the request), then hands the process to
+//! the channel's task, which moves the bytes and reports how the process ended.
+
+use super::activity::{Activity, Gauge};
+use super::splice::{pump_out, PumpState};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use russh::server::{Handle, Msg};
+use russh::{Channel, ChannelMsg, ChannelReadHalf, Sig};
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Client data packets kept for a session whose process has not started yet.
+const EARLY_PACKETS: usize = 64;
+/// After the process exits, output is still copied until its source has been silent this long: a
+/// background child may hold the pty or pipes open for ever (OpenSSH would hang; we do not).
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(1000);
+const GRACE_TICK: Duration = Duration::from_millis(100);
+
+/// A pty as the client asked for it.
+#[derive(Debug, Clone)]
+pub struct PtySpec {
+    pub term: String,
+    pub size: pty_process::Size,
+}
+
+/// What runs in a session.
+#[derive(Debug, Clone)]
+pub enum Program {
+    /// The login shell, interactive.
+    Shell,
+    /// `SHELL -c COMMAND`.
+    Exec(OsString),
+    /// A subsystem server run directly, with its arguments.
+    Subsystem { path: PathBuf, args: Vec<OsString> },
+}
+
+/// Everything needed to start a session's process.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub program: Program,
+    pub shell: PathBuf,
+    pub env: Vec<(OsString, OsString)>,
+    pub cwd: PathBuf,
+    pub pty: Option<PtySpec>,
+}
+
+/// From the handler to a session channel's task.
+pub enum Control {
+    Start(Box<Started>),
+    Resize(pty_process::Size),
+    Signal(Signal),
+}
+
+/// A process and its stdio, ready to be served.
+pub struct Started {
+    child: Child,
+    io: ChildIo,
+    /// Written to the client before any output (the MOTD).
+    banner: Option<Vec<u8>>,
+    _gauge: Gauge,
+}
+
+impl Started {
+    /// Ends a process that will never be served.
+    pub fn hang_up(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGHUP);
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+enum ChildIo {
+    Pty(pty_process::Pty),
+    Pipes {
+        stdin: ChildStdin,
+        stdout: Box<dyn AsyncRead + Send + Unpin>,
+        stderr: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    },
+}
+
+/// Starts the process. A pty session's process leads a new session with the pty as its controlling
+/// terminal; a piped one gets its own process group, so a hang-up reaches its children.
+pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>) -> std::io::Result<Started> {
+    let shell_name = launch.shell.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "sh".into());
+    let mut cmd = match &launch.program {
+        Program::Shell => {
+            let mut cmd = tokio::process::Command::new(&launch.shell);
+            // A leading '-' in argv[0] makes it a login shell, as sshd does.
+            let mut argv0 = OsString::from("-");
+            argv0.push(&shell_name);
+            cmd.arg0(argv0);
+            cmd
+        }
+        Program::Exec(command) => {
+            let mut cmd = tokio::process::Command::new(&launch.shell);
+            cmd.arg0(&shell_name).arg("-c").arg(command);
+            cmd
+        }
+        Program::Subsystem { path, args } => {
+            let mut cmd = tokio::process::Command::new(path);
+            cmd.args(args);
+            cmd
+        }
+    };
+    cmd.env_clear().envs(launch.env.iter().map(|(k, v)| (k, v))).current_dir(&launch.cwd);
+    let (child, io) = match &launch.pty {
+        Some(spec) => {
+            let (pty, pts) = pty_process::open().map_err(pty_error)?;
+            pty.resize(spec.size).map_err(pty_error)?;
+            let tty = pts_name(&pts);
+            cmd.env("TERM", &spec.term);
+            if let Some(tty) = tty {
+                cmd.env("SSH_TTY", tty);
+            }
+            let child = pty_process::Command::from(cmd).spawn(pts).map_err(pty_error)?;
+            (child, ChildIo::Pty(pty))
+        }
+        None => {
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).process_group(0);
+            // A subsystem speaks a protocol on stdout; its complaints are not part of it.
+            let subsystem = matches!(launch.program, Program::Subsystem { .. });
+            cmd.stderr(if subsystem { Stdio::null() } else { Stdio::piped() });
+            let mut child = cmd.spawn()?;
+            let missing = || std::io::Error::other("child stdio missing");
+            let stdin = child.stdin.take().ok_or_else(missing)?;
+            let stdout: Box<dyn AsyncRead + Send + Unpin> = Box::new(child.stdout.take().ok_or_else(missing)?);
+            let stderr = child.stderr.take().map(|e| Box::new(e) as Box<dyn AsyncRead + Send + Unpin>);
+            (child, ChildIo::Pipes { stdin, stdout, stderr })
+        }
+    };
+    Ok(Started { child, io, banner, _gauge: activity.session() })
+}
+
+fn pty_error(e: pty_process::Error) -> std::io::Error {
+    match e {
+        pty_process::Error::Io(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+/// `/dev/pts/N` for `SSH_TTY`.
+fn pts_name(pts: &pty_process::Pts) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", pts.as_raw_fd())).ok()
+}
+
+/// Where a session's input goes.
+enum Sink {
+    Pty(pty_process::OwnedWritePty),
+    /// `None` once the client sent EOF (the child sees end of file) or the child stopped reading.
+    Pipe(Option<ChildStdin>),
+}
+
+impl Sink {
+    async fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::Pty(w) => w.write(data).await,
+            Sink::Pipe(Some(w)) => w.write(data).await,
+            Sink::Pipe(None) => Ok(data.len()),
+        }
+    }
+}
+
+/// How the running phase ended.
+enum Finish {
+    Exited(ExitStatus),
+    Closed,
+}
+
+/// Serves one session channel until it closes: waits for the handler to start a process (keeping a
+/// little early input), then splices the process and the channel and reports the exit.
+pub async fn serve(
+    channel: Channel<Msg>,
+    handle: Handle,
+    mut control: mpsc::Receiver<Control>,
+    activity: Arc<Activity>,
+) {
+    let id = channel.id();
+    let (mut rx, tx) = channel.split();
+    let mut queue = VecDeque::new();
+    let mut client_eof = false;
+    let started = loop {
+        tokio::select! {
+            ctl = control.recv() => match ctl {
+                Some(Control::Start(s)) => break *s,
+                Some(_) => {}
+                // The connection is gone.
+                None => return,
+            },
+            msg = rx.wait(), if queue.len() < EARLY_PACKETS => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    activity.received(data.len());
+                    if !client_eof {
+                        queue.push_back(data);
+                    }
+                }
+                Some(ChannelMsg::Eof) => client_eof = true,
+                Some(ChannelMsg::Close) | None => return,
+                // Requests: the handler answered them already.
+                Some(_) => {}
+            },
+        }
+    };
+    let Started { mut child, io, banner, _gauge } = started;
+    let pid = child.id().map(|p| Pid::from_raw(p as i32));
+    let mut stdout_writer = tx.make_writer();
+    let mut stderr_writer = tx.make_writer_ext(Some(1));
+    if let Some(banner) = banner {
+        if stdout_writer.write_all(&banner).await.is_ok() {
+            activity.sent(banner.len());
+        }
+    }
+    let (mut sink, mut stdout, stderr): (Sink, Box<dyn AsyncRead + Send + Unpin>, _) = match io {
+        ChildIo::Pty(pty) => {
+            let (r, w) = pty.into_split();
+            (Sink::Pty(w), Box::new(r), None)
+        }
+        ChildIo::Pipes { stdin, stdout, stderr } => (Sink::Pipe(Some(stdin)), stdout, stderr),
+    };
+    let (out_state, err_state) = (PumpState::default(), PumpState::default());
+    let out = pump_out(&mut stdout, &mut stdout_writer, &activity, &out_state);
+    let mut err_done = stderr.is_none();
+    let err = async {
+        match stderr {
+            Some(mut e) => pump_out(&mut e, &mut stderr_writer, &activity, &err_state).await,
+            None => Ok(0),
+        }
+    };
+    tokio::pin!(out, err);
+    let mut out_done = false;
+    let mut offset = 0usize;
+    let mut control_open = true;
+    let mut status: Option<ExitStatus> = None;
+    let mut tick = tokio::time::interval(GRACE_TICK);
+    let mut quiet = Quiet::default();
+    let finish = loop {
+        if client_eof && queue.is_empty() {
+            if let Sink::Pipe(stdin) = &mut sink {
+                // The child reads end of file.
+                stdin.take();
+            }
+        }
+        if let Some(st) = status {
+            if out_done && err_done {
+                break Finish::Exited(st);
+            }
+        }
+        tokio::select! {
+            biased;
+            ctl = control.recv(), if control_open => match ctl {
+                Some(Control::Resize(size)) => {
+                    if let Sink::Pty(w) = &sink {
+                        let _ = w.resize(size);
+                    }
+                }
+                Some(Control::Signal(sig)) => {
+                    if let (Some(pid), None) = (pid, status) {
+                        let _ = kill(pid, sig);
+                    }
+                }
+                Some(Control::Start(_)) => {}
+                None => control_open = false,
+            },
+            msg = rx.wait(), if queue.is_empty() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    activity.received(data.len());
+                    if !client_eof {
+                        queue.push_back(data);
+                    }
+                }
+                Some(ChannelMsg::Eof) => client_eof = true,
+                Some(ChannelMsg::Close) | None => break Finish::Closed,
+                Some(_) => {}
+            },
+            r = sink.write(queue.front().map_or(&[][..], |b| &b[offset..])), if !queue.is_empty() => match r {
+                Ok(n) => {
+                    offset += n;
+                    if queue.front().is_some_and(|b| offset >= b.len()) {
+                        queue.pop_front();
+                        offset = 0;
+                    }
+                }
+                Err(_) => {
+                    // The child stopped reading its input: drop what the client sends from now on.
+                    queue.clear();
+                    offset = 0;
+                    sink = Sink::Pipe(None);
+                }
+            },
+            st = child.wait(), if status.is_none() => {
+                status = Some(st.unwrap_or_else(|_| ExitStatus::from_raw(255 << 8)));
+            }
+            r = &mut out, if !out_done => {
+                out_done = true;
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "session output ended");
+                }
+            }
+            _ = &mut err, if !err_done => err_done = true,
+            now = tick.tick(), if status.is_some() => {
+                let silent = quiet.observe(now, &[(&out_state, out_done), (&err_state, err_done)]);
+                if silent >= OUTPUT_GRACE {
+                    out_done = true;
+                    err_done = true;
+                }
+            }
+        }
+    };
+    // The copiers are not polled again: nothing they hold follows the exit status or the close.
+    match finish {
+        Finish::Exited(st) => {
+            match exit_signal(st) {
+                Some((sig, core)) => {
+                    let _ = handle.exit_signal_request(id, sig, core, String::new(), String::new()).await;
+                }
+                None => {
+                    let _ = tx.exit_status(st.code().unwrap_or(255) as u32).await;
+                }
+            }
+            let _ = tx.eof().await;
+            let _ = tx.close().await;
+            // The client answers with its own close; wait for it briefly so it is consumed.
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut rx)).await;
+        }
+        Finish::Closed => {
+            if status.is_none() {
+                // The client went away: hang up, as a closed terminal would.
+                if let Some(pid) = pid {
+                    let _ = killpg(pid, Signal::SIGHUP);
+                }
+            }
+        }
+    }
+}
+
+async fn drain(rx: &mut ChannelReadHalf) {
+    while rx.wait().await.is_some() {}
+}
+
+/// Tracks how long the output sources of an exited process have been silent.
+#[derive(Default)]
+struct Quiet {
+    reads: u64,
+    since: Option<Instant>,
+}
+
+impl Quiet {
+    /// How long every unfinished source has been silent, as of `now`. A copier waiting on the client
+    /// (a slow reader, a full window) is not silent.
+    fn observe(&mut self, now: Instant, pumps: &[(&PumpState, bool)]) -> Duration {
+        let active = pumps.iter().filter(|(_, done)| !done);
+        let mut reads = 0;
+        let mut writing = false;
+        for (state, _) in active {
+            reads += state.reads.load(Ordering::Relaxed);
+            writing |= state.writing.load(Ordering::Relaxed);
+        }
+        if writing || reads != self.reads || self.since.is_none() {
+            self.reads = reads;
+            self.since = Some(now);
+            // The very first observation starts the clock.
+            return Duration::ZERO;
+        }
+        now.duration_since(self.since.unwrap_or(now))
+    }
+}
+
+/// The signal that killed a process, as SSH names it, and whether it dumped core.
+pub fn exit_signal(status: ExitStatus) -> Option<(Sig, bool)> {
+    let signo = status.signal()?;
+    let name = Signal::try_from(signo)
+        .map(|s| s.as_str().trim_start_matches("SIG").to_string())
+        .unwrap_or_else(|_| signo.to_string());
+    let sig = match name.as_str() {
+        "ABRT" => Sig::ABRT,
+        "ALRM" => Sig::ALRM,
+        "FPE" => Sig::FPE,
+        "HUP" => Sig::HUP,
+        "ILL" => Sig::ILL,
+        "INT" => Sig::INT,
+        "KILL" => Sig::KILL,
+        "PIPE" => Sig::PIPE,
+        "QUIT" => Sig::QUIT,
+        "SEGV" => Sig::SEGV,
+        "TERM" => Sig::TERM,
+        "USR1" => Sig::USR1,
+        _ => Sig::Custom(name),
+    };
+    Some((sig, status.core_dumped()))
+}
+
+/// The local signal for an SSH `signal` request.
+pub fn local_signal(sig: &Sig) -> Option<Signal> {
+    let name = match sig {
+        Sig::ABRT => "ABRT",
+        Sig::ALRM => "ALRM",
+        Sig::FPE => "FPE",
+        Sig::HUP => "HUP",
+        Sig::ILL => "ILL",
+        Sig::INT => "INT",
+        Sig::KILL => "KILL",
+        Sig::PIPE => "PIPE",
+        Sig::QUIT => "QUIT",
+        Sig::SEGV => "SEGV",
+        Sig::TERM => "TERM",
+        Sig::USR1 => "USR1",
+        Sig::Custom(name) => name.as_str(),
+    };
+    format!("SIG{name}").parse().ok()
+}
+
+/// OpenSSH's `sftp-server`, where distributions put it.
+const SFTP_SERVERS: &[&str] = &[
+    "/usr/lib/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+];
+
+/// The sftp subsystem: OpenSSH's server when the image has one (it is fast), else the agent's own.
+pub fn sftp_program() -> std::io::Result<Program> {
+    if let Some(path) = SFTP_SERVERS.iter().map(Path::new).find(|p| is_executable(p)) {
+        return Ok(Program::Subsystem { path: path.to_path_buf(), args: Vec::new() });
+    }
+    let exe = std::env::current_exe()?;
+    Ok(Program::Subsystem { path: exe, args: vec!["sftp-server".into()] })
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_ssh_name() {
+        let killed = ExitStatus::from_raw(9);
+        let (sig, core) = exit_signal(killed).unwrap();
+        assert!(matches!(sig, Sig::KILL));
+        assert!(!core);
+        let usr2 = ExitStatus::from_raw(Signal::SIGUSR2 as i32);
+        assert!(matches!(exit_signal(usr2), Some((Sig::Custom(ref n), false)) if n == "USR2"));
+        assert!(exit_signal(ExitStatus::from_raw(7 << 8)).is_none());
+        assert_eq!(local_signal(&Sig::TERM), Some(Signal::SIGTERM));
+        assert_eq!(local_signal(&Sig::Custom("WINCH".into())), Some(Signal::SIGWINCH));
+        assert_eq!(local_signal(&Sig::Custom("NOPE".into())), None);
+    }
+
+    #[test]
+    fn quiet_counts_only_silence_from_the_source() {
+        let (a, b) = (PumpState::default(), PumpState::default());
+        let mut q = Quiet::default();
+        let t0 = Instant::now();
+        assert_eq!(q.observe(t0, &[(&a, false), (&b, true)]), Duration::ZERO);
+        assert_eq!(q.observe(t0 + Duration::from_millis(300), &[(&a, false), (&b, true)]), Duration::from_millis(300));
+        a.reads.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(q.observe(t0 + Duration::from_millis(400), &[(&a, false), (&b, true)]), Duration::ZERO);
+        a.writing.store(true, Ordering::Relaxed);
+        assert_eq!(q.observe(t0 + Duration::from_secs(5), &[(&a, false), (&b, true)]), Duration::ZERO);
+    }
+}
