@@ -59,6 +59,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/workspaces/{name}/logs", get(logs))
         .route("/workspaces/{name}/wait", get(wait))
         .route("/status-counts", get(counts))
+        .route("/admin/backup", post(crate::backup::api_backup))
         .merge(crate::api_ssh::admin_routes())
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .merge(

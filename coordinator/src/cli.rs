@@ -46,6 +46,9 @@ pub enum Command {
     /// Manage users and their SSH keys.
     #[command(subcommand)]
     User(crate::cli_ssh::UserCmd),
+    /// Back up and restore the coordinator's database and keys.
+    #[command(subcommand)]
+    Admin(crate::backup::AdminCmd),
     /// Brokered SSH connections: who reached which workspace, when, and how much.
     Audit {
         #[arg(long)]

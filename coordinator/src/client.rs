@@ -107,6 +107,28 @@ impl Client {
             .with_context(|| format!("the coordinator's answer is not what this CLI expects (HTTP {status})"))
     }
 
+    /// A POST whose answer is a byte stream rather than JSON: the response after a success status,
+    /// for the caller to read in chunks; otherwise the API's error.
+    pub async fn post_raw(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach the coordinator at {}: {}", self.base, e.without_url()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.bytes().await.unwrap_or_default();
+            let msg = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            bail!("{msg}");
+        }
+        Ok(resp)
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.get(self.url(path))).await
     }

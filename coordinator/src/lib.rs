@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod api_ssh;
+pub mod backup;
 pub mod broker;
 pub mod cli;
 pub mod cli_ssh;

@@ -1,7 +1,7 @@
 use clap::Parser;
 use tether_coordinator::cli::{self, Cli, Command, LogFormat};
 use tether_coordinator::cli_ssh;
-use tether_coordinator::{client::Client, demo, server};
+use tether_coordinator::{backup, client::Client, demo, server};
 
 fn init_tracing(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
@@ -65,6 +65,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing(cli.log_format, "warn");
             let client = Client::discover(cli.url, cli.token, &data_dir)?;
             cli_ssh::user(&client, cmd).await
+        }
+        Command::Admin(cmd) => {
+            init_tracing(cli.log_format, "warn");
+            match cmd {
+                backup::AdminCmd::Backup { file } => {
+                    let client = Client::discover(cli.url, cli.token, &data_dir)?;
+                    backup::backup(&client, &file).await
+                }
+                backup::AdminCmd::Restore { file, force } => backup::restore(&file, &data_dir, force).await,
+            }
         }
         Command::Audit { user, workspace, limit, json } => {
             init_tracing(cli.log_format, "warn");

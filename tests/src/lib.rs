@@ -47,6 +47,13 @@ impl Coordinator {
         c
     }
 
+    /// Starts a coordinator on a data directory that already holds its state (a restored backup).
+    pub fn start_in(dir: tempfile::TempDir) -> Coordinator {
+        let mut c = Coordinator { dir, info: Value::Null, child: None, http_port: 0, quic_port: 0, ssh_port: 0 };
+        c.spawn();
+        c
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }

@@ -666,5 +666,7 @@ impl Store {
     }
 }
 
+mod backup;
 mod users;
+pub use backup::known_schema_version;
 pub use users::{AuditRow, UserRow};
