@@ -75,11 +75,7 @@ impl Client {
         let status = resp.status();
         if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
             let body = resp.bytes().await.unwrap_or_default();
-            let msg = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| format!("HTTP {status}"));
-            bail!("{msg}");
+            bail!("{}", api_error(status, &body));
         }
         resp.upgrade().await.map_err(|e| anyhow!("upgrading the connection: {e}"))
     }
@@ -97,11 +93,7 @@ impl Client {
         let status = resp.status();
         let body = resp.bytes().await.context("reading the coordinator's answer")?;
         if !status.is_success() {
-            let msg = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| format!("HTTP {status}"));
-            bail!("{msg}");
+            bail!("{}", api_error(status, &body));
         }
         serde_json::from_slice(&body)
             .with_context(|| format!("the coordinator's answer is not what this CLI expects (HTTP {status})"))
@@ -120,11 +112,7 @@ impl Client {
         let status = resp.status();
         if !status.is_success() {
             let body = resp.bytes().await.unwrap_or_default();
-            let msg = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| format!("HTTP {status}"));
-            bail!("{msg}");
+            bail!("{}", api_error(status, &body));
         }
         Ok(resp)
     }
@@ -141,6 +129,14 @@ impl Client {
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.delete(self.url(path))).await
     }
+}
+
+/// The `error` sentence of an API error answer, or the bare HTTP status.
+fn api_error(status: reqwest::StatusCode, body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| format!("HTTP {status}"))
 }
 
 /// Percent-encodes a path segment or query value.
