@@ -581,11 +581,13 @@ async fn the_host_key_survives_a_restart() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+mod common;
+
 /// The coordinator's half of the tunnel, in-process: a QUIC server the "agent" connection dials, and
 /// a local TCP port whose connections become brokered SSH streams on it.
 mod brokered {
     use super::*;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use tether_agent::ssh::{Account, SshServer};
     use tether_agent::tunnel::FetchedManifest;
     use tether_shared::proto::{Manifest, SshSettings, SshStreamOpen, StreamOpen};
@@ -594,22 +596,14 @@ mod brokered {
     /// Two ends of one tunnel connection.
     pub async fn tunnel() -> (quinn::Connection, quinn::Connection) {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf =
-            CertificateParams::new(vec![tls::SERVER_NAME.to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
-        let chain: Vec<CertificateDer<'static>> = vec![leaf.der().clone(), ca.der().clone()];
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let pki = crate::common::pki();
+        let chain = pki.chain;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key));
         let server =
             quinn::Endpoint::server(tls::server_config(chain, key, 16).unwrap(), "127.0.0.1:0".parse().unwrap())
                 .unwrap();
         let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let config = tls::client_config(CaPin::Certificate(ca.der().clone())).unwrap();
+        let config = tls::client_config(CaPin::Certificate(pki.ca)).unwrap();
         let connecting = client.connect_with(config, server.local_addr().unwrap(), tls::SERVER_NAME).unwrap();
         let (agent, coordinator) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
         (agent.unwrap(), coordinator.unwrap())

@@ -25,25 +25,8 @@ fn install_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A CA and a coordinator certificate signed by it.
-struct Pki {
-    ca: CertificateDer<'static>,
-    chain: Vec<CertificateDer<'static>>,
-    key: Vec<u8>,
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf =
-        CertificateParams::new(vec![tls::SERVER_NAME.to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
-    Pki { ca: ca.der().clone(), chain: vec![leaf.der().clone(), ca.der().clone()], key: leaf_key.serialize_der() }
-}
+mod common;
+use common::pki;
 
 struct FakeCoordinator {
     endpoint: quinn::Endpoint,

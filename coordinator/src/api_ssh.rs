@@ -9,7 +9,8 @@ use crate::api::{ApiError, ApiState};
 use crate::broker::{self, RefusalKind, Request, Via};
 use crate::pki;
 use crate::sshca::{FRONT_DOOR_ALIAS, HOST_SUFFIX};
-use crate::users::{AuditView, UserView};
+use crate::store::AuditRow;
+use crate::users::UserView;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -165,7 +166,7 @@ struct AuditQuery {
     limit: Option<i64>,
 }
 
-async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditView>> {
+async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditRow>> {
     Ok(Json(s.engine.audit(q.user.as_deref(), q.workspace.as_deref(), q.limit.unwrap_or(100)).await?))
 }
 

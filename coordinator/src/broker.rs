@@ -121,17 +121,11 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
     let name = workspace_name(&req.target);
     match authorize_and_open(engine, &req, &name).await {
         Ok((send, recv)) => {
-            let connection_id = engine
-                .store
-                .audit_start(
-                    &req.user,
-                    &name,
-                    req.via.as_str(),
-                    &req.peer,
-                    req.key_fingerprint.as_deref(),
-                    "open",
-                    now_ms(),
-                )
+            let key_fingerprints = match &req.key_fingerprint {
+                Some(fp) => vec![fp.clone()],
+                None => user_keys(engine, &req.user).await?,
+            };
+            let connection_id = audit_start(engine, &req, &name, "open")
                 .await
                 .map_err(|e| refuse(RefusalKind::Internal, format!("coordinator error: {e}")))?;
             info!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, connection_id, "ssh connection brokered");
@@ -139,10 +133,7 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
             let open = StreamOpen::Ssh(SshStreamOpen {
                 connection_id: connection_id as u64,
                 user: req.user.clone(),
-                key_fingerprints: match req.key_fingerprint {
-                    Some(fp) => vec![fp],
-                    None => user_keys(engine, &req.user).await?,
-                },
+                key_fingerprints,
                 peer: req.peer.clone(),
             });
             if let Err(e) = tether_shared::io::write_msg(&mut b.send, &open).await {
@@ -154,25 +145,24 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
         }
         Err(refusal) => {
             warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh refused: {refusal}");
-            let now = now_ms();
-            if let Ok(id) = engine
-                .store
-                .audit_start(
-                    &req.user,
-                    &name,
-                    req.via.as_str(),
-                    &req.peer,
-                    req.key_fingerprint.as_deref(),
-                    &format!("refused: {refusal}"),
-                    now,
-                )
-                .await
-            {
-                let _ = engine.store.audit_end(id, 0, 0, &format!("refused: {refusal}"), now).await;
+            let outcome = format!("refused: {refusal}");
+            if let Ok(id) = audit_start(engine, &req, &name, &outcome).await {
+                let _ = engine.store.audit_end(id, 0, 0, &outcome, now_ms()).await;
             }
             Err(refusal)
         }
     }
+}
+
+/// Starts an audit record for this request.
+async fn audit_start(
+    engine: &Engine,
+    req: &Request,
+    name: &str,
+    outcome: &str,
+) -> Result<i64, crate::store::StoreError> {
+    let fp = req.key_fingerprint.as_deref();
+    engine.store.audit_start(&req.user, name, req.via.as_str(), &req.peer, fp, outcome, now_ms()).await
 }
 
 async fn user_keys(engine: &Engine, user: &str) -> Result<Vec<String>, Refusal> {

@@ -4,7 +4,8 @@
 use crate::api_ssh::{SshInfo, UPGRADE_PROTOCOL};
 use crate::cli::table;
 use crate::client::{enc, Client};
-use crate::users::{AuditView, UserView};
+use crate::store::AuditRow;
+use crate::users::UserView;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
@@ -184,7 +185,7 @@ pub async fn audit(
     if let Some(w) = &workspace {
         path.push_str(&format!("&workspace={}", enc(w)));
     }
-    let rows: Vec<AuditView> = client.get(&path).await?;
+    let rows: Vec<AuditRow> = client.get(&path).await?;
     if json {
         return print_json(&rows);
     }
@@ -193,8 +194,8 @@ pub async fn audit(
         .map(|a| {
             vec![
                 a.id.to_string(),
-                when(a.started_at_ms),
-                a.ended_at_ms.map_or("open".into(), |e| format!("{:.1}s", (e - a.started_at_ms) as f64 / 1000.0)),
+                when(a.started_at),
+                a.ended_at.map_or("open".into(), |e| format!("{:.1}s", (e - a.started_at) as f64 / 1000.0)),
                 a.user.clone(),
                 a.workspace.clone(),
                 a.via.clone(),

@@ -23,45 +23,12 @@ pub struct KeyView {
     pub public_key: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AuditView {
-    pub id: i64,
-    pub user: String,
-    pub workspace: String,
-    pub via: String,
-    pub peer: String,
-    pub key_fingerprint: Option<String>,
-    pub started_at_ms: i64,
-    pub ended_at_ms: Option<i64>,
-    pub bytes_up: i64,
-    pub bytes_down: i64,
-    pub outcome: String,
-}
-
 impl From<UserRow> for UserView {
     fn from(u: UserRow) -> Self {
         UserView {
             name: u.name,
             created_at_ms: u.created_at,
             keys: u.keys.into_iter().map(|(fingerprint, public_key)| KeyView { fingerprint, public_key }).collect(),
-        }
-    }
-}
-
-impl From<AuditRow> for AuditView {
-    fn from(a: AuditRow) -> Self {
-        AuditView {
-            id: a.id,
-            user: a.user,
-            workspace: a.workspace,
-            via: a.via,
-            peer: a.peer,
-            key_fingerprint: a.key_fingerprint,
-            started_at_ms: a.started_at,
-            ended_at_ms: a.ended_at,
-            bytes_up: a.bytes_up,
-            bytes_down: a.bytes_down,
-            outcome: a.outcome,
         }
     }
 }
@@ -190,8 +157,8 @@ impl Engine {
         user: Option<&str>,
         workspace: Option<&str>,
         limit: i64,
-    ) -> Result<Vec<AuditView>, OpError> {
-        Ok(self.store.audit(user, workspace, limit.clamp(1, 10_000)).await?.into_iter().map(Into::into).collect())
+    ) -> Result<Vec<AuditRow>, OpError> {
+        Ok(self.store.audit(user, workspace, limit.clamp(1, 10_000)).await?)
     }
 }
 

@@ -12,7 +12,8 @@ pub struct UserRow {
     pub keys: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone)]
+/// One brokered SSH connection or refusal, as the audit API returns it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AuditRow {
     pub id: i64,
     pub user: String,
@@ -20,7 +21,9 @@ pub struct AuditRow {
     pub via: String,
     pub peer: String,
     pub key_fingerprint: Option<String>,
+    #[serde(rename = "started_at_ms")]
     pub started_at: i64,
+    #[serde(rename = "ended_at_ms")]
     pub ended_at: Option<i64>,
     pub bytes_up: i64,
     pub bytes_down: i64,
