@@ -4,6 +4,7 @@
 
 use crate::clock::WallClock;
 use crate::config::Config;
+use crate::metrics::{AgentMetrics, Scrape};
 use crate::outbox::Outboxes;
 use crate::phase::{self, PhaseEnv, PhaseKind, ScriptResult};
 use crate::scripts::LocalUser;
@@ -56,6 +57,8 @@ pub enum AgentError {
     Ssh(#[from] crate::ssh::SshError),
     #[error("listening for ssh on {addr}: {source}")]
     SshListen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("listening for metrics on {addr}: {source}")]
+    MetricsListen { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// What the agent does with a manifest.
@@ -118,6 +121,19 @@ pub async fn run(
             .map_err(|source| AgentError::SshListen { addr: listen.addr, source })?;
         tokio::spawn(ssh.clone().serve_tcp(listener, listen.authorized_keys.clone().into()));
     }
+    let metrics = Arc::new(AgentMetrics::default());
+    if let Some(addr) = config.metrics_listen {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(addr = %addr, "metrics are served on a non-loopback address: anyone who can reach it can read them");
+        }
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::MetricsListen { addr, source })?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        // Tests and operators who asked for port 0 read the port from this line.
+        tracing::info!("metrics listening on {bound}");
+        let scrape = Scrape { metrics: metrics.clone(), outboxes: outboxes.clone(), ssh: ssh.activity() };
+        tokio::spawn(crate::metrics::serve(listener, Arc::new(scrape)));
+    }
     let tunnel = Tunnel::new(
         TunnelConfig {
             coordinator: config.coordinator.clone(),
@@ -126,6 +142,7 @@ pub async fn run(
             instance: rand::random::<u64>(),
             hostname: phase::truncate(hostname, limits::MAX_TEXT),
             ssh: ssh.clone(),
+            metrics: metrics.clone(),
         },
         outboxes.clone(),
         Stats::new(user.home.clone()).with_ssh(ssh.activity()),
@@ -145,7 +162,7 @@ pub async fn run(
         drain: drain_rx,
     }));
     let agent = Agent {
-        env: Arc::new(PhaseEnv { outboxes, clock: boot, user, logs_dir: data_dir.join("logs") }),
+        env: Arc::new(PhaseEnv { outboxes, clock: boot, user, logs_dir: data_dir.join("logs"), metrics }),
         data_dir,
         saved,
         handled: None,

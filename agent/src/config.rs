@@ -64,6 +64,12 @@ pub struct Args {
     #[arg(long, env = "TETHER_AGENT_SSH_AUTHORIZED_KEYS", value_name = "FILE")]
     pub ssh_authorized_keys: Option<PathBuf>,
 
+    /// Serve Prometheus metrics (GET /metrics) on this TCP address, e.g. 127.0.0.1:9465 (port 0
+    /// picks a free one; the log says which). Off by default; a non-loopback address is allowed
+    /// with a warning.
+    #[arg(long, env = "TETHER_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// A helper the agent runs as its own child process instead of the agent.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -89,6 +95,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The optional direct SSH listener (`--ssh-listen`).
     pub ssh_listen: Option<SshListen>,
+    /// Where to serve metrics (`--metrics-listen`), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A TCP address to serve SSH on, and the fingerprints of the keys it accepts.
@@ -107,6 +115,7 @@ impl std::fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("log_format", &self.log_format)
             .field("ssh_listen", &self.ssh_listen)
+            .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
     }
 }
@@ -220,9 +229,15 @@ impl Config {
         };
 
         match (coordinator, ca, token, data_dir) {
-            (Some(coordinator), Some(ca), Some(token), Some(data_dir)) if errors.is_empty() => {
-                Ok(Config { coordinator, ca, token, data_dir, log_format: args.log_format, ssh_listen })
-            }
+            (Some(coordinator), Some(ca), Some(token), Some(data_dir)) if errors.is_empty() => Ok(Config {
+                coordinator,
+                ca,
+                token,
+                data_dir,
+                log_format: args.log_format,
+                ssh_listen,
+                metrics_listen: args.metrics_listen,
+            }),
             _ => Err(ConfigErrors(errors)),
         }
     }
@@ -408,6 +423,16 @@ mod tests {
         let err = check(&[&base[..], &["--ssh-listen", "127.0.0.1:0", "--ssh-authorized-keys", keys]].concat(), &env)
             .unwrap_err();
         assert_eq!(err, vec![format!("authorized keys {keys} holds no key")]);
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default() {
+        let env = [(TOKEN_ENV, "t"), ("HOME", "/h")];
+        let base = ["--coordinator", "c:1", "--ca-sha256", FP];
+        assert_eq!(check(&base, &env).unwrap().metrics_listen, None);
+        let c = check(&[&base[..], &["--metrics-listen", "127.0.0.1:0"]].concat(), &env).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:0".parse().unwrap()));
+        assert!(Args::try_parse_from(["tether-agent", "--metrics-listen", "localhost"]).is_err(), "an address");
     }
 
     #[test]

@@ -9,15 +9,17 @@
 //! - [`scripts`]: running one script in its own process group; [`output`]: line cutting and caps.
 //! - [`ssh`]: the SSH server, on streams the coordinator brokers (and on `--ssh-listen` if set).
 //! - [`stats`]: heartbeat numbers; [`state`]: `state.json`; [`config`]: flags and environment.
+//! - [`metrics`]: Prometheus metrics on `--metrics-listen`, if set.
 //! - [`sftp`]: the SFTP server run as `tether-agent sftp-server` where OpenSSH's is missing.
 //!
-//! Invariants: the agent never listens on a network port unless `--ssh-listen` says so; it never
-//! kills a script's process group unless the script timed out or the agent is shutting down; nothing
-//! a peer or a script sends grows memory without a bound.
+//! Invariants: the agent never listens on a network port unless `--ssh-listen` or `--metrics-listen`
+//! says so; it never kills a script's process group unless the script timed out or the agent is
+//! shutting down; nothing a peer or a script sends grows memory without a bound.
 
 pub mod agent;
 pub mod clock;
 pub mod config;
+pub mod metrics;
 pub mod outbox;
 pub mod output;
 pub mod phase;

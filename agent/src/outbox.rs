@@ -67,11 +67,22 @@ pub struct Outbox<T> {
     bytes: usize,
     max_bytes: usize,
     dropped: u64,
+    /// Every item the memory cap ever dropped, for metrics.
+    dropped_total: u64,
 }
 
 impl<T: Sequenced> Outbox<T> {
     pub fn new(max_bytes: usize) -> Self {
-        Outbox { items: VecDeque::new(), next_seq: 1, acked: 0, sent: 0, bytes: 0, max_bytes, dropped: 0 }
+        Outbox {
+            items: VecDeque::new(),
+            next_seq: 1,
+            acked: 0,
+            sent: 0,
+            bytes: 0,
+            max_bytes,
+            dropped: 0,
+            dropped_total: 0,
+        }
     }
 
     /// Adds an item built around its sequence number. Past the memory cap, drops the oldest items
@@ -87,6 +98,7 @@ impl<T: Sequenced> Outbox<T> {
             if let Some(old) = self.items.pop_front() {
                 self.bytes -= old.cost();
                 self.dropped += 1;
+                self.dropped_total += 1;
             }
         }
         seq
@@ -174,6 +186,22 @@ impl<T: Sequenced> Outbox<T> {
     pub fn take_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.dropped)
     }
+
+    /// How many items the memory cap dropped in all.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped_total
+    }
+}
+
+/// What the outboxes hold and have lost, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxStats {
+    pub events_pending: usize,
+    pub events_dropped: u64,
+    /// Log lines ever queued (including the agent's own notes about dropped lines).
+    pub logs_queued: u64,
+    pub logs_pending: usize,
+    pub logs_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -368,6 +396,17 @@ impl Outboxes {
     pub fn all_acked(&self) -> bool {
         let inner = self.lock();
         inner.events.is_empty() && inner.logs.is_empty()
+    }
+
+    pub fn stats(&self) -> OutboxStats {
+        let inner = self.lock();
+        OutboxStats {
+            events_pending: inner.events.len(),
+            events_dropped: inner.events.dropped_total(),
+            logs_queued: inner.logs.last_seq(),
+            logs_pending: inner.logs.len(),
+            logs_dropped: inner.logs.dropped_total(),
+        }
     }
 
     /// (events, log lines) waiting for an acknowledgement.

@@ -2,6 +2,7 @@
 //! to the log outbox and to local files, report a span per script, and judge the phase.
 
 use crate::clock::WallClock;
+use crate::metrics::AgentMetrics;
 use crate::outbox::Outboxes;
 use crate::scripts::{self, LocalUser, OutputSink, ScriptCommand, ScriptEnd, ScriptRun};
 use std::io::Write;
@@ -24,6 +25,7 @@ pub struct PhaseEnv {
     pub user: LocalUser,
     /// `DATA/logs`.
     pub logs_dir: PathBuf,
+    pub metrics: Arc<AgentMetrics>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +142,7 @@ async fn run_one(
     let run = scripts::run(&cmd, &mut sink, cancel).await;
     sink.close();
     tracing::info!(build, script = %script.name, stage = kind.stage(), end = ?run.end, "script ended");
+    env.metrics.script_ended(kind, run.end.span_status(), run.ended.saturating_duration_since(run.started));
     env.outboxes.push_event(
         build,
         EventKind::Span(Span {
@@ -280,6 +283,7 @@ pub fn truncate(mut s: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Scrape;
     use tokio::time::Instant;
 
     fn result(name: &str, blocks_login: bool, end: ScriptEnd) -> ScriptResult {
@@ -364,6 +368,7 @@ mod tests {
             clock: WallClock::start(),
             user: LocalUser { shell: "/bin/sh".into(), home: dir.path().to_path_buf() },
             logs_dir: dir.path().join("logs"),
+            metrics: Default::default(),
         });
         // a and b each wait for the other's file: they only finish if they run at the same time.
         let m = Arc::new(manifest(vec![
@@ -397,6 +402,12 @@ mod tests {
         assert_eq!(spans.len(), 2);
         assert!(spans.contains(&("script", "a", Some(0), tether_shared::SpanStatus::Ok)));
         assert!(spans.contains(&("script", "b", Some(4), tether_shared::SpanStatus::ExitFailure)));
+        let text =
+            Scrape { metrics: env.metrics.clone(), outboxes: outboxes.clone(), ssh: Default::default() }.render();
+        assert!(
+            text.contains("\ntether_agent_script_runs_total{phase=\"start\",outcome=\"exit_failure\"} 1\n"),
+            "{text}"
+        );
         outboxes.ack(tether_shared::proto::Channel::Events, events.last().unwrap().seq);
 
         let results = run_phase(env, m, PhaseKind::Stop, Some(Duration::from_secs(5)), watch::channel(false).1).await;

@@ -5,6 +5,7 @@
 //! watch channels and carries whatever the [`Outboxes`] hold. It only ends on its own when the
 //! coordinator rejects the agent for good (bad token, version mismatch), or when asked to drain.
 
+use crate::metrics::AgentMetrics;
 use crate::outbox::{Outboxes, LOGS_FIRST_GRACE};
 use crate::phase::truncate;
 use crate::ssh::SshServer;
@@ -49,6 +50,7 @@ pub struct TunnelConfig {
     pub hostname: String,
     /// Serves the SSH streams the coordinator opens; its host key goes in the hello.
     pub ssh: Arc<SshServer>,
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// A manifest as fetched on one connection, with the timings of the connection that fetched it.
@@ -314,13 +316,15 @@ impl Tunnel {
         let Streams { mut control_send, mut control_recv, mut log_send, mut log_recv, heartbeat } = streams;
         // Brokered SSH streams live and die with this connection.
         let _brokered = self.config.ssh.accept_brokered(conn.clone());
+        let metrics = self.config.metrics.clone();
+        metrics.tunnel_up();
         let end = {
             let outboxes = &*self.outboxes;
             let shutdown = &self.shutdown;
             let manifests = &self.manifests;
             let first_welcome = self.first_welcome.unwrap_or_else(Instant::now);
             tokio::select! {
-                r = control_writer(&mut control_send, outboxes, &mut self.stats, heartbeat, drain) => match r {
+                r = control_writer(&mut control_send, outboxes, &mut self.stats, heartbeat, drain, &metrics) => match r {
                     Ok(()) => SessionEnd::Drained,
                     Err(e) => SessionEnd::Lost(e),
                 },
@@ -330,6 +334,7 @@ impl Tunnel {
                 e = conn.closed() => SessionEnd::Lost(LinkError::Connection(e)),
             }
         };
+        metrics.tunnel_down();
         match end {
             SessionEnd::Drained => {
                 let _ = log_send.finish();
@@ -373,6 +378,7 @@ async fn control_writer(
     stats: &mut Stats,
     heartbeat: Duration,
     drain: &mut watch::Receiver<Option<DrainRequest>>,
+    metrics: &AgentMetrics,
 ) -> Result<(), LinkError> {
     let mut beat = tokio::time::interval(heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -412,6 +418,7 @@ async fn control_writer(
             _ = beat.tick() => {
                 let hb = stats.sample(tether_shared::now_ms());
                 io::write_msg(send, &AgentMessage::Heartbeat(hb)).await?;
+                metrics.heartbeat_sent();
             }
             _ = outboxes.events_ready.notified() => {}
             _ = outboxes.acked.notified(), if draining.is_some() => {}

@@ -53,6 +53,7 @@ impl FakeCoordinator {
             data_dir: data_dir.to_path_buf(),
             log_format: LogFormat::Text,
             ssh_listen: None,
+            metrics_listen: None,
         }
     }
 

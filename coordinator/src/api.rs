@@ -48,7 +48,9 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-pub fn router(state: ApiState) -> Router {
+/// The whole HTTP surface: `/healthz`, `/readyz`, `/metrics`, the API under `/api/v1`, and `extra`
+/// (the agent downloads), every route timed.
+pub fn router(state: ApiState, extra: Router) -> Router {
     let api = Router::new()
         .route("/workspaces", get(list).post(create))
         .route("/workspaces/{name}", get(show).delete(delete))
@@ -67,7 +69,14 @@ pub fn router(state: ApiState) -> Router {
                 .layer(axum::middleware::from_fn_with_state(state.clone(), crate::api_ssh::user_auth)),
         )
         .layer(DefaultBodyLimit::max(crate::template::MAX_TEMPLATE + 16 * 1024));
-    Router::new().route("/healthz", get(|| async { "ok\n" })).nest("/api/v1", api).with_state(state)
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(crate::metrics::routes())
+        .nest("/api/v1", api)
+        .with_state(state.clone())
+        .merge(extra)
+        // Last, so it times every route above; it sees the matched route template.
+        .layer(axum::middleware::from_fn_with_state(state, crate::metrics::track_requests))
 }
 
 async fn auth(

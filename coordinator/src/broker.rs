@@ -7,6 +7,7 @@
 //! attempt, refused or not, lands in the audit log.
 
 use crate::engine::{Engine, OpError};
+use crate::metrics::SshOutcome;
 use crate::sshca::HOST_SUFFIX;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,11 +140,14 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
             if let Err(e) = tether_shared::io::write_msg(&mut b.send, &open).await {
                 let message = format!("workspace '{}': its agent went away ({e})", b.workspace);
                 b.finish(0, 0, &format!("agent stream failed: {e}")).await;
+                engine.metrics.ssh_connection(SshOutcome::Refused);
                 return Err(refuse(RefusalKind::Unavailable, message));
             }
+            engine.metrics.ssh_connection(SshOutcome::Accepted);
             Ok(b)
         }
         Err(refusal) => {
+            engine.metrics.ssh_connection(SshOutcome::Refused);
             warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh refused: {refusal}");
             let outcome = format!("refused: {refusal}");
             if let Ok(id) = audit_start(engine, &req, &name, &outcome).await {
@@ -214,9 +218,11 @@ impl Brokered {
     /// Copies bytes both ways until both sides are done or one fails, then records the end.
     /// Returns the bytes sent up (client → agent) and down.
     pub async fn splice<S: AsyncRead + AsyncWrite + Unpin>(self, client: S) -> (u64, u64) {
-        let counters = Arc::new(Counters::default());
+        let (up_total, down_total) = self.engine.metrics.ssh_bytes();
+        let counters = Arc::new(Counters { up: 0.into(), down: 0.into(), up_total, down_total });
         let mut client = Counting { inner: client, counters: counters.clone() };
         let Brokered { workspace, connection_id, engine, send, recv } = self;
+        let _active = engine.metrics.ssh_active();
         let mut agent = tokio::io::join(recv, send);
         let result =
             tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, SPLICE_BUFFER, SPLICE_BUFFER).await;
@@ -253,10 +259,12 @@ async fn record_end(engine: &Engine, workspace: &str, connection_id: i64, up: u6
     }
 }
 
-#[derive(Default)]
+/// Bytes of one connection, and the coordinator-wide totals in the metrics.
 struct Counters {
     up: AtomicU64,
     down: AtomicU64,
+    up_total: metrics::Counter,
+    down_total: metrics::Counter,
 }
 
 /// The client side of a splice, counting bytes: reads go up to the agent, writes come down.
@@ -269,7 +277,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.counters.up.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        let n = (buf.filled().len() - before) as u64;
+        self.counters.up.fetch_add(n, Ordering::Relaxed);
+        self.counters.up_total.increment(n);
         r
     }
 }
@@ -279,6 +289,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             self.counters.down.fetch_add(*n as u64, Ordering::Relaxed);
+            self.counters.down_total.increment(*n as u64);
         }
         r
     }

@@ -18,12 +18,19 @@ pub struct Cli {
     /// Admin API token.
     #[arg(long, env = "TETHER_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// The coordinator's CA certificate (PEM), trusted for an https:// URL besides the system's roots
+    /// [default: the ca.pem of the --data-dir coordinator, if any].
+    #[arg(long, env = "TETHER_CA", global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// The coordinator's data directory (on its own machine, enough to find the URL and token).
     #[arg(long, env = "TETHER_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// Log format for `serve` and `demo`.
     #[arg(long, env = "TETHER_LOG_FORMAT", global = true, default_value = "text")]
     pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `info,tether_coordinator=debug` (tracing's EnvFilter syntax).
+    #[arg(long, env = "TETHER_LOG", global = true, value_name = "FILTER", value_parser = parse_filter)]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,7 +44,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the coordinator.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Start a coordinator on embedded defaults, run a sample workspace through its life, and show it.
     Demo(DemoArgs),
     /// Manage workspaces.
@@ -49,6 +56,9 @@ pub enum Command {
     /// Back up and restore the coordinator's database and keys.
     #[command(subcommand)]
     Admin(crate::backup::AdminCmd),
+    /// Check the coordinator's configuration, or print an example file.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Brokered SSH connections: who reached which workspace, when, and how much.
     Audit {
         #[arg(long)]
@@ -91,8 +101,20 @@ pub enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// Check what `tether serve` with these flags would use (file, environment, flags): prints every
+    /// setting and where it came from, or every problem, and exits 64 without starting.
+    Check(Box<ServeArgs>),
+    /// Print a configuration file with every setting, commented out at its default.
+    Example,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Configuration file (TOML); flags and TETHER_… variables override it.
+    #[arg(long, env = "TETHER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// HTTP API address (port 0 picks a free port).
     #[arg(long, env = "TETHER_LISTEN_HTTP", default_value = "127.0.0.1:7080")]
     pub listen_http: SocketAddr,
@@ -100,7 +122,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_LISTEN_QUIC", default_value = "0.0.0.0:7443")]
     pub listen_quic: SocketAddr,
     /// The HOST:PORT agents dial, if not the bound address (NAT, load balancer, DNS name).
-    #[arg(long, env = "TETHER_ADVERTISE_QUIC")]
+    #[arg(long, env = "TETHER_ADVERTISE_QUIC", value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub advertise_quic: Option<String>,
     /// The tether-agent binary the process provisioner runs (default: next to `tether`).
     #[arg(long, env = "TETHER_AGENT_BINARY")]
@@ -112,13 +134,46 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_LISTEN_SSH", default_value = "0.0.0.0:2222", value_parser = parse_listen)]
     pub listen_ssh: Listen,
     /// The HOST:PORT users dial for the SSH front door, if not the bound address.
-    #[arg(long, env = "TETHER_ADVERTISE_SSH")]
+    #[arg(long, env = "TETHER_ADVERTISE_SSH", value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub advertise_ssh: Option<String>,
+    /// HTTPS address (TCP) of the same API, which also serves workspaces their agent (/agent/init.sh),
+    /// or `off`. Same port number as the agent tunnel's UDP, so one number to open.
+    #[arg(long, env = "TETHER_LISTEN_HTTPS", default_value = "0.0.0.0:7443", value_parser = parse_listen)]
+    pub listen_https: Listen,
+    /// The https://HOST[:PORT] URL workspaces reach the HTTPS listener at, if not the bound address.
+    #[arg(long, env = "TETHER_ADVERTISE_HTTPS", value_name = "URL", value_parser = crate::https::parse_https_url)]
+    pub advertise_https: Option<String>,
+    /// PEM certificate chain for HTTPS (e.g. a public certificate); with --tls-key. Default: a
+    /// certificate from the coordinator's own CA for localhost and the advertised host names.
+    #[arg(long, env = "TETHER_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TETHER_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// An address to listen on, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listen(pub Option<SocketAddr>);
+
+fn parse_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("'{s}' is not a log filter: {e}"))
+}
+
+/// `HOST:PORT` or `[IPv6]:PORT`, as agents and ssh clients will dial it.
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let bad = |why: &str| format!("'{s}' is not HOST:PORT ({why})");
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad("the port is not 1-65535"))?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() || host.len() > 253 || host.contains(char::is_whitespace) || host.contains('/') {
+        return Err(bad("bad host name"));
+    }
+    Ok(s.to_string())
+}
 
 fn parse_listen(s: &str) -> Result<Listen, String> {
     if s.eq_ignore_ascii_case("off") {

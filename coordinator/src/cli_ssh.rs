@@ -384,6 +384,9 @@ pub async fn ssh_exec(client: &Client, target: &str, as_user: Option<&str>, args
         // The token reaches the ProxyCommand through the environment, never the command line.
         .env("TETHER_URL", client.base())
         .env("TETHER_TOKEN", client.token());
+    if let Some(ca) = client.ca() {
+        cmd.env("TETHER_CA", ca);
+    }
     use std::os::unix::process::CommandExt;
     let err = cmd.exec();
     bail!("running ssh: {err} (is OpenSSH's client installed?)")

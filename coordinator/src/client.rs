@@ -4,24 +4,39 @@
 use crate::server::{CoordinatorInfo, ADMIN_TOKEN_FILE, INFO_FILE};
 use anyhow::{anyhow, bail, Context};
 use serde::de::DeserializeOwned;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Largest CA file read, so a wrong path fails cleanly.
+const MAX_CA_FILE: u64 = 1024 * 1024;
 
 pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    ca: Option<PathBuf>,
 }
 
 impl Client {
-    /// `--url`/`--token` win; otherwise the coordinator's data directory supplies both.
-    pub fn discover(url: Option<String>, token: Option<String>, data_dir: &Path) -> anyhow::Result<Client> {
+    /// `--url`/`--token` win; otherwise the coordinator's data directory supplies both. An https://
+    /// URL is checked against the system's roots and the coordinator's CA (`--ca`, or the data
+    /// directory's).
+    pub fn discover(
+        url: Option<String>,
+        token: Option<String>,
+        ca: Option<PathBuf>,
+        data_dir: &Path,
+    ) -> anyhow::Result<Client> {
+        let info_path = data_dir.join(INFO_FILE);
+        let info = || -> Option<CoordinatorInfo> {
+            std::fs::read(&info_path).ok().and_then(|b| serde_json::from_slice(&b).ok())
+        };
+        let ca = ca.or_else(|| info().map(|i| i.ca_cert).filter(|p| p.is_file()));
         let (url, token) = match (url, token) {
             (Some(u), Some(t)) => (u, t),
             (url, token) => {
-                let info_path = data_dir.join(INFO_FILE);
-                let info: Option<CoordinatorInfo> =
-                    std::fs::read(&info_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+                let info = info();
                 let url = match url.or(info.as_ref().map(|i| i.api_url.clone())) {
                     Some(u) => u,
                     None => bail!(
@@ -45,12 +60,48 @@ impl Client {
                 (url, token)
             }
         };
-        Ok(Client::new(url, token))
+        Client::with_ca(url, token, ca)
     }
 
     pub fn new(base: String, token: String) -> Client {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build().unwrap_or_default();
-        Client { http, base: base.trim_end_matches('/').to_string(), token }
+        Client { http, base: base.trim_end_matches('/').to_string(), token, ca: None }
+    }
+
+    /// A client that also trusts the CA certificates in the PEM file `ca`.
+    pub fn with_ca(base: String, token: String, ca: Option<PathBuf>) -> anyhow::Result<Client> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(path) = &ca {
+            let mut pem = Vec::new();
+            std::fs::File::open(path)
+                .and_then(|f| f.take(MAX_CA_FILE).read_to_end(&mut pem))
+                .with_context(|| format!("reading the CA file {}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| anyhow!("the CA file {} is not PEM certificates: {e}", path.display()))?;
+            if certs.is_empty() {
+                bail!("the CA file {} holds no certificate", path.display());
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| anyhow!("setting up the HTTP client: {}", chain(&e)))?;
+        Ok(Client { http, base: base.trim_end_matches('/').to_string(), token, ca })
+    }
+
+    /// The CA file this client trusts besides the system's roots, if any.
+    pub fn ca(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        let why = chain(&e.without_url());
+        let hint = if why.contains("certificate") && self.base.starts_with("https://") {
+            "; pass the coordinator's CA with --ca FILE (TETHER_CA) if its certificate is its own"
+        } else {
+            ""
+        };
+        anyhow!("cannot reach the coordinator at {}: {why}{hint}", self.base)
     }
 
     pub fn base(&self) -> &str {
@@ -71,7 +122,7 @@ impl Client {
             .header(reqwest::header::UPGRADE, protocol)
             .send()
             .await
-            .map_err(|e| anyhow!("cannot reach the coordinator at {}: {}", self.base, e.without_url()))?;
+            .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
             let body = resp.bytes().await.unwrap_or_default();
@@ -85,11 +136,7 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| anyhow!("cannot reach the coordinator at {}: {}", self.base, e.without_url()))?;
+        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         let body = resp.bytes().await.context("reading the coordinator's answer")?;
         if !status.is_success() {
@@ -102,13 +149,8 @@ impl Client {
     /// A POST whose answer is a byte stream rather than JSON: the response after a success status,
     /// for the caller to read in chunks; otherwise the API's error.
     pub async fn post_raw(&self, path: &str) -> anyhow::Result<reqwest::Response> {
-        let resp = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| anyhow!("cannot reach the coordinator at {}: {}", self.base, e.without_url()))?;
+        let resp =
+            self.http.post(self.url(path)).bearer_auth(&self.token).send().await.map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.bytes().await.unwrap_or_default();
@@ -129,6 +171,21 @@ impl Client {
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.delete(self.url(path))).await
     }
+}
+
+/// An error and its causes, `a: b: c` (reqwest's own message leaves out why a request failed).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// The `error` sentence of an API error answer, or the bare HTTP status.

@@ -31,6 +31,10 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
         max_agents: 100,
         listen_ssh: serve.listen_ssh.0,
         advertise_ssh: None,
+        listen_https: serve.listen_https.0,
+        advertise_https: None,
+        tls_cert: None,
+        tls_key: None,
     })
     .await?;
     let info = running.info.clone();
@@ -39,7 +43,7 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
     println!("  data         {}", data_dir.display());
     let template_path = data_dir.join("demo.toml");
     std::fs::write(&template_path, TEMPLATE)?;
-    let client = Client::discover(None, None, &data_dir)?;
+    let client = Client::discover(None, None, None, &data_dir)?;
     let engine = running.engine.clone();
 
     // Print every status change as it happens, from the recorded transitions.

@@ -2,6 +2,7 @@
 //! operation that moves a workspace from one status to another. The HTTP API and the agent tunnel
 //! are thin layers over this.
 
+use crate::metrics::Transition;
 use crate::pki::{self, Pki};
 use crate::provision::{self, ProvisionError};
 use crate::sshca::SshCa;
@@ -51,6 +52,9 @@ pub struct EngineConfig {
     pub max_wait: Duration,
     /// `HOST:PORT` of the SSH front door as users dial it; `None` when it is off.
     pub ssh_front_door: Option<String>,
+    /// The HTTPS URL workspaces reach the coordinator at (it serves the agent there); `None` when
+    /// HTTPS is off.
+    pub https_url: Option<String>,
 }
 
 /// A connected agent, as the tunnel registered it.
@@ -85,6 +89,9 @@ pub struct Engine {
     /// Bumped whenever log lines are stored.
     logged: watch::Sender<u64>,
     next_conn: std::sync::atomic::AtomicU64,
+    pub metrics: crate::metrics::Metrics,
+    /// Set when a graceful stop begins; `/readyz` then says so.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// What an accepted hello gives the tunnel.
@@ -130,6 +137,8 @@ impl Engine {
             changed: watch::channel(0).0,
             logged: watch::channel(0).0,
             next_conn: 1.into(),
+            metrics: crate::metrics::Metrics::new(),
+            shutting_down: false.into(),
         })
     }
 
@@ -162,6 +171,25 @@ impl Engine {
         self.live().agents.len()
     }
 
+    /// Time since each connected agent's last heartbeat (or its hello, before the first one).
+    pub fn heartbeat_lags(&self) -> Vec<Duration> {
+        let now = now_ms();
+        let live = self.live();
+        live.agents
+            .values()
+            .map(|a| Duration::from_millis(now.saturating_sub(a.last_heartbeat_ms).max(0) as u64))
+            .collect()
+    }
+
+    /// A graceful stop has begun: from now on the coordinator reports itself not ready.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The QUIC connection of a workspace's agent, if it is connected now.
     pub fn agent_connection(&self, id: i64) -> Option<quinn::Connection> {
         self.live().agents.get(&id).and_then(|a| a.quic.clone())
@@ -186,6 +214,7 @@ impl Engine {
         }
         self.store.set_status(row.id, row.status, to, reason, now_ms()).await?;
         info!(workspace = %row.name, from = %row.status, to = %to, reason, "status");
+        self.metrics.status_changed(row.id, to);
         row.status = to;
         row.status_reason = reason.to_string();
         self.bump();
@@ -266,6 +295,7 @@ impl Engine {
             self.store.begin_build(row.id, None, now).await?;
             self.store.set_waiting_since(row.id, Some(now)).await?;
             self.live().liveness.await_agent(row.id, Instant::now(), template.connection_timeout);
+            self.metrics.transition_begun(row.id, Transition::Start);
             row = self.reload(row.id).await?;
             let command = self.agent_command(&token);
             info!(workspace = %name, provisioner = "external", "created");
@@ -310,12 +340,14 @@ impl Engine {
                 self.store.begin_build(row.id, None, now).await?;
                 self.store.set_waiting_since(row.id, Some(now)).await?;
                 self.live().liveness.await_agent(row.id, Instant::now(), template.connection_timeout);
+                self.metrics.transition_begun(row.id, Transition::Start);
                 self.set_status(&mut row, Starting, "waiting for the agent to connect").await?;
             }
             (Pending | Stopped | Failed, _) => {
                 let token = pki::new_token("tether_agent");
                 self.store.begin_build(row.id, Some(&pki::hash_token(&token)), now_ms()).await?;
                 self.store.set_op(row.id, Some("start")).await?;
+                self.metrics.transition_begun(row.id, Transition::Start);
                 self.set_status(&mut row, Pending, "start requested").await?;
                 let engine = self.clone();
                 let id = row.id;
@@ -326,6 +358,7 @@ impl Engine {
                 let token = pki::new_token("tether_agent");
                 self.store.set_token(row.id, Some(&pki::hash_token(&token))).await?;
                 self.store.set_op(row.id, Some("start")).await?;
+                self.metrics.transition_begun(row.id, Transition::Restart);
                 self.set_status(&mut row, Starting, "restarting the agent").await?;
                 let engine = self.clone();
                 let id = row.id;
@@ -397,6 +430,7 @@ impl Engine {
         }
         let previous = (row.status, row.status_reason.clone());
         self.store.set_op(row.id, Some("stop")).await?;
+        self.metrics.transition_begun(row.id, Transition::Stop);
         self.set_status(&mut row, Stopping, "stop requested").await?;
         let engine = self.clone();
         let id = row.id;
@@ -413,6 +447,7 @@ impl Engine {
         }
         let previous = (row.status, row.status_reason.clone());
         self.store.set_op(row.id, Some("delete")).await?;
+        self.metrics.transition_begun(row.id, Transition::Delete);
         self.set_status(&mut row, WorkspaceStatus::Deleting, "delete requested").await?;
         let engine = self.clone();
         let id = row.id;
@@ -561,6 +596,7 @@ impl Engine {
                 let now = now_ms();
                 self.store.begin_build(row.id, None, now).await.map_err(|e| internal(e.into()))?;
                 row = self.reload(row.id).await.map_err(internal)?;
+                self.metrics.transition_begun(row.id, Transition::Start);
                 self.set_status(&mut row, Starting, "agent connected").await.map_err(internal)?;
             }
             Deleting | Deleted => {
@@ -579,6 +615,8 @@ impl Engine {
                 })
             }
         }
+        // The same agent process again: its connection dropped, or the coordinator restarted.
+        let reconnect = row.agent_instance == Some(hello.instance as i64);
         let now = now_ms();
         let (events_acked, logs_acked) = self
             .store
@@ -620,6 +658,7 @@ impl Engine {
         });
         let offset = now - hello.sent_at_ms;
         let clock_offset_ms = if offset.abs() > 1000 { offset } else { 0 };
+        self.metrics.agent_connected(reconnect);
         info!(workspace = %row.name, instance = hello.instance, version = %hello.agent_version, "agent connected");
         Ok(Accepted {
             workspace_id: row.id,

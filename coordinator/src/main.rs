@@ -1,12 +1,16 @@
 use clap::Parser;
 use tether_coordinator::cli::{self, Cli, Command, LogFormat};
 use tether_coordinator::cli_ssh;
-use tether_coordinator::{backup, client::Client, demo, server};
+use tether_coordinator::{backup, client::Client, config, demo, server};
 
-fn init_tracing(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
+fn init_tracing(format: LogFormat, filter: Option<&str>, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or(default))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal; journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -30,7 +34,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = cli.data_dir.clone().unwrap_or_else(cli::default_data_dir);
     match cli.command {
         Command::Serve(args) => {
-            init_tracing(cli.log_format, "info");
+            init_tracing(cli.log_format, cli.log.as_deref(), "info");
             let config = server::ServeConfig {
                 data_dir,
                 listen_http: args.listen_http,
@@ -40,55 +44,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_agents: args.max_agents,
                 listen_ssh: args.listen_ssh.0,
                 advertise_ssh: args.advertise_ssh,
+                listen_https: args.listen_https.0,
+                advertise_https: args.advertise_https,
+                tls_cert: args.tls_cert,
+                tls_key: args.tls_key,
             };
             server::run(config, terminated()).await
         }
         Command::Demo(args) => {
-            init_tracing(cli.log_format, "warn");
+            init_tracing(cli.log_format, cli.log.as_deref(), "warn");
             let serve = cli::ServeArgs {
                 listen_http: "127.0.0.1:0".parse()?,
                 listen_quic: "127.0.0.1:0".parse()?,
                 advertise_quic: None,
                 agent_binary: None,
+                config: None,
                 max_agents: 100,
                 listen_ssh: cli::Listen(Some("127.0.0.1:0".parse()?)),
                 advertise_ssh: None,
+                listen_https: cli::Listen(Some("127.0.0.1:0".parse()?)),
+                advertise_https: None,
+                tls_cert: None,
+                tls_key: None,
             };
             demo::run(args.dir, args.keep_running, &serve).await
         }
         Command::Workspace(cmd) => {
-            init_tracing(cli.log_format, "warn");
-            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            init_tracing(cli.log_format, cli.log.as_deref(), "warn");
+            let client = Client::discover(cli.url, cli.token, cli.ca, &data_dir)?;
             cli::workspace(&client, cmd).await
         }
         Command::User(cmd) => {
-            init_tracing(cli.log_format, "warn");
-            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            init_tracing(cli.log_format, cli.log.as_deref(), "warn");
+            let client = Client::discover(cli.url, cli.token, cli.ca, &data_dir)?;
             cli_ssh::user(&client, cmd).await
         }
+        Command::Config(cli::ConfigCmd::Check(_)) => unreachable!("resolved in main"),
+        Command::Config(cli::ConfigCmd::Example) => {
+            print!("{}", config::example());
+            Ok(())
+        }
         Command::Admin(cmd) => {
-            init_tracing(cli.log_format, "warn");
+            init_tracing(cli.log_format, cli.log.as_deref(), "warn");
             match cmd {
                 backup::AdminCmd::Backup { file } => {
-                    let client = Client::discover(cli.url, cli.token, &data_dir)?;
+                    let client = Client::discover(cli.url, cli.token, cli.ca, &data_dir)?;
                     backup::backup(&client, &file).await
                 }
                 backup::AdminCmd::Restore { file, force } => backup::restore(&file, &data_dir, force).await,
             }
         }
         Command::Audit { user, workspace, limit, json } => {
-            init_tracing(cli.log_format, "warn");
-            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            init_tracing(cli.log_format, cli.log.as_deref(), "warn");
+            let client = Client::discover(cli.url, cli.token, cli.ca, &data_dir)?;
             cli_ssh::audit(&client, user, workspace, limit, json).await
         }
         Command::ConfigSsh { user, ssh_config, identity } => {
-            init_tracing(cli.log_format, "warn");
-            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            init_tracing(cli.log_format, cli.log.as_deref(), "warn");
+            let client = Client::discover(cli.url, cli.token, cli.ca, &data_dir)?;
             cli_ssh::config_ssh(&client, user, ssh_config, identity).await
         }
         Command::Ssh { workspace, stdio, as_user, args } => {
-            init_tracing(cli.log_format, "warn");
-            let client = Client::discover(cli.url, cli.token, &data_dir)?;
+            init_tracing(cli.log_format, cli.log.as_deref(), "warn");
+            let client = Client::discover(cli.url, cli.token, cli.ca, &data_dir)?;
             if stdio {
                 cli_ssh::ssh_stdio(&client, &workspace, as_user.as_deref()).await
             } else {
@@ -98,10 +116,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A bad command line: clap's message, and exit status 64 (EX_USAGE) like bad configuration;
+/// `--help` and `--version` exit 0.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit()
+    }
+    let _ = e.print();
+    std::process::exit(config::EXIT_CONFIG)
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `serve` and `config check`: the file and the environment folded into the flags, every
+    // problem reported before anything starts.
+    let cli = match config::resolve(&argv, &|k| std::env::var(k).ok()) {
+        Ok(Some(resolved)) => {
+            if let Command::Config(cli::ConfigCmd::Check(_)) = resolved.cli.command {
+                print!("{}", config::report(&resolved));
+                return;
+            }
+            resolved.cli
+        }
+        Ok(None) => Cli::try_parse_from(&argv).unwrap_or_else(|e| usage_error(e)),
+        Err(config::ConfigError::Usage(e)) => usage_error(e),
+        Err(e) => {
+            eprint!("error: {e}");
+            std::process::exit(config::EXIT_CONFIG);
+        }
+    };
     if let Err(e) = run(cli).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -56,12 +56,7 @@ impl Pki {
         let reset_path = dir.join("quic-reset.key");
         if !ca_path.exists() || !cert_path.exists() || !key_path.exists() {
             let ca_key = KeyPair::generate()?;
-            let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-            ca_params.distinguished_name.push(DnType::CommonName, "Tether coordinator CA");
-            ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            ca_params.not_before = rcgen::date_time_ymd(2025, 1, 1);
-            ca_params.not_after = rcgen::date_time_ymd(2045, 1, 1);
+            let ca_params = ca_params()?;
             let ca_cert = ca_params.self_signed(&ca_key)?;
             let issuer = Issuer::from_params(&ca_params, &ca_key);
 
@@ -124,6 +119,41 @@ impl Pki {
     pub fn ca_pem(&self) -> Result<String, PkiError> {
         fs::read_to_string(&self.ca_path).map_err(io(&self.ca_path))
     }
+
+    /// A fresh HTTPS certificate for `names` (DNS names or IP addresses), signed by the CA: the
+    /// chain (leaf, then CA) and the leaf's key. Made at each start, so it always names the
+    /// addresses in the current configuration; clients trust the CA, not the leaf.
+    pub fn https_certificate(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
+        let ca_key_path = self.ca_path.with_file_name("ca-key.pem");
+        let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+        // The issuer needs only the CA's name and key identifier method, which `ca_params` made.
+        let issuer = Issuer::new(ca_params()?, ca_key);
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name.push(DnType::CommonName, names.first().map_or("localhost", String::as_str));
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2045, 1, 1);
+        let cert = params.signed_by(&key, &issuer)?;
+        let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok((vec![cert.der().clone(), self.ca_der.clone()], key))
+    }
+}
+
+/// The CA's own settings. Also what issues certificates later: the issuer's name and key identifier
+/// in a leaf must match the CA certificate made from these.
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name.push(DnType::CommonName, "Tether coordinator CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca_params.not_before = rcgen::date_time_ymd(2025, 1, 1);
+    ca_params.not_after = rcgen::date_time_ymd(2045, 1, 1);
+    Ok(ca_params)
 }
 
 /// A fresh secret token: a prefix saying what it is for, then 256 random bits.
@@ -152,6 +182,30 @@ mod tests {
         assert_eq!(a.chain.len(), 2);
         let mode = fs::metadata(dir.path().join("ca-key.pem")).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    }
+
+    #[test]
+    fn https_certificate_verifies_against_the_ca_for_its_names() {
+        use rustls::client::danger::ServerCertVerifier;
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        let names = ["localhost".to_string(), "127.0.0.1".to_string(), "tether.example.com".to_string()];
+        let (chain, _key) = pki.https_certificate(&names).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca_der.clone()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            tether_shared::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        for name in ["localhost", "127.0.0.1", "tether.example.com"] {
+            let name = rustls_pki_types::ServerName::try_from(name).unwrap();
+            verifier.verify_server_cert(&chain[0], &chain[1..], &name, &[], now).unwrap();
+        }
+        let other = rustls_pki_types::ServerName::try_from("other.example.com").unwrap();
+        assert!(verifier.verify_server_cert(&chain[0], &chain[1..], &other, &[], now).is_err());
     }
 
     #[test]

@@ -225,6 +225,10 @@ async fn run_command(
     if let Some(t) = token {
         cmd.env("TETHER_AGENT_TOKEN", t);
     }
+    // Where an image's init script fetches the agent; replaces the admin's own TETHER_URL.
+    if let Some(url) = &engine.config.https_url {
+        cmd.env("TETHER_URL", url);
+    }
     let mut child = cmd.spawn().map_err(|e| ProvisionError::Spawn { what: what.clone(), message: e.to_string() })?;
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(&'static str, String)>(256);

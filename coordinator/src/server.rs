@@ -28,6 +28,13 @@ pub struct ServeConfig {
     pub listen_ssh: Option<SocketAddr>,
     /// The HOST:PORT users dial for the front door, when it differs from the bound address.
     pub advertise_ssh: Option<String>,
+    /// The HTTPS listener (the API and the agent download); `None` turns it off.
+    pub listen_https: Option<SocketAddr>,
+    /// The `https://HOST[:PORT]` URL workspaces use, when it differs from the bound address.
+    pub advertise_https: Option<String>,
+    /// Ops' own certificate chain and key (PEM) for HTTPS; otherwise the coordinator's CA issues one.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 /// What `tether serve` writes to `DATA/coordinator.json` once its ports are bound.
@@ -41,6 +48,11 @@ pub struct CoordinatorInfo {
     /// What `tether config-ssh` writes as the front door's address.
     pub ssh_front_door: Option<String>,
     pub api_url: String,
+    /// The HTTPS listener's bound address and the URL workspaces use; `None` when it is off.
+    #[serde(default)]
+    pub https_addr: Option<SocketAddr>,
+    #[serde(default)]
+    pub https_url: Option<String>,
     pub agent_coordinator: String,
     pub ca_cert: PathBuf,
     pub ca_sha256: String,
@@ -98,6 +110,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir).context("loading the SSH CA")?;
     let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
     let admin_hash = admin_token(&store, &data_dir).await?;
+    let own_tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::https::load_pem(cert, key).context("loading --tls-cert and --tls-key")?),
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "--tls-cert and --tls-key go together: set both, or neither for a certificate from the coordinator's own CA"
+        ),
+    };
 
     let http = tokio::net::TcpListener::bind(config.listen_http)
         .await
@@ -132,6 +151,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         None => None,
     };
     let ssh_addr = ssh.as_ref().map(|l| l.local_addr()).transpose()?;
+    let https = match config.listen_https {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the HTTPS API on {addr}"))?,
+        ),
+        None => None,
+    };
+    let https_addr = https.as_ref().map(|l| l.local_addr()).transpose()?;
     let reachable = |a: SocketAddr| -> SocketAddr {
         if a.ip().is_unspecified() {
             SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
@@ -141,6 +167,28 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     };
     let agent_coordinator = config.advertise_quic.clone().unwrap_or_else(|| reachable(quic_addr).to_string());
     let ssh_front_door = ssh_addr.map(|a| config.advertise_ssh.clone().unwrap_or_else(|| reachable(a).to_string()));
+    let https_url =
+        https_addr.map(|a| config.advertise_https.clone().unwrap_or_else(|| format!("https://{}", reachable(a))));
+    let api_url = format!("http://{}", reachable(http_addr));
+    let tls = match (&https_addr, own_tls) {
+        (None, _) => None,
+        (Some(_), Some((chain, key))) => {
+            Some(crate::https::server_config(chain, key).context("--tls-cert and --tls-key")?)
+        }
+        (Some(bound), None) => {
+            // Every name a workspace or a user might reach this coordinator by.
+            let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+            if !bound.ip().is_unspecified() {
+                names.push(bound.ip().to_string());
+            }
+            let advertised = [&config.advertise_https, &config.advertise_quic, &config.advertise_ssh];
+            names.extend(advertised.into_iter().flatten().filter_map(|a| crate::https::host_of(a)));
+            let mut seen = std::collections::HashSet::new();
+            names.retain(|n| seen.insert(n.clone()));
+            let (chain, key) = pki.https_certificate(&names).context("issuing the HTTPS certificate")?;
+            Some(crate::https::server_config(chain, key).context("the HTTPS certificate")?)
+        }
+    };
     let info = CoordinatorInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
@@ -148,13 +196,23 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         quic_addr,
         ssh_addr,
         ssh_front_door: ssh_front_door.clone(),
-        api_url: format!("http://{}", reachable(http_addr)),
+        api_url: api_url.clone(),
+        https_addr,
+        https_url: https_url.clone(),
         agent_coordinator: agent_coordinator.clone(),
         ca_cert: pki.ca_path.clone(),
         ca_sha256: pki.fingerprint.clone(),
         admin_token_file: data_dir.join(ADMIN_TOKEN_FILE),
     };
 
+    let agent_binary = config.agent_binary.clone().unwrap_or_else(default_agent_binary);
+    let dist = crate::dist::Dist::new(crate::dist::DistConfig {
+        binary: agent_binary.clone(),
+        ca_pem: pki.ca_pem()?,
+        url: https_url.clone().unwrap_or_else(|| api_url.clone()),
+        own_ca: config.tls_cert.is_none(),
+        agent_coordinator: agent_coordinator.clone(),
+    });
     let engine = Engine::new(
         store,
         pki,
@@ -163,8 +221,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             ssh_front_door: ssh_front_door.clone(),
             data_dir: data_dir.clone(),
             agent_coordinator_addr: agent_coordinator,
-            agent_binary: config.agent_binary.clone().unwrap_or_else(default_agent_binary),
+            agent_binary,
             max_wait: Duration::from_secs(300),
+            https_url: https_url.clone(),
         },
     );
     engine.resume().await.context("resuming workspaces")?;
@@ -173,7 +232,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let tmp = data_dir.join("coordinator.json.tmp");
     std::fs::write(&tmp, info_json)?;
     std::fs::rename(&tmp, data_dir.join(INFO_FILE))?;
-    info!(http = %http_addr, quic = %quic_addr, ssh = ?ssh_addr, data_dir = %data_dir.display(), "coordinator listening");
+    info!(http = %http_addr, https = ?https_addr, quic = %quic_addr, ssh = ?ssh_addr, data_dir = %data_dir.display(), "coordinator listening");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = {
@@ -198,13 +257,24 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
                         tick.tick().await;
                         engine.sweep().await;
                         n += 1;
+                        if n.is_multiple_of(5) {
+                            engine.metrics.upkeep();
+                        }
                         if n.is_multiple_of(30) {
                             engine.persist_last_seen().await;
                         }
                     }
                 }
             });
-            let router = api::router(ApiState { engine: engine.clone(), admin_token_hash: Arc::new(admin_hash) });
+            let router = api::router(
+                ApiState { engine: engine.clone(), admin_token_hash: Arc::new(admin_hash) },
+                crate::dist::router(dist.clone()),
+            );
+            tokio::spawn(async move { dist.prepare().await });
+            let (https_stop_tx, https_stop_rx) = tokio::sync::watch::channel(false);
+            let https_task = https
+                .zip(tls)
+                .map(|(listener, tls)| tokio::spawn(crate::https::serve(listener, tls, router.clone(), https_stop_rx)));
             let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
             let http_task = tokio::spawn(async move {
                 axum::serve(http, router.into_make_service_with_connect_info::<SocketAddr>())
@@ -214,13 +284,23 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
                     .await
             });
             let _ = stop_rx.await;
+            engine.begin_shutdown();
             info!("shutting down: asking agents to reconnect later");
             engine.ask_agents_to_reconnect(Duration::from_secs(10));
-            // Let the reconnect requests reach the agents before the endpoint goes.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Let the reconnect requests reach the agents, which then hang up, before the endpoint
+            // goes; new connections are refused meanwhile (tunnel::serve).
+            let hung_up = async {
+                while engine.connected_agents() > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(3), hung_up).await.is_err() {
+                warn!(still_connected = engine.connected_agents(), "agents did not hang up in time; closing anyway");
+            }
             engine.persist_last_seen().await;
             endpoint.close(crate::tunnel::CLOSE_SHUTDOWN.into(), b"coordinator shutting down");
             let _ = http_stop_tx.send(());
+            let _ = https_stop_tx.send(true);
             clock.abort();
             tunnel.abort();
             if let Some(fd) = front_door {
@@ -228,6 +308,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             }
             if tokio::time::timeout(Duration::from_secs(5), http_task).await.is_err() {
                 warn!("HTTP API did not finish in time");
+            }
+            if let Some(task) = https_task {
+                // Its own drain is bounded by https::DRAIN_TIMEOUT.
+                let _ = task.await;
             }
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
             engine.store_close().await;

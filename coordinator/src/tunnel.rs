@@ -41,6 +41,12 @@ enum TunnelError {
 pub async fn serve(endpoint: quinn::Endpoint, engine: Arc<Engine>, max_agents: usize) {
     let open = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
+        if engine.is_shutting_down() {
+            // An agent that came back too soon; it retries on its backoff, to the next coordinator.
+            debug!(remote = %incoming.remote_address(), "refusing agent connection: shutting down");
+            incoming.refuse();
+            continue;
+        }
         if open.load(Ordering::Relaxed) >= max_agents {
             warn!(remote = %incoming.remote_address(), max_agents, "refusing agent connection: at the connection limit");
             incoming.refuse();
@@ -98,9 +104,13 @@ async fn session(conn: &quinn::Connection, remote: SocketAddr, engine: &Arc<Engi
     }
     let (version, body) = frame::split_version(&buf)?;
     if version != PROTOCOL_VERSION {
+        let fetch = match &engine.config.https_url {
+            Some(url) => format!("`curl -fsSL {url}{} | sh` fetches and starts it", crate::dist::INIT_ROUTE),
+            None => format!("its {} fetches and starts it", crate::dist::INIT_ROUTE),
+        };
         let message = format!(
-            "agent speaks protocol version {version}, this coordinator ({}) speaks version {PROTOCOL_VERSION}; \
-             run the tether-agent that matches the coordinator",
+            "agent speaks protocol version {version}, but this coordinator (tether {}) speaks version \
+             {PROTOCOL_VERSION}; run the tether-agent that matches it, which the coordinator serves: {fetch}",
             env!("CARGO_PKG_VERSION")
         );
         warn!(%remote, version, "rejecting agent: protocol version mismatch");

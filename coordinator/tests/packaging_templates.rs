@@ -25,3 +25,16 @@ fn packaging_templates_parse() {
     names.sort();
     assert_eq!(names, ["docker.toml", "kubernetes.toml"]);
 }
+
+/// The packaged configuration file is what `tether config example` prints, so it lists every
+/// setting this build has. Regenerate it with `tether config example > packaging/tether.toml`.
+#[test]
+fn packaged_configuration_file_is_current() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/tether.toml");
+    let packaged = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        packaged == tether_coordinator::config::example(),
+        "{} is out of date: run `tether config example > packaging/tether.toml`",
+        path.display()
+    );
+}

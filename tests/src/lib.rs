@@ -37,21 +37,43 @@ pub struct Coordinator {
     http_port: u16,
     quic_port: u16,
     ssh_port: u16,
+    https_port: u16,
+    /// More `tether serve` flags, kept across restarts.
+    extra_args: Vec<String>,
 }
 
 impl Coordinator {
     pub fn start() -> Coordinator {
+        Coordinator::start_with(&[])
+    }
+
+    /// Starts a coordinator with more `tether serve` flags.
+    pub fn start_with(args: &[&str]) -> Coordinator {
         let dir = tempfile::Builder::new().prefix("tether-e2e-").tempdir().expect("tempdir");
-        let mut c = Coordinator { dir, info: Value::Null, child: None, http_port: 0, quic_port: 0, ssh_port: 0 };
+        let mut c = Coordinator::unstarted(dir);
+        c.extra_args = args.iter().map(|a| a.to_string()).collect();
         c.spawn();
         c
     }
 
     /// Starts a coordinator on a data directory that already holds its state (a restored backup).
     pub fn start_in(dir: tempfile::TempDir) -> Coordinator {
-        let mut c = Coordinator { dir, info: Value::Null, child: None, http_port: 0, quic_port: 0, ssh_port: 0 };
+        let mut c = Coordinator::unstarted(dir);
         c.spawn();
         c
+    }
+
+    fn unstarted(dir: tempfile::TempDir) -> Coordinator {
+        Coordinator {
+            dir,
+            info: Value::Null,
+            child: None,
+            http_port: 0,
+            quic_port: 0,
+            ssh_port: 0,
+            https_port: 0,
+            extra_args: Vec::new(),
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -76,6 +98,9 @@ impl Coordinator {
             .arg(format!("127.0.0.1:{}", self.quic_port))
             .arg("--listen-ssh")
             .arg(format!("127.0.0.1:{}", self.ssh_port))
+            .arg("--listen-https")
+            .arg(format!("127.0.0.1:{}", self.https_port))
+            .args(&self.extra_args)
             .env("TETHER_LOG", "info,tether_coordinator=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -95,6 +120,7 @@ impl Coordinator {
         self.http_port = port("http_addr").expect("http port");
         self.quic_port = port("quic_addr").expect("quic port");
         self.ssh_port = port("ssh_addr").expect("ssh port");
+        self.https_port = port("https_addr").expect("https port");
     }
 
     /// The address agents dial.
@@ -110,6 +136,11 @@ impl Coordinator {
     /// The HTTP API's base URL.
     pub fn api_url(&self) -> String {
         self.info["api_url"].as_str().expect("api_url").to_string()
+    }
+
+    /// The HTTPS listener's base URL, `https://127.0.0.1:PORT`.
+    pub fn https_url(&self) -> String {
+        self.info["https_url"].as_str().expect("https_url").to_string()
     }
 
     pub fn ca_path(&self) -> PathBuf {
@@ -133,6 +164,13 @@ impl Coordinator {
         let mut c = self.child.take().expect("running");
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
         c.wait().expect("wait")
+    }
+
+    /// Starts a stopped (killed or terminated) coordinator again on the same ports and data
+    /// directory.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the coordinator is still running");
+        self.spawn();
     }
 
     /// Starts again on the same ports and data directory.

@@ -35,6 +35,7 @@ fn debian_packages_install_and_run() {
     for (path, source) in [
         ("/lib/systemd/system/tether.service", "packaging/systemd/tether.service"),
         ("/lib/systemd/system/tether-agent.service", "packaging/systemd/tether-agent.service"),
+        ("/etc/tether/tether.toml", "packaging/tether.toml"),
         ("/usr/share/doc/tether/README.md", "README.md"),
         ("/usr/share/doc/tether-agent/README.md", "README.md"),
     ] {
@@ -58,7 +59,9 @@ fn debian_packages_install_and_run() {
         .arg("serve")
         .arg("--data-dir")
         .arg(data.path())
+        .args(["--config", "/etc/tether/tether.toml"])
         .args(["--listen-http", "127.0.0.1:0", "--listen-quic", "127.0.0.1:0", "--listen-ssh", "127.0.0.1:0"])
+        .args(["--listen-https", "127.0.0.1:0"])
         .env_remove("TETHER_URL")
         .env_remove("TETHER_TOKEN")
         .stdin(Stdio::null())

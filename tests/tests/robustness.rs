@@ -84,6 +84,8 @@ fn bad_tokens_versions_and_frames_are_refused_while_others_keep_running() {
                     "{message}"
                 );
                 assert!(message.contains(&format!("speaks version {PROTOCOL_VERSION}")), "{message}");
+                let fetch = format!("`curl -fsSL {}/agent/init.sh | sh` fetches and starts it", c.https_url());
+                assert!(message.contains(&fetch), "the refusal says where the matching agent is: {message}");
             }
             other => panic!("expected a rejection, got {other:?}"),
         }
@@ -151,5 +153,56 @@ blocks_login = true
             history.iter().all(|t| t["to"] != "unhealthy"),
             "{name} never showed unhealthy across the restart: {history:?}"
         );
+    }
+}
+
+#[test]
+fn a_coordinator_stopped_with_sigterm_sends_agents_away_with_jitter_and_gets_them_back_without_an_unhealthy() {
+    let mut c = Coordinator::start();
+    let template = "heartbeat_timeout = \"15s\"\n[[script]]\nname = \"setup\"\nrun = \"true\"\n";
+    let agents: Vec<Agent> = ["one", "two", "three"].iter().map(|n| external(&c, n, template)).collect();
+    for name in ["one", "two", "three"] {
+        c.wait_for(name, "running", LONG);
+    }
+
+    let status = c.terminate();
+    assert!(status.success(), "tether serve exits 0 on SIGTERM: {status}\n{}", c.log_tail());
+    let log = std::fs::read_to_string(c.data_dir().join("coordinator.log")).unwrap();
+    assert!(log.contains("shutting down: asking agents to reconnect later"), "{}", c.log_tail());
+    assert!(!log.contains("agents did not hang up in time"), "every agent hung up when asked: {}", c.log_tail());
+    // Each agent was told to come back at a random moment within the coordinator's window, not
+    // all at once and not on its own error backoff.
+    let mut delays = Vec::new();
+    for a in &agents {
+        tether_tests::wait_until("the agent to hear the reconnect request", LONG, || {
+            a.log_text().contains("coordinator asked the agent to reconnect")
+        });
+        let log = a.log_text();
+        let line = log.lines().find(|l| l.contains("coordinator asked the agent to reconnect")).unwrap();
+        let ms: u64 = line
+            .split("delay_ms=")
+            .nth(1)
+            .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("no delay in {line}"));
+        assert!(ms <= 10_000, "reconnect delay within the coordinator's 10 s window: {line}");
+        delays.push(ms);
+    }
+    eprintln!("reconnect delays: {delays:?} ms");
+
+    c.start_again();
+    for name in ["one", "two", "three"] {
+        tether_tests::wait_until(&format!("{name} running with its agent back"), LONG, || {
+            let w = c.show(name);
+            w["status"] == "running" && w["agent"]["connected"] == true
+        });
+        let history = c.show(name)["history"].as_array().unwrap().clone();
+        assert!(
+            history.iter().all(|t| t["to"] != "unhealthy"),
+            "{name} never showed unhealthy across the restart: {history:?}"
+        );
+    }
+    for a in &agents {
+        assert!(!a.log_text().contains("connection to the coordinator lost"), "a clean handover: {}", a.log_text());
     }
 }

@@ -660,6 +660,12 @@ async fn insert_span(
 }
 
 impl Store {
+    /// A trivial query, for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Flushes and closes the database (on shutdown).
     pub async fn close(&self) {
         self.pool.close().await;

@@ -164,6 +164,7 @@ async fn spawn(
         .arg(format!("127.0.0.1:{http_port}"))
         .arg("--listen-quic")
         .arg(format!("127.0.0.1:{quic_port}"))
+        .args(["--listen-https", "127.0.0.1:0"])
         .env("TETHER_LOG", log_filter)
         .env_remove("TETHER_MAX_AGENTS")
         .env_remove("TETHER_ADVERTISE_QUIC")

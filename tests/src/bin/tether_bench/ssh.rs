@@ -586,6 +586,7 @@ impl TetherSide {
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen-http", "127.0.0.1:0", "--listen-quic", "127.0.0.1:0", "--listen-ssh", "127.0.0.1:0"])
+            .args(["--listen-https", "127.0.0.1:0"])
             .env("TETHER_LOG", log_filter)
             .env_remove("TETHER_URL")
             .env_remove("TETHER_TOKEN")

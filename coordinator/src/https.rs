@@ -1,0 +1,221 @@
+//! The HTTPS listener: the same router as the plain HTTP API (the JSON API and the agent download),
+//! over TLS. Its certificate is one the coordinator's own CA issues at each start, or one ops supply
+//! (`--tls-cert`, `--tls-key`, e.g. a public certificate). Connections are capped and a TLS handshake
+//! has a deadline, so idle or slow peers cannot pile up.
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, warn};
+
+/// Connections open at once; more are closed as they are accepted.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Time a client has to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time open requests get to finish at shutdown.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpsError {
+    #[error("{}: {message}", path.display())]
+    Pem { path: PathBuf, message: String },
+    #[error("{}: holds no certificate", .0.display())]
+    NoCertificate(PathBuf),
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Reads a certificate chain (leaf first) and its private key from PEM files.
+pub fn load_pem(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), HttpsError> {
+    let pem = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: rustls_pki_types::pem::Error| HttpsError::Pem { path, message: e.to_string() }
+    };
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert).map_err(pem(cert))?.collect::<Result<_, _>>().map_err(pem(cert))?;
+    if chain.is_empty() {
+        return Err(HttpsError::NoCertificate(cert.to_path_buf()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
+    Ok((chain, key))
+}
+
+/// The host part of `HOST:PORT`, `[V6]:PORT` or a URL, for a certificate name.
+pub fn host_of(addr: &str) -> Option<String> {
+    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split_once(']').map(|(h, _)| h)?
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+/// `https://HOST[:PORT]`, as workspaces will fetch from it; kept without a trailing `/`.
+pub fn parse_https_url(s: &str) -> Result<String, String> {
+    let bad = |why: &str| format!("'{s}' is not an https://HOST[:PORT] URL ({why})");
+    let rest = s.strip_prefix("https://").ok_or_else(|| bad("it must start with https://"))?;
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains(|c: char| c.is_whitespace() || "/?#@'\"\\".contains(c)) {
+        return Err(bad("give only the host and port"));
+    }
+    host_of(rest).ok_or_else(|| bad("no host"))?;
+    let after_host = rest.rsplit_once(']').map_or(rest, |(_, p)| p);
+    if let Some((_, port)) = after_host.rsplit_once(':') {
+        port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad("the port is not 1-65535"))?;
+    }
+    Ok(format!("https://{rest}"))
+}
+
+/// The TLS settings: TLS 1.3 and 1.2 (BusyBox's wget speaks only 1.2), HTTP/1.1.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, HttpsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(tether_shared::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves `router` over TLS until `shutdown` turns true, then lets open requests finish for up to
+/// [`DRAIN_TIMEOUT`].
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stopped(&mut shutdown) => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                warn!(error = %e, "https: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            warn!(%peer, max = MAX_CONNECTIONS, "https: refusing connection, at the limit");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            connection(tcp, peer, acceptor, router, shutdown).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Every permit back means every connection has finished.
+    let all = MAX_CONNECTIONS as u32;
+    if tokio::time::timeout(DRAIN_TIMEOUT, open.acquire_many(all)).await.is_err() {
+        warn!("https: open requests did not finish in time");
+    }
+}
+
+/// Resolves once shutdown is asked for (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "https: tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "https: tls handshake timed out");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        // What the plain listener's `into_make_service_with_connect_info` gives handlers.
+        req.extensions_mut().insert(ConnectInfo(peer));
+        tower_service::Service::call(&mut router.clone(), req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopped(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "https: connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_from_addresses_and_urls() {
+        for (input, want) in [
+            ("tether.example.com:7443", Some("tether.example.com")),
+            ("https://tether.example.com:7443/", Some("tether.example.com")),
+            ("https://tether.example.com", Some("tether.example.com")),
+            ("[2001:db8::1]:7443", Some("2001:db8::1")),
+            ("https://[::1]:7443/x", Some("::1")),
+            ("10.0.0.1:2222", Some("10.0.0.1")),
+            (":7443", None),
+        ] {
+            assert_eq!(host_of(input).as_deref(), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn advertised_urls_are_https_with_a_host() {
+        assert_eq!(parse_https_url("https://tether.example.com:7443/").unwrap(), "https://tether.example.com:7443");
+        assert_eq!(parse_https_url("https://[::1]:7443").unwrap(), "https://[::1]:7443");
+        assert_eq!(parse_https_url("https://h").unwrap(), "https://h");
+        for bad in [
+            "http://h:7443",
+            "h:7443",
+            "https://",
+            "https://h:0",
+            "https://h:x",
+            "https://h/p",
+            "https://u@h",
+            "https://h'",
+        ] {
+            assert!(parse_https_url(bad).is_err(), "{bad}");
+        }
+    }
+}
