@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -329,42 +329,78 @@ fn bulk_once(route: &Route, mib: u64) -> anyhow::Result<f64> {
     Ok(mib as f64 / elapsed.as_secs_f64())
 }
 
-/// One byte at a time through `stty raw -echo` on a remote PTY: microseconds from writing it to
-/// reading it back, `samples` of them after a warm-up.
-fn echo_samples(route: &Route, samples: usize) -> anyhow::Result<Vec<f64>> {
-    let total = ECHO_WARMUP + samples;
-    // `dd bs=1` writes each byte as it reads it (`head` and `cat` may hold it in stdio's buffer
-    // for a terminal), and exits after the last one, which ends the session.
-    let remote = format!("stty raw -echo && echo ready && exec dd bs=1 count={total} status=none");
-    let mut cmd = route.ssh(&["-tt"], &remote);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let what = "echo through a PTY";
-    let timeout = CONNECT_TIMEOUT + Duration::from_millis(100 * total as u64);
-    let mut run = SshRun::spawn(route, cmd, what, timeout)?;
-    let mut out = run.stdout()?;
-    let mut input = run.child.stdin.take().ok_or_else(|| anyhow!("{what}: no stdin pipe"))?;
-    wait_ready(&mut out, what)?;
-    let mut micros = Vec::with_capacity(samples);
-    for i in 0..total {
+/// One route's interactive session: `stty raw -echo` on a remote PTY, then `dd bs=1` echoing each
+/// byte back as it arrives.
+struct EchoSession {
+    key: &'static str,
+    run: SshRun,
+    out: ChildStdout,
+    input: ChildStdin,
+    total: usize,
+}
+
+impl EchoSession {
+    fn open(route: &Route, total: usize) -> anyhow::Result<EchoSession> {
+        // `dd bs=1` writes each byte as it reads it (`head` and `cat` may hold it in stdio's buffer
+        // for a terminal), and exits after the last one, which ends the session.
+        let remote = format!("stty raw -echo && echo ready && exec dd bs=1 count={total} status=none");
+        let mut cmd = route.ssh(&["-tt"], &remote);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let what = "echo through a PTY";
+        // Every route's session stays open while the others take their turns.
+        let timeout = CONNECT_TIMEOUT + Duration::from_millis(500 * total as u64);
+        let mut run = SshRun::spawn(route, cmd, what, timeout)?;
+        let mut out = run.stdout()?;
+        let input = run.child.stdin.take().ok_or_else(|| anyhow!("{what}: no stdin pipe"))?;
+        wait_ready(&mut out, what)?;
+        Ok(EchoSession { key: route.key, run, out, input, total })
+    }
+
+    /// Round trip `i`: microseconds from writing one byte to reading it back.
+    fn trip(&mut self, i: usize) -> anyhow::Result<f64> {
         let sent = b'a' + (i % 26) as u8;
         let mut got = [0u8; 1];
         let started = Instant::now();
-        let trip = input.write_all(&[sent]).and_then(|()| out.read_exact(&mut got));
+        let trip = self.input.write_all(&[sent]).and_then(|()| self.out.read_exact(&mut got));
         let elapsed = started.elapsed();
         if let Err(e) = trip {
-            run.finish()?;
-            bail!("{what} ({}): round trip {i}: {e}", route.key);
+            let _ = self.run.finish();
+            bail!("echo through a PTY ({}): round trip {i} of {}: {e}", self.key, self.total);
         }
         if got[0] != sent {
-            bail!("{what} ({}): round trip {i} sent {:?} and got {:?} back", route.key, sent as char, got[0] as char);
+            bail!("echo ({}): round trip {i} sent {:?} and got {:?} back", self.key, sent as char, got[0] as char);
         }
-        if i >= ECHO_WARMUP {
-            micros.push(elapsed.as_secs_f64() * 1e6);
+        Ok(elapsed.as_secs_f64() * 1e6)
+    }
+
+    fn close(mut self) -> anyhow::Result<()> {
+        drop(self.input);
+        let _ = std::io::copy(&mut self.out, &mut std::io::sink());
+        self.run.finish()
+    }
+}
+
+/// Echo latency on every route at once, interleaved: one session per route, then round after round
+/// one byte through each in turn, so that whatever else the machine does in a given second falls on
+/// all routes alike. Returns each route's samples after a warm-up.
+fn echo_interleaved(routes: &[Route], samples: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+    let total = ECHO_WARMUP + samples;
+    let mut sessions = Vec::with_capacity(routes.len());
+    for route in routes {
+        sessions.push(EchoSession::open(route, total)?);
+    }
+    let mut micros: Vec<Vec<f64>> = routes.iter().map(|_| Vec::with_capacity(samples)).collect();
+    for i in 0..total {
+        for (session, m) in sessions.iter_mut().zip(&mut micros) {
+            let us = session.trip(i)?;
+            if i >= ECHO_WARMUP {
+                m.push(us);
+            }
         }
     }
-    drop(input);
-    let _ = std::io::copy(&mut out, &mut std::io::sink());
-    run.finish()?;
+    for session in sessions {
+        session.close()?;
+    }
     Ok(micros)
 }
 
@@ -995,9 +1031,11 @@ async fn measure(args: &SshArgs, routes: &[Route]) -> anyhow::Result<Vec<Figures
             f.bulk_mib_s.push(rate);
         }
     }
-    for (route, f) in routes.iter().zip(&mut figures) {
-        let (r, n) = (route.clone(), args.echo_samples);
-        f.echo_us = blocking(move || echo_samples(&r, n)).await?;
+    let (r, n) = (routes.to_vec(), args.echo_samples);
+    eprintln!("echo: {n} round trips on each route, interleaved");
+    let echoes = blocking(move || echo_interleaved(&r, n)).await?;
+    for ((route, f), us) in routes.iter().zip(&mut figures).zip(echoes) {
+        f.echo_us = us;
         let s = sorted(&f.echo_us);
         eprintln!("echo {}: p50 {:.0} us, p99 {:.0} us", route.key, percentile(&s, 0.5), percentile(&s, 0.99));
     }
