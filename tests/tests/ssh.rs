@@ -153,12 +153,13 @@ fn ssh_exec_pty_files_and_forwarding() {
         .unwrap();
     assert_eq!(text(&out.stdout).trim(), "C.UTF-8|teal|unset", "{}", text(&out.stderr));
 
-    // An interactive PTY in tmux: the MOTD, a command, and a resize the shell sees.
+    // An interactive PTY in tmux: the MOTD, a command, a resize the shell sees, and the client
+    // terminal's modes (an unusual erase and interrupt character) carried over to the remote pty.
     let sock = alice.dir.join("tmux.sock");
     let tmux = |args: &[&str]| {
         Command::new("tmux").arg("-S").arg(&sock).args(args).env("TERM", "xterm").output().expect("tmux")
     };
-    let ssh_cmd = format!("ssh -F {} {host}", alice.config.display());
+    let ssh_cmd = format!("stty erase ^H intr ^G && exec ssh -F {} {host}", alice.config.display());
     let started = tmux(&["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &ssh_cmd]);
     assert!(started.status.success(), "tmux: {}", text(&started.stderr));
     let pane = || text(&tmux(&["capture-pane", "-p", "-t", "t", "-S", "-200"]).stdout);
@@ -168,6 +169,11 @@ fn ssh_exec_pty_files_and_forwarding() {
     tmux(&["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
     tmux(&["send-keys", "-t", "t", "stty size | sed 's/^/SIZE:/'", "Enter"]);
     wait_until("stty size after the resize", LONG, || pane().lines().any(|l| l.trim() == "SIZE:40 120"));
+    tmux(&["send-keys", "-t", "t", "stty -a | tr ';' '\\n' | grep -E 'erase|intr' | sed 's/^ */MODE:/'", "Enter"]);
+    wait_until("the client's erase and interrupt characters", LONG, || {
+        let p = pane();
+        p.contains("MODE:erase = ^H") && p.contains("MODE:intr = ^G")
+    });
     tmux(&["send-keys", "-t", "t", "tty | sed 's/^/TTY:/'; exit", "Enter"]);
     let _ = tmux(&["kill-server"]);
 

@@ -358,13 +358,14 @@ impl russh::server::Handler for Connection {
         rows: u32,
         px: u32,
         py: u32,
-        _modes: &[(Pty, u32)],
+        modes: &[(Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         match self.sessions.get_mut(&channel).filter(|s| !s.started && s.pty.is_none()) {
             Some(s) => {
                 let term = if term.is_empty() || term.len() > MAX_TERM || term.contains('\0') { "xterm" } else { term };
-                s.pty = Some(PtySpec { term: term.to_string(), size: pty_size(cols, rows, px, py) });
+                let modes = modes.iter().take(super::modes::MAX_MODES).copied().collect();
+                s.pty = Some(PtySpec { term: term.to_string(), size: pty_size(cols, rows, px, py), modes });
                 session.channel_success(channel)
             }
             None => session.channel_failure(channel),

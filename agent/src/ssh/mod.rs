@@ -16,6 +16,7 @@ pub mod activity;
 mod forward;
 mod handler;
 pub mod keys;
+mod modes;
 mod session;
 mod splice;
 

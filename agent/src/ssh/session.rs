@@ -33,6 +33,8 @@ const GRACE_TICK: Duration = Duration::from_millis(100);
 pub struct PtySpec {
     pub term: String,
     pub size: pty_process::Size,
+    /// The client's terminal modes, at most `modes::MAX_MODES`.
+    pub modes: Vec<(russh::Pty, u32)>,
 }
 
 /// What runs in a session.
@@ -120,6 +122,9 @@ pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>)
         Some(spec) => {
             let (pty, pts) = pty_process::open().map_err(pty_error)?;
             pty.resize(spec.size).map_err(pty_error)?;
+            if let Err(e) = super::modes::apply(&pts, &spec.modes) {
+                tracing::debug!(error = %e, "could not set the client's terminal modes; keeping the defaults");
+            }
             let tty = pts_name(&pts);
             cmd.env("TERM", &spec.term);
             if let Some(tty) = tty {
