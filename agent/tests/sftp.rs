@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 const OPENSSH_SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
 
@@ -236,50 +236,6 @@ fn exits_zero_at_eof_and_nonzero_on_garbage() {
         text(&out.stderr)
     );
     assert!(out.stdout.is_empty());
-}
-
-/// Moves a 256 MiB file through our server and through OpenSSH's with the same client and prints
-/// the times. Both ends are the page cache and /dev/null, so the disk stays out of it. A
-/// measurement, not a check: `cargo test -p tether-agent --test sftp -- --ignored --nocapture`.
-#[test]
-#[ignore = "benchmark: moves 3 GiB"]
-fn speed_against_openssh() {
-    let Some(openssh) = openssh() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    const MIB: usize = 256;
-    random_file(&d.join("big.bin"), MIB * 1024 * 1024, 2);
-    let servers = [ours(), openssh.to_string()];
-    for (what, batch) in [("get", "get big.bin /dev/null\n"), ("put", "put big.bin /dev/null\n")] {
-        let mut times = [vec![], vec![]];
-        // A warm-up round, then five, alternating servers; the best and the median of each.
-        for round in 0..6 {
-            for (i, server) in servers.iter().enumerate() {
-                let start = Instant::now();
-                sftp_ok(d, server, batch);
-                if round > 0 {
-                    times[i].push(start.elapsed());
-                }
-            }
-        }
-        let [ours, theirs] = times.map(|mut t| {
-            t.sort();
-            (t[0], t[t.len() / 2])
-        });
-        let mib_s = |t: Duration| MIB as f64 / t.as_secs_f64();
-        println!(
-            "{what} {MIB} MiB, best (median): tether-agent sftp-server {:.0?} ({:.0?}) = {:.0} MiB/s, \
-             OpenSSH sftp-server {:.0?} ({:.0?}) = {:.0} MiB/s; time ratio {:.2} ({:.2})",
-            ours.0,
-            ours.1,
-            mib_s(ours.0),
-            theirs.0,
-            theirs.1,
-            mib_s(theirs.0),
-            ours.0.as_secs_f64() / theirs.0.as_secs_f64(),
-            ours.1.as_secs_f64() / theirs.1.as_secs_f64(),
-        );
-    }
 }
 
 /// A minimal SFTP client on a server's stdin and stdout.

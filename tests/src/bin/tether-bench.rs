@@ -12,6 +12,8 @@ mod coordinator;
 mod host;
 #[path = "tether_bench/report.rs"]
 mod report;
+#[path = "tether_bench/sftp.rs"]
+mod sftp;
 #[path = "tether_bench/ssh.rs"]
 mod ssh;
 #[path = "tether_bench/swarm.rs"]
@@ -40,6 +42,8 @@ enum Bench {
     /// The same OpenSSH client straight to a local sshd, through a local `ssh -J` hop, and
     /// through Tether's front door to an agent: throughput, setup time, echo latency, as ratios.
     Ssh(ssh::SshArgs),
+    /// The agent's built-in SFTP server against OpenSSH's sftp-server, same client, same run.
+    Sftp(sftp::SftpArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -51,6 +55,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Bench::Agents(a) => ("agents", agents::run(a, &machine).await?),
         Bench::Agent(a) => ("agent", agent::run(a, &machine).await?),
         Bench::Ssh(a) => ("ssh", ssh::run(a, &machine).await?),
+        Bench::Sftp(a) => ("sftp", sftp::run(a, &machine).await?),
     };
     if let Some(path) = &cli.json {
         let binaries: Vec<_> = ["tether", "tether-agent"].into_iter().map(binary_identity).collect();
