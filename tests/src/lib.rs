@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// How long end-to-end tests wait for an event (a status, a log line, a file) before failing:
+/// generous, because the tests wait on events and a loaded 2-core machine can be slow.
+pub const LONG: Duration = Duration::from_secs(90);
+
 /// A built binary of this workspace (`cargo test --workspace` builds them before any test runs).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

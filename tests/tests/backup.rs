@@ -5,10 +5,7 @@ use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
-use tether_tests::{bin, ssh::keygen, Agent, Coordinator};
-
-const LONG: Duration = Duration::from_secs(90);
+use tether_tests::{bin, ssh::keygen, Agent, Coordinator, LONG};
 
 const TEMPLATE: &str = r#"
 heartbeat_timeout = "15s"

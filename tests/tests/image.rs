@@ -8,9 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use tether_tests::{bin, wait_until, Coordinator};
-
-const LONG: Duration = Duration::from_secs(90);
+use tether_tests::{bin, wait_until, Coordinator, LONG};
 
 const TEMPLATE: &str = r#"
 [[script]]

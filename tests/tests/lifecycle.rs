@@ -1,9 +1,7 @@
 //! A workspace's life end to end: real `tether serve`, real `tether-agent`, the CLI.
 
 use std::time::Duration;
-use tether_tests::{external, pid_alive, span, wait_until, Agent, Coordinator};
-
-const LONG: Duration = Duration::from_secs(90);
+use tether_tests::{external, pid_alive, span, wait_until, Agent, Coordinator, LONG};
 
 #[test]
 fn reaches_running_with_a_span_for_every_script() {

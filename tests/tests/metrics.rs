@@ -5,9 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tether_tests::{bin, external, wait_until, Agent, Coordinator};
-
-const LONG: Duration = Duration::from_secs(90);
+use tether_tests::{bin, external, wait_until, Agent, Coordinator, LONG};
 
 /// `GET path` on `addr` (`HOST:PORT`): the status code and the body.
 fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {

@@ -1,12 +1,9 @@
 //! Bad peers and restarts: each is refused or survived while other workspaces keep running.
 
-use std::time::Duration;
 use tether_shared::frame;
 use tether_shared::proto::{Hello, HelloReply, RejectCode, PROTOCOL_VERSION};
 use tether_shared::tls::{client_config, CaPin, SERVER_NAME};
-use tether_tests::{external, span, Agent, Coordinator};
-
-const LONG: Duration = Duration::from_secs(90);
+use tether_tests::{external, span, Agent, Coordinator, LONG};
 
 const HEALTHY: &str = r#"
 heartbeat_timeout = "4s"

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tether_tests::ssh::{keygen, SshUser};
-use tether_tests::{wait_until, Agent, Coordinator};
+use tether_tests::{wait_until, Agent, Coordinator, LONG};
 
 const TEMPLATE: &str = r#"
 heartbeat_timeout = "6s"
@@ -21,8 +21,6 @@ WORKSPACE_GREETING = "hello from the template"
 motd = "Welcome to a Tether workspace"
 allowed_env = ["TETHER_TEST_*"]
 "#;
-
-const LONG: Duration = Duration::from_secs(90);
 
 /// Creates an external workspace owned by `owner` and starts its agent.
 fn workspace(coord: &Coordinator, name: &str, owner: &str) -> Agent {
