@@ -15,13 +15,14 @@ use std::os::fd::AsFd;
 /// The most modes kept from one request (the RFC defines fewer than 70 opcodes).
 pub const MAX_MODES: usize = 128;
 
-/// Applies `modes` to the terminal `fd` (the pty's slave side, before the shell starts).
+/// Applies `modes` to the terminal `fd` (the pty's slave side, before the shell starts). The pty
+/// request handler has already cut the client's list to [`MAX_MODES`].
 pub fn apply<Fd: AsFd>(fd: Fd, modes: &[(Pty, u32)]) -> nix::Result<()> {
     if modes.is_empty() {
         return Ok(());
     }
     let mut t = termios::tcgetattr(&fd)?;
-    for (op, value) in modes.iter().take(MAX_MODES) {
+    for (op, value) in modes {
         set(&mut t, *op, *value);
     }
     termios::tcsetattr(&fd, SetArg::TCSANOW, &t)
