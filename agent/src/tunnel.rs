@@ -213,7 +213,11 @@ impl Tunnel {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
         };
-        let endpoint = quinn::Endpoint::client(bind).map_err(LinkError::Bind)?;
+        let endpoint = std::net::UdpSocket::bind(bind)
+            .and_then(|udp| {
+                quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp, Arc::new(tether_shared::udp::Runtime))
+            })
+            .map_err(LinkError::Bind)?;
         let connecting = endpoint.connect_with(self.config.client.clone(), addr, tls::SERVER_NAME)?;
         let conn = timeout(HANDSHAKE_TIMEOUT, connecting).await.map_err(|_| LinkError::Timeout("tls handshake"))??;
         tracing::debug!(addr = %addr, "quic connection established");

@@ -25,6 +25,8 @@ const LOGIN_GRACE: Duration = Duration::from_secs(30);
 /// Workspace connections one front-door connection may carry at once (`ssh -J` uses one; a
 /// multiplexing client a few).
 const MAX_CHANNELS: usize = 64;
+/// Read buffer of one front-door connection: two full-size SSH packets.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Settings for [`serve`].
 #[derive(Debug, Clone)]
@@ -102,6 +104,9 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
             let authed = Arc::new(AtomicBool::new(false));
             let handler =
                 Handler { engine, peer, user: None, authed: authed.clone(), channels: Arc::new(AtomicUsize::new(0)) };
+            // russh reads each packet's length, then its body: buffered, that is one system call per
+            // packet (or fewer) instead of two.
+            let tcp = tokio::io::BufReader::with_capacity(READ_BUFFER, tcp);
             match russh::server::run_stream(ssh, tcp, handler).await {
                 Ok(session) => {
                     let handle = session.handle();

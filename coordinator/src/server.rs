@@ -138,9 +138,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         }
         Err(e) => warn!(error = %e, "could not size the UDP receive buffer"),
     }
-    let endpoint =
-        quinn::Endpoint::new(pki.endpoint_config(), Some(pki.server_config(8)?), udp, Arc::new(quinn::TokioRuntime))
-            .context("starting the QUIC endpoint")?;
+    let endpoint = quinn::Endpoint::new(
+        pki.endpoint_config(),
+        Some(pki.server_config(8)?),
+        udp,
+        Arc::new(tether_shared::udp::Runtime),
+    )
+    .context("starting the QUIC endpoint")?;
 
     let ssh = match config.listen_ssh {
         Some(addr) => Some(

@@ -2,16 +2,18 @@
 //! vocabulary, and the TLS settings both ends of the tunnel must agree on.
 //!
 //! Nothing here does network I/O except [`io`], the thin async glue that reads and writes frames on a
-//! stream; message types and frame parsing are plain functions over bytes so they can be fuzzed and
-//! tested without a runtime.
+//! stream, and [`udp`], the QUIC tunnel's socket; message types and frame parsing are plain
+//! functions over bytes so they can be fuzzed and tested without a runtime.
 
 pub mod backoff;
 pub mod frame;
 pub mod io;
 pub mod limits;
 pub mod proto;
+pub mod ready;
 pub mod status;
 pub mod tls;
+pub mod udp;
 
 pub use frame::FrameError;
 pub use status::{Lifecycle, SpanStatus, WorkspaceStatus};

@@ -17,6 +17,7 @@ mod forward;
 mod handler;
 pub mod keys;
 mod modes;
+mod pty;
 mod session;
 mod splice;
 

@@ -85,7 +85,7 @@ impl Started {
 }
 
 enum ChildIo {
-    Pty(pty_process::Pty),
+    Pty(super::pty::Master),
     Pipes {
         stdin: ChildStdin,
         stdout: Box<dyn AsyncRead + Send + Unpin>,
@@ -131,7 +131,7 @@ pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>)
                 cmd.env("SSH_TTY", tty);
             }
             let child = pty_process::Command::from(cmd).spawn(pts).map_err(pty_error)?;
-            (child, ChildIo::Pty(pty))
+            (child, ChildIo::Pty(super::pty::Master::new(pty)?))
         }
         None => {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).process_group(0);
@@ -164,7 +164,7 @@ fn pts_name(pts: &pty_process::Pts) -> Option<PathBuf> {
 
 /// Where a session's input goes.
 enum Sink {
-    Pty(pty_process::OwnedWritePty),
+    Pty(super::pty::Writer),
     /// `None` once the client sent EOF (the child sees end of file) or the child stopped reading.
     Pipe(Option<ChildStdin>),
 }

@@ -1,0 +1,88 @@
+//! The pty master of a session, registered for readable readiness only.
+//!
+//! `pty_process` registers the master for reading and writing. Every byte the client types is
+//! written to the master, and when the shell reads it the kernel raises the master's writable
+//! edge: a wake-up of the agent, on the keystroke's path, for nothing. Here the master is
+//! registered for reading only; writes go straight to it and wait for room (a
+//! [`WriteWait`]) only when the terminal's input buffer is full, as OpenSSH's sshd does.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tether_shared::ready::{register, WriteWait};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, Interest, ReadBuf};
+
+/// A pty master: read it as a stream, write to it with [`Writer::write`].
+pub struct Master {
+    io: Arc<AsyncFd<OwnedFd>>,
+}
+
+impl Master {
+    /// Takes over `pty`'s descriptor (already non-blocking) and drops `pty_process`'s
+    /// registration.
+    pub fn new(pty: pty_process::Pty) -> io::Result<Self> {
+        let fd = pty.as_fd().try_clone_to_owned()?;
+        drop(pty);
+        Ok(Master { io: Arc::new(register(fd, Interest::READABLE)?) })
+    }
+
+    pub fn into_split(self) -> (Reader, Writer) {
+        (Reader { io: self.io.clone() }, Writer { io: self.io, wait: WriteWait::default() })
+    }
+}
+
+/// The read side: what the session's processes print.
+pub struct Reader {
+    io: Arc<AsyncFd<OwnedFd>>,
+}
+
+impl AsyncRead for Reader {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.io.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| rustix::io::read(fd.get_ref(), &mut *unfilled).map_err(io::Error::from)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// The write side: what the client types, and the terminal's size.
+pub struct Writer {
+    io: Arc<AsyncFd<OwnedFd>>,
+    wait: WriteWait,
+}
+
+impl Writer {
+    /// Writes some of `data`, waiting for room only if the terminal's input buffer is full.
+    pub async fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_write(cx, data)).await
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match rustix::io::write(self.io.get_ref(), data) {
+                Ok(n) => {
+                    self.wait.cancel();
+                    return Poll::Ready(Ok(n));
+                }
+                Err(rustix::io::Errno::AGAIN) => ready!(self.wait.poll_writable(self.io.get_ref().as_fd(), cx))?,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+
+    pub fn resize(&self, size: pty_process::Size) -> io::Result<()> {
+        Ok(rustix::termios::tcsetwinsize(self.io.get_ref(), size.into())?)
+    }
+}
