@@ -86,3 +86,48 @@ impl Writer {
         Ok(rustix::termios::tcsetwinsize(self.io.get_ref(), size.into())?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+    use std::io::Read;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_full_terminal_makes_the_writer_wait_and_nothing_is_lost() {
+        let (pty, pts) = pty_process::open().unwrap();
+        let mut t = tcgetattr(&pts).unwrap();
+        cfmakeraw(&mut t);
+        tcsetattr(&pts, SetArg::TCSANOW, &t).unwrap();
+        let (mut reader, mut writer) = Master::new(pty).unwrap().into_split();
+        writer.resize(pty_process::Size::new(40, 100)).unwrap();
+        let sent: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let total = sent.len();
+        // The terminal's input buffer holds a few KiB: the writer has to wait for room while this
+        // slow reader drains it.
+        let slave = pts.as_fd().try_clone_to_owned().unwrap();
+        let drain = std::thread::spawn(move || {
+            let mut slave = std::fs::File::from(slave);
+            let mut got = Vec::with_capacity(total);
+            let mut buf = [0u8; 1000];
+            while got.len() < total {
+                let n = slave.read(&mut buf).unwrap();
+                got.extend_from_slice(&buf[..n]);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            got
+        });
+        let mut offset = 0;
+        while offset < sent.len() {
+            offset += writer.write(&sent[offset..]).await.unwrap();
+        }
+        let got = tokio::task::spawn_blocking(move || drain.join().unwrap()).await.unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the bytes arrive in order, none lost");
+        // Nothing was echoed back (raw mode, no ECHO), so a read would wait: the reader is live.
+        let mut one = [0u8; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_millis(50), reader.read(&mut one)).await;
+        assert!(read.is_err(), "no output is expected");
+    }
+}
