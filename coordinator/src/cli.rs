@@ -150,6 +150,34 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "TETHER_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// How long the SSH audit log keeps a connection after it ended (`90d`, `12h`), or `forever`.
+    #[arg(long, env = "TETHER_KEEP_AUDIT", value_name = "DURATION", default_value = "90d", value_parser = parse_keep)]
+    pub keep_audit: Keep,
+    /// How long the logs and timings of a workspace's earlier builds are kept after the build
+    /// started, or `forever`. The current build's are kept while it is current.
+    #[arg(long, env = "TETHER_KEEP_BUILDS", value_name = "DURATION", default_value = "30d", value_parser = parse_keep)]
+    pub keep_builds: Keep,
+}
+
+/// How long records are kept: `None` is for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep(pub Option<Duration>);
+
+/// Shortest retention: anything shorter would delete records while they are being read.
+const MIN_KEEP: Duration = Duration::from_secs(1);
+/// Longest retention; beyond it, say `forever`.
+const MAX_KEEP: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+fn parse_keep(s: &str) -> Result<Keep, String> {
+    if s.eq_ignore_ascii_case("forever") {
+        return Ok(Keep(None));
+    }
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration (like 90d or 12h) or `forever`: {e}"))?;
+    if !(MIN_KEEP..=MAX_KEEP).contains(&d) {
+        return Err(format!("'{s}' is out of range: keep records at least 1s and at most 100 years, or `forever`"));
+    }
+    Ok(Keep(Some(d)))
 }
 
 /// An address to listen on, or `off`.
@@ -604,4 +632,18 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_is_a_duration_or_forever_and_says_what_is_wrong() {
+        assert_eq!(parse_keep("90d"), Ok(Keep(Some(Duration::from_secs(90 * 86_400)))));
+        assert_eq!(parse_keep("Forever"), Ok(Keep(None)));
+        assert!(parse_keep("soon").unwrap_err().contains("'soon' is not a duration (like 90d or 12h) or `forever`"));
+        assert!(parse_keep("0s").unwrap_err().contains("out of range"));
+        assert!(parse_keep("500y").unwrap_err().contains("out of range"));
+    }
 }

@@ -35,6 +35,8 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
         advertise_https: None,
         tls_cert: None,
         tls_key: None,
+        keep_audit: None,
+        keep_builds: None,
     })
     .await?;
     let info = running.info.clone();

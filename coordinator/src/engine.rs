@@ -252,6 +252,13 @@ impl Engine {
         let row = self.row(name).await?;
         let build = build.unwrap_or(row.build);
         let origin = self.store.build_started_at(row.id, build).await?;
+        if origin.is_none() && build != row.build {
+            return Err(OpError::Missing(format!(
+                "workspace '{name}' has no build {build} (its current build is {}; the coordinator keeps \
+                 earlier builds' logs and timings for --keep-builds)",
+                row.build
+            )));
+        }
         let spans = self.store.spans(row.id, build).await?;
         let origin = origin.or(spans.first().map(|s| s.started_at)).unwrap_or(0);
         Ok(spans.iter().map(|s| SpanView::new(s, origin)).collect())

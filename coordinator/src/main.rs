@@ -48,6 +48,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 advertise_https: args.advertise_https,
                 tls_cert: args.tls_cert,
                 tls_key: args.tls_key,
+                keep_audit: args.keep_audit.0,
+                keep_builds: args.keep_builds.0,
             };
             server::run(config, terminated()).await
         }
@@ -66,6 +68,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 advertise_https: None,
                 tls_cert: None,
                 tls_key: None,
+                keep_audit: cli::Keep(None),
+                keep_builds: cli::Keep(None),
             };
             demo::run(args.dir, args.keep_running, &serve).await
         }

@@ -35,6 +35,10 @@ pub struct ServeConfig {
     /// Ops' own certificate chain and key (PEM) for HTTPS; otherwise the coordinator's CA issues one.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// How long ended SSH connections stay in the audit log; `None` is for ever.
+    pub keep_audit: Option<Duration>,
+    /// How long earlier builds' logs and timings are kept; `None` is for ever.
+    pub keep_builds: Option<Duration>,
 }
 
 /// What `tether serve` writes to `DATA/coordinator.json` once its ports are bound.
@@ -110,6 +114,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir).context("loading the SSH CA")?;
     let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
     let admin_hash = admin_token(&store, &data_dir).await?;
+    match store.end_stale_audit(tether_shared::now_ms()).await {
+        Ok(0) => {}
+        Ok(n) => info!(connections = n, "ssh audit: ended the connections the last run left open"),
+        Err(e) => warn!(error = %e, "ssh audit: could not end the connections the last run left open"),
+    }
     let own_tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(crate::https::load_pem(cert, key).context("loading --tls-cert and --tls-key")?),
         (None, None) => None,
@@ -270,6 +279,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
                     }
                 }
             });
+            let purge = tokio::spawn(crate::retention::run(engine.clone(), config.keep_audit, config.keep_builds));
             let router = api::router(
                 ApiState { engine: engine.clone(), admin_token_hash: Arc::new(admin_hash) },
                 crate::dist::router(dist.clone()),
@@ -306,6 +316,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             let _ = http_stop_tx.send(());
             let _ = https_stop_tx.send(true);
             clock.abort();
+            purge.abort();
             tunnel.abort();
             if let Some(fd) = front_door {
                 fd.abort();

@@ -335,3 +335,43 @@ blocks_login = true
     let spans = c.timings("cmdws");
     assert_eq!(span(&spans, "provision", "stop command")["exit_code"], 1);
 }
+
+#[test]
+fn earlier_builds_lose_their_logs_and_timings_after_keep_builds_and_the_current_one_keeps_them() {
+    let c = Coordinator::start_with(&["--keep-builds", "2s"]);
+    let template = r#"
+provisioner = "process"
+[[script]]
+name = "hello"
+run = "echo hello"
+"#;
+    c.create("proc", template, &["--start"]);
+    assert_eq!(c.wait_for("proc", "running,unhealthy,failed", LONG)["status"], "running");
+    wait_until("build 1's script output", LONG, || c.logs("proc").iter().any(|(s, _)| s == "hello"));
+    c.ok(&["workspace", "stop", "proc", "--wait"]);
+    c.ok(&["workspace", "start", "proc"]);
+    let w = c.wait_for("proc", "running,unhealthy,failed", LONG);
+    assert_eq!((w["status"].as_str(), w["build"].as_i64()), (Some("running"), Some(2)));
+    assert!(!c.json(&["workspace", "timings", "proc", "--build", "1"]).as_array().unwrap().is_empty());
+
+    // Build 1 started more than two seconds ago and is no longer current: the purge takes it.
+    wait_until("build 1's timings to go", LONG, || {
+        !c.cli(&["workspace", "timings", "proc", "--build", "1"]).status.success()
+    });
+    let err = c.fails(&["workspace", "timings", "proc", "--build", "1"]);
+    assert!(err.contains("workspace 'proc' has no build 1 (its current build is 2"), "{err}");
+    let builds = || -> Vec<i64> {
+        let out = c.ok(&["workspace", "logs", "proc", "--json"]);
+        out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["build"].as_i64().unwrap()).collect()
+    };
+    // Logs go before the build's record, so they are gone already.
+    let left = builds();
+    assert!(left.contains(&2) && !left.contains(&1), "{left:?}");
+    // The current build keeps everything, however old it gets. What is checked is that nothing
+    // happens, which no event announces: wait past the retention (the purge runs every second);
+    // a slow machine can only make this check weaker, never fail it wrongly.
+    std::thread::sleep(Duration::from_secs(3));
+    let spans = c.timings("proc");
+    assert_eq!(span(&spans, "script", "hello")["status"], "ok");
+    assert!(c.logs("proc").iter().any(|(s, _)| s == "hello"), "build 2's log lines stay");
+}

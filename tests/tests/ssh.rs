@@ -409,3 +409,20 @@ fn tether_ssh_goes_through_the_api_port() {
     let audit = coord.json(&["audit", "--workspace", "dev"]);
     assert!(audit.as_array().unwrap().iter().any(|r| r["via"] == "api" && r["outcome"] == "closed"), "{audit}");
 }
+
+#[test]
+fn the_audit_log_keeps_connections_for_keep_audit_then_drops_them() {
+    let coord = Coordinator::start_with(&["--keep-audit", "2s"]);
+    let alice = SshUser::add(&coord, "alice");
+    let out = alice.run("nosuch.tether", "true");
+    assert_eq!(out.status.code(), Some(255));
+    let audit = coord.json(&["audit"]);
+    let rows = audit.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{audit}");
+    assert!(rows[0]["outcome"].as_str().unwrap().contains("no workspace 'nosuch'"), "{audit}");
+    // Two seconds after it ended, the next purge (every second with this retention) removes it.
+    wait_until("the refusal to leave the audit log", LONG, || coord.json(&["audit"]).as_array().unwrap().is_empty());
+    // The coordinator keeps recording.
+    alice.run("nosuch.tether", "true");
+    assert_eq!(coord.json(&["audit"]).as_array().unwrap().len(), 1);
+}

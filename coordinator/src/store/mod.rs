@@ -68,6 +68,14 @@ pub struct SpanRow {
     pub status: SpanStatus,
 }
 
+/// What [`Store::purge_builds`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    pub builds: u64,
+    pub logs: u64,
+    pub spans: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct LogRow {
     pub id: i64,
@@ -558,6 +566,36 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Deletes the logs, spans and record of every build that started before `before` (Unix ms)
+    /// and is not its workspace's current build, `batch` rows per statement.
+    pub async fn purge_builds(&self, before: i64, batch: i64) -> Result<Purged> {
+        // The builds to purge: started before the cut-off and no longer their workspace's current.
+        const LOGS: &str = "DELETE FROM logs WHERE id IN (SELECT l.id FROM logs l
+             JOIN builds b ON b.workspace_id = l.workspace_id AND b.build = l.build
+             JOIN workspaces w ON w.id = b.workspace_id
+             WHERE b.started_at < $1 AND b.build < w.build LIMIT $2)";
+        const SPANS: &str = "DELETE FROM spans WHERE rowid IN (SELECT s.rowid FROM spans s
+             JOIN builds b ON b.workspace_id = s.workspace_id AND b.build = s.build
+             JOIN workspaces w ON w.id = b.workspace_id
+             WHERE b.started_at < $1 AND b.build < w.build LIMIT $2)";
+        const BUILDS: &str = "DELETE FROM builds WHERE rowid IN (SELECT b.rowid FROM builds b
+             JOIN workspaces w ON w.id = b.workspace_id
+             WHERE b.started_at < $1 AND b.build < w.build LIMIT $2)";
+        let mut purged = Purged::default();
+        // Logs and spans first: a build's record goes last, so an interrupted purge is finished by
+        // the next one.
+        for (sql, count) in [(LOGS, &mut purged.logs), (SPANS, &mut purged.spans), (BUILDS, &mut purged.builds)] {
+            loop {
+                let done = sqlx::query(sql).bind(before).bind(batch).execute(&self.pool).await?.rows_affected();
+                *count += done;
+                if done < batch as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(purged)
     }
 
     pub async fn build_started_at(&self, id: i64, build: i64) -> Result<Option<i64>> {

@@ -226,6 +226,39 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes connections that ended before `before` (Unix ms), `batch` rows per statement.
+    /// Returns how many went.
+    pub async fn purge_audit(&self, before: i64, batch: i64) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM ssh_connections WHERE id IN
+                 (SELECT id FROM ssh_connections WHERE ended_at IS NOT NULL AND ended_at < $1 LIMIT $2)",
+            )
+            .bind(before)
+            .bind(batch)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            total += done;
+            if done < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Ends the connections a previous run of the coordinator left open: it brokered them in its
+    /// own process, so they ended when it did. Returns how many there were.
+    pub async fn end_stale_audit(&self, now: i64) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE ssh_connections SET ended_at = $1, outcome = 'ended: the coordinator stopped' WHERE ended_at IS NULL",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     /// Audit rows, newest first.
     pub async fn audit(&self, user: Option<&str>, workspace: Option<&str>, limit: i64) -> Result<Vec<AuditRow>> {
         let rows = sqlx::query(
