@@ -9,7 +9,7 @@
 //! to it directly, and wait with a [`WriteWait`] only after a write would block.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::task::{ready, Context, Poll};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -37,7 +37,7 @@ impl WriteWait {
     /// Registering reports readiness at once, so room freed since the failed write is not missed.
     pub fn poll_writable(&mut self, fd: BorrowedFd<'_>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.watch.is_none() {
-            self.watch = Some(register(fd.as_fd().try_clone_to_owned()?, Interest::WRITABLE)?);
+            self.watch = Some(register(fd.try_clone_to_owned()?, Interest::WRITABLE)?);
         }
         let watch = self.watch.as_ref().expect("set above");
         // The registration is dropped below, so its readiness need not be cleared.

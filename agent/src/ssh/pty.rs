@@ -91,7 +91,7 @@ impl Writer {
 mod tests {
     use super::*;
     use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
-    use std::io::Read;
+    use std::io::{Read, Write};
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
@@ -107,8 +107,9 @@ mod tests {
         // The terminal's input buffer holds a few KiB: the writer has to wait for room while this
         // slow reader drains it.
         let slave = pts.as_fd().try_clone_to_owned().unwrap();
+        let mut slave = std::fs::File::from(slave);
+        let mut answer = slave.try_clone().unwrap();
         let drain = std::thread::spawn(move || {
-            let mut slave = std::fs::File::from(slave);
             let mut got = Vec::with_capacity(total);
             let mut buf = [0u8; 1000];
             while got.len() < total {
@@ -125,9 +126,10 @@ mod tests {
         let got = tokio::task::spawn_blocking(move || drain.join().unwrap()).await.unwrap();
         assert_eq!(got.len(), sent.len());
         assert!(got == sent, "the bytes arrive in order, none lost");
-        // Nothing was echoed back (raw mode, no ECHO), so a read would wait: the reader is live.
-        let mut one = [0u8; 1];
-        let read = tokio::time::timeout(std::time::Duration::from_millis(50), reader.read(&mut one)).await;
-        assert!(read.is_err(), "no output is expected");
+        // Raw mode echoes nothing, so the first bytes the reader gets are what the shell side prints.
+        answer.write_all(b"done").unwrap();
+        let mut four = [0u8; 4];
+        reader.read_exact(&mut four).await.unwrap();
+        assert_eq!(&four, b"done");
     }
 }

@@ -583,19 +583,25 @@ impl Store {
         const BUILDS: &str = "DELETE FROM builds WHERE rowid IN (SELECT b.rowid FROM builds b
              JOIN workspaces w ON w.id = b.workspace_id
              WHERE b.started_at < $1 AND b.build < w.build LIMIT $2)";
-        let mut purged = Purged::default();
         // Logs and spans first: a build's record goes last, so an interrupted purge is finished by
         // the next one.
-        for (sql, count) in [(LOGS, &mut purged.logs), (SPANS, &mut purged.spans), (BUILDS, &mut purged.builds)] {
-            loop {
-                let done = sqlx::query(sql).bind(before).bind(batch).execute(&self.pool).await?.rows_affected();
-                *count += done;
-                if done < batch as u64 {
-                    break;
-                }
+        let logs = self.delete_in_batches(LOGS, before, batch).await?;
+        let spans = self.delete_in_batches(SPANS, before, batch).await?;
+        let builds = self.delete_in_batches(BUILDS, before, batch).await?;
+        Ok(Purged { builds, logs, spans })
+    }
+
+    /// Runs `sql`, a `DELETE` bound to a cut-off (`$1`) and a row limit (`$2`), until it deletes
+    /// fewer than `batch` rows: no statement holds the write lock for long. Returns the total.
+    pub(crate) async fn delete_in_batches(&self, sql: &'static str, before: i64, batch: i64) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(sql).bind(before).bind(batch).execute(&self.pool).await?.rows_affected();
+            total += done;
+            if done < batch as u64 {
+                return Ok(total);
             }
         }
-        Ok(purged)
     }
 
     pub async fn build_started_at(&self, id: i64, build: i64) -> Result<Option<i64>> {

@@ -229,22 +229,9 @@ impl Store {
     /// Deletes connections that ended before `before` (Unix ms), `batch` rows per statement.
     /// Returns how many went.
     pub async fn purge_audit(&self, before: i64, batch: i64) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let done = sqlx::query(
-                "DELETE FROM ssh_connections WHERE id IN
-                 (SELECT id FROM ssh_connections WHERE ended_at IS NOT NULL AND ended_at < $1 LIMIT $2)",
-            )
-            .bind(before)
-            .bind(batch)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            total += done;
-            if done < batch as u64 {
-                return Ok(total);
-            }
-        }
+        const ENDED: &str = "DELETE FROM ssh_connections WHERE id IN
+             (SELECT id FROM ssh_connections WHERE ended_at IS NOT NULL AND ended_at < $1 LIMIT $2)";
+        self.delete_in_batches(ENDED, before, batch).await
     }
 
     /// Ends the connections a previous run of the coordinator left open: it brokered them in its
