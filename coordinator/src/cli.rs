@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tether_shared::limits;
 
 #[derive(Parser, Debug)]
 #[command(name = "tether", version, about = "Tether coordinator and command-line interface")]
@@ -157,6 +158,11 @@ pub struct ServeArgs {
     /// started, or `forever`. The current build's are kept while it is current.
     #[arg(long, env = "TETHER_KEEP_BUILDS", value_name = "DURATION", default_value = "30d", value_parser = parse_keep)]
     pub keep_builds: Keep,
+    /// Most log bytes kept for one build of a workspace, in MiB. A build that reaches it gets one
+    /// line saying so, and its later lines are dropped; other workspaces are not affected.
+    #[arg(long, env = "TETHER_MAX_BUILD_LOG_MIB", value_name = "MIB", default_value_t = limits::DEFAULT_MAX_BUILD_LOG_MIB,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub max_build_log_mib: u64,
 }
 
 /// How long records are kept: `None` is for ever.

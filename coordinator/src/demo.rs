@@ -37,6 +37,7 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
         tls_key: None,
         keep_audit: None,
         keep_builds: None,
+        max_build_log_bytes: serve.max_build_log_mib * 1024 * 1024,
     })
     .await?;
     let info = running.info.clone();

@@ -55,6 +55,8 @@ pub struct EngineConfig {
     /// The HTTPS URL workspaces reach the coordinator at (it serves the agent there); `None` when
     /// HTTPS is off.
     pub https_url: Option<String>,
+    /// Most log bytes kept per build (`--max-build-log-mib`).
+    pub max_build_log_bytes: u64,
 }
 
 /// A connected agent, as the tunnel registered it.
@@ -775,9 +777,24 @@ impl Engine {
             Some(a) if a.conn_id == conn_id => a.instance,
             _ => return Err(OpError::Conflict("connection was replaced".into())),
         };
-        let acked = self.store.apply_logs(id, instance, lines, offset).await?;
+        let applied = self.store.apply_logs(id, instance, lines, offset, self.config.max_build_log_bytes).await?;
+        for build in &applied.capped {
+            warn!(
+                workspace = id,
+                build,
+                limit_bytes = self.config.max_build_log_bytes,
+                "a build's logs reached --max-build-log-mib; its later lines are dropped"
+            );
+        }
+        if applied.unknown_build > 0 {
+            warn!(
+                workspace = id,
+                lines = applied.unknown_build,
+                "dropped log lines for a build this workspace does not have"
+            );
+        }
         self.logged.send_modify(|n| *n = n.wrapping_add(1));
-        Ok(acked)
+        Ok(applied.acked)
     }
 
     /// The tunnel closed. `goodbye` is the agent's reason when it left on purpose.

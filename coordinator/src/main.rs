@@ -50,6 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tls_key: args.tls_key,
                 keep_audit: args.keep_audit.0,
                 keep_builds: args.keep_builds.0,
+                max_build_log_bytes: args.max_build_log_mib * 1024 * 1024,
             };
             server::run(config, terminated()).await
         }
@@ -70,6 +71,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tls_key: None,
                 keep_audit: cli::Keep(None),
                 keep_builds: cli::Keep(None),
+                max_build_log_mib: tether_shared::limits::DEFAULT_MAX_BUILD_LOG_MIB,
             };
             demo::run(args.dir, args.keep_running, &serve).await
         }

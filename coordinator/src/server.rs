@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub keep_audit: Option<Duration>,
     /// How long earlier builds' logs and timings are kept; `None` is for ever.
     pub keep_builds: Option<Duration>,
+    /// Most log bytes kept per build.
+    pub max_build_log_bytes: u64,
 }
 
 /// What `tether serve` writes to `DATA/coordinator.json` once its ports are bound.
@@ -237,6 +239,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             agent_binary,
             max_wait: Duration::from_secs(300),
             https_url: https_url.clone(),
+            max_build_log_bytes: config.max_build_log_bytes,
         },
     );
     engine.resume().await.context("resuming workspaces")?;

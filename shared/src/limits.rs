@@ -32,3 +32,9 @@ pub const MAX_SSH_PUBLIC_KEY: usize = 16 * 1024;
 /// SSH connections one agent serves at once: brokered streams the coordinator may open on a tunnel
 /// connection (the agent's QUIC stream limit) and the agent's own cap.
 pub const MAX_SSH_CONNECTIONS: u32 = 256;
+/// Latest wall-clock time a peer may send, in milliseconds since the Unix epoch (the year 5138):
+/// far past any real clock, and small enough that sums and differences of times never overflow.
+pub const MAX_TIME_MS: i64 = 100_000_000_000_000;
+/// Log bytes the coordinator keeps per build unless `--max-build-log-mib` says otherwise: the
+/// agent's own cap lets a build's scripts print at most `MAX_SCRIPTS * MAX_SCRIPT_OUTPUT` (64 MiB).
+pub const DEFAULT_MAX_BUILD_LOG_MIB: u64 = 64;

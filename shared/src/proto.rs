@@ -289,6 +289,25 @@ pub enum InvalidMessage {
     TooMany { field: &'static str, count: usize, max: usize },
     #[error("{field} must not be empty")]
     Empty { field: &'static str },
+    #[error("{field} is {value}, outside {range}")]
+    OutOfRange { field: &'static str, value: String, range: &'static str },
+}
+
+/// A wall-clock time a peer sent, in milliseconds since the Unix epoch: from 0 to
+/// [`limits::MAX_TIME_MS`], so that no difference or clock correction of two of them overflows.
+fn check_time(field: &'static str, ms: i64) -> Result<(), InvalidMessage> {
+    if !(0..=limits::MAX_TIME_MS).contains(&ms) {
+        return Err(InvalidMessage::OutOfRange { field, value: ms.to_string(), range: "0 ..= 100000000000000 ms" });
+    }
+    Ok(())
+}
+
+/// A gauge a peer sent (CPU percent, load, CPU count): finite, not negative, below a billion.
+fn check_gauge(field: &'static str, v: f32) -> Result<(), InvalidMessage> {
+    if !(v.is_finite() && (0.0..1e9).contains(&v)) {
+        return Err(InvalidMessage::OutOfRange { field, value: v.to_string(), range: "0 ..< 1e9" });
+    }
+    Ok(())
 }
 
 fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), InvalidMessage> {
@@ -313,7 +332,21 @@ impl Hello {
         check_len("token", &self.token, limits::MAX_TOKEN)?;
         check_len("agent_version", &self.agent_version, limits::MAX_TEXT)?;
         check_len("hostname", &self.hostname, limits::MAX_TEXT)?;
-        check_len("ssh_host_key", self.ssh_host_key.as_deref().unwrap_or(""), limits::MAX_TEXT)
+        check_len("ssh_host_key", self.ssh_host_key.as_deref().unwrap_or(""), limits::MAX_TEXT)?;
+        check_time("sent_at_ms", self.sent_at_ms)
+    }
+}
+
+impl Heartbeat {
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        check_time("heartbeat sent_at_ms", self.sent_at_ms)?;
+        check_time("ssh last_activity_ms", self.ssh.last_activity_ms)?;
+        check_gauge("cpu_percent", self.cpu_percent)?;
+        check_gauge("cpu_limit", self.cpu_limit)?;
+        for l in self.load {
+            check_gauge("load", l)?;
+        }
+        Ok(())
     }
 }
 
@@ -321,18 +354,22 @@ impl AgentMessage {
     /// Checks the limits a decoded message must keep beyond its frame size.
     pub fn validate(&self) -> Result<(), InvalidMessage> {
         match self {
-            AgentMessage::FetchManifest | AgentMessage::Heartbeat(_) => Ok(()),
+            AgentMessage::FetchManifest => Ok(()),
+            AgentMessage::Heartbeat(hb) => hb.validate(),
             AgentMessage::Goodbye { reason } => check_len("reason", reason, limits::MAX_TEXT),
             AgentMessage::Events(batch) => {
                 check_count("events", batch.events.len(), limits::MAX_EVENTS_PER_BATCH)?;
                 for e in &batch.events {
                     match &e.kind {
-                        EventKind::Lifecycle { detail, .. } => {
-                            check_len("detail", detail.as_deref().unwrap_or(""), limits::MAX_TEXT)?
+                        EventKind::Lifecycle { detail, at_ms, .. } => {
+                            check_len("detail", detail.as_deref().unwrap_or(""), limits::MAX_TEXT)?;
+                            check_time("lifecycle at_ms", *at_ms)?;
                         }
                         EventKind::Span(s) => {
                             check_len("span stage", &s.stage, limits::MAX_NAME)?;
                             check_len("span name", &s.name, limits::MAX_TEXT)?;
+                            check_time("span started_at_ms", s.started_at_ms)?;
+                            check_time("span ended_at_ms", s.ended_at_ms)?;
                         }
                     }
                 }
@@ -366,6 +403,7 @@ impl LogBatch {
             check_len("log script", &l.script, limits::MAX_TEXT)?;
             // A cut line carries a short marker past the limit.
             check_len("log line", &l.line, limits::MAX_LOG_LINE + 64)?;
+            check_time("log at_ms", l.at_ms)?;
         }
         Ok(())
     }
@@ -389,5 +427,61 @@ impl Manifest {
             check_len("ssh allowed_env entry", k, limits::MAX_TEXT)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(at_ms: i64) -> LogLine {
+        LogLine { seq: 1, build: 1, script: "s".into(), stream: LogStream::Stdout, at_ms, line: "x".into() }
+    }
+
+    #[test]
+    fn times_from_a_peer_must_be_on_a_real_clock() {
+        assert!(LogBatch { lines: vec![line(1_700_000_000_000)] }.validate().is_ok());
+        for bad in [-1, i64::MIN, i64::MAX, limits::MAX_TIME_MS + 1] {
+            let err = LogBatch { lines: vec![line(bad)] }.validate().unwrap_err();
+            assert_eq!(err.to_string(), format!("log at_ms is {bad}, outside 0 ..= 100000000000000 ms"));
+        }
+        let hello = Hello {
+            token: "t".into(),
+            agent_version: "v".into(),
+            instance: 1,
+            sent_at_ms: i64::MIN,
+            hostname: "h".into(),
+            ssh_host_key: None,
+        };
+        assert!(hello.validate().unwrap_err().to_string().starts_with("sent_at_ms is -9223372036854775808"));
+        let span = Span {
+            stage: "script".into(),
+            name: "s".into(),
+            started_at_ms: 5,
+            ended_at_ms: i64::MAX,
+            exit_code: None,
+            status: SpanStatus::Ok,
+        };
+        let events =
+            AgentMessage::Events(EventBatch { events: vec![Event { seq: 1, build: 1, kind: EventKind::Span(span) }] });
+        assert!(events.validate().unwrap_err().to_string().starts_with("span ended_at_ms is"));
+    }
+
+    #[test]
+    fn heartbeat_gauges_must_be_finite_and_not_negative() {
+        let ok =
+            Heartbeat { sent_at_ms: 1, cpu_percent: 12.5, cpu_limit: 2.0, load: [0.1, 0.2, 0.3], ..Default::default() };
+        assert!(AgentMessage::Heartbeat(ok.clone()).validate().is_ok());
+        let nan = Heartbeat { cpu_percent: f32::NAN, ..ok.clone() };
+        assert_eq!(
+            AgentMessage::Heartbeat(nan).validate().unwrap_err().to_string(),
+            "cpu_percent is NaN, outside 0 ..< 1e9"
+        );
+        let negative = Heartbeat { load: [0.0, -1.0, 0.0], ..ok.clone() };
+        assert!(AgentMessage::Heartbeat(negative).validate().is_err());
+        let infinite = Heartbeat { cpu_limit: f32::INFINITY, ..ok.clone() };
+        assert!(AgentMessage::Heartbeat(infinite).validate().is_err());
+        let old = Heartbeat { ssh: SshActivity { last_activity_ms: -5, ..Default::default() }, ..ok };
+        assert!(AgentMessage::Heartbeat(old).validate().unwrap_err().to_string().starts_with("ssh last_activity_ms"));
     }
 }

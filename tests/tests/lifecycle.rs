@@ -382,3 +382,48 @@ run = "echo hello"
     assert_eq!(span(&spans, "script", "hello")["status"], "ok");
     assert!(c.logs("proc").iter().any(|(s, _)| s == "hello"), "build 2's log lines stay");
 }
+
+#[test]
+fn a_build_whose_logs_reach_max_build_log_mib_keeps_that_much_and_says_so_while_others_keep_all() {
+    let c = Coordinator::start_with(&["--max-build-log-mib", "1"]);
+    // Two scripts of 700 lines of 1000 bytes each: under the agent's 1 MiB per script, over the
+    // coordinator's 1 MiB for the build.
+    let loud = r#"
+provisioner = "process"
+[[script]]
+name = "first"
+run = "head -c 700000 /dev/zero | tr '\\0' a | fold -w 1000; echo"
+[[script]]
+name = "second"
+run = "head -c 700000 /dev/zero | tr '\\0' b | fold -w 1000; echo; echo second-done"
+"#;
+    let quiet = r#"
+provisioner = "process"
+[[script]]
+name = "hello"
+run = "echo hello from quiet"
+"#;
+    c.create("loud", loud, &["--start"]);
+    c.create("quiet", quiet, &["--start"]);
+    for name in ["loud", "quiet"] {
+        assert_eq!(c.wait_for(name, "running,unhealthy,failed", LONG)["status"], "running", "{name}");
+    }
+    let marker =
+        "[tether: this build's logs reached the coordinator's limit of 1 MiB (--max-build-log-mib); later lines \
+                  are not kept]";
+    wait_until("the limit's marker in loud's logs", LONG, || c.logs("loud").iter().any(|(_, l)| l == marker));
+    let spans = c.timings("loud");
+    assert_eq!(span(&spans, "script", "second")["status"], "ok", "the limit does not fail the script");
+    let lines = c.logs("loud");
+    let kept: usize = lines.iter().filter(|(_, l)| l != marker).map(|(_, l)| l.len()).sum();
+    assert!((1_000_000..=1024 * 1024).contains(&kept), "kept {kept} bytes");
+    assert_eq!(lines.iter().filter(|(_, l)| l == marker).count(), 1, "one marker");
+    // Under the script whose line crossed the limit (the two run side by side), and last.
+    assert_eq!(lines.last().map(|(_, l)| l.as_str()), Some(marker), "nothing after it");
+    assert!(lines.iter().any(|(s, l)| s == "first" && l.starts_with("aaaa")));
+    assert!(lines.iter().any(|(s, l)| s == "second" && l.starts_with("bbbb")));
+    assert!(!lines.iter().any(|(_, l)| l == "second-done"));
+    assert!(c.log_tail().contains("its later lines are dropped"), "the coordinator logs it");
+    // The other workspace kept everything.
+    assert_eq!(c.logs("quiet"), [("hello".to_string(), "hello from quiet".to_string())]);
+}

@@ -96,6 +96,22 @@ fn bad_tokens_versions_and_frames_are_refused_while_others_keep_running() {
         let text = err.to_string();
         assert!(text.contains("over the limit of 1048576 bytes"), "close reason names the limit: {text}");
 
+        // A hello from a clock that cannot be: refused with the field named, before the token is looked at.
+        let (_ep, conn) = raw_connect(&c).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let bad_clock = Hello { sent_at_ms: i64::MIN, ..hello("whatever") };
+        send.write_all(&frame::encode_versioned(PROTOCOL_VERSION, &bad_clock).unwrap()).await.unwrap();
+        match read_reply(&mut recv).await {
+            HelloReply::Rejected { code, message } => {
+                assert_eq!(code, RejectCode::Malformed);
+                assert!(
+                    message.starts_with("hello is not valid: sent_at_ms is -9223372036854775808, outside"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+
         // Garbage where the hello should be.
         let (_ep, conn) = raw_connect(&c).await;
         let (mut send, mut recv) = conn.open_bi().await.unwrap();

@@ -28,8 +28,11 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-const MIGRATIONS: &[&str] =
-    &[include_str!("../../migrations/0001_init.sql"), include_str!("../../migrations/0002_ssh.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_ssh.sql"),
+    include_str!("../../migrations/0003_build_log_bytes.sql"),
+];
 
 #[derive(Debug, Clone)]
 pub struct WorkspaceRow {
@@ -135,6 +138,36 @@ fn workspace(row: &SqliteRow) -> Result<WorkspaceRow> {
         last_heartbeat_at: row.try_get("last_heartbeat_at")?,
         created_at: row.try_get("created_at")?,
     })
+}
+
+/// What [`Store::apply_logs`] did with a batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LogsApplied {
+    /// The highest sequence number now stored or deliberately dropped: the agent's acknowledgement.
+    pub acked: u64,
+    /// Builds whose logs reached the limit with this batch (each once, when its marker is written).
+    pub capped: Vec<i64>,
+    /// Lines not kept because their build's logs are at the limit.
+    pub dropped: usize,
+    /// Lines not kept because their build does not exist (never started, or purged).
+    pub unknown_build: usize,
+}
+
+/// The line that ends a build's logs at the coordinator's limit.
+pub fn build_log_marker(max_build_bytes: u64) -> String {
+    format!(
+        "[tether: this build's logs reached the coordinator's limit of {} (--max-build-log-mib); later lines \
+         are not kept]",
+        human_mib(max_build_bytes)
+    )
+}
+
+fn human_mib(bytes: u64) -> String {
+    if bytes.is_multiple_of(1024 * 1024) {
+        format!("{} MiB", bytes / (1024 * 1024))
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 impl Store {
@@ -479,40 +512,96 @@ impl Store {
     }
 
     /// Stores log lines exactly once, like [`Store::apply_events`]. Returns the acknowledgement.
-    pub async fn apply_logs(&self, id: i64, instance: u64, lines: &[LogLine], clock_offset_ms: i64) -> Result<u64> {
+    /// Stores the lines of a log batch not stored yet, and returns what became of them. Each build
+    /// keeps at most `max_build_bytes` of lines: the line that would cross the limit is replaced by
+    /// one marker saying so, and the build's later lines are acknowledged but not kept. Lines for a
+    /// build this workspace does not have (never started, or already purged) are dropped too.
+    pub async fn apply_logs(
+        &self,
+        id: i64,
+        instance: u64,
+        lines: &[LogLine],
+        clock_offset_ms: i64,
+        max_build_bytes: u64,
+    ) -> Result<LogsApplied> {
         let mut tx = self.write_tx().await?;
         let row = sqlx::query("SELECT agent_instance, logs_acked FROM workspaces WHERE id = $1")
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;
-        let mut acked = row.try_get::<i64, _>("logs_acked")? as u64;
+        let mut applied = LogsApplied { acked: row.try_get::<i64, _>("logs_acked")? as u64, ..LogsApplied::default() };
         if row.try_get::<Option<i64>, _>("agent_instance")? != Some(instance as i64) {
-            return Ok(acked);
+            return Ok(applied);
         }
+        let cap = max_build_bytes.min(i64::MAX as u64 - 1) as i64;
+        // Bytes kept so far per build this batch touches; `None` for a build with no record.
+        let mut kept: Vec<(i64, Option<i64>)> = Vec::new();
         for l in lines {
-            if l.seq <= acked {
+            if l.seq <= applied.acked {
                 continue;
             }
-            acked = l.seq;
+            applied.acked = l.seq;
+            let build = l.build.min(i64::MAX as u64) as i64;
+            let slot = match kept.iter().position(|(b, _)| *b == build) {
+                Some(i) => i,
+                None => {
+                    let bytes: Option<i64> =
+                        sqlx::query_scalar("SELECT log_bytes FROM builds WHERE workspace_id = $1 AND build = $2")
+                            .bind(id)
+                            .bind(build)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    kept.push((build, bytes));
+                    kept.len() - 1
+                }
+            };
+            let Some(used) = kept[slot].1 else {
+                applied.unknown_build += 1;
+                continue;
+            };
+            // `cap + 1` marks a build whose marker is written: everything after it is dropped.
+            if used > cap {
+                applied.dropped += 1;
+                continue;
+            }
+            let len = l.line.len() as i64;
+            let (line, used) = if used + len > cap {
+                applied.capped.push(build);
+                applied.dropped += 1;
+                (build_log_marker(max_build_bytes), cap + 1)
+            } else {
+                (l.line.clone(), used + len)
+            };
+            kept[slot].1 = Some(used);
             sqlx::query(
                 "INSERT INTO logs (workspace_id, build, source, stream, at, line) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(id)
-            .bind(l.build as i64)
+            .bind(build)
             .bind(&l.script)
             .bind(l.stream.as_str())
-            .bind(l.at_ms + clock_offset_ms)
-            .bind(&l.line)
+            .bind(l.at_ms.saturating_add(clock_offset_ms))
+            .bind(line)
             .execute(&mut *tx)
             .await?;
         }
+        for (build, used) in kept {
+            if let Some(used) = used {
+                sqlx::query("UPDATE builds SET log_bytes = $1 WHERE workspace_id = $2 AND build = $3")
+                    .bind(used)
+                    .bind(id)
+                    .bind(build)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         sqlx::query("UPDATE workspaces SET logs_acked = $1 WHERE id = $2")
-            .bind(acked as i64)
+            .bind(applied.acked as i64)
             .bind(id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(acked)
+        Ok(applied)
     }
 
     /// A span the coordinator itself measured (provisioning).
@@ -720,3 +809,46 @@ mod backup;
 mod users;
 pub use backup::known_schema_version;
 pub use users::{AuditRow, UserRow};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_shared::proto::LogStream;
+
+    fn line(seq: u64, build: u64, text: &str) -> LogLine {
+        LogLine { seq, build, script: "setup".into(), stream: LogStream::Stdout, at_ms: 1_000, line: text.into() }
+    }
+
+    #[tokio::test]
+    async fn a_build_keeps_logs_up_to_the_limit_then_one_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+        let w =
+            store.create_workspace("w", None, "", "external", WorkspaceStatus::Starting, "", None, 0).await.unwrap();
+        let build = store.begin_build(w.id, None, 0).await.unwrap() as u64;
+        store.agent_hello(w.id, 7, "v", "h", 0).await.unwrap();
+
+        // 10 bytes allowed: 4 + 6 fit exactly; the next line is replaced by the marker; later
+        // lines are acknowledged and dropped; a build that does not exist keeps nothing.
+        let batch = [line(1, build, "abcd"), line(2, build, "efghij"), line(3, build, "k"), line(4, build + 5, "zz")];
+        let applied = store.apply_logs(w.id, 7, &batch, 0, 10).await.unwrap();
+        assert_eq!(applied, LogsApplied { acked: 4, capped: vec![build as i64], dropped: 1, unknown_build: 1 });
+        let applied = store.apply_logs(w.id, 7, &[line(5, build, "l")], 0, 10).await.unwrap();
+        assert_eq!(applied, LogsApplied { acked: 5, capped: vec![], dropped: 1, unknown_build: 0 });
+        // A resent batch is not stored twice.
+        let applied = store.apply_logs(w.id, 7, &batch, 0, 10).await.unwrap();
+        assert_eq!(applied.acked, 5);
+        let kept: Vec<String> = store.logs(w.id, 0, 100, None).await.unwrap().into_iter().map(|l| l.line).collect();
+        assert_eq!(kept, ["abcd", "efghij", &build_log_marker(10)]);
+        assert_eq!(
+            build_log_marker(64 << 20),
+            "[tether: this build's logs reached the coordinator's limit of 64 MiB (--max-build-log-mib); later \
+             lines are not kept]"
+        );
+
+        // The next build starts from nothing.
+        let next = store.begin_build(w.id, None, 1).await.unwrap() as u64;
+        let applied = store.apply_logs(w.id, 7, &[line(6, next, "0123456789")], 0, 10).await.unwrap();
+        assert_eq!(applied, LogsApplied { acked: 6, ..LogsApplied::default() });
+    }
+}
