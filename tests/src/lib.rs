@@ -273,8 +273,24 @@ impl Coordinator {
 }
 
 impl Drop for Coordinator {
+    /// Kills the coordinator and the agents its `process` provisioner started. Those run in their
+    /// own process groups so that they outlive a coordinator restart, which a test's end is not:
+    /// left alone, they would dial a dead port for the rest of the test run.
     fn drop(&mut self) {
         self.kill();
+        let Ok(workspaces) = std::fs::read_dir(self.data_dir().join("workspaces")) else { return };
+        for ws in workspaces.flatten() {
+            let Ok(text) = std::fs::read_to_string(ws.path().join("agent.pid")) else { continue };
+            let Ok(pid) = text.trim().parse::<i32>() else { continue };
+            // Only a live tether-agent of this data directory: the pid may have been reused.
+            let ours = std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                let want = format!("TETHER_AGENT_DATA_DIR={}", ws.path().display());
+                env.split(|b| *b == 0).any(|kv| kv.starts_with(want.as_bytes()))
+            });
+            if pid > 1 && ours {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
     }
 }
 
