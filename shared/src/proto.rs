@@ -290,14 +290,18 @@ pub enum InvalidMessage {
     #[error("{field} must not be empty")]
     Empty { field: &'static str },
     #[error("{field} is {value}, outside {range}")]
-    OutOfRange { field: &'static str, value: String, range: &'static str },
+    OutOfRange { field: &'static str, value: String, range: String },
 }
 
 /// A wall-clock time a peer sent, in milliseconds since the Unix epoch: from 0 to
 /// [`limits::MAX_TIME_MS`], so that no difference or clock correction of two of them overflows.
 fn check_time(field: &'static str, ms: i64) -> Result<(), InvalidMessage> {
     if !(0..=limits::MAX_TIME_MS).contains(&ms) {
-        return Err(InvalidMessage::OutOfRange { field, value: ms.to_string(), range: "0 ..= 100000000000000 ms" });
+        return Err(InvalidMessage::OutOfRange {
+            field,
+            value: ms.to_string(),
+            range: format!("0 ..= {} ms", limits::MAX_TIME_MS),
+        });
     }
     Ok(())
 }
@@ -305,7 +309,7 @@ fn check_time(field: &'static str, ms: i64) -> Result<(), InvalidMessage> {
 /// A gauge a peer sent (CPU percent, load, CPU count): finite, not negative, below a billion.
 fn check_gauge(field: &'static str, v: f32) -> Result<(), InvalidMessage> {
     if !(v.is_finite() && (0.0..1e9).contains(&v)) {
-        return Err(InvalidMessage::OutOfRange { field, value: v.to_string(), range: "0 ..< 1e9" });
+        return Err(InvalidMessage::OutOfRange { field, value: v.to_string(), range: "0 ..< 1e9".into() });
     }
     Ok(())
 }

@@ -284,7 +284,7 @@ impl Drop for Coordinator {
             let Ok(pid) = text.trim().parse::<i32>() else { continue };
             // Only a live tether-agent of this data directory: the pid may have been reused.
             let ours = std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-                let want = format!("TETHER_AGENT_DATA_DIR={}", ws.path().display());
+                let want = format!("TETHER_AGENT_DATA_DIR={}/", ws.path().display());
                 env.split(|b| *b == 0).any(|kv| kv.starts_with(want.as_bytes()))
             });
             if pid > 1 && ours {

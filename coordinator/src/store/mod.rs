@@ -147,8 +147,6 @@ pub struct LogsApplied {
     pub acked: u64,
     /// Builds whose logs reached the limit with this batch (each once, when its marker is written).
     pub capped: Vec<i64>,
-    /// Lines not kept because their build's logs are at the limit.
-    pub dropped: usize,
     /// Lines not kept because their build does not exist (never started, or purged).
     pub unknown_build: usize,
 }
@@ -511,11 +509,10 @@ impl Store {
         Ok(applied)
     }
 
-    /// Stores log lines exactly once, like [`Store::apply_events`]. Returns the acknowledgement.
-    /// Stores the lines of a log batch not stored yet, and returns what became of them. Each build
-    /// keeps at most `max_build_bytes` of lines: the line that would cross the limit is replaced by
-    /// one marker saying so, and the build's later lines are acknowledged but not kept. Lines for a
-    /// build this workspace does not have (never started, or already purged) are dropped too.
+    /// Stores log lines exactly once, like [`Store::apply_events`], and returns what became of them.
+    /// Each build keeps at most `max_build_bytes` of lines: the line that would cross the limit is
+    /// replaced by one marker saying so, and the build's later lines are acknowledged but not kept.
+    /// Lines for a build this workspace does not have (never started, or purged) are dropped too.
     pub async fn apply_logs(
         &self,
         id: i64,
@@ -561,13 +558,11 @@ impl Store {
             };
             // `cap + 1` marks a build whose marker is written: everything after it is dropped.
             if used > cap {
-                applied.dropped += 1;
                 continue;
             }
             let len = l.line.len() as i64;
             let (line, used) = if used + len > cap {
                 applied.capped.push(build);
-                applied.dropped += 1;
                 (build_log_marker(max_build_bytes), cap + 1)
             } else {
                 (l.line.clone(), used + len)
@@ -832,9 +827,9 @@ mod tests {
         // lines are acknowledged and dropped; a build that does not exist keeps nothing.
         let batch = [line(1, build, "abcd"), line(2, build, "efghij"), line(3, build, "k"), line(4, build + 5, "zz")];
         let applied = store.apply_logs(w.id, 7, &batch, 0, 10).await.unwrap();
-        assert_eq!(applied, LogsApplied { acked: 4, capped: vec![build as i64], dropped: 1, unknown_build: 1 });
+        assert_eq!(applied, LogsApplied { acked: 4, capped: vec![build as i64], unknown_build: 1 });
         let applied = store.apply_logs(w.id, 7, &[line(5, build, "l")], 0, 10).await.unwrap();
-        assert_eq!(applied, LogsApplied { acked: 5, capped: vec![], dropped: 1, unknown_build: 0 });
+        assert_eq!(applied, LogsApplied { acked: 5, ..LogsApplied::default() });
         // A resent batch is not stored twice.
         let applied = store.apply_logs(w.id, 7, &batch, 0, 10).await.unwrap();
         assert_eq!(applied.acked, 5);
