@@ -77,6 +77,9 @@ struct Route {
     host: String,
     /// Where the client's stderr goes, one file per run, overwritten.
     log: PathBuf,
+    /// Long-lived server processes this route goes through (the coordinator and the agent); the
+    /// ones a connection forks are found when it opens.
+    servers: Vec<u32>,
 }
 
 impl Route {
@@ -381,17 +384,45 @@ impl EchoSession {
     }
 }
 
+/// One route's echo figures.
+struct Echo {
+    /// Microseconds per round trip, warm-up left out.
+    micros: Vec<f64>,
+    /// CPU time the route's server side (every process between the client and the PTY: sshd's
+    /// per-connection processes, or the coordinator and the agent, and the remote `dd`) spent per
+    /// round trip, in microseconds; `None` where the kernel keeps no per-task run times.
+    server_cpu_us: Option<f64>,
+}
+
 /// Echo latency on every route at once, interleaved: one session per route, then round after round
 /// one byte through each in turn, so that whatever else the machine does in a given second falls on
-/// all routes alike. Returns each route's samples after a warm-up.
-fn echo_interleaved(routes: &[Route], samples: usize) -> anyhow::Result<Vec<Vec<f64>>> {
+/// all routes alike. Also measures the CPU each route's server side spends per trip: on a machine
+/// with few cores every process on the path takes its turn on a core, so that time is most of the
+/// latency, and less noisy than it.
+fn echo_interleaved(routes: &[Route], samples: usize) -> anyhow::Result<Vec<Echo>> {
     let total = ECHO_WARMUP + samples;
     let mut sessions = Vec::with_capacity(routes.len());
+    let mut servers = Vec::with_capacity(routes.len());
     for route in routes {
-        sessions.push(EchoSession::open(route, total)?);
+        let before = procfs::pids();
+        let session = EchoSession::open(route, total)?;
+        // What the connection forked on the server side: the new processes that are not the client
+        // (a jump's `ssh -W` is the client's child).
+        let client = session.run.child.id();
+        let mut pids: Vec<u32> =
+            procfs::pids().difference(&before).copied().filter(|p| !procfs::descends_from(*p, client)).collect();
+        sessions.push(session);
+        pids.extend(&route.servers);
+        servers.push(pids);
     }
+    let started: Vec<_> = servers.iter().map(|pids| procfs::cpu_ns(pids)).collect();
+    let mut ended = Vec::new();
     let mut micros: Vec<Vec<f64>> = routes.iter().map(|_| Vec::with_capacity(samples)).collect();
     for i in 0..total {
+        // Before the last round: its byte ends each remote `dd`, and with it the session's processes.
+        if i + 1 == total {
+            ended = servers.iter().map(|pids| procfs::cpu_ns(pids)).collect();
+        }
         for (session, m) in sessions.iter_mut().zip(&mut micros) {
             let us = session.trip(i)?;
             if i >= ECHO_WARMUP {
@@ -402,7 +433,68 @@ fn echo_interleaved(routes: &[Route], samples: usize) -> anyhow::Result<Vec<Vec<
     for session in sessions {
         session.close()?;
     }
-    Ok(micros)
+    let echoes = micros
+        .into_iter()
+        .zip(started.iter().zip(&ended))
+        .map(|(micros, (start, end))| Echo { micros, server_cpu_us: procfs::spent_us(start, end, total - 1) })
+        .collect();
+    Ok(echoes)
+}
+
+/// Processes and their CPU time, from `/proc`.
+mod procfs {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// Every process on the machine.
+    pub fn pids() -> BTreeSet<u32> {
+        let Ok(dir) = std::fs::read_dir("/proc") else { return BTreeSet::new() };
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+    }
+
+    fn parent(pid: u32) -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The name in parentheses may hold spaces; the parent is the second field after it.
+        stat.get(stat.rfind(')')? + 1..)?.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Whether `pid` is `ancestor` or one of its descendants (false once it has gone).
+    pub fn descends_from(pid: u32, ancestor: u32) -> bool {
+        let mut p = pid;
+        for _ in 0..64 {
+            if p == ancestor {
+                return true;
+            }
+            match parent(p) {
+                Some(next) if next != 0 && next != p => p = next,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// Nanoseconds each process's threads have run so far (`schedstat`), for those still there.
+    pub fn cpu_ns(pids: &[u32]) -> BTreeMap<u32, u64> {
+        pids.iter().filter_map(|pid| Some((*pid, process_ns(*pid)?))).collect()
+    }
+
+    fn process_ns(pid: u32) -> Option<u64> {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut total = 0u64;
+        for task in tasks.flatten() {
+            let text = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+        Some(total)
+    }
+
+    /// Microseconds per trip the processes present at both ends spent between them.
+    pub fn spent_us(start: &BTreeMap<u32, u64>, end: &BTreeMap<u32, u64>, trips: usize) -> Option<f64> {
+        if start.is_empty() || trips == 0 {
+            return None;
+        }
+        let ns: u64 = start.iter().filter_map(|(pid, a)| Some(end.get(pid)?.saturating_sub(*a))).sum();
+        Some(ns as f64 / 1e3 / trips as f64)
+    }
 }
 
 /// A local OpenSSH `sshd` on 127.0.0.1, killed when dropped. Each connection it forked lives in
@@ -554,6 +646,7 @@ impl Lab {
             config: self.config.clone(),
             host: key.to_string(),
             log: self.path.join(format!("ssh-{key}.log")),
+            servers: Vec::new(),
         }
     }
 
@@ -580,11 +673,8 @@ impl Drop for TetherSide {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let pid_file = self.data.join("workspaces").join(TETHER_WORKSPACE).join("agent.pid");
-        if let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
-            if pid > 1 {
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+        if let Some(pid) = self.agent_pid() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }
 }
@@ -643,6 +733,7 @@ impl TetherSide {
             config: ssh_config.clone(),
             host: format!("{TETHER_WORKSPACE}.tether"),
             log: lab.path.join("ssh-c.log"),
+            servers: Vec::new(),
         };
         let mut side = TetherSide { child, data, binary, route, front_door: String::new() };
 
@@ -678,6 +769,8 @@ impl TetherSide {
         if view["status"] != "running" {
             bail!("workspace {TETHER_WORKSPACE} did not reach running: {}\n{waited}", view["status_reason"]);
         }
+        side.route.servers = vec![side.child.id()];
+        side.route.servers.extend(side.agent_pid());
         side.cli(&[
             "config-ssh",
             "--user",
@@ -722,6 +815,12 @@ impl TetherSide {
         tail(&self.data.join("coordinator.log"), 30)
     }
 
+    /// The agent the `process` provisioner started, from its pid file.
+    fn agent_pid(&self) -> Option<u32> {
+        let pid_file = self.data.join("workspaces").join(TETHER_WORKSPACE).join("agent.pid");
+        std::fs::read_to_string(pid_file).ok()?.trim().parse().ok().filter(|pid| *pid > 1)
+    }
+
     fn agent_log_tail(&self) -> String {
         tail(&self.data.join("workspaces").join(TETHER_WORKSPACE).join("agent.log"), 30)
     }
@@ -761,6 +860,11 @@ struct Figures {
     bulk_mib_s: Vec<f64>,
     setup_ms: Vec<f64>,
     echo_us: Vec<f64>,
+    server_cpu_us: Option<f64>,
+}
+
+fn cpu_text(us: Option<f64>) -> String {
+    us.map_or_else(|| "n/a".to_string(), |us| format!("{us:.0} us"))
 }
 
 /// The summary numbers of one route, the ones compared.
@@ -771,6 +875,8 @@ struct Summary {
     setup_p90: f64,
     echo_p50: f64,
     echo_p99: f64,
+    /// Server-side CPU per echo trip, microseconds; NaN if not measured.
+    server_cpu: f64,
 }
 
 impl Figures {
@@ -785,6 +891,7 @@ impl Figures {
             setup_p90: percentile(&setup, 0.9),
             echo_p50: percentile(&echo, 0.5),
             echo_p99: percentile(&echo, 0.99),
+            server_cpu: self.server_cpu_us.unwrap_or(f64::NAN),
         }
     }
 
@@ -812,6 +919,7 @@ impl Figures {
                 "min": round(echo[0], 1),
                 "max": round(echo[echo.len() - 1], 1),
                 "samples": echo.len(),
+                "server_cpu_per_trip_us": self.server_cpu_us.map(|us| round(us, 1)),
             },
         })
     }
@@ -826,16 +934,19 @@ fn compare(c: &Summary, base: &Summary, base_key: &str, b: &mut Block) -> Value 
         "setup_p90": round(ratio(c.setup_p90, base.setup_p90), 3),
         "echo_p50": round(ratio(c.echo_p50, base.echo_p50), 3),
         "echo_p99": round(ratio(c.echo_p99, base.echo_p99), 3),
+        "echo_server_cpu": round(ratio(c.server_cpu, base.server_cpu), 3),
     });
     b.line(
         &format!("ratios c/{base_key}"),
         format!(
-            "throughput {:.2}, setup median {:.2} (p90 {:.2}), echo p50 {:.2}, echo p99 {:.2}",
+            "throughput {:.2}, setup median {:.2} (p90 {:.2}), echo p50 {:.2}, echo p99 {:.2}, \
+             server CPU per trip {:.2}",
             ratio(c.bulk, base.bulk),
             ratio(c.setup_median, base.setup_median),
             ratio(c.setup_p90, base.setup_p90),
             ratio(c.echo_p50, base.echo_p50),
             ratio(c.echo_p99, base.echo_p99),
+            ratio(c.server_cpu, base.server_cpu),
         ),
     );
     let targets = [
@@ -941,20 +1052,31 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
     );
     b.note("");
     b.note(format!(
-        "{:<6} {:<44} {:>9} {:>10} {:>9} {:>10} {:>10}",
-        "path", "", "MiB/s", "setup ms", "p90 ms", "echo p50", "echo p99"
+        "{:<6} {:<44} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10}",
+        "path", "", "MiB/s", "setup ms", "p90 ms", "echo p50", "echo p99", "CPU/trip"
     ));
     let mut summaries = Vec::new();
     let mut per_route = serde_json::Map::new();
     for (route, f) in routes.iter().zip(&figures) {
         let s = f.summary();
         b.note(format!(
-            "{:<6} {:<44} {:>9.1} {:>10.1} {:>9.1} {:>8.0}us {:>8.0}us",
-            route.key, route.about, s.bulk, s.setup_median, s.setup_p90, s.echo_p50, s.echo_p99
+            "{:<6} {:<44} {:>9.1} {:>10.1} {:>9.1} {:>8.0}us {:>8.0}us {:>10}",
+            route.key,
+            route.about,
+            s.bulk,
+            s.setup_median,
+            s.setup_p90,
+            s.echo_p50,
+            s.echo_p99,
+            cpu_text(f.server_cpu_us)
         ));
         summaries.push(s);
         per_route.insert(route.key.to_string(), f.json(route));
     }
+    b.note(
+        "CPU/trip: CPU time the server side spent per echo round trip (sshd's processes for the \
+         connection, or the coordinator and the agent, and the remote dd)",
+    );
     b.note("");
     for (route, f) in routes.iter().zip(&figures) {
         let names: &[&str] = if f.hops.len() > 1 { &["jump hop", "end to end"] } else { &["end to end"] };
@@ -1035,10 +1157,17 @@ async fn measure(args: &SshArgs, routes: &[Route]) -> anyhow::Result<Vec<Figures
     let (r, n) = (routes.to_vec(), args.echo_samples);
     eprintln!("echo: {n} round trips on each route, interleaved");
     let echoes = blocking(move || echo_interleaved(&r, n)).await?;
-    for ((route, f), us) in routes.iter().zip(&mut figures).zip(echoes) {
-        f.echo_us = us;
+    for ((route, f), echo) in routes.iter().zip(&mut figures).zip(echoes) {
+        f.echo_us = echo.micros;
+        f.server_cpu_us = echo.server_cpu_us;
         let s = sorted(&f.echo_us);
-        eprintln!("echo {}: p50 {:.0} us, p99 {:.0} us", route.key, percentile(&s, 0.5), percentile(&s, 0.99));
+        eprintln!(
+            "echo {}: p50 {:.0} us, p99 {:.0} us, server-side CPU {} per trip",
+            route.key,
+            percentile(&s, 0.5),
+            percentile(&s, 0.99),
+            cpu_text(f.server_cpu_us)
+        );
     }
     Ok(figures)
 }
@@ -1069,6 +1198,23 @@ debug1: kex: client->server cipher: aes256-gcm@openssh.com MAC: <implicit> compr
              host key ssh-ed25519-cert-v01@openssh.com"
         );
         assert_eq!(hops[1].mac_s2c, "<implicit>");
+    }
+
+    #[test]
+    fn server_cpu_counts_processes_present_at_both_ends() {
+        let start = std::collections::BTreeMap::from([(10, 1_000_000u64), (11, 500_000), (12, 7)]);
+        // 12 has gone; 13 came later and has no starting point.
+        let end = std::collections::BTreeMap::from([(10, 3_000_000u64), (11, 1_500_000), (13, 9_000_000)]);
+        assert_eq!(procfs::spent_us(&start, &end, 1000), Some(3.0));
+        assert_eq!(procfs::spent_us(&Default::default(), &end, 1000), None);
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let (me, pid) = (std::process::id(), child.id());
+        assert!(procfs::pids().contains(&pid));
+        assert!(procfs::descends_from(pid, me));
+        assert!(!procfs::descends_from(me, pid));
+        assert!(procfs::cpu_ns(&[me]).contains_key(&me), "this kernel keeps per-task run times");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]
