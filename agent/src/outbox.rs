@@ -20,9 +20,8 @@ pub const MAX_UNACKED_EVENT_BYTES: usize = 8 * 1024 * 1024;
 pub const LOGS_FIRST_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Memory an item costs beyond its text: the struct and its allocations' headers. Counting it keeps
-/// a flood of empty lines bounded too, and it is more than an item's framing on the wire, so a batch
-/// measured this way always fits a frame.
-pub const ITEM_OVERHEAD: usize = 128;
+/// a flood of empty lines bounded too; the coordinator checks a log batch's size the same way.
+pub use tether_shared::limits::ITEM_OVERHEAD;
 
 /// An item with a sequence number and a size.
 pub trait Sequenced: Clone {
@@ -49,7 +48,7 @@ impl Sequenced for LogLine {
         self.seq
     }
     fn cost(&self) -> usize {
-        ITEM_OVERHEAD + self.line.len() + self.script.len()
+        LogLine::cost(self)
     }
 }
 

@@ -84,6 +84,9 @@ pub struct Brokered {
 
 /// The workspace a client's host name names: `NAME.tether` or `NAME`, any case.
 pub fn workspace_name(target: &str) -> String {
+    // A host name is at most 255 characters; longer is not a workspace, and is not worth keeping
+    // whole in the log and the audit record of its refusal.
+    let target: String = target.chars().take(255).collect();
     let t = target.trim().trim_end_matches('.').to_ascii_lowercase();
     t.strip_suffix(HOST_SUFFIX).map(str::to_string).unwrap_or(t)
 }

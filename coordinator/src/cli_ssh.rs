@@ -167,8 +167,7 @@ pub async fn access(client: &Client, workspace: &str) -> anyhow::Result<()> {
 }
 
 fn when(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::view::rfc3339_seconds(ms)
 }
 
 pub async fn audit(

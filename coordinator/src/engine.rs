@@ -758,6 +758,14 @@ impl Engine {
         };
         let _guard = self.lock(id).await;
         let applied = self.store.apply_events(id, instance, events, offset).await?;
+        if applied.dropped_spans > 0 {
+            warn!(
+                workspace = id,
+                spans = applied.dropped_spans,
+                limit = tether_shared::limits::MAX_SPANS_PER_BUILD,
+                "dropped timing spans for a build this workspace does not have, or past the limit per build"
+            );
+        }
         if applied.lifecycle.is_some() || applied.spans > 0 {
             let mut row = self.reload(id).await?;
             if let Some(lc) = applied.lifecycle {

@@ -237,7 +237,7 @@ impl russh::server::Handler for Handler {
         }
         let request = Request {
             user,
-            target: host_to_connect.chars().take(255).collect(),
+            target: host_to_connect.to_string(),
             via: Via::FrontDoor,
             peer: self.peer.to_string(),
             key_fingerprint: Some(fp),

@@ -9,9 +9,10 @@ use nix::unistd::Pid;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tether_shared::lines::LineCutter;
 use tether_shared::proto::Span;
 use tether_shared::{limits, now_ms, SpanStatus};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tracing::{info, warn};
 
@@ -239,11 +240,27 @@ async fn run_command(
         let Some(reader) = reader else { continue };
         let tx = tx.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(reader).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send((stream, line)).await.is_err() {
-                    break;
+            // Lines are cut at MAX_LOG_LINE as they arrive, so output without newlines costs bounded
+            // memory; bytes that are not UTF-8 become replacement characters.
+            let mut reader = reader;
+            let mut cutter = LineCutter::new(limits::MAX_LOG_LINE);
+            let mut chunk = vec![0u8; 8 * 1024];
+            let mut lines = Vec::new();
+            loop {
+                let n = match reader.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                cutter.feed(&chunk[..n], &mut |l| lines.push(l));
+                for line in lines.drain(..) {
+                    if tx.send((stream, line)).await.is_err() {
+                        return;
+                    }
                 }
+            }
+            cutter.finish(&mut |l| lines.push(l));
+            for line in lines {
+                let _ = tx.send((stream, line)).await;
             }
         });
     }
@@ -254,15 +271,7 @@ async fn run_command(
     let mut last_err_line: Option<String> = None;
     let source = format!("provision:{transition}");
     let collect = async {
-        while let Some((stream, mut line)) = rx.recv().await {
-            if line.len() > limits::MAX_LOG_LINE {
-                let mut cut = limits::MAX_LOG_LINE;
-                while !line.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                line.truncate(cut);
-                line.push_str(" [line truncated]");
-            }
+        while let Some((stream, line)) = rx.recv().await {
             if !line.trim().is_empty() {
                 if stream == "stderr" {
                     last_err_line = Some(line.clone());

@@ -191,8 +191,16 @@ impl Template {
             errors.push(format!("env has {} variables, over the limit of {}", raw.env.len(), limits::MAX_ENV));
         }
         for (k, v) in &raw.env {
+            let shown: String = k.chars().take(80).collect();
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                errors.push(format!("env variable '{k}' is not a valid name or value"));
+                errors.push(format!("env variable '{shown}' is not a valid name or value"));
+            }
+            if k.len() > limits::MAX_TEXT {
+                errors.push(format!(
+                    "env variable name '{shown}…' is {} bytes, over the limit of {}",
+                    k.len(),
+                    limits::MAX_TEXT
+                ));
             }
             if v.len() > limits::MAX_ENV_VALUE {
                 errors.push(format!(
@@ -258,7 +266,14 @@ impl Template {
         }
         for name in &ssh.allowed_env {
             let stem = name.strip_suffix('*').unwrap_or(name);
-            if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            if name.len() > limits::MAX_TEXT {
+                errors.push(format!(
+                    "ssh.allowed_env entry '{}…' is {} bytes, over the limit of {}",
+                    name.chars().take(80).collect::<String>(),
+                    name.len(),
+                    limits::MAX_TEXT
+                ));
+            } else if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                 errors.push(format!(
                     "ssh.allowed_env entry '{}' is not a variable name (letters, digits, '_', optionally ending in '*')",
                     name.chars().take(80).collect::<String>()
@@ -268,7 +283,7 @@ impl Template {
         if !errors.is_empty() {
             return Err(TemplateError::Invalid(errors));
         }
-        Ok(Template {
+        let template = Template {
             ssh,
             provisioner,
             connection_timeout,
@@ -278,7 +293,18 @@ impl Template {
             env: raw.env,
             command,
             scripts,
-        })
+        };
+        template.check_manifest()?;
+        Ok(template)
+    }
+
+    /// Whether agents accept the manifest they would get. (It fits a frame: the template's own size
+    /// limit is far below one.)
+    fn check_manifest(&self) -> Result<(), TemplateError> {
+        let probe = self.manifest(&"w".repeat(limits::MAX_NAME), u64::MAX, None);
+        probe
+            .validate()
+            .map_err(|e| TemplateError::Invalid(vec![format!("the manifest agents would get is not valid: {e}")]))
     }
 
     /// The agent's manifest for one build.
@@ -307,6 +333,16 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_an_agent_would_refuse_are_refused_here() {
+        let long_name = format!("provisioner = \"process\"\n[env]\n{} = \"x\"\n", "A".repeat(2000));
+        let err = Template::parse(&long_name).unwrap_err().to_string();
+        assert!(err.contains("is 2000 bytes, over the limit of 1024"), "{err}");
+        let long_allowed = format!("[ssh]\nallowed_env = [\"{}\"]\n", "B".repeat(2000));
+        let err = Template::parse(&long_allowed).unwrap_err().to_string();
+        assert!(err.contains("ssh.allowed_env entry"), "{err}");
+    }
 
     #[test]
     fn parses_the_documented_example() {

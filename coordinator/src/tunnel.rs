@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tether_shared::frame::{self, FrameError};
-use tether_shared::io::{read_payload, write_msg};
+use tether_shared::io::{read_payload, read_payload_max, write_msg};
+use tether_shared::limits::MAX_HELLO_FRAME;
 use tether_shared::proto::{
     AgentMessage, Channel, CoordinatorMessage, Hello, HelloReply, LogBatch, RejectCode, PROTOCOL_VERSION,
 };
@@ -96,7 +97,8 @@ async fn session(conn: &quinn::Connection, remote: SocketAddr, engine: &Arc<Engi
         .await
         .map_err(|_| TunnelError::Timeout("the control stream"))??;
     let mut buf = Vec::new();
-    let got = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_payload(&mut recv, &mut buf))
+    // Nobody is authenticated yet: the hello gets a small limit of its own.
+    let got = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_payload_max(&mut recv, &mut buf, MAX_HELLO_FRAME))
         .await
         .map_err(|_| TunnelError::Timeout("the hello"))??;
     if !got {

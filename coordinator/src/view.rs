@@ -8,8 +8,30 @@ use tether_shared::{Lifecycle, SpanStatus, WorkspaceStatus};
 
 /// `2026-11-23T06:42:15.123Z` for a Unix-millisecond time.
 pub fn rfc3339(ms: i64) -> String {
+    format_time(ms, true)
+}
+
+/// `2026-11-23T06:42:15Z` for a Unix-millisecond time.
+pub fn rfc3339_seconds(ms: i64) -> String {
+    format_time(ms, false)
+}
+
+/// RFC 3339 has four-digit years: a time past 9999 (from a damaged database or a peer) is printed
+/// as its number instead of failing.
+fn format_time(ms: i64, millis: bool) -> String {
+    use std::fmt::Write;
+    // At most i64::MAX ms, which SystemTime holds on every platform Tether runs on.
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    let mut out = String::new();
+    let written = if millis {
+        write!(out, "{}", humantime::format_rfc3339_millis(t))
+    } else {
+        write!(out, "{}", humantime::format_rfc3339_seconds(t))
+    };
+    match written {
+        Ok(()) => out,
+        Err(_) => format!("{ms} ms after the Unix epoch"),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,4 +170,18 @@ pub struct LogsView {
     pub lines: Vec<LogView>,
     /// Pass as `after` to get what comes next.
     pub next: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_past_the_year_9999_are_printed_as_numbers_not_a_panic() {
+        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339_seconds(1_700_000_000_123), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(-5), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(i64::MAX), format!("{} ms after the Unix epoch", i64::MAX));
+        assert_eq!(rfc3339_seconds(300_000_000_000_000), "300000000000000 ms after the Unix epoch");
+    }
 }

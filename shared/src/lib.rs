@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod frame;
 pub mod io;
 pub mod limits;
+pub mod lines;
 pub mod proto;
 pub mod ready;
 pub mod status;

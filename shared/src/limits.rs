@@ -38,3 +38,17 @@ pub const MAX_TIME_MS: i64 = 100_000_000_000_000;
 /// Log bytes the coordinator keeps per build unless `--max-build-log-mib` says otherwise: the
 /// agent's own cap lets a build's scripts print at most `MAX_SCRIPTS * MAX_SCRIPT_OUTPUT` (64 MiB).
 pub const DEFAULT_MAX_BUILD_LOG_MIB: u64 = 64;
+/// Largest hello frame the coordinator reads from a connection it knows nothing about yet: a valid
+/// hello (a token and three short texts) is well under it.
+pub const MAX_HELLO_FRAME: usize = 8 * 1024;
+/// Bytes counted for each event or log line on top of its text: in a batch's size, which a log batch
+/// must keep under `MAX_LOG_BATCH_BYTES` (so a batch holds at most 2048 lines), and in the agent's
+/// memory cap. More than an item's framing on the wire, so a batch measured this way fits a frame.
+pub const ITEM_OVERHEAD: usize = 128;
+/// Bytes the coordinator counts against `--max-build-log-mib` for each stored log line on top of its
+/// text and script name: about what a row and its index entry cost, so empty lines add up too.
+pub const LOG_ROW_OVERHEAD: usize = 32;
+/// Timing spans the coordinator keeps per build; a build has one per step and script, so a few dozen.
+pub const MAX_SPANS_PER_BUILD: i64 = 1024;
+/// Status changes the coordinator keeps per workspace (the newest); `show` reads the last 20.
+pub const MAX_TRANSITIONS_KEPT: i64 = 1000;

@@ -306,6 +306,18 @@ fn check_time(field: &'static str, ms: i64) -> Result<(), InvalidMessage> {
     Ok(())
 }
 
+/// A build number a peer sent: the coordinator stores them as SQLite integers.
+fn check_build(field: &'static str, build: u64) -> Result<(), InvalidMessage> {
+    if build > i64::MAX as u64 {
+        return Err(InvalidMessage::OutOfRange {
+            field,
+            value: build.to_string(),
+            range: format!("0 ..= {}", i64::MAX),
+        });
+    }
+    Ok(())
+}
+
 /// A gauge a peer sent (CPU percent, load, CPU count): finite, not negative, below a billion.
 fn check_gauge(field: &'static str, v: f32) -> Result<(), InvalidMessage> {
     if !(v.is_finite() && (0.0..1e9).contains(&v)) {
@@ -364,6 +376,7 @@ impl AgentMessage {
             AgentMessage::Events(batch) => {
                 check_count("events", batch.events.len(), limits::MAX_EVENTS_PER_BATCH)?;
                 for e in &batch.events {
+                    check_build("event build", e.build)?;
                     match &e.kind {
                         EventKind::Lifecycle { detail, at_ms, .. } => {
                             check_len("detail", detail.as_deref().unwrap_or(""), limits::MAX_TEXT)?;
@@ -401,13 +414,29 @@ impl StreamOpen {
     }
 }
 
+impl LogLine {
+    /// What the line counts for in a batch: its text, its script's name and `ITEM_OVERHEAD`.
+    pub fn cost(&self) -> usize {
+        limits::ITEM_OVERHEAD + self.line.len() + self.script.len()
+    }
+}
+
 impl LogBatch {
+    /// Each line's fields, and the batch's size as the agent measures it (at most
+    /// `MAX_LOG_BATCH_BYTES`, so at most 2048 lines): a batch is stored in one transaction, which
+    /// must stay short.
     pub fn validate(&self) -> Result<(), InvalidMessage> {
+        let mut bytes = 0usize;
         for l in &self.lines {
             check_len("log script", &l.script, limits::MAX_TEXT)?;
             // A cut line carries a short marker past the limit.
             check_len("log line", &l.line, limits::MAX_LOG_LINE + 64)?;
             check_time("log at_ms", l.at_ms)?;
+            check_build("log build", l.build)?;
+            bytes += l.cost();
+        }
+        if bytes > limits::MAX_LOG_BATCH_BYTES {
+            return Err(InvalidMessage::TooLong { field: "log batch", len: bytes, max: limits::MAX_LOG_BATCH_BYTES });
         }
         Ok(())
     }
@@ -469,6 +498,46 @@ mod tests {
         let events =
             AgentMessage::Events(EventBatch { events: vec![Event { seq: 1, build: 1, kind: EventKind::Span(span) }] });
         assert!(events.validate().unwrap_err().to_string().starts_with("span ended_at_ms is"));
+    }
+
+    #[test]
+    fn a_log_batch_is_as_large_as_an_agent_makes_one_and_no_larger() {
+        let empty = |seq| LogLine { seq, line: String::new(), ..line(1) };
+        let most = limits::MAX_LOG_BATCH_BYTES / empty(0).cost();
+        assert!(LogBatch { lines: (0..most as u64).map(empty).collect() }.validate().is_ok());
+        let err = LogBatch { lines: (0..most as u64 + 1).map(empty).collect() }.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "log batch is {} bytes, over the limit of {}",
+                (most + 1) * empty(0).cost(),
+                limits::MAX_LOG_BATCH_BYTES
+            )
+        );
+        let huge_build = LogBatch { lines: vec![LogLine { build: u64::MAX, ..line(1) }] };
+        assert!(huge_build.validate().unwrap_err().to_string().starts_with("log build is 18446744073709551615"));
+        let event = Event {
+            seq: 1,
+            build: 1 << 63,
+            kind: EventKind::Lifecycle { state: Lifecycle::Ready, at_ms: 1, detail: None },
+        };
+        let err = AgentMessage::Events(EventBatch { events: vec![event] }).validate().unwrap_err();
+        assert!(err.to_string().starts_with("event build is 9223372036854775808"), "{err}");
+    }
+
+    #[test]
+    fn the_largest_valid_hello_fits_the_hello_frame() {
+        let hello = Hello {
+            token: "t".repeat(limits::MAX_TOKEN),
+            agent_version: "v".repeat(limits::MAX_TEXT),
+            instance: u64::MAX,
+            sent_at_ms: limits::MAX_TIME_MS,
+            hostname: "h".repeat(limits::MAX_TEXT),
+            ssh_host_key: Some("k".repeat(limits::MAX_TEXT)),
+        };
+        hello.validate().unwrap();
+        let frame = crate::frame::encode_versioned(PROTOCOL_VERSION, &hello).unwrap();
+        assert!(frame.len() - 4 <= limits::MAX_HELLO_FRAME, "{} bytes", frame.len());
     }
 
     #[test]

@@ -203,7 +203,7 @@ fn the_command_provisioner_records_failures_with_the_last_error_line() {
     let template = r#"
 provisioner = "command"
 [command]
-start = "echo pulling image; echo 'image not found: example/dev:latest' >&2; exit 4"
+start = "head -c 100000 /dev/zero | tr '\\0' x; echo; printf 'bad \\377 byte\\n'; echo pulling image; echo 'image not found: example/dev:latest' >&2; exit 4"
 "#;
     c.create("cmd", template, &["--start"]);
     let w = c.wait_for("cmd", "failed,running", LONG);
@@ -213,6 +213,14 @@ start = "echo pulling image; echo 'image not found: example/dev:latest' >&2; exi
     assert_eq!(span(&spans, "provision", "start command")["exit_code"], 4);
     let logs = c.logs("cmd");
     assert!(logs.contains(&("provision:start".into(), "pulling image".into())), "{logs:?}");
+    // A line without end is cut at the log line limit; a byte that is not UTF-8 does not stop reading.
+    let cut = format!("{} [line truncated]", "x".repeat(16 * 1024));
+    assert!(
+        logs.contains(&("provision:start".into(), cut)),
+        "{:?}",
+        logs.iter().map(|l| l.1.len()).collect::<Vec<_>>()
+    );
+    assert!(logs.contains(&("provision:start".into(), "bad \u{fffd} byte".into())), "{logs:?}");
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! Bad peers and restarts: each is refused or survived while other workspaces keep running.
 
-use tether_shared::frame;
 use tether_shared::proto::{Hello, HelloReply, RejectCode, PROTOCOL_VERSION};
 use tether_shared::tls::{client_config, CaPin, SERVER_NAME};
+use tether_shared::{frame, limits};
 use tether_tests::{external, span, Agent, Coordinator, LONG};
 
 const HEALTHY: &str = r#"
@@ -95,6 +95,15 @@ fn bad_tokens_versions_and_frames_are_refused_while_others_keep_running() {
         let err = conn.closed().await;
         let text = err.to_string();
         assert!(text.contains("over the limit of 1048576 bytes"), "close reason names the limit: {text}");
+
+        // A hello announced at 1 MiB: within the frame limit, over the hello's own, refused before
+        // anything is read or allocated for it.
+        let (_ep, conn) = raw_connect(&c).await;
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(&(1024u32 * 1024).to_be_bytes()).await.unwrap();
+        let text = conn.closed().await.to_string();
+        let limit = format!("frame of 1048576 bytes is over the limit of {} bytes", limits::MAX_HELLO_FRAME);
+        assert!(text.contains(&limit), "close reason names the hello's limit: {text}");
 
         // A hello from a clock that cannot be: refused with the field named, before the token is looked at.
         let (_ep, conn) = raw_connect(&c).await;

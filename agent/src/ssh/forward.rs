@@ -73,20 +73,29 @@ impl Link {
     }
 }
 
-/// Where `tcpip-forward` listens: loopback unless the client names an address.
-pub fn bind_address(address: &str, port: u16) -> Result<Vec<SocketAddr>, std::io::Error> {
-    use std::net::ToSocketAddrs;
+/// Where `tcpip-forward` listens: loopback unless the client names an address. A host name is
+/// looked up off the async threads (a slow resolver must not stall the agent), within `RESOLVE_TIMEOUT`.
+pub async fn bind_address(address: &str, port: u16) -> Result<Vec<SocketAddr>, std::io::Error> {
     match address {
         "" | "localhost" => Ok(vec![(Ipv4Addr::LOCALHOST, port).into()]),
         "*" | "0.0.0.0" => Ok(vec![(Ipv4Addr::UNSPECIFIED, port).into()]),
-        host => Ok((host, port).to_socket_addrs()?.collect()),
+        host => match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+            Ok(found) => Ok(found?.collect()),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("looking up '{host}' took over {} s", RESOLVE_TIMEOUT.as_secs()),
+            )),
+        },
     }
 }
+
+/// Longest a `tcpip-forward` address may take to resolve.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Listens for `tcpip-forward`; returns the bound port (the chosen one when `port` is 0).
 pub async fn listen_tcp(link: Link, address: &str, port: u32) -> std::io::Result<(u32, Listener)> {
     let port = u16::try_from(port).map_err(|_| std::io::Error::other(format!("port {port} is out of range")))?;
-    let addrs = bind_address(address, port)?;
+    let addrs = bind_address(address, port).await?;
     let listener = tokio::net::TcpListener::bind(&addrs[..]).await?;
     let bound = listener.local_addr()?.port();
     let address = address.to_string();
@@ -171,11 +180,11 @@ pub fn listen_agent(link: Link, parent: &Path) -> std::io::Result<(PathBuf, List
 mod tests {
     use super::*;
 
-    #[test]
-    fn forward_addresses() {
-        assert_eq!(bind_address("", 80).unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 80))]);
-        assert_eq!(bind_address("localhost", 0).unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 0))]);
-        assert_eq!(bind_address("*", 8).unwrap(), vec![SocketAddr::from(([0, 0, 0, 0], 8))]);
-        assert_eq!(bind_address("::1", 9).unwrap(), vec!["[::1]:9".parse::<SocketAddr>().unwrap()]);
+    #[tokio::test]
+    async fn forward_addresses() {
+        assert_eq!(bind_address("", 80).await.unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 80))]);
+        assert_eq!(bind_address("localhost", 0).await.unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 0))]);
+        assert_eq!(bind_address("*", 8).await.unwrap(), vec![SocketAddr::from(([0, 0, 0, 0], 8))]);
+        assert_eq!(bind_address("::1", 9).await.unwrap(), vec!["[::1]:9".parse::<SocketAddr>().unwrap()]);
     }
 }

@@ -4,9 +4,11 @@
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
+use tether_shared::limits;
 use tether_shared::proto::{Event, EventKind, LogLine, Span};
 use tether_shared::{Lifecycle, SpanStatus, WorkspaceStatus};
 
@@ -103,6 +105,8 @@ pub struct Applied {
     pub acked: u64,
     pub lifecycle: Option<Lifecycle>,
     pub spans: usize,
+    /// Spans for a build this workspace does not have, or past `MAX_SPANS_PER_BUILD`.
+    pub dropped_spans: usize,
 }
 
 #[derive(Clone)]
@@ -363,6 +367,15 @@ impl Store {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
+        // Only the newest are kept, so an agent that comes and goes in a loop cannot grow the table.
+        sqlx::query(
+            "DELETE FROM transitions WHERE workspace_id = $1 AND id <= (SELECT id FROM transitions
+             WHERE workspace_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+        )
+        .bind(id)
+        .bind(limits::MAX_TRANSITIONS_KEPT)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -480,22 +493,49 @@ impl Store {
         let build: i64 = row.try_get("build")?;
         let mut lifecycle: Option<Lifecycle> =
             row.try_get::<Option<String>, _>("lifecycle")?.map(|v| word("lifecycle", v)).transpose()?;
+        // Spans kept so far per build this batch touches; `None` for a build with no record.
+        let mut spans: BTreeMap<i64, Option<i64>> = BTreeMap::new();
         for e in events {
             if e.seq <= applied.acked {
                 continue;
             }
             applied.acked = e.seq;
+            let event_build = i64::try_from(e.build).unwrap_or(i64::MAX);
             match &e.kind {
                 EventKind::Lifecycle { state, .. } => {
                     let advances = lifecycle.is_none_or(|l| l.may_advance_to(*state));
-                    if e.build as i64 == build && advances {
+                    if event_build == build && advances {
                         lifecycle = Some(*state);
                         applied.lifecycle = Some(*state);
                     }
                 }
                 EventKind::Span(span) => {
-                    insert_span(&mut tx, id, e.build as i64, "agent", span, clock_offset_ms).await?;
-                    applied.spans += 1;
+                    let count = match spans.get(&event_build) {
+                        Some(count) => *count,
+                        None => {
+                            let count: Option<i64> = sqlx::query_scalar(
+                                "SELECT (SELECT COUNT(*) FROM spans s WHERE s.workspace_id = b.workspace_id
+                                 AND s.build = b.build) FROM builds b WHERE b.workspace_id = $1 AND b.build = $2",
+                            )
+                            .bind(id)
+                            .bind(event_build)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                            count
+                        }
+                    };
+                    // A build this workspace does not have, or one with its fill of spans: dropped.
+                    match count {
+                        Some(n) if n < limits::MAX_SPANS_PER_BUILD => {
+                            insert_span(&mut tx, id, event_build, "agent", span, clock_offset_ms).await?;
+                            applied.spans += 1;
+                            spans.insert(event_build, Some(n + 1));
+                        }
+                        _ => {
+                            applied.dropped_spans += 1;
+                            spans.insert(event_build, count);
+                        }
+                    }
                 }
             }
         }
@@ -532,15 +572,15 @@ impl Store {
         }
         let cap = max_build_bytes.min(i64::MAX as u64 - 1) as i64;
         // Bytes kept so far per build this batch touches; `None` for a build with no record.
-        let mut kept: Vec<(i64, Option<i64>)> = Vec::new();
+        let mut kept: BTreeMap<i64, Option<i64>> = BTreeMap::new();
         for l in lines {
             if l.seq <= applied.acked {
                 continue;
             }
             applied.acked = l.seq;
-            let build = l.build.min(i64::MAX as u64) as i64;
-            let slot = match kept.iter().position(|(b, _)| *b == build) {
-                Some(i) => i,
+            let build = i64::try_from(l.build).unwrap_or(i64::MAX);
+            let used = match kept.get(&build) {
+                Some(used) => *used,
                 None => {
                     let bytes: Option<i64> =
                         sqlx::query_scalar("SELECT log_bytes FROM builds WHERE workspace_id = $1 AND build = $2")
@@ -548,11 +588,11 @@ impl Store {
                             .bind(build)
                             .fetch_optional(&mut *tx)
                             .await?;
-                    kept.push((build, bytes));
-                    kept.len() - 1
+                    kept.insert(build, bytes);
+                    bytes
                 }
             };
-            let Some(used) = kept[slot].1 else {
+            let Some(used) = used else {
                 applied.unknown_build += 1;
                 continue;
             };
@@ -560,14 +600,15 @@ impl Store {
             if used > cap {
                 continue;
             }
-            let len = l.line.len() as i64;
+            // What the row costs, not only its text: empty lines with long script names add up too.
+            let len = (l.line.len() + l.script.len() + limits::LOG_ROW_OVERHEAD) as i64;
             let (line, used) = if used + len > cap {
                 applied.capped.push(build);
                 (build_log_marker(max_build_bytes), cap + 1)
             } else {
                 (l.line.clone(), used + len)
             };
-            kept[slot].1 = Some(used);
+            kept.insert(build, Some(used));
             sqlx::query(
                 "INSERT INTO logs (workspace_id, build, source, stream, at, line) VALUES ($1, $2, $3, $4, $5, $6)",
             )
@@ -814,36 +855,91 @@ mod tests {
         LogLine { seq, build, script: "setup".into(), stream: LogStream::Stdout, at_ms: 1_000, line: text.into() }
     }
 
-    #[tokio::test]
-    async fn a_build_keeps_logs_up_to_the_limit_then_one_marker() {
+    async fn store_with_build() -> (tempfile::TempDir, Store, WorkspaceRow, u64) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("t.db")).await.unwrap();
         let w =
             store.create_workspace("w", None, "", "external", WorkspaceStatus::Starting, "", None, 0).await.unwrap();
         let build = store.begin_build(w.id, None, 0).await.unwrap() as u64;
         store.agent_hello(w.id, 7, "v", "h", 0).await.unwrap();
+        (dir, store, w, build)
+    }
 
-        // 10 bytes allowed: 4 + 6 fit exactly; the next line is replaced by the marker; later
-        // lines are acknowledged and dropped; a build that does not exist keeps nothing.
+    #[tokio::test]
+    async fn a_build_keeps_logs_up_to_the_limit_then_one_marker() {
+        let (_dir, store, w, build) = store_with_build().await;
+        // Each row counts its text, its script's name ("setup") and the row overhead.
+        let row = ("setup".len() + limits::LOG_ROW_OVERHEAD) as u64;
+        let cap = 2 * row + 10;
+
+        // 4 + 6 bytes of text fit exactly; the next line is replaced by the marker; later lines are
+        // acknowledged and dropped; a build that does not exist keeps nothing.
         let batch = [line(1, build, "abcd"), line(2, build, "efghij"), line(3, build, "k"), line(4, build + 5, "zz")];
-        let applied = store.apply_logs(w.id, 7, &batch, 0, 10).await.unwrap();
+        let applied = store.apply_logs(w.id, 7, &batch, 0, cap).await.unwrap();
         assert_eq!(applied, LogsApplied { acked: 4, capped: vec![build as i64], unknown_build: 1 });
-        let applied = store.apply_logs(w.id, 7, &[line(5, build, "l")], 0, 10).await.unwrap();
+        let applied = store.apply_logs(w.id, 7, &[line(5, build, "l")], 0, cap).await.unwrap();
         assert_eq!(applied, LogsApplied { acked: 5, ..LogsApplied::default() });
         // A resent batch is not stored twice.
-        let applied = store.apply_logs(w.id, 7, &batch, 0, 10).await.unwrap();
+        let applied = store.apply_logs(w.id, 7, &batch, 0, cap).await.unwrap();
         assert_eq!(applied.acked, 5);
         let kept: Vec<String> = store.logs(w.id, 0, 100, None).await.unwrap().into_iter().map(|l| l.line).collect();
-        assert_eq!(kept, ["abcd", "efghij", &build_log_marker(10)]);
+        assert_eq!(kept, ["abcd", "efghij", &build_log_marker(cap)]);
         assert_eq!(
             build_log_marker(64 << 20),
             "[tether: this build's logs reached the coordinator's limit of 64 MiB (--max-build-log-mib); later \
              lines are not kept]"
         );
 
-        // The next build starts from nothing.
+        // The next build starts from nothing, and empty lines count too.
         let next = store.begin_build(w.id, None, 1).await.unwrap() as u64;
-        let applied = store.apply_logs(w.id, 7, &[line(6, next, "0123456789")], 0, 10).await.unwrap();
-        assert_eq!(applied, LogsApplied { acked: 6, ..LogsApplied::default() });
+        let empties: Vec<LogLine> = (6..10).map(|seq| line(seq, next, "")).collect();
+        let applied = store.apply_logs(w.id, 7, &empties, 0, 3 * row).await.unwrap();
+        assert_eq!(applied, LogsApplied { acked: 9, capped: vec![next as i64], unknown_build: 0 });
+    }
+
+    fn span_event(seq: u64, build: u64) -> Event {
+        let span = Span {
+            stage: "script".into(),
+            name: format!("s{seq}"),
+            started_at_ms: 1,
+            ended_at_ms: 2,
+            exit_code: Some(0),
+            status: SpanStatus::Ok,
+        };
+        Event { seq, build, kind: EventKind::Span(span) }
+    }
+
+    #[tokio::test]
+    async fn spans_are_kept_for_builds_that_exist_up_to_the_limit() {
+        let (_dir, store, w, build) = store_with_build().await;
+        let batch = [span_event(1, build), span_event(2, build + 1), span_event(3, u64::MAX)];
+        let applied = store.apply_events(w.id, 7, &batch, 0).await.unwrap();
+        assert_eq!((applied.acked, applied.spans, applied.dropped_spans), (3, 1, 2));
+        assert_eq!(store.spans(w.id, build as i64).await.unwrap().len(), 1);
+
+        let limit = limits::MAX_SPANS_PER_BUILD as u64;
+        // One is kept already: limit - 1 more fit, the last 10 do not.
+        let flood: Vec<Event> = (4..4 + limit - 1 + 10).map(|seq| span_event(seq, build)).collect();
+        let applied = store.apply_events(w.id, 7, &flood, 0).await.unwrap();
+        assert_eq!(applied.spans as u64, limit - 1);
+        assert_eq!(applied.dropped_spans, 10);
+        assert_eq!(store.spans(w.id, build as i64).await.unwrap().len() as u64, limit);
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_status_changes_are_kept() {
+        let (_dir, store, w, _) = store_with_build().await;
+        let n = limits::MAX_TRANSITIONS_KEPT + 5;
+        for i in 0..n {
+            let (from, to) = if i % 2 == 0 {
+                (WorkspaceStatus::Starting, WorkspaceStatus::Running)
+            } else {
+                (WorkspaceStatus::Running, WorkspaceStatus::Starting)
+            };
+            store.set_status(w.id, from, to, &format!("change {i}"), i).await.unwrap();
+        }
+        let kept = store.transitions(w.id, 10 * n).await.unwrap();
+        assert_eq!(kept.len() as i64, limits::MAX_TRANSITIONS_KEPT);
+        assert_eq!(kept.last().unwrap().reason, format!("change {}", n - 1));
     }
 }
