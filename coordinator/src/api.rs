@@ -87,7 +87,19 @@ async fn auth(
 ) -> Response {
     match bearer(&headers) {
         Some(t) if pki::hash_token(t) == *state.admin_token_hash => next.run(req).await,
-        Some(_) => ApiError(StatusCode::UNAUTHORIZED, "the API token is not valid".into()).into_response(),
+        // A user's token is valid, just not here: say so rather than call it invalid.
+        Some(t) => match state.engine.user_for_token(t).await {
+            Ok(Some(user)) => ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "this is user '{user}''s API token, which reaches only their workspaces over SSH; this \
+                     needs the admin token (`admin-token` in the coordinator's data directory)"
+                ),
+            )
+            .into_response(),
+            Ok(None) => ApiError(StatusCode::UNAUTHORIZED, "the API token is not valid".into()).into_response(),
+            Err(e) => ApiError::from(e).into_response(),
+        },
         None => {
             ApiError(StatusCode::UNAUTHORIZED, "missing API token (Authorization: Bearer …)".into()).into_response()
         }

@@ -332,7 +332,11 @@ pub enum WorkspaceCmd {
     /// Take back a grant.
     Revoke { name: String, user: String },
     /// Show who may reach a workspace.
-    Access { name: String },
+    Access {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -623,7 +627,7 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
         }
         WorkspaceCmd::Grant { name, user } => crate::cli_ssh::grant(client, &name, &user).await?,
         WorkspaceCmd::Revoke { name, user } => crate::cli_ssh::revoke(client, &name, &user).await?,
-        WorkspaceCmd::Access { name } => crate::cli_ssh::access(client, &name).await?,
+        WorkspaceCmd::Access { name, json } => crate::cli_ssh::access(client, &name, json).await?,
         WorkspaceCmd::Token { name, json } => {
             let v: serde_json::Value =
                 client.post(&format!("/workspaces/{}/token", enc(&name)), &serde_json::json!({})).await?;

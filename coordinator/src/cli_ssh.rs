@@ -160,8 +160,11 @@ pub async fn revoke(client: &Client, workspace: &str, user: &str) -> anyhow::Res
     Ok(())
 }
 
-pub async fn access(client: &Client, workspace: &str) -> anyhow::Result<()> {
+pub async fn access(client: &Client, workspace: &str, json: bool) -> anyhow::Result<()> {
     let v: serde_json::Value = client.get(&format!("/workspaces/{}/grants", enc(workspace))).await?;
+    if json {
+        return print_json(&v);
+    }
     print_grants(&v);
     Ok(())
 }

@@ -468,7 +468,7 @@ pub fn example() -> String {
             (_, true) => out.push_str(&format!("#{key} = false\n")),
             (Some(d), false) if d.parse::<i64>().is_ok() => out.push_str(&format!("#{key} = {d}\n")),
             (Some(d), false) => out.push_str(&format!("#{key} = {}\n", toml::Value::String(d))),
-            (None, false) => out.push_str(&format!("#{key} = \"\"\n")),
+            (None, false) => out.push_str(&format!("# (unset by default)\n#{key} = \"\"\n")),
         }
     }
     out

@@ -22,7 +22,12 @@ impl ScriptProblem {
                 format!("startup script '{}' timed out after {}", self.script, secs(self.timeout))
             }
             (_, Some(code)) => format!("startup script '{}' exited with code {code}", self.script),
-            (_, None) => format!("startup script '{}' was killed by a signal", self.script),
+            // The span cannot tell the two apart; the script's log (its first line, for a start
+            // that failed) can.
+            (_, None) => format!(
+                "startup script '{0}' was killed by a signal or could not start (`logs --script {0}` says which)",
+                self.script
+            ),
         }
     }
 }

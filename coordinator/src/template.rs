@@ -345,6 +345,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_template_is_valid_as_printed() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("## Templates").expect("a Templates section")..];
+        let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let block = &section[start..start + section[start..].find("```").unwrap()];
+        let t = Template::parse(block).unwrap_or_else(|e| panic!("README template: {e}"));
+        assert_eq!(t.scripts[0].name, "install-deps");
+        assert_eq!(t.ssh.allowed_env, ["GIT_*"]);
+    }
+
+    #[test]
     fn parses_the_documented_example() {
         let t = Template::parse(
             r#"

@@ -436,3 +436,29 @@ run = "echo hello from quiet"
     // The other workspace kept everything.
     assert_eq!(c.logs("quiet"), [("hello".to_string(), "hello from quiet".to_string())]);
 }
+
+#[test]
+fn a_script_that_cannot_start_says_why_in_its_log_and_the_reason_points_there() {
+    let c = Coordinator::start();
+    let template = r#"
+working_dir = "/nonexistent/tether-test-dir"
+[[script]]
+name = "setup"
+run = "echo hi"
+blocks_login = true
+"#;
+    let _agent = external(&c, "nodir", template);
+    let w = c.wait_for("nodir", "unhealthy,running", LONG);
+    assert_eq!(w["status"], "unhealthy", "{w}");
+    assert_eq!(
+        w["status_reason"],
+        "startup script 'setup' was killed by a signal or could not start (`logs --script setup` says which)"
+    );
+    let logs = c.logs("nodir");
+    assert!(
+        logs.iter().any(|(script, line)| script == "setup"
+            && line.contains("could not start")
+            && line.contains("/nonexistent/tether-test-dir")),
+        "{logs:?}"
+    );
+}

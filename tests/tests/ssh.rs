@@ -304,6 +304,8 @@ fn refusals_say_why() {
 
     // A grant lets bob in; a revoke shuts him out again.
     coord.ok(&["workspace", "grant", "dev", "bob"]);
+    let access = coord.json(&["workspace", "access", "dev"]);
+    assert_eq!((&access["owner"], &access["granted"]), (&serde_json::json!("alice"), &serde_json::json!(["bob"])));
     assert_eq!(bob.ok("dev.tether", "echo in").trim(), "in");
     coord.ok(&["workspace", "revoke", "dev", "bob"]);
     refused(&bob, "dev.tether", "user 'bob' may not access workspace 'dev'");
@@ -408,6 +410,17 @@ fn tether_ssh_goes_through_the_api_port() {
 
     let audit = coord.json(&["audit", "--workspace", "dev"]);
     assert!(audit.as_array().unwrap().iter().any(|r| r["via"] == "api" && r["outcome"] == "closed"), "{audit}");
+
+    // The same token on an admin route: valid, but not for that, and the error says so.
+    let out = Command::new(tether_tests::bin("tether"))
+        .args(["workspace", "list"])
+        .env("TETHER_URL", coord.api_url())
+        .env("TETHER_TOKEN", &alice.token)
+        .env_remove("TETHER_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("this is user 'alice''s API token"), "{}", text(&out.stderr));
 }
 
 #[test]
