@@ -438,7 +438,12 @@ fn count_line(list: &[WorkspaceView]) -> String {
         .filter(|(_, n)| *n > 0)
         .map(|(s, n)| format!("{n} {s}"))
         .collect();
-    format!("{} workspace{}: {}", list.len(), if list.len() == 1 { "" } else { "s" }, parts.join(", "))
+    let total = format!("{} workspace{}", list.len(), if list.len() == 1 { "" } else { "s" });
+    if parts.is_empty() {
+        total
+    } else {
+        format!("{total}: {}", parts.join(", "))
+    }
 }
 
 pub fn print_workspace(w: &WorkspaceView) {
