@@ -713,6 +713,7 @@ impl Engine {
                     status: s.status,
                     exit_code: s.exit_code,
                     timeout: Duration::from_millis(script.map_or(0, |sc| sc.timeout_ms)),
+                    detail: crate::status::agent_detail(row.lifecycle_detail.as_deref(), &s.name),
                 }
             })
             .collect())

@@ -13,6 +13,8 @@ pub struct ScriptProblem {
     pub status: SpanStatus,
     pub exit_code: Option<i32>,
     pub timeout: Duration,
+    /// The agent's own account of this script's failure, when it gave one (see [`agent_detail`]).
+    pub detail: Option<String>,
 }
 
 impl ScriptProblem {
@@ -22,14 +24,20 @@ impl ScriptProblem {
                 format!("startup script '{}' timed out after {}", self.script, secs(self.timeout))
             }
             (_, Some(code)) => format!("startup script '{}' exited with code {code}", self.script),
-            // The span cannot tell the two apart; the script's log (its first line, for a start
-            // that failed) can.
-            (_, None) => format!(
-                "startup script '{0}' was killed by a signal or could not start (`logs --script {0}` says which)",
-                self.script
-            ),
+            (_, None) if self.detail.is_some() => self.detail.clone().unwrap_or_default(),
+            (SpanStatus::ExitFailure, None) => format!("startup script '{}' was killed by a signal", self.script),
+            (_, None) => format!("startup script '{0}' could not run (`logs --script {0}` says why)", self.script),
         }
     }
+}
+
+/// The agent's detail for a start phase (`startup script 'NAME' …`, naming the script users wait for
+/// first) if it is about `script` and says more than a span can: why it could not run, or which
+/// signal killed it.
+pub fn agent_detail(lifecycle_detail: Option<&str>, script: &str) -> Option<String> {
+    let detail = lifecycle_detail?;
+    let rest = detail.strip_prefix(&format!("startup script '{script}' "))?;
+    (rest.starts_with("could not run") || rest.starts_with("was killed by signal")).then(|| detail.to_string())
 }
 
 /// "120s", "1.5s": durations in reasons, in seconds as people read them.
@@ -164,6 +172,7 @@ mod tests {
             status,
             exit_code: code,
             timeout: Duration::from_secs(300),
+            detail: None,
         }
     }
 
@@ -196,6 +205,24 @@ mod tests {
             WorkspaceStatus::Running,
             "agent connected; startup script 'lint' exited with code 1 (does not block login)",
         );
+    }
+
+    #[test]
+    fn a_script_without_exit_code_uses_the_agent_s_words_when_they_are_about_it() {
+        let could_not = "startup script 'setup' could not run: could not start /bin/sh in /nope: No such file or \
+                         directory (os error 2)";
+        let killed = "startup script 'setup' was killed by signal 9 (SIGKILL) (and 1 more problem)";
+        assert_eq!(agent_detail(Some(could_not), "setup").as_deref(), Some(could_not));
+        assert_eq!(agent_detail(Some(killed), "setup").as_deref(), Some(killed));
+        assert_eq!(agent_detail(Some(could_not), "set"), None, "another script's detail");
+        assert_eq!(agent_detail(Some("startup script 'setup' exited with code 2"), "setup"), None);
+        assert_eq!(agent_detail(None, "setup"), None);
+        let killed_by_span = problem("setup", true, SpanStatus::ExitFailure, None);
+        assert_eq!(killed_by_span.describe(), "startup script 'setup' was killed by a signal");
+        let mut p = problem("setup", true, SpanStatus::Error, None);
+        assert_eq!(p.describe(), "startup script 'setup' could not run (`logs --script setup` says why)");
+        p.detail = agent_detail(Some(could_not), "setup");
+        assert_eq!(p.describe(), could_not);
     }
 
     #[test]

@@ -34,6 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_ssh.sql"),
     include_str!("../../migrations/0003_build_log_bytes.sql"),
+    include_str!("../../migrations/0004_lifecycle_detail.sql"),
 ];
 
 #[derive(Debug, Clone)]
@@ -52,6 +53,8 @@ pub struct WorkspaceRow {
     pub build_started_at: Option<i64>,
     pub waiting_since: Option<i64>,
     pub lifecycle: Option<Lifecycle>,
+    /// The agent's words for the lifecycle's last change in this build, if it gave any.
+    pub lifecycle_detail: Option<String>,
     pub agent_instance: Option<i64>,
     pub events_acked: i64,
     pub logs_acked: i64,
@@ -134,6 +137,7 @@ fn workspace(row: &SqliteRow) -> Result<WorkspaceRow> {
         build_started_at: row.try_get("build_started_at")?,
         waiting_since: row.try_get("waiting_since")?,
         lifecycle: row.try_get::<Option<String>, _>("lifecycle")?.map(|v| word("lifecycle", v)).transpose()?,
+        lifecycle_detail: row.try_get("lifecycle_detail")?,
         agent_instance: row.try_get("agent_instance")?,
         events_acked: row.try_get("events_acked")?,
         logs_acked: row.try_get("logs_acked")?,
@@ -385,7 +389,8 @@ impl Store {
     pub async fn begin_build(&self, id: i64, token_hash: Option<&str>, now: i64) -> Result<i64> {
         let mut tx = self.write_tx().await?;
         let build: i64 = sqlx::query_scalar(
-            "UPDATE workspaces SET build = build + 1, build_started_at = $1, lifecycle = NULL, last_error = NULL,
+            "UPDATE workspaces SET build = build + 1, build_started_at = $1, lifecycle = NULL, lifecycle_detail = NULL,
+             last_error = NULL,
              token_hash = COALESCE($2, token_hash) WHERE id = $3 RETURNING build",
         )
         .bind(now)
@@ -481,10 +486,12 @@ impl Store {
         clock_offset_ms: i64,
     ) -> Result<Applied> {
         let mut tx = self.write_tx().await?;
-        let row = sqlx::query("SELECT agent_instance, events_acked, build, lifecycle FROM workspaces WHERE id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
+        let row = sqlx::query(
+            "SELECT agent_instance, events_acked, build, lifecycle, lifecycle_detail FROM workspaces WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
         let mut applied = Applied { acked: row.try_get::<i64, _>("events_acked")? as u64, ..Applied::default() };
         if row.try_get::<Option<i64>, _>("agent_instance")? != Some(instance as i64) {
             // A newer connection of another agent instance took over; this one's events are stale.
@@ -493,6 +500,7 @@ impl Store {
         let build: i64 = row.try_get("build")?;
         let mut lifecycle: Option<Lifecycle> =
             row.try_get::<Option<String>, _>("lifecycle")?.map(|v| word("lifecycle", v)).transpose()?;
+        let mut lifecycle_detail: Option<String> = row.try_get("lifecycle_detail")?;
         // Spans kept so far per build this batch touches; `None` for a build with no record.
         let mut spans: BTreeMap<i64, Option<i64>> = BTreeMap::new();
         for e in events {
@@ -502,10 +510,11 @@ impl Store {
             applied.acked = e.seq;
             let event_build = i64::try_from(e.build).unwrap_or(i64::MAX);
             match &e.kind {
-                EventKind::Lifecycle { state, .. } => {
+                EventKind::Lifecycle { state, detail, .. } => {
                     let advances = lifecycle.is_none_or(|l| l.may_advance_to(*state));
                     if event_build == build && advances {
                         lifecycle = Some(*state);
+                        lifecycle_detail = detail.clone();
                         applied.lifecycle = Some(*state);
                     }
                 }
@@ -539,9 +548,10 @@ impl Store {
                 }
             }
         }
-        sqlx::query("UPDATE workspaces SET events_acked = $1, lifecycle = $2 WHERE id = $3")
+        sqlx::query("UPDATE workspaces SET events_acked = $1, lifecycle = $2, lifecycle_detail = $3 WHERE id = $4")
             .bind(applied.acked as i64)
             .bind(lifecycle.map(|l| l.as_str()))
+            .bind(lifecycle_detail)
             .bind(id)
             .execute(&mut *tx)
             .await?;
