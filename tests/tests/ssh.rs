@@ -436,3 +436,42 @@ fn the_audit_log_keeps_connections_for_keep_audit_then_drops_them() {
     // Two seconds after it ended, the next purge (every second with this retention) removes it.
     wait_until("the refusal to leave the audit log", LONG, || coord.json(&["audit"]).as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_command_that_echoes_a_large_input_streams_both_ways_at_once() {
+    // `cat` writes back what it reads: its output waits on the client's window while the client is
+    // still sending. The agent must keep reading the client's window adjustments meanwhile, and make
+    // the client wait for its own window instead of stalling the connection (a deadlock before).
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _agent = workspace(&coord, "dev", "alice");
+    let big = alice.dir.join("big.bin");
+    random_file(&big, 40 << 20, 11);
+    let echoed = alice.dir.join("echoed.bin");
+    let mut child = alice
+        .ssh()
+        .args(["dev.tether", "cat"])
+        .stdin(std::fs::File::open(&big).unwrap())
+        .stdout(std::fs::File::create(&echoed).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + LONG * 2;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let got = std::fs::metadata(&echoed).map(|m| m.len()).unwrap_or(0);
+            panic!("`ssh dev.tether cat` still running after {:?}, {got} of {} bytes back", LONG * 2, 40 << 20);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "ssh cat: {status}: {err}");
+    same_file(&big, &echoed);
+    // The connection is still good for the next command on it.
+    assert_eq!(alice.ok("dev.tether", "echo still here").trim(), "still here");
+}

@@ -4,6 +4,7 @@
 //! agent opens toward the client, spliced with bounded buffers.
 
 use super::activity::Activity;
+use super::inbound::Backlogs;
 use super::splice::splice;
 use russh::server::{Handle, Msg};
 use russh::Channel;
@@ -43,6 +44,8 @@ pub struct Link {
     pub activity: Arc<Activity>,
     /// The connection's channel budget.
     pub channels: Arc<Semaphore>,
+    /// What each channel's consumer holds of the client's input.
+    pub backlogs: Arc<Backlogs>,
 }
 
 impl Link {
@@ -61,7 +64,10 @@ impl Link {
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(OPEN_TIMEOUT, open(link.handle.clone())).await {
-                Ok(Ok(channel)) => splice(channel, stream, &link.activity).await,
+                Ok(Ok(channel)) => {
+                    let input = link.backlogs.queue(channel.id());
+                    splice(channel, stream, &link.activity, input).await
+                }
                 Ok(Err(e)) => tracing::debug!(what, error = %e, "the client refused a forwarded connection"),
                 Err(_) => tracing::debug!(what, "the client did not answer a channel open"),
             }

@@ -8,6 +8,7 @@
 
 use super::activity::Gauge;
 use super::forward::{self, Link, Listener};
+use super::inbound::Backlogs;
 use super::keys::fingerprint;
 use super::session::{self, Control, Launch, Program, PtySpec};
 use super::{Peer, SshServer, MAX_CHANNELS};
@@ -67,6 +68,8 @@ pub struct Connection {
     unix_forwards: HashMap<String, Listener>,
     /// Agent forwarding, once the client asked for it: `SSH_AUTH_SOCK` for later sessions.
     agent: Option<(PathBuf, Listener)>,
+    /// What each channel's consumer holds of the client's input, for the window russh grants.
+    backlogs: Arc<Backlogs>,
     _gauge: Gauge,
 }
 
@@ -84,6 +87,7 @@ impl Connection {
             tcp_forwards: HashMap::new(),
             unix_forwards: HashMap::new(),
             agent: None,
+            backlogs: Arc::new(Backlogs::default()),
             _gauge: gauge,
         }
     }
@@ -94,7 +98,12 @@ impl Connection {
     }
 
     fn link(&self, session: &Session) -> Link {
-        Link { handle: session.handle(), activity: self.server.activity.clone(), channels: self.channels.clone() }
+        Link {
+            handle: session.handle(),
+            activity: self.server.activity.clone(),
+            channels: self.channels.clone(),
+            backlogs: self.backlogs.clone(),
+        }
     }
 
     fn forwards(&self) -> usize {
@@ -272,9 +281,10 @@ impl russh::server::Handler for Connection {
         let (control, control_rx) = mpsc::channel(16);
         self.sessions.insert(channel.id(), SessionChannel { control, pty: None, env: Vec::new(), started: false });
         let (handle, activity) = (session.handle(), self.server.activity.clone());
+        let input = self.backlogs.queue(channel.id());
         tokio::spawn(async move {
             let _permit = permit;
-            session::serve(channel, handle, control_rx, activity).await;
+            session::serve(channel, handle, control_rx, activity, input).await;
         });
         reply.accept().await;
         Ok(())
@@ -296,6 +306,7 @@ impl russh::server::Handler for Connection {
         };
         let host = host.to_string();
         let activity = self.server.activity.clone();
+        let input = self.backlogs.queue(channel.id());
         // Connecting can take a while: never in the handler, which would stall the whole connection.
         tokio::spawn(async move {
             let _permit = permit;
@@ -303,7 +314,7 @@ impl russh::server::Handler for Connection {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     reply.accept().await;
-                    super::splice::splice(channel, stream, &activity).await;
+                    super::splice::splice(channel, stream, &activity, input).await;
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(host = %host, port, error = %e, "direct-tcpip: connect failed");
@@ -328,12 +339,13 @@ impl russh::server::Handler for Connection {
         };
         let path = socket_path.to_string();
         let activity = self.server.activity.clone();
+        let input = self.backlogs.queue(channel.id());
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(&path)).await {
                 Ok(Ok(stream)) => {
                     reply.accept().await;
-                    super::splice::splice(channel, stream, &activity).await;
+                    super::splice::splice(channel, stream, &activity, input).await;
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(path = %path, error = %e, "direct-streamlocal: connect failed");
@@ -444,6 +456,11 @@ impl russh::server::Handler for Connection {
                 session.channel_failure(channel)
             }
         }
+    }
+
+    /// russh has just refilled `channel`'s window; the target for its next refills (see `inbound`).
+    fn adjust_window(&mut self, channel: ChannelId, _current: u32) -> u32 {
+        self.backlogs.window_for(channel)
     }
 
     async fn window_change_request(

@@ -15,6 +15,7 @@
 pub mod activity;
 mod forward;
 mod handler;
+mod inbound;
 pub mod keys;
 mod modes;
 mod pty;
@@ -49,9 +50,8 @@ pub const LOGIN_GRACE: Duration = Duration::from_secs(60);
 pub const WINDOW: u32 = 4 * 1024 * 1024;
 /// Largest data packet a client may send.
 pub const MAX_PACKET: u32 = 32 * 1024;
-/// Client packets queued per channel before russh stops reading the connection: 8 MiB at
-/// `MAX_PACKET`, twice the window, so a client that respects the window never stalls the
-/// connection while the agent waits on that client's own window.
+/// Client packets russh queues per channel before its session loop waits. Each channel's consumer
+/// empties it as packets arrive (see `inbound`), so it only evens out bursts.
 pub const CHANNEL_BUFFER: usize = 256;
 /// Keep-alives find dead clients; there is no inactivity timeout (an idle shell is fine).
 pub const KEEPALIVE: Duration = Duration::from_secs(30);

@@ -3,12 +3,12 @@
 //! the channel's task, which moves the bytes and reports how the process ended.
 
 use super::activity::{Activity, Gauge};
+use super::inbound::Queue;
 use super::splice::{pump_out, PumpState};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, ChannelReadHalf, Sig};
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -21,8 +21,6 @@ use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Client data packets kept for a session whose process has not started yet.
-const EARLY_PACKETS: usize = 64;
 /// After the process exits, output is still copied until its source has been silent this long: a
 /// background child may hold the pty or pipes open for ever (OpenSSH would hang; we do not).
 pub const OUTPUT_GRACE: Duration = Duration::from_millis(1000);
@@ -185,17 +183,17 @@ enum Finish {
     Closed,
 }
 
-/// Serves one session channel until it closes: waits for the handler to start a process (keeping a
-/// little early input), then splices the process and the channel and reports the exit.
+/// Serves one session channel until it closes: waits for the handler to start a process (keeping
+/// early input in `queue`), then splices the process and the channel and reports the exit.
 pub async fn serve(
     channel: Channel<Msg>,
     handle: Handle,
     mut control: mpsc::Receiver<Control>,
     activity: Arc<Activity>,
+    mut queue: Queue,
 ) {
     let id = channel.id();
     let (mut rx, tx) = channel.split();
-    let mut queue = VecDeque::new();
     let mut client_eof = false;
     let started = loop {
         tokio::select! {
@@ -205,11 +203,11 @@ pub async fn serve(
                 // The connection is gone.
                 None => return,
             },
-            msg = rx.wait(), if queue.len() < EARLY_PACKETS => match msg {
+            msg = rx.wait(), if queue.has_room() => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     activity.received(data.len());
                     if !client_eof {
-                        queue.push_back(data);
+                        queue.push(data);
                     }
                 }
                 Some(ChannelMsg::Eof) => client_eof = true,
@@ -246,7 +244,6 @@ pub async fn serve(
     };
     tokio::pin!(out, err);
     let mut out_done = false;
-    let mut offset = 0usize;
     let mut control_open = true;
     let mut status: Option<ExitStatus> = None;
     let mut tick = tokio::time::interval(GRACE_TICK);
@@ -279,29 +276,24 @@ pub async fn serve(
                 Some(Control::Start(_)) => {}
                 None => control_open = false,
             },
-            msg = rx.wait(), if queue.is_empty() => match msg {
+            // Taken as they arrive, not as the process reads them: `queue` withholds the client's
+            // window instead, so russh's loop stays free (see `inbound`).
+            msg = rx.wait(), if queue.has_room() => match msg {
                 Some(ChannelMsg::Data { data }) => {
                     activity.received(data.len());
                     if !client_eof {
-                        queue.push_back(data);
+                        queue.push(data);
                     }
                 }
                 Some(ChannelMsg::Eof) => client_eof = true,
                 Some(ChannelMsg::Close) | None => break Finish::Closed,
                 Some(_) => {}
             },
-            r = sink.write(queue.front().map_or(&[][..], |b| &b[offset..])), if !queue.is_empty() => match r {
-                Ok(n) => {
-                    offset += n;
-                    if queue.front().is_some_and(|b| offset >= b.len()) {
-                        queue.pop_front();
-                        offset = 0;
-                    }
-                }
+            r = sink.write(queue.front()), if !queue.is_empty() => match r {
+                Ok(n) => queue.consume(n),
                 Err(_) => {
                     // The child stopped reading its input: drop what the client sends from now on.
                     queue.clear();
-                    offset = 0;
                     sink = Sink::Pipe(None);
                 }
             },

@@ -1,11 +1,11 @@
 //! Moving bytes between an SSH channel and a local stream, with bounded buffers both ways.
 //!
-//! Toward the client, every write waits for the client's channel window. From the client, russh hands
-//! each data packet to a bounded queue per channel (`channel_buffer_size` packets); reading it only as
-//! fast as the local side accepts bytes is what bounds memory, so nothing here buffers more than one
-//! packet.
+//! Toward the client, every write waits for the client's channel window. From the client, packets
+//! are taken from russh as they arrive and held in an [`inbound::Queue`](super::inbound::Queue), which
+//! withholds the client's window while the local side is behind (see `inbound`).
 
 use super::activity::Activity;
+use super::inbound::Queue;
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelReadHalf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,25 +61,36 @@ pub enum InboundEnd {
     LocalFailed,
 }
 
-/// Feeds the client's data to `to` until the client's EOF or close.
-pub async fn pump_in<W>(rx: &mut ChannelReadHalf, to: &mut W, activity: &Activity) -> InboundEnd
+/// Feeds the client's data to `to` until the client's EOF or close. Packets are taken from russh as
+/// they arrive (into `input`, which withholds the client's window while `to` is behind), so russh's
+/// session loop never waits on this channel.
+pub async fn pump_in<W>(rx: &mut ChannelReadHalf, to: &mut W, activity: &Activity, input: &mut Queue) -> InboundEnd
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
+    let mut eof = false;
     loop {
-        match rx.wait().await {
-            Some(ChannelMsg::Data { data }) => {
-                activity.received(data.len());
-                if to.write_all(&data).await.is_err() {
+        if eof && input.is_empty() {
+            let _ = to.shutdown().await;
+            return InboundEnd::Eof;
+        }
+        tokio::select! {
+            msg = rx.wait(), if !eof && input.has_room() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    activity.received(data.len());
+                    input.push(data);
+                }
+                Some(ChannelMsg::Eof) => eof = true,
+                Some(ChannelMsg::Close) | None => return InboundEnd::Closed,
+                Some(_) => {}
+            },
+            written = to.write(input.front()), if !input.is_empty() => match written {
+                Ok(n) if n > 0 => input.consume(n),
+                _ => {
+                    input.clear();
                     return InboundEnd::LocalFailed;
                 }
-            }
-            Some(ChannelMsg::Eof) => {
-                let _ = to.shutdown().await;
-                return InboundEnd::Eof;
-            }
-            Some(ChannelMsg::Close) | None => return InboundEnd::Closed,
-            Some(_) => {}
+            },
         }
     }
 }
@@ -95,7 +106,7 @@ pub async fn until_closed(rx: &mut ChannelReadHalf) {
 
 /// Splices a channel and a local stream (a forwarded TCP or Unix connection, an agent socket) until
 /// both directions are done or either side gives up, then closes the channel.
-pub async fn splice<S>(channel: Channel<Msg>, stream: S, activity: &Activity)
+pub async fn splice<S>(channel: Channel<Msg>, stream: S, activity: &Activity, mut input: Queue)
 where
     S: AsyncRead + AsyncWrite + Send,
 {
@@ -112,7 +123,7 @@ where
     tokio::pin!(out);
     let mut out_done = false;
     let end = {
-        let inbound = pump_in(&mut rx, &mut local_write, activity);
+        let inbound = pump_in(&mut rx, &mut local_write, activity, &mut input);
         tokio::pin!(inbound);
         loop {
             tokio::select! {
