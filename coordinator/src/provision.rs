@@ -108,7 +108,9 @@ async fn spawn_agent(engine: &Engine, row: &WorkspaceRow, token: &str, restart: 
     let started = now_ms();
     let dir = workspace_dir(engine, &row.name);
     if restart {
-        stop_agent_process(engine, &row.name, Duration::from_secs(5)).await;
+        // A replacement, not a stop: SIGTERM would have the old agent run the stop scripts and
+        // record this build as shut down, which the new agent would then report.
+        kill_agent_process(engine, &row.name).await;
     }
     for d in [dir.clone(), dir.join("agent"), home_dir(engine, &row.name)] {
         tokio::fs::create_dir_all(&d).await.map_err(|e| other(format!("creating {}: {e}", d.display())))?;
@@ -156,10 +158,18 @@ async fn spawn_agent(engine: &Engine, row: &WorkspaceRow, token: &str, restart: 
     Ok(())
 }
 
+/// The workspace's agent from its pid file, if that process is still this workspace's agent (a pid
+/// left from an earlier run may since belong to anything: it is never signalled).
 fn read_pid(engine: &Engine, name: &str) -> Option<Pid> {
     let text = std::fs::read_to_string(pid_file(engine, name)).ok()?;
     let pid: i32 = text.trim().parse().ok()?;
-    (pid > 1).then(|| Pid::from_raw(pid))
+    if pid <= 1 {
+        return None;
+    }
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let mut data_dir = b"TETHER_AGENT_DATA_DIR=".to_vec();
+    data_dir.extend_from_slice(workspace_dir(engine, name).join("agent").as_os_str().as_encoded_bytes());
+    environ.split(|b| *b == 0).any(|var| var == data_dir.as_slice()).then(|| Pid::from_raw(pid))
 }
 
 fn alive(pid: Pid) -> bool {
@@ -188,6 +198,17 @@ async fn stop_agent_process(engine: &Engine, name: &str, grace: Duration) {
     let _ = kill(pid, Signal::SIGTERM);
     if !wait_gone(pid, grace).await {
         warn!(workspace = %name, pid = pid.as_raw(), "agent ignored SIGTERM; killing its process group");
+        let _ = killpg(pid, Signal::SIGKILL);
+        wait_gone(pid, Duration::from_secs(5)).await;
+    }
+    let _ = std::fs::remove_file(pid_file(engine, name));
+}
+
+/// Ends a lost agent that is to be replaced, without its stop phase: SIGKILL to its process group.
+async fn kill_agent_process(engine: &Engine, name: &str) {
+    let Some(pid) = read_pid(engine, name) else { return };
+    if !wait_gone(pid, Duration::ZERO).await {
+        info!(workspace = %name, pid = pid.as_raw(), "replacing the agent: killing the old one's process group");
         let _ = killpg(pid, Signal::SIGKILL);
         wait_gone(pid, Duration::from_secs(5)).await;
     }

@@ -183,6 +183,13 @@ impl Coordinator {
         self.spawn();
     }
 
+    /// Starts again with a new tunnel port: running agents keep dialling the old one and are lost.
+    pub fn restart_on_another_tunnel_port(&mut self) {
+        self.kill();
+        self.quic_port = 0;
+        self.spawn();
+    }
+
     /// Runs `tether ARGS` against this coordinator.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("tether"))

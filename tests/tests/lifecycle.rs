@@ -462,3 +462,49 @@ blocks_login = true
         "{logs:?}"
     );
 }
+
+#[test]
+fn starting_a_lost_process_agent_replaces_it_without_running_its_stop_scripts() {
+    let mut c = Coordinator::start();
+    let template = r#"
+provisioner = "process"
+heartbeat_timeout = "3s"
+[[script]]
+name = "setup"
+run = "echo ran >> runs.txt"
+blocks_login = true
+
+[[script]]
+name = "save"
+run = "echo stopped >> stops.txt"
+on = "stop"
+"#;
+    c.create("dev", template, &["--start"]);
+    assert_eq!(c.wait_for("dev", "running,unhealthy,failed", LONG)["status"], "running");
+    let home = c.data_dir().join("workspaces/dev/home");
+    let pid_file = c.data_dir().join("workspaces/dev/agent.pid");
+    let old: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+
+    // The agent is alive but cannot reach the coordinator any more: lost, then unhealthy.
+    c.restart_on_another_tunnel_port();
+    assert_eq!(c.wait_for("dev", "unhealthy", LONG)["status"], "unhealthy");
+    assert!(pid_alive(old), "the lost agent is still running");
+
+    // Starting it replaces the agent for the same build: no stop scripts (it is not a stop), no
+    // start scripts again, and the new agent reports the build as ready, not shut down.
+    let w = c.json(&["workspace", "start", "dev", "--wait"]);
+    assert_eq!(w["status"], "running", "{w}");
+    wait_until("the old agent to be gone", LONG, || !pid_alive(old));
+    let log = c.data_dir().join("workspaces/dev/agent.log");
+    wait_until("the new agent to report the build's lifecycle", LONG, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("this build was started by an earlier agent run")
+            .count()
+            >= 1
+    });
+    let w = c.show("dev");
+    assert_eq!((w["status"].as_str(), w["lifecycle"].as_str()), (Some("running"), Some("ready")), "{w}");
+    assert!(!home.join("stops.txt").exists(), "the replaced agent ran its stop scripts");
+    assert_eq!(std::fs::read_to_string(home.join("runs.txt")).unwrap(), "ran\n", "start scripts ran once");
+}
