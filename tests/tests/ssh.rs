@@ -130,6 +130,16 @@ fn ssh_exec_pty_files_and_forwarding() {
 
     // exec: output, exit status, stdin, the workspace's environment.
     assert_eq!(alice.ok(host, "echo $WORKSPACE_GREETING").trim(), "hello from the template");
+    // A clean session environment, as sshd gives: none of the agent's settings or its shell's
+    // bookkeeping (an inherited SHLVL makes bash skip ~/.bashrc), no TERM without a terminal.
+    // (bash itself sets TERM=dumb when it finds none, as it does under sshd.)
+    let env =
+        alice.ok(host, r#"echo "[$TETHER_COORDINATOR] [$TETHER_AGENT_DATA_DIR] [$SSH_ORIGINAL_COMMAND] [$OLDPWD]""#);
+    assert_eq!(env.trim(), "[] [] [] []");
+    let term = alice.ok(host, "echo $TERM");
+    assert!(matches!(term.trim(), "" | "dumb"), "TERM {term:?} without a terminal");
+    let shlvl = alice.ok(host, "echo $SHLVL");
+    assert!(matches!(shlvl.trim(), "" | "1"), "SHLVL {shlvl:?}: a command's shell is the first");
     assert_eq!(alice.run(host, "exit 7").status.code(), Some(7), "remote exit status");
     let mut child = alice.ssh().arg(host).arg("wc -c").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let payload = vec![b'x'; 3 << 20];

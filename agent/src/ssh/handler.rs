@@ -42,7 +42,26 @@ const HIDDEN_ENV: &[&str] = &[
     "SSH_CONNECTION",
     "SSH_TTY",
     "SSH_ORIGINAL_COMMAND",
+    // The agent's own settings (the token is above; `TETHER_AGENT_*` are all dropped too).
+    "TETHER_COORDINATOR",
+    "TETHER_CA",
+    "TETHER_CA_SHA256",
+    "TETHER_LOG",
+    "TETHER_LOG_FORMAT",
+    // The shell that started the agent: a login shell sets its own. An inherited SHLVL of 1 makes
+    // Debian's bash skip ~/.bashrc for `ssh ws command`, as it would not under sshd.
+    "SHLVL",
+    "OLDPWD",
+    "PWD",
+    "_",
+    // Set from the client's request only when it asked for a terminal.
+    "TERM",
 ];
+
+/// Whether the agent's own variable `key` stays out of sessions.
+fn hidden(key: &std::ffi::OsStr) -> bool {
+    HIDDEN_ENV.iter().any(|h| key == *h) || key.as_encoded_bytes().starts_with(b"TETHER_AGENT_")
+}
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A session channel as the handler sees it.
@@ -115,8 +134,7 @@ impl Connection {
     fn launch(&self, program: Program, channel: &SessionChannel) -> Launch {
         let account = &self.server.account;
         let manifest = self.server.manifest();
-        let mut env: BTreeMap<OsString, OsString> =
-            std::env::vars_os().filter(|(k, _)| !HIDDEN_ENV.iter().any(|h| k == h)).collect();
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().filter(|(k, _)| !hidden(k)).collect();
         if let Some(m) = &manifest {
             env.extend(m.env.iter().map(|(k, v)| (k.into(), v.into())));
             env.insert("TETHER_WORKSPACE".into(), m.workspace.clone().into());
@@ -134,9 +152,6 @@ impl Connection {
         env.insert("SSH_CLIENT".into(), format!("{client_ip} {client_port} {server_port}").into());
         if let Some((sock, _)) = &self.agent {
             env.insert("SSH_AUTH_SOCK".into(), sock.clone().into());
-        }
-        if let Program::Exec(cmd) = &program {
-            env.insert("SSH_ORIGINAL_COMMAND".into(), cmd.clone());
         }
         let cwd = match manifest.as_ref().and_then(|m| m.working_dir.as_deref()).filter(|d| !d.is_empty()) {
             Some(dir) => Some(account.home.join(dir)).filter(|d| d.is_dir()).unwrap_or_else(|| account.home.clone()),
