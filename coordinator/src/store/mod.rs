@@ -2,8 +2,10 @@
 //! (integers for times, text for words, no SQLite-only syntax outside `open`) so a PostgreSQL backend
 //! can sit behind the same methods.
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Connection, Row, SqlitePool};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
@@ -121,6 +123,31 @@ fn word<T: FromStr>(column: &'static str, value: String) -> Result<T> {
     value.parse().map_err(|_| StoreError::Corrupt { column, value })
 }
 
+/// Brings the schema up to date, one migration per transaction.
+async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").execute(&mut *conn).await?;
+    let current: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM schema_version").fetch_one(&mut *conn).await?;
+    let current = current.unwrap_or(0);
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(StoreError::TooNew { found: current, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        for stmt in sql
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.lines().all(|l| l.trim().is_empty() || l.trim().starts_with("--")))
+        {
+            sqlx::query(sqlx::AssertSqlSafe(stmt.to_string())).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)").bind(i as i64 + 1).execute(&mut *tx).await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
 fn workspace(row: &SqliteRow) -> Result<WorkspaceRow> {
     Ok(WorkspaceRow {
         id: row.try_get("id")?,
@@ -185,10 +212,15 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
+        // Migrations run on a connection of their own, closed before the pool opens: a pooled
+        // connection that had read the schema before another one altered a table would prepare
+        // `SELECT *` with the old columns, and sqlx, which keeps a statement's columns from its
+        // prepare, panics when SQLite re-prepares it with the new ones.
+        let mut conn = SqliteConnection::connect_with(&options).await?;
+        migrate(&mut conn).await?;
+        conn.close().await?;
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
-        let store = Store { pool };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Store { pool })
     }
 
     /// A write transaction that takes SQLite's write lock up front. A deferred transaction that
@@ -196,33 +228,6 @@ impl Store {
     /// there first; taking the lock first makes it wait its turn (up to the busy timeout).
     pub(crate) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
-    }
-
-    async fn migrate(&self) -> Result<()> {
-        sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").execute(&self.pool).await?;
-        let current: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM schema_version").fetch_one(&self.pool).await?;
-        let current = current.unwrap_or(0);
-        let known = MIGRATIONS.len() as i64;
-        if current > known {
-            return Err(StoreError::TooNew { found: current, known });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-            let mut tx = self.write_tx().await?;
-            for stmt in sql
-                .split(';')
-                .map(str::trim)
-                .filter(|s| !s.lines().all(|l| l.trim().is_empty() || l.trim().starts_with("--")))
-            {
-                sqlx::query(sqlx::AssertSqlSafe(stmt.to_string())).execute(&mut *tx).await?;
-            }
-            sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
-                .bind(i as i64 + 1)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-        }
-        Ok(())
     }
 
     pub async fn setting(&self, key: &str) -> Result<Option<String>> {
