@@ -107,7 +107,12 @@ fn check_reachable(
         Pending | Failed | Stopping | Deleting | Deleted => {
             unavailable(format!("workspace '{name}' is {status}: {reason}"))
         }
-        Starting | Running | Unhealthy if !connected => {
+        // Still `running`: its agent's connection dropped moments ago (a coordinator restart sends
+        // agents away for a few seconds) and the heartbeat timeout has not passed.
+        Running if !connected => unavailable(format!(
+            "workspace '{name}' has no connected agent right now (it is reconnecting); try again in a few seconds"
+        )),
+        Starting | Unhealthy if !connected => {
             unavailable(format!("workspace '{name}' has no connected agent ({status}: {reason})"))
         }
         Starting
@@ -326,6 +331,10 @@ mod tests {
             "workspace 'x' is stopped; start it with `tether workspace start x`"
         );
         assert!(r(Unhealthy, false, None, false).unwrap_err().contains("has no connected agent (unhealthy: why)"));
+        assert_eq!(
+            r(Running, false, Some(Lifecycle::Ready), false).unwrap_err(),
+            "workspace 'x' has no connected agent right now (it is reconnecting); try again in a few seconds"
+        );
         assert!(r(Starting, true, Some(Lifecycle::Starting), true).unwrap_err().contains("block login"));
         assert!(r(Starting, true, Some(Lifecycle::Starting), false).is_ok());
         assert!(r(Unhealthy, true, Some(Lifecycle::StartError), true).is_ok());

@@ -79,12 +79,13 @@ impl Link {
     }
 }
 
-/// Where `tcpip-forward` listens: loopback unless the client names an address. A host name is
-/// looked up off the async threads (a slow resolver must not stall the agent), within `RESOLVE_TIMEOUT`.
+/// Where `tcpip-forward` listens: loopback for an empty address, `*`, `0.0.0.0` and `localhost`, as
+/// sshd does by default (`GatewayPorts no`), so `ssh -R` never opens a port to the workspace's network
+/// unasked; a specific address is bound as named. A host name is looked up off the async threads (a
+/// slow resolver must not stall the agent), within `RESOLVE_TIMEOUT`.
 pub async fn bind_address(address: &str, port: u16) -> Result<Vec<SocketAddr>, std::io::Error> {
     match address {
-        "" | "localhost" => Ok(vec![(Ipv4Addr::LOCALHOST, port).into()]),
-        "*" | "0.0.0.0" => Ok(vec![(Ipv4Addr::UNSPECIFIED, port).into()]),
+        "" | "*" | "0.0.0.0" | "localhost" => Ok(vec![(Ipv4Addr::LOCALHOST, port).into()]),
         host => match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
             Ok(found) => Ok(found?.collect()),
             Err(_) => Err(std::io::Error::new(
@@ -190,7 +191,8 @@ mod tests {
     async fn forward_addresses() {
         assert_eq!(bind_address("", 80).await.unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 80))]);
         assert_eq!(bind_address("localhost", 0).await.unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 0))]);
-        assert_eq!(bind_address("*", 8).await.unwrap(), vec![SocketAddr::from(([0, 0, 0, 0], 8))]);
+        assert_eq!(bind_address("*", 8).await.unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 8))]);
+        assert_eq!(bind_address("0.0.0.0", 8).await.unwrap(), vec![SocketAddr::from(([127, 0, 0, 1], 8))]);
         assert_eq!(bind_address("::1", 9).await.unwrap(), vec!["[::1]:9".parse::<SocketAddr>().unwrap()]);
     }
 }
