@@ -52,8 +52,10 @@ impl Backlogs {
     }
 
     /// The window russh should grant next after refilling `id`'s: withheld while its consumer is
-    /// behind. (russh keeps one target per connection and asks again at each refill, so another
-    /// channel's refill restores the full window for its own.)
+    /// behind. russh keeps one target per connection and asks again at each refill, so another
+    /// channel's refill restores the full window for its own, and a stalled channel's next trickle
+    /// refill may then get a full window too: with busy neighbours a stalled channel's queue still
+    /// grows, up to `HARD_CAP`, where the connection waits for it as before.
     pub fn window_for(&self, id: ChannelId) -> u32 {
         self.window_for_number(id.number())
     }
