@@ -284,7 +284,9 @@ impl Engine {
                 )));
             }
         }
-        let template = Template::parse(template_text).map_err(|e| OpError::Invalid(format!("template: {e}")))?;
+        let template = Template::parse(template_text)
+            .and_then(|t| t.check_manifest().map(|()| t))
+            .map_err(|e| OpError::Invalid(format!("template: {e}")))?;
         let now = now_ms();
         if template.provisioner == ProvisionerKind::External {
             let token = pki::new_token("tether_agent");

@@ -283,7 +283,7 @@ impl Template {
         if !errors.is_empty() {
             return Err(TemplateError::Invalid(errors));
         }
-        let template = Template {
+        Ok(Template {
             ssh,
             provisioner,
             connection_timeout,
@@ -293,14 +293,13 @@ impl Template {
             env: raw.env,
             command,
             scripts,
-        };
-        template.check_manifest()?;
-        Ok(template)
+        })
     }
 
-    /// Whether agents accept the manifest they would get. (It fits a frame: the template's own size
-    /// limit is far below one.)
-    fn check_manifest(&self) -> Result<(), TemplateError> {
+    /// Whether agents accept the manifest they would get, checked once when a workspace is created
+    /// (each field is checked by `parse` already; this guards against the two drifting apart). It
+    /// fits a frame: the template's own size limit is far below one.
+    pub fn check_manifest(&self) -> Result<(), TemplateError> {
         let probe = self.manifest(&"w".repeat(limits::MAX_NAME), u64::MAX, None);
         probe
             .validate()
@@ -351,6 +350,7 @@ mod tests {
         let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
         let block = &section[start..start + section[start..].find("```").unwrap()];
         let t = Template::parse(block).unwrap_or_else(|e| panic!("README template: {e}"));
+        t.check_manifest().unwrap();
         assert_eq!(t.scripts[0].name, "install-deps");
         assert_eq!(t.ssh.allowed_env, ["GIT_*"]);
     }
