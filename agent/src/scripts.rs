@@ -147,6 +147,8 @@ pub async fn run<S: OutputSink + Send>(
         .stderr(Stdio::piped())
         // Its own group, so a timeout can kill everything the script started.
         .process_group(0);
+    // SAFETY: runs in the child between fork and exec, making only async-signal-safe calls.
+    unsafe { command.pre_exec(default_signals) };
     for key in &cmd.env_remove {
         command.env_remove(key);
     }
@@ -294,6 +296,21 @@ async fn discard<A: AsyncRead + Unpin, B: AsyncRead + Unpin>(mut a: Option<A>, m
             r = read_some(&mut b, &mut buf_b) => if !matches!(r, Ok(n) if n > 0) { b = None },
         }
     }
+}
+
+/// In the child before exec: signals the agent's own parent left ignored (`nohup` ignores SIGHUP, a
+/// shell's background job SIGINT and SIGQUIT) would otherwise stay ignored in every script and SSH session, as exec
+/// keeps only that. Handlers need no reset: exec drops them.
+pub(crate) fn default_signals() -> std::io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for signal in Signal::iterator() {
+        if !matches!(signal, Signal::SIGKILL | Signal::SIGSTOP) {
+            // SAFETY: installs no handler (the default action); SIGKILL and SIGSTOP are skipped.
+            let _ = unsafe { sigaction(signal, &default) };
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

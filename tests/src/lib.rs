@@ -310,10 +310,24 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(coord: &Coordinator, token: &str, data_dir: &Path) -> Agent {
+        Agent::start_under(coord, token, data_dir, &[])
+    }
+
+    /// Starts the agent through `launcher` (a program and its first arguments, given the agent's
+    /// path as the next one), as an image's init script or `nohup` would.
+    pub fn start_under(coord: &Coordinator, token: &str, data_dir: &Path, launcher: &[&str]) -> Agent {
         std::fs::create_dir_all(data_dir).expect("agent dir");
         let log = data_dir.with_extension("log");
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("agent log");
-        let child = Command::new(bin("tether-agent"))
+        let mut command = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("tether-agent"));
+                c
+            }
+            None => Command::new(bin("tether-agent")),
+        };
+        let child = command
             .env("TETHER_COORDINATOR", coord.agent_addr())
             .env("TETHER_CA", coord.ca_path())
             .env("TETHER_AGENT_TOKEN", token)

@@ -24,9 +24,14 @@ allowed_env = ["TETHER_TEST_*"]
 
 /// Creates an external workspace owned by `owner` and starts its agent.
 fn workspace(coord: &Coordinator, name: &str, owner: &str) -> Agent {
+    workspace_under(coord, name, owner, &[])
+}
+
+/// As [`workspace`], with the agent started through `launcher` (see [`Agent::start_under`]).
+fn workspace_under(coord: &Coordinator, name: &str, owner: &str, launcher: &[&str]) -> Agent {
     let created = coord.create(name, TEMPLATE, &["--owner", owner]);
     let token = created["agent_token"].as_str().expect("agent token").to_string();
-    let agent = Agent::start(coord, &token, &coord.data_dir().join(format!("agent-{name}")));
+    let agent = Agent::start_under(coord, &token, &coord.data_dir().join(format!("agent-{name}")), launcher);
     coord.wait_for(name, "running", LONG);
     agent
 }
@@ -125,8 +130,19 @@ fn same_tree(a: &Path, b: &Path) {
 fn ssh_exec_pty_files_and_forwarding() {
     let coord = Coordinator::start();
     let alice = SshUser::add(&coord, "alice");
-    let _agent = workspace(&coord, "dev", "alice");
+    // Started the way an image's init script might (`nohup tether-agent &` from sh), the agent
+    // itself ignores SIGHUP, SIGINT and SIGQUIT; its sessions must not.
+    let _agent = workspace_under(&coord, "dev", "alice", &["sh", "-c", r#"trap '' HUP INT QUIT; exec "$0""#]);
     let host = "dev.tether";
+
+    // A command leads its own session, with no controlling terminal, and every signal at its
+    // default action, as under sshd.
+    let stat = alice.ok(host, "echo $$; cut -d' ' -f6 /proc/$$/stat; grep SigIgn /proc/self/status");
+    let lines: Vec<&str> = stat.lines().collect();
+    assert_eq!(lines.len(), 3, "{stat}");
+    assert_eq!(lines[0], lines[1], "the command's shell leads its own session: {stat}");
+    let ignored = u64::from_str_radix(lines[2].split_whitespace().nth(1).unwrap_or("x"), 16).expect("SigIgn mask");
+    assert_eq!(ignored & 0b111, 0, "SIGHUP, SIGINT and SIGQUIT are not ignored: {stat}");
 
     // exec: output, exit status, stdin, the workspace's environment.
     assert_eq!(alice.ok(host, "echo $WORKSPACE_GREETING").trim(), "hello from the template");

@@ -91,8 +91,10 @@ enum ChildIo {
     },
 }
 
-/// Starts the process. A pty session's process leads a new session with the pty as its controlling
-/// terminal; a piped one gets its own process group, so a hang-up reaches its children.
+/// Starts the process, as sshd does: it leads a new session (with the pty as its controlling terminal
+/// when there is one; without, it has none, so nothing reaches the terminal the agent was started
+/// from), so a hang-up to its process group reaches its children; and every signal starts at its
+/// default action.
 pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>) -> std::io::Result<Started> {
     let shell_name = launch.shell.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "sh".into());
     let mut cmd = match &launch.program {
@@ -116,6 +118,9 @@ pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>)
         }
     };
     cmd.env_clear().envs(launch.env.iter().map(|(k, v)| (k, v))).current_dir(&launch.cwd);
+    // SAFETY: the closure runs in the child between fork and exec and only makes system calls
+    // that are async-signal-safe (sigaction, setsid); it allocates nothing.
+    unsafe { cmd.pre_exec(crate::scripts::default_signals) };
     let (child, io) = match &launch.pty {
         Some(spec) => {
             let (pty, pts) = pty_process::open().map_err(pty_error)?;
@@ -132,7 +137,12 @@ pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>)
             (child, ChildIo::Pty(super::pty::Master::new(pty)?))
         }
         None => {
-            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).process_group(0);
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+            // pty_process makes a pty session's process a session leader; this does it for pipes.
+            // SAFETY: as above; setsid is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+            }
             // A subsystem speaks a protocol on stdout; its complaints are not part of it.
             let subsystem = matches!(launch.program, Program::Subsystem { .. });
             cmd.stderr(if subsystem { Stdio::null() } else { Stdio::piped() });
