@@ -273,6 +273,37 @@ fn ssh_exec_pty_files_and_forwarding() {
     assert!(out.status.success(), "ssh -R: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello from outside");
 
+    // VS Code Remote-SSH's pattern: `ssh -T -D PORT host bash` with its install script on stdin;
+    // the script prints where its server listens and the editor connects there through the SOCKS
+    // proxy (a direct-tcpip channel per connection), while the session stays open.
+    let socks = free_port();
+    let mut remote = alice
+        .ssh()
+        .args(["-T", "-o", "ExitOnForwardFailure=yes", "-D", &format!("127.0.0.1:{socks}"), host, "bash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut script = remote.stdin.take().unwrap();
+    writeln!(script, "echo \"listeningOn=={inside}==\"; cat >/dev/null; echo bye").unwrap();
+    let mut stdout = std::io::BufReader::new(remote.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), format!("listeningOn=={inside}=="));
+    let socks_url = format!("socks5h://127.0.0.1:{socks}");
+    for _ in 0..2 {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "60", "--proxy", &socks_url, &format!("http://127.0.0.1:{inside}/")])
+            .output()
+            .unwrap();
+        assert_eq!(text(&out.stdout), "hello from inside", "through ssh -D: {}", text(&out.stderr));
+    }
+    drop(script);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest.trim(), "bye");
+    assert!(remote.wait().unwrap().success());
+
     // Agent forwarding: the workspace lists the client's key.
     let agent_sock = alice.dir.join("agent.sock");
     let _ssh_agent =
