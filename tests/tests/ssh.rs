@@ -152,6 +152,13 @@ fn ssh_exec_pty_files_and_forwarding() {
     let env =
         alice.ok(host, r#"echo "[$TETHER_COORDINATOR] [$TETHER_AGENT_DATA_DIR] [$SSH_ORIGINAL_COMMAND] [$OLDPWD]""#);
     assert_eq!(env.trim(), "[] [] [] []");
+    // SSH_CONNECTION: client address and port, then the workspace's address (towards the
+    // coordinator, here loopback) and port 22, as `ssh -J` to its sshd would give.
+    let conn = alice.ok(host, "echo $SSH_CONNECTION");
+    let fields: Vec<&str> = conn.split_whitespace().collect();
+    assert_eq!(fields.len(), 4, "{conn}");
+    assert_eq!(fields[0], "127.0.0.1", "{conn}");
+    assert_eq!(&fields[2..], ["127.0.0.1", "22"], "{conn}");
     let term = alice.ok(host, "echo $TERM");
     assert!(matches!(term.trim(), "" | "dumb"), "TERM {term:?} without a terminal");
     let shlvl = alice.ok(host, "echo $SHLVL");

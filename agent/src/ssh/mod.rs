@@ -123,7 +123,8 @@ impl Account {
 pub struct Peer {
     /// The client's address as `IP PORT`.
     pub client: String,
-    /// The server end as `IP PORT` (unknown for brokered streams).
+    /// The server end as `IP PORT`; for brokered streams, the workspace's address towards the
+    /// coordinator and port 22, what `ssh -J` to an sshd on that address would show.
     pub server: String,
     /// The Tether user the coordinator authenticated (brokered streams only).
     pub user: Option<String>,
@@ -141,7 +142,7 @@ impl Peer {
         }
     }
 
-    fn brokered(open: &tether_shared::proto::SshStreamOpen) -> Self {
+    fn brokered(open: &tether_shared::proto::SshStreamOpen, server: &str) -> Self {
         let client = match open.peer.parse::<SocketAddr>() {
             Ok(a) => format!("{} {}", a.ip(), a.port()),
             Err(_) if !open.peer.is_empty() && !open.peer.contains(char::is_whitespace) => format!("{} 0", open.peer),
@@ -149,11 +150,21 @@ impl Peer {
         };
         Peer {
             client,
-            server: "0.0.0.0 0".to_string(),
+            server: server.to_string(),
             user: Some(open.user.clone()),
             connection_id: Some(open.connection_id),
         }
     }
+}
+
+/// The address this host uses to reach `remote`: the route's source address, found by connecting a
+/// UDP socket (which sends nothing). Unspecified if there is no route.
+fn local_ip_towards(remote: SocketAddr) -> std::net::IpAddr {
+    let unspecified: SocketAddr = if remote.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    std::net::UdpSocket::bind(unspecified)
+        .and_then(|s| s.connect(remote).and_then(|_| s.local_addr()))
+        .map(|a| a.ip())
+        .unwrap_or(unspecified.ip())
 }
 
 /// The SSH server: the host identity, the connection budget and what sessions need to start.
@@ -239,6 +250,7 @@ impl SshServer {
     }
 
     async fn brokered(self: Arc<Self>, conn: quinn::Connection) {
+        let server_end: Arc<str> = format!("{} 22", local_ip_towards(conn.remote_address())).into();
         loop {
             let (mut send, mut recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -254,6 +266,7 @@ impl SshServer {
                 continue;
             };
             let server = self.clone();
+            let server_end = server_end.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let open = match timeout(STREAM_OPEN_TIMEOUT, io::read_msg::<StreamOpen, _>(&mut recv, &mut buf)).await
@@ -280,7 +293,7 @@ impl SshServer {
                     return;
                 }
                 let StreamOpen::Ssh(open) = open;
-                let peer = Peer::brokered(&open);
+                let peer = Peer::brokered(&open, &server_end);
                 let keys: Arc<[String]> = open.key_fingerprints.into();
                 server.serve(tokio::io::join(recv, send), peer, keys, permit).await;
             });
