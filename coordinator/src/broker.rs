@@ -8,6 +8,7 @@
 
 use crate::engine::{Engine, OpError};
 use crate::metrics::SshOutcome;
+use crate::ratelimit::Take;
 use crate::sshca::HOST_SUFFIX;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,13 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Copy buffer per direction: large enough for full-speed bulk transfers, small enough that a slow
 /// reader holds at most this much per direction in the coordinator.
 const SPLICE_BUFFER: usize = 256 * 1024;
+
+/// Refused connections of one user that are logged and audited: a burst, then one a second. A
+/// script retrying a refused connection in a loop would otherwise add audit rows (kept 90 days)
+/// and log lines as fast as it can connect; past the rate it is still refused, with the same
+/// message, and counted in the metrics.
+pub const AUDITED_REFUSALS_BURST: u32 = 20;
+pub const AUDITED_REFUSALS_PER_SEC: f64 = 1.0;
 
 /// How the user reached the coordinator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,10 +164,24 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
         }
         Err(refusal) => {
             engine.metrics.ssh_connection(SshOutcome::Refused);
-            warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh refused: {refusal}");
-            let outcome = format!("refused: {refusal}");
-            if let Ok(id) = audit_start(engine, &req, &name, &outcome).await {
-                let _ = engine.store.audit_end(id, 0, 0, &outcome, now_ms()).await;
+            let take = {
+                let mut limiter = engine.ssh_refusals.lock().unwrap_or_else(|e| e.into_inner());
+                limiter.take(&req.user, std::time::Instant::now())
+            };
+            match take {
+                Take::Allowed => {
+                    warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh refused: {refusal}");
+                    let outcome = format!("refused: {refusal}");
+                    if let Ok(id) = audit_start(engine, &req, &name, &outcome).await {
+                        let _ = engine.store.audit_end(id, 0, 0, &outcome, now_ms()).await;
+                    }
+                }
+                Take::Refused { streak: 1 } => warn!(
+                    user = %req.user,
+                    "ssh refused: {refusal}; this user's refusals are now over {AUDITED_REFUSALS_PER_SEC} a second, \
+                     and further ones are not logged or audited until the rate falls"
+                ),
+                Take::Refused { .. } => {}
             }
             Err(refusal)
         }

@@ -94,6 +94,8 @@ pub struct Engine {
     pub metrics: crate::metrics::Metrics,
     /// Set when a graceful stop begins; `/readyz` then says so.
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Refused SSH connections per user that are logged and audited (see `broker::open`).
+    pub(crate) ssh_refusals: Mutex<crate::ratelimit::RateLimiter>,
 }
 
 /// What an accepted hello gives the tunnel.
@@ -141,6 +143,10 @@ impl Engine {
             next_conn: 1.into(),
             metrics: crate::metrics::Metrics::new(),
             shutting_down: false.into(),
+            ssh_refusals: Mutex::new(crate::ratelimit::RateLimiter::new(
+                crate::broker::AUDITED_REFUSALS_PER_SEC,
+                crate::broker::AUDITED_REFUSALS_BURST,
+            )),
         })
     }
 

@@ -20,6 +20,7 @@ pub mod https;
 pub mod metrics;
 pub mod pki;
 pub mod provision;
+pub mod ratelimit;
 pub mod retention;
 pub mod server;
 pub mod sshca;

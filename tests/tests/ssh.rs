@@ -164,6 +164,11 @@ fn ssh_exec_pty_files_and_forwarding() {
     let shlvl = alice.ok(host, "echo $SHLVL");
     assert!(matches!(shlvl.trim(), "" | "1"), "SHLVL {shlvl:?}: a command's shell is the first");
     assert_eq!(alice.run(host, "exit 7").status.code(), Some(7), "remote exit status");
+    // A command killed by a signal: the agent reports exit-signal, and OpenSSH's client then exits
+    // 255, as it does with sshd.
+    let killed = alice.ssh().args(["-v", host, "kill -KILL $$"]).output().unwrap();
+    assert_eq!(killed.status.code(), Some(255));
+    assert!(text(&killed.stderr).contains("rtype exit-signal"), "{}", text(&killed.stderr));
     let mut child = alice.ssh().arg(host).arg("wc -c").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let payload = vec![b'x'; 3 << 20];
     let mut stdin = child.stdin.take().unwrap();
@@ -385,6 +390,44 @@ fn refusals_say_why() {
     for want in ["may not access", "no workspace 'nosuch'", "is stopped"] {
         assert!(outcomes.iter().any(|o| o.starts_with("refused") && o.contains(want)), "{want}: {outcomes:?}");
     }
+
+    // A script retrying a refused connection in a loop is refused every time, with the reason,
+    // but past a burst of 20 and then one a second its refusals no longer fill the audit log.
+    let bob_rows = || coord.json(&["audit", "--user", "bob", "--limit", "1000"]).as_array().unwrap().len();
+    let before = bob_rows();
+    let started = Instant::now();
+    let tries = 100;
+    for _ in 0..tries {
+        let reply = upgrade_request(&coord, &bob.token, "dev");
+        assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+        assert!(reply.contains("user 'bob' may not access workspace 'dev'"), "{reply}");
+    }
+    let audited = bob_rows() - before;
+    let allowed = 20 + started.elapsed().as_secs() as usize + 1;
+    assert!(audited >= 15 && audited <= allowed.min(tries - 1), "{audited} of {tries} refusals audited");
+}
+
+/// Asks the API to carry an SSH connection to `workspace` (what `tether ssh` does) and returns the
+/// reply's head and body.
+fn upgrade_request(coord: &Coordinator, token: &str, workspace: &str) -> String {
+    let addr = coord.api_url().trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(LONG)).unwrap();
+    write!(
+        s,
+        "GET /api/v1/workspaces/{workspace}/ssh HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: upgrade\r\nUpgrade: tether-ssh\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !text(&reply).contains("\r\n\r\n") || !text(&reply).trim_end().ends_with('}') {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+        }
+    }
+    text(&reply)
 }
 
 #[test]

@@ -1,0 +1,124 @@
+//! Token buckets by key (a user name): how often something may happen per key, with a burst. No
+//! I/O and no clock of its own: callers pass the time in.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// Buckets kept before full ones (idle long enough to have refilled) are dropped.
+const PRUNE_AT: usize = 4096;
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_sec: f64,
+    burst: f64,
+    buckets: HashMap<String, Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+    /// Takes refused since the last one allowed.
+    refused: u64,
+}
+
+/// The answer to [`RateLimiter::take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    Allowed,
+    /// Over the rate; `streak` counts the refusals in a row, this one included, so callers can
+    /// report the first and stay quiet about the rest.
+    Refused {
+        streak: u64,
+    },
+}
+
+impl RateLimiter {
+    /// `per_sec` takes a second on average, at most `burst` at once.
+    pub fn new(per_sec: f64, burst: u32) -> Self {
+        RateLimiter { per_sec, burst: f64::from(burst.max(1)), buckets: HashMap::new() }
+    }
+
+    /// Takes one for `key` at `now`.
+    pub fn take(&mut self, key: &str, now: Instant) -> Take {
+        if self.buckets.len() >= PRUNE_AT && !self.buckets.contains_key(key) {
+            self.prune(now);
+        }
+        let (per_sec, burst) = (self.per_sec, self.burst);
+        let bucket = self.buckets.entry(key.to_string()).or_insert(Bucket { tokens: burst, at: now, refused: 0 });
+        bucket.refill(now, per_sec, burst);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            bucket.refused = 0;
+            Take::Allowed
+        } else {
+            bucket.refused += 1;
+            Take::Refused { streak: bucket.refused }
+        }
+    }
+
+    /// Drops buckets that have refilled: forgetting them changes no answer.
+    fn prune(&mut self, now: Instant) {
+        let (per_sec, burst) = (self.per_sec, self.burst);
+        self.buckets.retain(|_, b| {
+            b.refill(now, per_sec, burst);
+            b.tokens < burst
+        });
+    }
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant, per_sec: f64, burst: f64) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * per_sec).min(burst);
+        self.at = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let mut r = RateLimiter::new(2.0, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(r.take("alice", t0), Take::Allowed);
+        }
+        assert_eq!(r.take("alice", t0), Take::Refused { streak: 1 });
+        assert_eq!(r.take("alice", t0), Take::Refused { streak: 2 });
+        // Another key has its own bucket.
+        assert_eq!(r.take("bob", t0), Take::Allowed);
+        // Half a second gives alice one more, and ends her streak.
+        assert_eq!(r.take("alice", t0 + Duration::from_millis(500)), Take::Allowed);
+        assert_eq!(r.take("alice", t0 + Duration::from_millis(500)), Take::Refused { streak: 1 });
+        // Idle for long, the bucket is full again, never over the burst.
+        let later = t0 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            assert_eq!(r.take("alice", later), Take::Allowed);
+        }
+        assert!(matches!(r.take("alice", later), Take::Refused { .. }));
+    }
+
+    #[test]
+    fn full_buckets_are_forgotten_when_there_are_many() {
+        let mut r = RateLimiter::new(1.0, 2);
+        let t0 = Instant::now();
+        for i in 0..PRUNE_AT {
+            r.take(&format!("user{i}"), t0);
+        }
+        assert_eq!(r.buckets.len(), PRUNE_AT);
+        // A second later every bucket has refilled; a new key prunes them all.
+        r.take("late", t0 + Duration::from_secs(1));
+        assert_eq!(r.buckets.len(), 1);
+        // A bucket still short of tokens is kept.
+        let mut r = RateLimiter::new(1.0, 2);
+        r.take("busy", t0);
+        for i in 0..PRUNE_AT {
+            r.take(&format!("user{i}"), t0 + Duration::from_secs(10));
+        }
+        assert!(r.buckets.contains_key("user0"));
+    }
+}
