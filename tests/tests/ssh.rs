@@ -274,6 +274,18 @@ fn ssh_exec_pty_files_and_forwarding() {
     );
     assert!(http_get(local, LONG).ends_with("hello from inside"));
 
+    // A forward to a port where nothing listens says why, as sshd does.
+    let closed = free_port();
+    let out = alice.ssh().args(["-W", &format!("127.0.0.1:{closed}"), host]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "open failed: connect failed: connect to 127.0.0.1:{closed} inside the workspace: connection refused"
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+
     let outside = http_server("hello from outside");
     let rport = free_port();
     let out = alice

@@ -240,6 +240,31 @@ fn pty_size(cols: u32, rows: u32, px: u32, py: u32) -> pty_process::Size {
     pty_process::Size::new_with_pixel(clamp(rows), clamp(cols), clamp(px), clamp(py))
 }
 
+/// A forward's connect failure with the reason, which OpenSSH's client prints ("channel 2: open
+/// failed: connect failed: connect to 127.0.0.1:9999 inside the workspace: connection refused").
+fn connect_failed(target: String, error: Option<std::io::Error>) -> ChannelOpenFailure {
+    let why = match error {
+        Some(e) => {
+            // "Connection refused (os error 111)": the number means nothing to the user.
+            let text = e.to_string();
+            let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+            text.to_lowercase()
+        }
+        None => format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+    };
+    ChannelOpenFailure::Other {
+        code: ChannelOpenFailure::ConnectFailed.code(),
+        reason: format!("connect to {target} inside the workspace: {why}"),
+    }
+}
+
+fn too_many_channels() -> ChannelOpenFailure {
+    ChannelOpenFailure::Other {
+        code: ChannelOpenFailure::ResourceShortage.code(),
+        reason: format!("at most {MAX_CHANNELS} channels per SSH connection"),
+    }
+}
+
 impl russh::server::Handler for Connection {
     type Error = russh::Error;
 
@@ -290,7 +315,7 @@ impl russh::server::Handler for Connection {
     ) -> Result<(), Self::Error> {
         self.prune();
         let Ok(permit) = self.channels.clone().try_acquire_owned() else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            reply.reject(too_many_channels()).await;
             return Ok(());
         };
         let (control, control_rx) = mpsc::channel(16);
@@ -315,8 +340,13 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (Ok(permit), Ok(port)) = (self.channels.clone().try_acquire_owned(), u16::try_from(port)) else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+        let Ok(port) = u16::try_from(port) else {
+            let reason = format!("{port} is not a TCP port");
+            reply.reject(ChannelOpenFailure::Other { code: ChannelOpenFailure::ConnectFailed.code(), reason }).await;
+            return Ok(());
+        };
+        let Ok(permit) = self.channels.clone().try_acquire_owned() else {
+            reply.reject(too_many_channels()).await;
             return Ok(());
         };
         let host = host.to_string();
@@ -333,9 +363,9 @@ impl russh::server::Handler for Connection {
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(host = %host, port, error = %e, "direct-tcpip: connect failed");
-                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    reply.reject(connect_failed(format!("{host}:{port}"), Some(e))).await;
                 }
-                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+                Err(_) => reply.reject(connect_failed(format!("{host}:{port}"), None)).await,
             }
         });
         Ok(())
@@ -349,7 +379,7 @@ impl russh::server::Handler for Connection {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Ok(permit) = self.channels.clone().try_acquire_owned() else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            reply.reject(too_many_channels()).await;
             return Ok(());
         };
         let path = socket_path.to_string();
@@ -364,9 +394,9 @@ impl russh::server::Handler for Connection {
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(path = %path, error = %e, "direct-streamlocal: connect failed");
-                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    reply.reject(connect_failed(path, Some(e))).await;
                 }
-                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+                Err(_) => reply.reject(connect_failed(path, None)).await,
             }
         });
         Ok(())
