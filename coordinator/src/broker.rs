@@ -26,12 +26,13 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// reader holds at most this much per direction in the coordinator.
 const SPLICE_BUFFER: usize = 256 * 1024;
 
-/// Refused connections of one user that are logged and audited: a burst, then one a second. A
+/// Refused connections of one user that are logged and audited: a burst, then one every 10 s. A
 /// script retrying a refused connection in a loop would otherwise add audit rows (kept 90 days)
 /// and log lines as fast as it can connect; past the rate it is still refused, with the same
-/// message, and counted in the metrics.
+/// message, and counted in the metrics, and the next refusal logged says how many were not.
+/// Refusals for the coordinator's own errors are always logged and audited.
 pub const AUDITED_REFUSALS_BURST: u32 = 20;
-pub const AUDITED_REFUSALS_PER_SEC: f64 = 1.0;
+pub const AUDITED_REFUSALS_PER_SEC: f64 = 0.1;
 
 /// How the user reached the coordinator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,24 +165,31 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
         }
         Err(refusal) => {
             engine.metrics.ssh_connection(SshOutcome::Refused);
-            let take = {
-                let mut limiter = engine.ssh_refusals.lock().unwrap_or_else(|e| e.into_inner());
-                limiter.take(&req.user, std::time::Instant::now())
-            };
-            match take {
-                Take::Allowed => {
-                    warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh refused: {refusal}");
-                    let outcome = format!("refused: {refusal}");
-                    if let Ok(id) = audit_start(engine, &req, &name, &outcome).await {
-                        let _ = engine.store.audit_end(id, 0, 0, &outcome, now_ms()).await;
-                    }
+            let take = match refusal.kind {
+                RefusalKind::Internal => Take::Allowed { refused_before: 0 },
+                _ => {
+                    let mut limiter = engine.ssh_refusals.lock().unwrap_or_else(|e| e.into_inner());
+                    limiter.take(&req.user, std::time::Instant::now())
                 }
-                Take::Refused { streak: 1 } => warn!(
-                    user = %req.user,
-                    "ssh refused: {refusal}; this user's refusals are now over {AUDITED_REFUSALS_PER_SEC} a second, \
-                     and further ones are not logged or audited until the rate falls"
-                ),
-                Take::Refused { .. } => {}
+            };
+            if let Take::Allowed { refused_before } = take {
+                if refused_before == 0 {
+                    warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh refused: {refusal}");
+                } else {
+                    warn!(
+                        user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer,
+                        "ssh refused: {refusal} ({refused_before} earlier refusals of this user were over the rate of \
+                         {AUDITED_REFUSALS_BURST} then one every {} s, and are not in the log or the audit)",
+                        1.0 / AUDITED_REFUSALS_PER_SEC
+                    );
+                }
+                let outcome = match refused_before {
+                    0 => format!("refused: {refusal}"),
+                    n => format!("refused: {refusal} (and {n} times before, not recorded: over the rate)"),
+                };
+                if let Ok(id) = audit_start(engine, &req, &name, &outcome).await {
+                    let _ = engine.store.audit_end(id, 0, 0, &outcome, now_ms()).await;
+                }
             }
             Err(refusal)
         }

@@ -25,12 +25,12 @@ struct Bucket {
 /// The answer to [`RateLimiter::take`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Take {
-    Allowed,
-    /// Over the rate; `streak` counts the refusals in a row, this one included, so callers can
-    /// report the first and stay quiet about the rest.
-    Refused {
-        streak: u64,
+    /// Within the rate; `refused_before` takes were refused since the previous allowed one, for
+    /// the caller to mention when it reports this one.
+    Allowed {
+        refused_before: u64,
     },
+    Refused,
 }
 
 impl RateLimiter {
@@ -49,11 +49,10 @@ impl RateLimiter {
         bucket.refill(now, per_sec, burst);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
-            bucket.refused = 0;
-            Take::Allowed
+            Take::Allowed { refused_before: std::mem::take(&mut bucket.refused) }
         } else {
             bucket.refused += 1;
-            Take::Refused { streak: bucket.refused }
+            Take::Refused
         }
     }
 
@@ -82,24 +81,26 @@ mod tests {
 
     #[test]
     fn a_burst_then_the_rate() {
+        let allowed = |n| Take::Allowed { refused_before: n };
         let mut r = RateLimiter::new(2.0, 3);
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert_eq!(r.take("alice", t0), Take::Allowed);
+            assert_eq!(r.take("alice", t0), allowed(0));
         }
-        assert_eq!(r.take("alice", t0), Take::Refused { streak: 1 });
-        assert_eq!(r.take("alice", t0), Take::Refused { streak: 2 });
+        assert_eq!(r.take("alice", t0), Take::Refused);
+        assert_eq!(r.take("alice", t0), Take::Refused);
         // Another key has its own bucket.
-        assert_eq!(r.take("bob", t0), Take::Allowed);
-        // Half a second gives alice one more, and ends her streak.
-        assert_eq!(r.take("alice", t0 + Duration::from_millis(500)), Take::Allowed);
-        assert_eq!(r.take("alice", t0 + Duration::from_millis(500)), Take::Refused { streak: 1 });
+        assert_eq!(r.take("bob", t0), allowed(0));
+        // Half a second gives alice one more, which carries the count of those refused before it.
+        assert_eq!(r.take("alice", t0 + Duration::from_millis(500)), allowed(2));
+        assert_eq!(r.take("alice", t0 + Duration::from_millis(500)), Take::Refused);
         // Idle for long, the bucket is full again, never over the burst.
         let later = t0 + Duration::from_secs(3600);
-        for _ in 0..3 {
-            assert_eq!(r.take("alice", later), Take::Allowed);
+        assert_eq!(r.take("alice", later), allowed(1));
+        for _ in 0..2 {
+            assert_eq!(r.take("alice", later), allowed(0));
         }
-        assert!(matches!(r.take("alice", later), Take::Refused { .. }));
+        assert_eq!(r.take("alice", later), Take::Refused);
     }
 
     #[test]

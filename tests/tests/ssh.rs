@@ -301,32 +301,44 @@ fn ssh_exec_pty_files_and_forwarding() {
     // the script prints where its server listens and the editor connects there through the SOCKS
     // proxy (a direct-tcpip channel per connection), while the session stays open.
     let socks = free_port();
-    let mut remote = alice
-        .ssh()
-        .args(["-T", "-o", "ExitOnForwardFailure=yes", "-D", &format!("127.0.0.1:{socks}"), host, "bash"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut script = remote.stdin.take().unwrap();
+    let mut remote = Killed(
+        alice
+            .ssh()
+            .args(["-T", "-o", "ExitOnForwardFailure=yes", "-D", &format!("127.0.0.1:{socks}"), host, "bash"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut script = remote.0.stdin.take().unwrap();
     writeln!(script, "echo \"listeningOn=={inside}==\"; cat >/dev/null; echo bye").unwrap();
-    let mut stdout = std::io::BufReader::new(remote.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert_eq!(line.trim(), format!("listeningOn=={inside}=="));
+    let (line_tx, lines) = std::sync::mpsc::channel();
+    let stdout = remote.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(lines.recv_timeout(LONG).expect("the script's first line"), format!("listeningOn=={inside}=="));
     let socks_url = format!("socks5h://127.0.0.1:{socks}");
     for _ in 0..2 {
         let out = Command::new("curl")
-            .args(["-sf", "--max-time", "60", "--proxy", &socks_url, &format!("http://127.0.0.1:{inside}/")])
+            .args(["-sf", "--max-time", "60", "--noproxy", "", "--proxy", &socks_url])
+            .arg(format!("http://127.0.0.1:{inside}/"))
             .output()
             .unwrap();
         assert_eq!(text(&out.stdout), "hello from inside", "through ssh -D: {}", text(&out.stderr));
     }
     drop(script);
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    assert_eq!(rest.trim(), "bye");
-    assert!(remote.wait().unwrap().success());
+    assert_eq!(lines.recv_timeout(LONG).expect("the script's last line"), "bye");
+    let mut status = None;
+    wait_until("ssh -T -D to end with its session", LONG, || {
+        status = remote.0.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success());
 
     // Agent forwarding: the workspace lists the client's key.
     let agent_sock = alice.dir.join("agent.sock");
@@ -404,7 +416,7 @@ fn refusals_say_why() {
     }
 
     // A script retrying a refused connection in a loop is refused every time, with the reason,
-    // but past a burst of 20 and then one a second its refusals no longer fill the audit log.
+    // but past a burst of 20 and then one every 10 s its refusals no longer fill the audit log.
     let bob_rows = || coord.json(&["audit", "--user", "bob", "--limit", "1000"]).as_array().unwrap().len();
     let before = bob_rows();
     let started = Instant::now();
@@ -415,7 +427,7 @@ fn refusals_say_why() {
         assert!(reply.contains("user 'bob' may not access workspace 'dev'"), "{reply}");
     }
     let audited = bob_rows() - before;
-    let allowed = 20 + started.elapsed().as_secs() as usize + 1;
+    let allowed = 20 + started.elapsed().as_secs() as usize / 10 + 1;
     assert!(audited >= 15 && audited <= allowed.min(tries - 1), "{audited} of {tries} refusals audited");
 }
 

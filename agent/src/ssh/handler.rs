@@ -258,6 +258,15 @@ fn connect_failed(target: String, error: Option<std::io::Error>) -> ChannelOpenF
     }
 }
 
+/// `host:port`, with an IPv6 address in brackets.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 fn too_many_channels() -> ChannelOpenFailure {
     ChannelOpenFailure::Other {
         code: ChannelOpenFailure::ResourceShortage.code(),
@@ -363,9 +372,9 @@ impl russh::server::Handler for Connection {
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(host = %host, port, error = %e, "direct-tcpip: connect failed");
-                    reply.reject(connect_failed(format!("{host}:{port}"), Some(e))).await;
+                    reply.reject(connect_failed(host_port(&host, port), Some(e))).await;
                 }
-                Err(_) => reply.reject(connect_failed(format!("{host}:{port}"), None)).await,
+                Err(_) => reply.reject(connect_failed(host_port(&host, port), None)).await,
             }
         });
         Ok(())

@@ -250,7 +250,9 @@ impl SshServer {
     }
 
     async fn brokered(self: Arc<Self>, conn: quinn::Connection) {
-        let server_end: Arc<str> = format!("{} 22", local_ip_towards(conn.remote_address())).into();
+        let remote = conn.remote_address();
+        let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+        let server_end: Arc<str> = format!("{} 22", local_ip_towards(remote).to_canonical()).into();
         loop {
             let (mut send, mut recv) = match conn.accept_bi().await {
                 Ok(s) => s,

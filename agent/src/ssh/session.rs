@@ -118,9 +118,10 @@ pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>)
         }
     };
     cmd.env_clear().envs(launch.env.iter().map(|(k, v)| (k, v))).current_dir(&launch.cwd);
-    // SAFETY: the closure runs in the child between fork and exec and only makes system calls
-    // that are async-signal-safe (sigaction, setsid); it allocates nothing.
-    unsafe { cmd.pre_exec(crate::scripts::default_signals) };
+    // The pre_exec closures below run in the child between fork and exec, in the order given: first
+    // the new session, then the default signals (so the child never has them while still in the
+    // agent's process group). They make only async-signal-safe calls (setsid, sigaction) and
+    // allocate nothing.
     let (child, io) = match &launch.pty {
         Some(spec) => {
             let (pty, pts) = pty_process::open().map_err(pty_error)?;
@@ -133,15 +134,18 @@ pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>)
             if let Some(tty) = tty {
                 cmd.env("SSH_TTY", tty);
             }
-            let child = pty_process::Command::from(cmd).spawn(pts).map_err(pty_error)?;
+            // pty_process's own pre_exec (setsid, the controlling terminal) runs before this one.
+            // SAFETY: see above.
+            let pty_cmd = unsafe { pty_process::Command::from(cmd).pre_exec(crate::scripts::default_signals) };
+            let child = pty_cmd.spawn(pts).map_err(pty_error)?;
             (child, ChildIo::Pty(super::pty::Master::new(pty)?))
         }
         None => {
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-            // pty_process makes a pty session's process a session leader; this does it for pipes.
-            // SAFETY: as above; setsid is async-signal-safe.
+            // SAFETY: see above.
             unsafe {
                 cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(std::io::Error::from));
+                cmd.pre_exec(crate::scripts::default_signals);
             }
             // A subsystem speaks a protocol on stdout; its complaints are not part of it.
             let subsystem = matches!(launch.program, Program::Subsystem { .. });
