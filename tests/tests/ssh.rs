@@ -605,4 +605,41 @@ fn a_command_that_echoes_a_large_input_streams_both_ways_at_once() {
     same_file(&big, &echoed);
     // The connection is still good for the next command on it.
     assert_eq!(alice.ok("dev.tether", "echo still here").trim(), "still here");
+
+    // A ControlMaster, as users set one up to skip the connection setup: several sessions at once
+    // on one brokered connection, a 10 MiB `cat` beside quick commands.
+    let control = alice.dir.join("cm.sock");
+    let mux = |args: &[&str]| {
+        let mut c = alice.ssh();
+        c.arg("-S").arg(&control).args(args).arg("dev.tether");
+        c
+    };
+    let _master = Killed(mux(&["-M", "-N", "-o", "ControlPersist=no"]).spawn().unwrap());
+    wait_until("the control master", LONG, || mux(&["-O", "check"]).output().is_ok_and(|o| o.status.success()));
+    let audited = || coord.json(&["audit", "--user", "alice", "--limit", "1000"]).as_array().unwrap().len();
+    let before = audited();
+    let mid = alice.dir.join("mid.bin");
+    random_file(&mid, 10 << 20, 12);
+    let mid_back = alice.dir.join("mid-back.bin");
+    let mut bulk = Killed(
+        mux(&[])
+            .arg("cat")
+            .stdin(std::fs::File::open(&mid).unwrap())
+            .stdout(std::fs::File::create(&mid_back).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    for i in 0..5 {
+        let out = mux(&[]).arg(format!("echo quick {i}")).output().unwrap();
+        assert_eq!(text(&out.stdout).trim(), format!("quick {i}"), "{}", text(&out.stderr));
+    }
+    let mut status = None;
+    wait_until("the multiplexed cat", LONG * 2, || {
+        status = bulk.0.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success());
+    same_file(&mid, &mid_back);
+    assert_eq!(audited(), before, "the sessions rode the master's one brokered connection");
+    assert!(mux(&["-O", "exit"]).output().unwrap().status.success());
 }
