@@ -310,6 +310,11 @@ pub(crate) fn default_signals() -> std::io::Result<()> {
             let _ = unsafe { sigaction(signal, &default) };
         }
     }
+    // The real-time signals, which nix's list leaves out.
+    for signal in nix::libc::SIGRTMIN()..=nix::libc::SIGRTMAX() {
+        // SAFETY: signal(2) is async-signal-safe; SIG_DFL installs no handler.
+        unsafe { nix::libc::signal(signal, nix::libc::SIG_DFL) };
+    }
     Ok(())
 }
 
