@@ -293,6 +293,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
                 .zip(tls)
                 .map(|(listener, tls)| tokio::spawn(crate::https::serve(listener, tls, router.clone(), https_stop_rx)));
             let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+            // No Nagle delay: `tether ssh` carries interactive SSH over this port (as the HTTPS one
+            // and the front door do).
+            let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let http_task = tokio::spawn(async move {
                 axum::serve(http, router.into_make_service_with_connect_info::<SocketAddr>())
                     .with_graceful_shutdown(async {
