@@ -301,6 +301,7 @@ pub async fn config_ssh(
         (None, Some(u)) => u.clone(),
         (None, None) => bail!("give --user NAME (the Tether user whose key you log in with)"),
     };
+    let config_given = ssh_config.is_some();
     let config_path = match ssh_config {
         Some(p) => p,
         None => {
@@ -332,8 +333,76 @@ pub async fn config_ssh(
         write_atomic(&config_path, &new, 0o600)?;
     }
     println!("wrote the tether block in {} and the CA in {}", config_path.display(), known_hosts.display());
+    let explicit_config = config_given.then_some(config_path.as_path());
+    for warning in overridden(explicit_config, &config_path, &info, &user, &known_hosts) {
+        eprintln!("warning: {warning}");
+    }
     println!("connect with: ssh WORKSPACE{}", info.host_suffix);
     Ok(())
+}
+
+/// What ssh would really use for a workspace, as `ssh -G` evaluates the config (the system-wide one
+/// too, unless `--ssh-config` named the file), against what the block sets: ssh takes the first
+/// value it finds for each option, so an earlier `Host *` block that sets `User` or
+/// `StrictHostKeyChecking` silently wins. One sentence per option that differs; none if ssh
+/// cannot be run.
+fn overridden(
+    explicit_config: Option<&Path>,
+    config_path: &Path,
+    info: &SshInfo,
+    user: &str,
+    known_hosts: &Path,
+) -> Vec<String> {
+    let host = format!("workspace{}", info.host_suffix);
+    let mut ssh = std::process::Command::new("ssh");
+    if let Some(f) = explicit_config {
+        ssh.arg("-F").arg(f);
+    }
+    let Ok(out) = ssh.arg("-G").arg(&host).stdin(std::process::Stdio::null()).output() else {
+        return Vec::new();
+    };
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let effective = String::from_utf8_lossy(&out.stdout);
+    let get = |key: &str| {
+        effective.lines().find_map(|l| l.split_once(' ').filter(|(k, _)| *k == key).map(|(_, v)| v.to_string()))
+    };
+    let known = known_hosts.display().to_string();
+    let checks = [
+        ("User", get("user"), user.to_string(), get("user").as_deref() == Some(user)),
+        (
+            "ProxyJump",
+            get("proxyjump"),
+            info.front_door_alias.clone(),
+            get("proxyjump").as_deref() == Some(info.front_door_alias.as_str()),
+        ),
+        (
+            "UserKnownHostsFile",
+            get("userknownhostsfile"),
+            known.clone(),
+            get("userknownhostsfile").is_some_and(|v| v.contains(&known)),
+        ),
+        (
+            "StrictHostKeyChecking",
+            get("stricthostkeychecking"),
+            "true".to_string(),
+            get("stricthostkeychecking").as_deref() == Some("true"),
+        ),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, _, _, ok)| !ok)
+        .map(|(option, got, want, _)| {
+            format!(
+                "ssh resolves {host} with {option} {}, not {want}: an earlier `Host` or `Match` block (in {} or \
+                 the system-wide config) sets it, and ssh keeps the first value it finds; move the tether block \
+                 above it or narrow that block",
+                got.unwrap_or_else(|| "unset".into()),
+                config_path.display()
+            )
+        })
+        .collect()
 }
 
 /// `tether ssh --stdio NAME`: joins stdin/stdout to the workspace's agent over the API (for

@@ -644,3 +644,26 @@ fn a_command_that_echoes_a_large_input_streams_both_ways_at_once() {
     assert_eq!(audited(), before, "the sessions rode the master's one brokered connection");
     assert!(mux(&["-O", "exit"]).output().unwrap().status.success());
 }
+
+#[test]
+fn config_ssh_warns_when_an_earlier_block_would_win() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let config = alice.config.to_str().unwrap().to_string();
+    let key = alice.key.to_str().unwrap().to_string();
+    let config_ssh = || coord.cli(&["config-ssh", "--user", "alice", "--ssh-config", &config, "--identity", &key]);
+    // The harness's config (options above the block, no `Host *`) is what ssh will use.
+    let out = config_ssh();
+    assert!(out.status.success());
+    assert!(!text(&out.stderr).contains("warning"), "{}", text(&out.stderr));
+    // A `Host *` block above the managed one wins for every option it sets: ssh keeps the first
+    // value. config-ssh asks `ssh -G` what it will really use and says which options lost.
+    let old = std::fs::read_to_string(&alice.config).unwrap();
+    std::fs::write(&alice.config, format!("Host *\n  User bob\n  StrictHostKeyChecking no\n\n{old}")).unwrap();
+    let out = config_ssh();
+    assert!(out.status.success(), "a warning, not an error");
+    let err = text(&out.stderr);
+    assert!(err.contains("ssh resolves workspace.tether with User bob, not alice"), "{err}");
+    assert!(err.contains("with StrictHostKeyChecking false, not true"), "{err}");
+    assert!(!err.contains("ProxyJump") && !err.contains("UserKnownHostsFile"), "{err}");
+}
