@@ -643,6 +643,17 @@ fn a_command_that_echoes_a_large_input_streams_both_ways_at_once() {
     same_file(&mid, &mid_back);
     assert_eq!(audited(), before, "the sessions rode the master's one brokered connection");
     assert!(mux(&["-O", "exit"]).output().unwrap().status.success());
+
+    // A burst of connections at once (a CI job's parallel steps): every one gets in. (sshd's
+    // default MaxStartups begins dropping connections past 10 that have not yet authenticated.)
+    let burst: Vec<Child> = (0..20)
+        .map(|i| alice.ssh().args(["dev.tether", &format!("echo burst {i}")]).stdout(Stdio::piped()).spawn().unwrap())
+        .collect();
+    for (i, child) in burst.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "connection {i} of the burst: {}", out.status);
+        assert_eq!(text(&out.stdout).trim(), format!("burst {i}"));
+    }
 }
 
 #[test]
