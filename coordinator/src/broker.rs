@@ -175,20 +175,11 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
                 }
             };
             if let Take::Allowed { refused_before } = take {
-                if refused_before == 0 {
-                    warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh refused: {refusal}");
-                } else {
-                    warn!(
-                        user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer,
-                        "ssh refused: {refusal} ({refused_before} earlier refusals of this user were over the rate of \
-                         {AUDITED_REFUSALS_BURST} then one every {} s, and are not in the log or the audit)",
-                        1.0 / AUDITED_REFUSALS_PER_SEC
-                    );
-                }
                 let outcome = match refused_before {
                     0 => format!("refused: {refusal}"),
                     n => format!("refused: {refusal} (and {n} times before, not recorded: over the rate)"),
                 };
+                warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh {outcome}");
                 if let Ok(id) = audit_start(engine, &req, &name, &outcome).await {
                     let _ = engine.store.audit_end(id, 0, 0, &outcome, now_ms()).await;
                 }

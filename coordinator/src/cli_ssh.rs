@@ -369,38 +369,28 @@ fn overridden(
         effective.lines().find_map(|l| l.split_once(' ').filter(|(k, _)| *k == key).map(|(_, v)| v.to_string()))
     };
     let known = known_hosts.display().to_string();
+    // (option, `ssh -G`'s key, the block's value); ssh -G may list several known-hosts files.
     let checks = [
-        ("User", get("user"), user.to_string(), get("user").as_deref() == Some(user)),
-        (
-            "ProxyJump",
-            get("proxyjump"),
-            info.front_door_alias.clone(),
-            get("proxyjump").as_deref() == Some(info.front_door_alias.as_str()),
-        ),
-        (
-            "UserKnownHostsFile",
-            get("userknownhostsfile"),
-            known.clone(),
-            get("userknownhostsfile").is_some_and(|v| v.contains(&known)),
-        ),
-        (
-            "StrictHostKeyChecking",
-            get("stricthostkeychecking"),
-            "true".to_string(),
-            get("stricthostkeychecking").as_deref() == Some("true"),
-        ),
+        ("User", "user", user),
+        ("ProxyJump", "proxyjump", info.front_door_alias.as_str()),
+        ("UserKnownHostsFile", "userknownhostsfile", known.as_str()),
+        ("StrictHostKeyChecking", "stricthostkeychecking", "true"),
     ];
     checks
         .into_iter()
-        .filter(|(_, _, _, ok)| !ok)
-        .map(|(option, got, want, _)| {
-            format!(
-                "ssh resolves {host} with {option} {}, not {want}: an earlier `Host` or `Match` block (in {} or \
-                 the system-wide config) sets it, and ssh keeps the first value it finds; move the tether block \
-                 above it or narrow that block",
-                got.unwrap_or_else(|| "unset".into()),
-                config_path.display()
-            )
+        .filter_map(|(option, key, want)| {
+            let got = get(key);
+            let ok =
+                got.as_deref().is_some_and(|g| if key == "userknownhostsfile" { g.contains(want) } else { g == want });
+            (!ok).then(|| {
+                format!(
+                    "ssh resolves {host} with {option} {}, not {want}: an earlier `Host` or `Match` block (in {} \
+                     or the system-wide config) sets it, and ssh keeps the first value it finds; move the tether \
+                     block above it or narrow that block",
+                    got.as_deref().unwrap_or("unset"),
+                    config_path.display()
+                )
+            })
         })
         .collect()
 }

@@ -19,14 +19,16 @@ pub struct ScriptProblem {
 
 impl ScriptProblem {
     pub fn describe(&self) -> String {
-        match (self.status, self.exit_code) {
-            (SpanStatus::TimedOut, _) => {
+        match (self.status, self.exit_code, &self.detail) {
+            (SpanStatus::TimedOut, _, _) => {
                 format!("startup script '{}' timed out after {}", self.script, secs(self.timeout))
             }
-            (_, Some(code)) => format!("startup script '{}' exited with code {code}", self.script),
-            (_, None) if self.detail.is_some() => self.detail.clone().unwrap_or_default(),
-            (SpanStatus::ExitFailure, None) => format!("startup script '{}' was killed by a signal", self.script),
-            (_, None) => format!("startup script '{0}' could not run (`logs --script {0}` says why)", self.script),
+            (_, Some(code), _) => format!("startup script '{}' exited with code {code}", self.script),
+            (_, None, Some(detail)) => detail.clone(),
+            (SpanStatus::ExitFailure, None, None) => format!("startup script '{}' was killed by a signal", self.script),
+            (_, None, None) => {
+                format!("startup script '{0}' could not run (`logs --script {0}` says why)", self.script)
+            }
         }
     }
 }
