@@ -85,6 +85,30 @@ impl Drop for Killed {
     }
 }
 
+/// An X server, stopped with SIGTERM so that it removes its lock file and socket (a killed one
+/// leaves them, and holds its display number on this machine until they are removed).
+struct XServer(Child, u32);
+
+impl Drop for XServer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(format!("/tmp/.X{}-lock", self.1));
+        let _ = std::fs::remove_file(format!("/tmp/.X11-unix/X{}", self.1));
+    }
+}
+
+/// Files removed at the end of a test, passed or not.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 fn random_file(path: &Path, len: usize, seed: u64) {
     let mut x = seed | 1;
     let data: Vec<u8> = (0..len)
@@ -677,4 +701,108 @@ fn config_ssh_warns_when_an_earlier_block_would_win() {
     assert!(err.contains("ssh resolves workspace.tether with User bob, not alice"), "{err}");
     assert!(err.contains("with StrictHostKeyChecking false, not true"), "{err}");
     assert!(!err.contains("ProxyJump") && !err.contains("UserKnownHostsFile"), "{err}");
+}
+
+/// X11 forwarding: `ssh -Y` and `ssh -X` (its untrusted cookie) give the workspace a `DISPLAY` whose
+/// programs draw on the client's X server (Xvfb here, with its own cookie). The workspace only ever
+/// sees a stand-in cookie, which the client checks and swaps for the real one; a program without it
+/// is turned away, and the display goes away with the session.
+#[test]
+fn x11_forwarding_reaches_the_clients_display() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    // The workspace's X authority file, where the agent registers each session's cookie.
+    let workspace_auth = coord.data_dir().join("workspace-xauthority");
+    let template = format!("heartbeat_timeout = \"6s\"\n\n[env]\nXAUTHORITY = \"{}\"\n", workspace_auth.display());
+    let created = coord.create("x", &template, &["--owner", "alice"]);
+    let token = created["agent_token"].as_str().expect("agent token").to_string();
+    let _agent = Agent::start(&coord, &token, &coord.data_dir().join("agent-x"));
+    coord.wait_for("x", "running", LONG);
+
+    // The user's X server, on a display no other X server holds, accepting only its cookie.
+    let n = (60..100)
+        .find(|n| {
+            !Path::new(&format!("/tmp/.X{n}-lock")).exists() && !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+        })
+        .expect("a free X display number");
+    let client_auth = alice.dir.join("Xauthority");
+    let cookie: String = (0..16).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let added = Command::new("xauth")
+        .arg("-f")
+        .arg(&client_auth)
+        .args(["add", &format!(":{n}"), "MIT-MAGIC-COOKIE-1", &cookie])
+        .output()
+        .expect("run xauth (is xauth installed?)");
+    assert!(added.status.success(), "xauth add: {}", text(&added.stderr));
+    let xvfb = Command::new("Xvfb")
+        .arg(format!(":{n}"))
+        .args(["-nolisten", "tcp", "-auth"])
+        .arg(&client_auth)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run Xvfb (is xvfb installed?)");
+    let _xvfb = XServer(xvfb, n);
+    wait_until("Xvfb's socket", LONG, || Path::new(&format!("/tmp/.X11-unix/X{n}")).exists());
+    let x11 = |flag: &str, command: &str| {
+        alice
+            .ssh()
+            .args([flag, "x.tether", command])
+            .env("DISPLAY", format!(":{n}"))
+            .env("XAUTHORITY", &client_auth)
+            .output()
+            .expect("run ssh")
+    };
+
+    // A display socket someone listens on is never taken; one left by a killed X server or agent
+    // (nobody listening) is taken over.
+    let socket = |n: u32| format!("/tmp/.X11-unix/X{n}");
+    let free = |from: u32| {
+        (from..60).find(|n| !Path::new(&format!("/tmp/.X{n}-lock")).exists() && !Path::new(&socket(*n)).exists())
+    };
+    std::fs::create_dir_all("/tmp/.X11-unix").expect("/tmp/.X11-unix");
+    let live = free(10).expect("a free display number");
+    let _live = std::os::unix::net::UnixListener::bind(socket(live)).expect("a live display socket");
+    let stale = free(live + 1).expect("a free display number");
+    drop(std::os::unix::net::UnixListener::bind(socket(stale)).expect("a stale display socket"));
+    let _cleanup = RemoveOnDrop(vec![socket(live).into(), socket(stale).into()]);
+
+    // Without -X or -Y there is no display.
+    assert_eq!(alice.ok("x.tether", "echo \"[$DISPLAY]\"").trim(), "[]");
+
+    let out = x11("-Y", "echo $DISPLAY; xdpyinfo | grep -m1 '^name of display'; xauth list");
+    assert!(out.status.success(), "ssh -Y: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let display = stdout.lines().next().unwrap_or_default().to_string();
+    let number: u32 = display
+        .strip_prefix(':')
+        .and_then(|d| d.strip_suffix(".0"))
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("DISPLAY is :N.0: {stdout}"));
+    assert!(number >= 10, "display numbers start at 10, past local X servers: {stdout}");
+    assert!(number != live && number <= stale, "live {live}, stale {stale}: {stdout}");
+    assert!(
+        stdout.contains(&format!("name of display:    {display}")),
+        "xdpyinfo reached the client's X server: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("/unix:{number}  MIT-MAGIC-COOKIE-1  ")),
+        "the session's cookie is registered: {stdout}"
+    );
+    assert!(!stdout.contains(&cookie), "the workspace never sees the real cookie: {stdout}");
+    // The display is gone with its session: socket and cookie.
+    wait_until("the display's socket to go", LONG, || !Path::new(&socket(number)).exists());
+    wait_until("the display's cookie to go", LONG, || {
+        let list = Command::new("xauth").arg("-f").arg(&workspace_auth).arg("list").output().expect("xauth list");
+        !text(&list.stdout).contains(&format!("/unix:{number} "))
+    });
+
+    // A program that does not present the session's cookie is refused by the client.
+    let out = x11("-Y", "XAUTHORITY=/dev/null xdpyinfo >/dev/null 2>&1 && echo drew || echo refused");
+    assert_eq!(text(&out.stdout).trim(), "refused", "{}", text(&out.stderr));
+
+    // ssh -X: the client makes an untrusted cookie with xauth; the program still reaches the display.
+    let out = x11("-X", "xdpyinfo | grep -m1 '^name of display'");
+    assert!(out.status.success(), "ssh -X: {}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("name of display:    :"), "{}", text(&out.stdout));
 }

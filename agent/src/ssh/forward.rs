@@ -1,7 +1,8 @@
 //! Listeners inside the workspace that lead back to the client: remote TCP forwarding
-//! (`tcpip-forward`), remote Unix-socket forwarding (`streamlocal-forward@openssh.com`) and agent
-//! forwarding (a private socket for `SSH_AUTH_SOCK`). Each accepted connection becomes a channel the
-//! agent opens toward the client, spliced with bounded buffers.
+//! (`tcpip-forward`), remote Unix-socket forwarding (`streamlocal-forward@openssh.com`), agent
+//! forwarding (a private socket for `SSH_AUTH_SOCK`) and X11 forwarding (a display's sockets). Each
+//! accepted connection becomes a channel the agent opens toward the client, spliced with bounded
+//! buffers.
 
 use super::activity::Activity;
 use super::inbound::Backlogs;
@@ -181,6 +182,56 @@ pub fn listen_agent(link: Link, parent: &Path) -> std::io::Result<(PathBuf, List
     })
     .abort_handle();
     Ok((path.clone(), Listener { task, cleanup: vec![path, dir] }))
+}
+
+/// X11 forwarding: listens for display connections at `path` and at the same abstract name, which
+/// X clients on Linux try first (so a display number another X server holds in this network
+/// namespace is refused here with `AddrInUse`, rather than shadowing ours). Each connection becomes
+/// an `x11` channel to the client; with `single_connection`, only the first.
+pub fn listen_x11(link: Link, path: &Path, single_connection: bool) -> std::io::Result<Listener> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::os::unix::net::SocketAddr::from_abstract_name(path.as_os_str().as_bytes())?;
+    let hidden = std::os::unix::net::UnixListener::bind_addr(&name)?;
+    hidden.set_nonblocking(true)?;
+    let hidden = tokio::net::UnixListener::from_std(hidden)?;
+    let file = match tokio::net::UnixListener::bind(path) {
+        // A socket nobody answers on: left by an agent or X server that was killed. Take it over.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && stale_socket(path) => {
+            std::fs::remove_file(path)?;
+            tokio::net::UnixListener::bind(path)?
+        }
+        bound => bound?,
+    };
+    let task = tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = hidden.accept() => a,
+                a = file.accept() => a,
+            };
+            let stream = match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "x11 forwarding: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            link.serve(stream, "x11", |h| async move { h.channel_open_x11("127.0.0.1", 0).await });
+            if single_connection {
+                break;
+            }
+        }
+    })
+    .abort_handle();
+    Ok(Listener { task, cleanup: vec![path.to_path_buf()] })
+}
+
+/// Whether `path` is a socket that refuses connections: no process listens on it any more.
+fn stale_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+        && matches!(std::os::unix::net::UnixStream::connect(path), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! One SSH connection's handler: public-key authentication against the fingerprints the connection
-//! was given, session requests (pty, env, shell, exec, subsystem, signals, window changes, agent
-//! forwarding), channel opens (sessions, `direct-tcpip`, `direct-streamlocal@openssh.com`) and
+//! was given, session requests (pty, env, shell, exec, subsystem, signals, window changes, agent and
+//! X11 forwarding), channel opens (sessions, `direct-tcpip`, `direct-streamlocal@openssh.com`) and
 //! global requests (`tcpip-forward`, `streamlocal-forward@openssh.com` and their cancels).
 //!
 //! Channel requests are answered here, before russh reads the next packet: OpenSSH sends `pty-req`,
@@ -11,6 +11,7 @@ use super::forward::{self, Link, Listener};
 use super::inbound::Backlogs;
 use super::keys::fingerprint;
 use super::session::{self, Control, Launch, Program, PtySpec};
+use super::x11::{Display as X11Display, Request as X11Request};
 use super::{Peer, SshServer, MAX_CHANNELS};
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
@@ -70,6 +71,8 @@ struct SessionChannel {
     pty: Option<PtySpec>,
     env: Vec<(String, String)>,
     started: bool,
+    /// The display `ssh -X` asked for, while the channel lasts.
+    x11: Option<super::x11::Display>,
 }
 
 pub struct Connection {
@@ -152,6 +155,9 @@ impl Connection {
         env.insert("SSH_CLIENT".into(), format!("{client_ip} {client_port} {server_port}").into());
         if let Some((sock, _)) = &self.agent {
             env.insert("SSH_AUTH_SOCK".into(), sock.clone().into());
+        }
+        if let Some(display) = &channel.x11 {
+            env.insert("DISPLAY".into(), display.env_value().into());
         }
         let cwd = match manifest.as_ref().and_then(|m| m.working_dir.as_deref()).filter(|d| !d.is_empty()) {
             Some(dir) => Some(account.home.join(dir)).filter(|d| d.is_dir()).unwrap_or_else(|| account.home.clone()),
@@ -328,7 +334,8 @@ impl russh::server::Handler for Connection {
             return Ok(());
         };
         let (control, control_rx) = mpsc::channel(16);
-        self.sessions.insert(channel.id(), SessionChannel { control, pty: None, env: Vec::new(), started: false });
+        self.sessions
+            .insert(channel.id(), SessionChannel { control, pty: None, env: Vec::new(), started: false, x11: None });
         let (handle, activity) = (session.handle(), self.server.activity.clone());
         let input = self.backlogs.queue(channel.id());
         tokio::spawn(async move {
@@ -441,13 +448,40 @@ impl russh::server::Handler for Connection {
     async fn x11_request(
         &mut self,
         channel: ChannelId,
-        _single_connection: bool,
-        _x11_auth_protocol: &str,
-        _x11_auth_cookie: &str,
-        _x11_screen_number: u32,
+        single_connection: bool,
+        x11_auth_protocol: &str,
+        x11_auth_cookie: &str,
+        x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_failure(channel)
+        let Some(state) = self.sessions.get(&channel).filter(|s| !s.started && s.x11.is_none()) else {
+            return session.channel_failure(channel);
+        };
+        let request = match X11Request::new(single_connection, x11_auth_protocol, x11_auth_cookie, x11_screen_number) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(client = %self.peer.client, error = %e, "x11 forwarding refused");
+                return session.channel_failure(channel);
+            }
+        };
+        // xauth writes to the session's X authority file: give it the session's environment.
+        let env = self.launch(Program::Shell, state).env;
+        match X11Display::open(self.link(session), &request, env).await {
+            Ok(opened) => {
+                tracing::info!(client = %self.peer.client, display = opened.number(), "x11 forwarding on");
+                match self.sessions.get_mut(&channel) {
+                    Some(s) if !s.started && s.x11.is_none() => {
+                        s.x11 = Some(opened);
+                        session.channel_success(channel)
+                    }
+                    _ => session.channel_failure(channel),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.peer.client, error = %e, "x11 forwarding refused");
+                session.channel_failure(channel)
+            }
+        }
     }
 
     async fn env_request(

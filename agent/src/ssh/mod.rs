@@ -6,7 +6,8 @@
 //!
 //! Code map: [`keys`] (host key, certificate, fingerprints), `handler` (auth, requests, channel
 //! opens), `session` (shells, commands, subsystems), `forward` (listeners that lead back to the
-//! client), `splice` (bounded copying), [`activity`] (heartbeat counters).
+//! client), `x11` (forwarded X displays), `splice` (bounded copying), [`activity`] (heartbeat
+//! counters).
 //!
 //! Invariants: a connection authenticates only with a public key whose fingerprint it was given; no
 //! peer makes the agent buffer more than a channel window per channel; every session process is
@@ -21,6 +22,7 @@ mod modes;
 mod pty;
 mod session;
 mod splice;
+mod x11;
 
 use crate::scripts::LocalUser;
 use crate::tunnel::FetchedManifest;
