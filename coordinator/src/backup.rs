@@ -58,6 +58,7 @@ pub enum AdminCmd {
     /// Restore a backup into a data directory (the coordinator must not be running on it); then
     /// `tether serve --data-dir DIR` starts from it.
     Restore {
+        /// The backup to restore (a tar file written by `tether admin backup`).
         file: PathBuf,
         /// Replace a database and keys already in the data directory (they are moved to
         /// `DIR/replaced-TIME/`, not deleted).

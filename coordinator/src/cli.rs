@@ -62,12 +62,16 @@ pub enum Command {
     Config(ConfigCmd),
     /// Brokered SSH connections: who reached which workspace, when, and how much.
     Audit {
+        /// Only connections made as this user.
         #[arg(long)]
         user: Option<String>,
+        /// Only connections to this workspace (its name, without `.tether`).
         #[arg(long)]
         workspace: Option<String>,
+        /// Most connections to show, newest first (1 to 10000).
         #[arg(long, default_value_t = 100)]
         limit: i64,
+        /// Print the connections as a JSON array (adding each one's SSH key fingerprint).
         #[arg(long)]
         json: bool,
     },
@@ -230,75 +234,95 @@ pub struct DemoArgs {
 pub enum WorkspaceCmd {
     /// Create a workspace from a template.
     Create {
+        /// The new workspace's name (lowercase letters, digits and '-'); `ssh NAME.tether` reaches it.
         name: String,
         /// Template file (TOML). Without one the workspace is external: you start its agent.
         #[arg(long)]
         template: Option<PathBuf>,
+        /// The user who may SSH into it (an existing user; others need `tether workspace grant`).
         #[arg(long)]
         owner: Option<String>,
         /// Start it right away.
         #[arg(long)]
         start: bool,
+        /// Print the created workspace as JSON (with an external one's agent token and command).
         #[arg(long)]
         json: bool,
     },
     /// Start a workspace (a new build), or bring back a lost `process` agent.
     Start {
+        /// The workspace's name.
         name: String,
         /// Wait until it is running, unhealthy or failed.
         #[arg(long)]
         wait: bool,
+        /// Print the workspace as JSON (once it settles, with --wait).
         #[arg(long)]
         json: bool,
     },
     /// Stop a workspace: its stop scripts run, then the provisioner stops it.
     Stop {
+        /// The workspace's name.
         name: String,
+        /// Wait until it is stopped, or back in its earlier status if the stop fails.
         #[arg(long)]
         wait: bool,
+        /// Print the workspace as JSON (once it settles, with --wait).
         #[arg(long)]
         json: bool,
     },
     /// Delete a workspace and its resources.
     Delete {
+        /// The workspace's name.
         name: String,
+        /// Wait until it is deleted, or back in its earlier status if the delete fails.
         #[arg(long)]
         wait: bool,
+        /// Print the workspace as JSON (once it settles, with --wait).
         #[arg(long)]
         json: bool,
     },
     /// List workspaces, with a count by status.
     List {
+        /// Only workspaces in this status: pending, starting, running, unhealthy, stopping, stopped,
+        /// failed, deleting or deleted.
         #[arg(long)]
         status: Option<String>,
         /// Include deleted workspaces.
         #[arg(long)]
         all: bool,
+        /// Print the workspaces as a JSON array (without the count by status).
         #[arg(long)]
         json: bool,
     },
     /// Count workspaces in each status.
     Count {
+        /// Print the counts as a JSON object, from status to count.
         #[arg(long)]
         json: bool,
     },
     /// Show one workspace: status, reason, agent, recent history.
     Show {
+        /// The workspace's name.
         name: String,
+        /// Print the workspace and its history as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Timing breakdown of a build: provisioning, agent connection, every script.
     Timings {
+        /// The workspace's name.
         name: String,
         /// Build number (default: the current one).
         #[arg(long)]
         build: Option<i64>,
+        /// Print the timing spans as a JSON array.
         #[arg(long)]
         json: bool,
     },
     /// Startup script and provisioning logs.
     Logs {
+        /// The workspace's name.
         name: String,
         /// Keep printing new lines as they arrive.
         #[arg(long, short)]
@@ -306,11 +330,13 @@ pub enum WorkspaceCmd {
         /// Only this script (or `provision:start` etc.).
         #[arg(long)]
         script: Option<String>,
+        /// Print each log line as a JSON object, one per line.
         #[arg(long)]
         json: bool,
     },
     /// Wait until a workspace reaches one of the given statuses.
     Wait {
+        /// The workspace's name.
         name: String,
         /// Comma-separated statuses, e.g. `running,unhealthy`.
         #[arg(long = "for", value_name = "STATUSES")]
@@ -318,22 +344,37 @@ pub enum WorkspaceCmd {
         /// Give up after this long (e.g. 90s, 5m).
         #[arg(long, default_value = "120s")]
         timeout: humantime::Duration,
+        /// Print the workspace as JSON once it gets there.
         #[arg(long)]
         json: bool,
     },
     /// Issue a new agent token for an external workspace (the old one stops working).
     Token {
+        /// The workspace's name.
         name: String,
+        /// Print the new agent token and the command that starts the agent as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Let a user reach a workspace over SSH (besides its owner).
-    Grant { name: String, user: String },
+    Grant {
+        /// The workspace's name.
+        name: String,
+        /// The user to let in.
+        user: String,
+    },
     /// Take back a grant.
-    Revoke { name: String, user: String },
+    Revoke {
+        /// The workspace's name.
+        name: String,
+        /// The user whose grant to take back.
+        user: String,
+    },
     /// Show who may reach a workspace.
     Access {
+        /// The workspace's name.
         name: String,
+        /// Print the owner and the granted users as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -14,37 +14,54 @@ use std::path::{Path, PathBuf};
 pub enum UserCmd {
     /// Add a user with their SSH public key(s); prints their API token once.
     Add {
+        /// The new user's name (lowercase letters, digits and '-'), also their SSH login name.
         name: String,
         /// Public key file (`id_ed25519.pub`, or several keys one per line). Repeatable.
         #[arg(long = "ssh-key", value_name = "FILE", required = true)]
         ssh_keys: Vec<PathBuf>,
+        /// Print the user and their API token as JSON.
         #[arg(long)]
         json: bool,
     },
     /// List users and their key fingerprints.
     List {
+        /// Print the users and their keys as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show one user.
     Show {
+        /// The user's name.
         name: String,
+        /// Print the user and their keys as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Remove a user, their keys and grants.
-    Remove { name: String },
+    Remove {
+        /// The user's name.
+        name: String,
+    },
     /// Add SSH public keys to a user.
     AddKey {
+        /// The user's name.
         name: String,
+        /// Public key file (`id_ed25519.pub`, or several keys one per line). Repeatable.
         #[arg(long = "ssh-key", value_name = "FILE", required = true)]
         ssh_keys: Vec<PathBuf>,
     },
     /// Remove one of a user's keys, by fingerprint (`SHA256:…`).
-    RemoveKey { name: String, fingerprint: String },
+    RemoveKey {
+        /// The user's name.
+        name: String,
+        /// The key's fingerprint, as `tether user show` lists it (`SHA256:…`).
+        fingerprint: String,
+    },
     /// Issue a new API token for a user (the old one stops working).
     Token {
+        /// The user's name.
         name: String,
+        /// Print the new API token as JSON.
         #[arg(long)]
         json: bool,
     },
