@@ -141,6 +141,10 @@ pub struct ServeArgs {
     /// The HOST:PORT users dial for the SSH front door, if not the bound address.
     #[arg(long, env = "TETHER_ADVERTISE_SSH", value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub advertise_ssh: Option<String>,
+    /// Time an SSH client has from connecting to the front door to logging in, its key exchange
+    /// included (sshd's LoginGraceTime); then it is disconnected.
+    #[arg(long, env = "TETHER_SSH_LOGIN_GRACE", value_name = "DURATION", default_value = "30s", value_parser = parse_grace)]
+    pub ssh_login_grace: Duration,
     /// HTTPS address (TCP) of the same API, which also serves workspaces their agent (/agent/init.sh),
     /// or `off`. Same port number as the agent tunnel's UDP, so one number to open.
     #[arg(long, env = "TETHER_LISTEN_HTTPS", default_value = "0.0.0.0:7443", value_parser = parse_listen)]
@@ -188,6 +192,19 @@ fn parse_keep(s: &str) -> Result<Keep, String> {
         return Err(format!("'{s}' is out of range: keep records at least 1s and at most 100 years, or `forever`"));
     }
     Ok(Keep(Some(d)))
+}
+
+/// Shortest and longest login grace time: under a second a slow network fails real users; over an
+/// hour, idle connections hold their places for nothing.
+const MIN_GRACE: Duration = Duration::from_secs(1);
+const MAX_GRACE: Duration = Duration::from_secs(3600);
+
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration (like 30s or 2m): {e}"))?;
+    if !(MIN_GRACE..=MAX_GRACE).contains(&d) {
+        return Err(format!("'{s}' is out of range: from 1s to 1h"));
+    }
+    Ok(d)
 }
 
 /// An address to listen on, or `off`.

@@ -5,23 +5,37 @@
 //!
 //! A plain `ssh -p PORT user@coordinator` gets a short message saying how to connect, and the list
 //! of the workspaces the user may reach.
+//!
+//! Like sshd (`LoginGraceTime`, `MaxStartups`), the front door gives a connection a fixed time from
+//! accept to authenticate, its version line and key exchange included, and holds only so many
+//! unauthenticated connections, in all and from one address: idle or slow connections cannot take
+//! every slot (or file descriptor) and lock users out.
 
 use crate::broker::{self, Request, Via};
 use crate::engine::Engine;
+use crate::ratelimit::{RateLimiter, Take};
 use crate::sshca::{self, HOST_SUFFIX};
 use russh::keys::ssh_key::Certificate;
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use std::borrow::Cow;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tether_shared::login::{LoggedIn, LoginDeadline};
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-/// Time a client has to authenticate before it is disconnected.
-const LOGIN_GRACE: Duration = Duration::from_secs(30);
+/// Default time a client has from connecting to authenticating (sshd's `LoginGraceTime` is 120 s).
+pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
+/// Connections that have not authenticated yet, in all and from one address. Past either, new
+/// connections are closed at once (the client reports "Connection closed by remote host", as for
+/// sshd's `MaxStartups`). A client normally authenticates within a few round trips, so even a burst
+/// of connections from one office behind NAT stays well under these.
+pub const MAX_UNAUTHENTICATED: usize = 512;
+pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 64;
 /// Workspace connections one front-door connection may carry at once (`ssh -J` uses one; a
 /// multiplexing client a few).
 const MAX_CHANNELS: usize = 64;
@@ -35,6 +49,8 @@ pub struct FrontDoorConfig {
     pub max_connections: usize,
     /// Host names the front door's certificate is valid for, beyond its alias.
     pub host_names: Vec<String>,
+    /// Time from accept to authentication.
+    pub login_grace: Duration,
 }
 
 /// Ciphers in the order the front door (and the agent) offer them: AES-GCM first, the fastest in
@@ -83,6 +99,9 @@ pub fn ssh_config(engine: &Engine, config: &FrontDoorConfig) -> anyhow::Result<r
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoorConfig) -> anyhow::Result<()> {
     let ssh = Arc::new(ssh_config(&engine, &config)?);
     let open = Arc::new(AtomicUsize::new(0));
+    let startups = Arc::new(Mutex::new(Startups::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE)));
+    // Log lines about refused connections: one every 10 s per source address.
+    let mut refusals_logged = RateLimiter::new(0.1, 1);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -93,40 +112,47 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
                 continue;
             }
         };
+        let deadline = tokio::time::Instant::now() + config.login_grace;
         if open.load(Ordering::Relaxed) >= config.max_connections {
             warn!(%peer, max = config.max_connections, "ssh front door: refusing connection, at the limit");
             continue;
         }
+        let startup = match Startup::begin(&startups, peer.ip()) {
+            Ok(s) => s,
+            Err(full) => {
+                if let Take::Allowed { refused_before } = refusals_logged.take(&peer.ip().to_string(), Instant::now()) {
+                    let earlier = match refused_before {
+                        0 => String::new(),
+                        n => format!(" (and {n} times before, not logged)"),
+                    };
+                    warn!(%peer, "ssh front door: refusing connection: {full}{earlier}");
+                }
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         open.fetch_add(1, Ordering::Relaxed);
         let (engine, ssh, open) = (engine.clone(), ssh.clone(), open.clone());
         tokio::spawn(async move {
-            let authed = Arc::new(AtomicBool::new(false));
-            let handler =
-                Handler { engine, peer, user: None, authed: authed.clone(), channels: Arc::new(AtomicUsize::new(0)) };
+            let logged_in = LoggedIn::default();
+            let handler = Handler {
+                engine,
+                peer,
+                user: None,
+                logged_in: logged_in.clone(),
+                channels: Arc::new(AtomicUsize::new(0)),
+                startup: Some(startup),
+            };
             // russh reads each packet's length, then its body: buffered, that is one system call per
             // packet (or fewer) instead of two.
             let tcp = tokio::io::BufReader::with_capacity(READ_BUFFER, tcp);
+            // Version line, key exchange and login within the grace time, or the connection ends.
+            let tcp = LoginDeadline::new(tcp, deadline, logged_in);
             match russh::server::run_stream(ssh, tcp, handler).await {
                 Ok(session) => {
-                    let handle = session.handle();
-                    let grace = tokio::spawn(async move {
-                        tokio::time::sleep(LOGIN_GRACE).await;
-                        if !authed.load(Ordering::Relaxed) {
-                            debug!(%peer, "ssh front door: no login within the grace time");
-                            let _ = handle
-                                .disconnect(
-                                    russh::Disconnect::ByApplication,
-                                    "authentication took too long".into(),
-                                    "en".into(),
-                                )
-                                .await;
-                        }
-                    });
                     if let Err(e) = session.await {
                         debug!(%peer, error = %e, "ssh front door: connection ended");
                     }
-                    grace.abort();
                 }
                 Err(e) => debug!(%peer, error = %e, "ssh front door: handshake failed"),
             }
@@ -135,14 +161,78 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
     }
 }
 
+/// Unauthenticated connections, in all and by source address. No I/O: [`Startup`] holds a place.
+#[derive(Debug)]
+struct Startups {
+    max: usize,
+    max_per_source: usize,
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+impl Startups {
+    fn new(max: usize, max_per_source: usize) -> Startups {
+        Startups { max, max_per_source, total: 0, by_source: HashMap::new() }
+    }
+
+    /// Takes a place for a connection from `source`, or says why there is none.
+    fn take(&mut self, source: IpAddr) -> Result<(), String> {
+        if self.total >= self.max {
+            return Err(format!("{} connections have not authenticated yet", self.total));
+        }
+        let from = self.by_source.entry(source).or_insert(0);
+        if *from >= self.max_per_source {
+            return Err(format!("{from} connections from {source} have not authenticated yet"));
+        }
+        *from += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    fn give_back(&mut self, source: IpAddr) {
+        if let Some(from) = self.by_source.get_mut(&source) {
+            *from -= 1;
+            if *from == 0 {
+                self.by_source.remove(&source);
+            }
+            self.total -= 1;
+        }
+    }
+}
+
+/// A connection's place among the unauthenticated ones, given back when dropped.
+struct Startup {
+    startups: Arc<Mutex<Startups>>,
+    source: IpAddr,
+}
+
+impl Startup {
+    fn begin(startups: &Arc<Mutex<Startups>>, source: IpAddr) -> Result<Startup, String> {
+        lock(startups).take(source)?;
+        Ok(Startup { startups: startups.clone(), source })
+    }
+}
+
+impl Drop for Startup {
+    fn drop(&mut self) {
+        lock(&self.startups).give_back(self.source);
+    }
+}
+
+fn lock(startups: &Mutex<Startups>) -> std::sync::MutexGuard<'_, Startups> {
+    startups.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Handler {
     engine: Arc<Engine>,
     peer: SocketAddr,
     /// `(user, key fingerprint)` once authenticated.
     user: Option<(String, String)>,
-    authed: Arc<AtomicBool>,
+    logged_in: LoggedIn,
     /// Brokered channels open now on this connection.
     channels: Arc<AtomicUsize>,
+    /// Its place among the unauthenticated connections, until it authenticates.
+    startup: Option<Startup>,
 }
 
 impl Handler {
@@ -208,7 +298,8 @@ impl russh::server::Handler for Handler {
         if self.key_matches(user, key.public_key).await? {
             info!(peer = %self.peer, user, key = %fp, "ssh front door: user authenticated");
             self.user = Some((user.to_string(), fp));
-            self.authed.store(true, Ordering::Relaxed);
+            self.logged_in.set();
+            self.startup = None;
             Ok(Auth::Accept)
         } else {
             warn!(peer = %self.peer, user, key = %fp, "ssh front door: key is not registered to this user");
@@ -295,5 +386,42 @@ impl russh::server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         session.channel_success(channel)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthenticated_connections_are_limited_in_all_and_per_source() {
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let mut s = Startups::new(4, 2);
+        assert!(s.take(a).is_ok());
+        assert!(s.take(a).is_ok());
+        assert_eq!(s.take(a).unwrap_err(), "2 connections from 10.0.0.1 have not authenticated yet");
+        assert!(s.take(b).is_ok());
+        assert!(s.take(c).is_ok());
+        assert_eq!(s.take(c).unwrap_err(), "4 connections have not authenticated yet");
+        s.give_back(a);
+        assert!(s.take(c).is_ok(), "a place given back is free again");
+        for source in [a, b, c, c] {
+            s.give_back(source);
+        }
+        assert_eq!((s.total, s.by_source.len()), (0, 0), "{s:?}");
+        // Giving back what was never taken changes nothing.
+        s.give_back(a);
+        assert_eq!(s.total, 0);
+    }
+
+    #[test]
+    fn a_place_is_given_back_when_its_connection_goes() {
+        let startups = Arc::new(Mutex::new(Startups::new(10, 1)));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let first = Startup::begin(&startups, ip).unwrap();
+        assert!(Startup::begin(&startups, ip).is_err());
+        drop(first);
+        assert!(Startup::begin(&startups, ip).is_ok());
     }
 }

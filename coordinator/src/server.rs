@@ -28,6 +28,8 @@ pub struct ServeConfig {
     pub listen_ssh: Option<SocketAddr>,
     /// The HOST:PORT users dial for the front door, when it differs from the bound address.
     pub advertise_ssh: Option<String>,
+    /// Time from connecting to the front door to logging in.
+    pub ssh_login_grace: Duration,
     /// The HTTPS listener (the API and the agent download); `None` turns it off.
     pub listen_https: Option<SocketAddr>,
     /// The `https://HOST[:PORT]` URL workspaces use, when it differs from the bound address.
@@ -260,7 +262,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
                     .iter()
                     .filter_map(|a| a.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_string()))
                     .collect();
-                let fd = crate::frontdoor::FrontDoorConfig { max_connections: 10_000, host_names };
+                let fd = crate::frontdoor::FrontDoorConfig {
+                    max_connections: 10_000,
+                    host_names,
+                    login_grace: config.ssh_login_grace,
+                };
                 tokio::spawn(crate::frontdoor::serve(listener, engine.clone(), fd))
             });
             let clock = tokio::spawn({

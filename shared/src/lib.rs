@@ -2,7 +2,8 @@
 //! vocabulary, and the TLS settings both ends of the tunnel must agree on.
 //!
 //! Nothing here does network I/O except [`io`], the thin async glue that reads and writes frames on a
-//! stream, and [`udp`], the QUIC tunnel's socket; message types and frame parsing are plain
+//! stream, [`login`], the SSH servers' login deadline on theirs, and [`udp`], the QUIC tunnel's
+//! socket; message types and frame parsing are plain
 //! functions over bytes so they can be fuzzed and tested without a runtime.
 
 pub mod backoff;
@@ -10,6 +11,7 @@ pub mod frame;
 pub mod io;
 pub mod limits;
 pub mod lines;
+pub mod login;
 pub mod proto;
 pub mod ready;
 pub mod status;

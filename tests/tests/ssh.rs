@@ -806,3 +806,76 @@ fn x11_forwarding_reaches_the_clients_display() {
     assert!(out.status.success(), "ssh -X: {}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("name of display:    :"), "{}", text(&out.stdout));
 }
+
+/// Reads from `stream` until the peer closes it (or resets it); false if it is still open after
+/// `within`. Whatever arrives before is dropped.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        stream.set_read_timeout(Some(Duration::from_millis(500))).expect("read timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// The front door gives a connection a grace time from accept to authenticate, its version line
+/// and key exchange included, and holds at most 64 unauthenticated connections from one address
+/// (as sshd's LoginGraceTime and MaxStartups do): connections that connect and send nothing, or
+/// stop in the middle of the handshake, cannot take every place and lock users out for good.
+#[test]
+fn idle_connections_cannot_lock_users_out_of_the_front_door() {
+    let coord = Coordinator::start_with(&["--ssh-login-grace", "3s"]);
+    let alice = SshUser::add(&coord, "alice");
+    let _agent = workspace(&coord, "dev", "alice");
+    let addr = coord.ssh_addr();
+
+    // 64 connections from 127.0.0.1 that never say a word: each is accepted (the front door sends
+    // its version line first).
+    let mut idle: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(&addr).expect("connect")).collect();
+    for s in &mut idle {
+        s.set_read_timeout(Some(LONG)).expect("read timeout");
+        let mut line = [0u8; 14];
+        s.read_exact(&mut line).expect("the front door's version line");
+        assert_eq!(&line, b"SSH-2.0-tether");
+    }
+    // A 65th from the same address is closed at once, without a version line; so is a user's ssh.
+    let mut extra = TcpStream::connect(&addr).expect("connect");
+    extra.set_read_timeout(Some(LONG)).expect("read timeout");
+    let mut got = Vec::new();
+    let _ = extra.read_to_end(&mut got);
+    assert!(got.is_empty(), "no version line for a connection over the limit: {}", text(&got));
+    let out = alice.run("dev.tether", "true");
+    assert!(!out.status.success(), "refused while 64 connections from its address wait");
+    // One that sends its version line, then stalls in the key exchange, in a place given back.
+    idle.pop();
+    let mut stalled = None;
+    wait_until("a place given back", LONG, || {
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).expect("read timeout");
+        let mut line = [0u8; 14];
+        if s.read_exact(&mut line).is_err() {
+            return false;
+        }
+        s.write_all(b"SSH-2.0-OpenSSH_9.9\r\n").expect("version line");
+        stalled = Some(s);
+        true
+    });
+    let mut stalled = stalled.expect("stalled connection");
+
+    // After the grace time each of them is closed, and users get in again.
+    for s in idle.iter_mut().chain([&mut stalled]) {
+        assert!(closed_within(s, LONG), "an unauthenticated connection outlived the grace time");
+    }
+    assert_eq!(alice.ok("dev.tether", "echo in").trim(), "in");
+    let log = std::fs::read_to_string(coord.data_dir().join("coordinator.log")).expect("coordinator log");
+    assert!(
+        log.contains("refusing connection: 64 connections from 127.0.0.1 have not authenticated yet"),
+        "the refusal is logged with its reason"
+    );
+}

@@ -23,7 +23,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_shared::limits;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tether_shared::login::LoggedIn;
+use tokio::sync::{mpsc, Semaphore};
 
 /// Environment variables a client may set on one session.
 const MAX_CLIENT_ENV: usize = 64;
@@ -80,7 +81,8 @@ pub struct Connection {
     peer: Peer,
     /// `SHA256:…` fingerprints of the keys this connection may authenticate with.
     keys: Arc<[String]>,
-    authed: Option<oneshot::Sender<()>>,
+    /// Set once the client has logged in: ends its login deadline.
+    logged_in: LoggedIn,
     /// The login name the client gave.
     login: String,
     sessions: HashMap<ChannelId, SessionChannel>,
@@ -96,13 +98,13 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(server: Arc<SshServer>, peer: Peer, keys: Arc<[String]>, authed: oneshot::Sender<()>) -> Self {
+    pub fn new(server: Arc<SshServer>, peer: Peer, keys: Arc<[String]>, logged_in: LoggedIn) -> Self {
         let gauge = server.activity.connection();
         Connection {
             server,
             peer,
             keys,
-            authed: Some(authed),
+            logged_in,
             login: String::new(),
             sessions: HashMap::new(),
             channels: Arc::new(Semaphore::new(MAX_CHANNELS)),
@@ -316,9 +318,7 @@ impl russh::server::Handler for Connection {
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
-        if let Some(tx) = self.authed.take() {
-            let _ = tx.send(());
-        }
+        self.logged_in.set();
         Ok(())
     }
 

@@ -35,6 +35,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tether_shared::login::{LoggedIn, LoginDeadline};
 use tether_shared::proto::{Manifest, StreamOpen};
 use tether_shared::{io, limits};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -336,40 +337,15 @@ impl SshServer {
     {
         let _permit = permit;
         let started = tokio::time::Instant::now();
-        let (authed_tx, mut authed_rx) = tokio::sync::oneshot::channel();
-        let handler = handler::Connection::new(self.clone(), peer.clone(), keys, authed_tx);
-        let session = match timeout(LOGIN_GRACE, russh::server::run_stream(self.config(), stream, handler)).await {
-            Ok(Ok(session)) => session,
-            Ok(Err(e)) => {
+        let logged_in = LoggedIn::default();
+        let handler = handler::Connection::new(self.clone(), peer.clone(), keys, logged_in.clone());
+        // Version line, key exchange and login within the grace time, or the connection ends.
+        let stream = LoginDeadline::new(stream, started + LOGIN_GRACE, logged_in);
+        let result = match russh::server::run_stream(self.config(), stream, handler).await {
+            Ok(session) => session.await,
+            Err(e) => {
                 tracing::debug!(client = %peer.client, error = %e, "ssh handshake failed");
                 return;
-            }
-            Err(_) => {
-                tracing::debug!(client = %peer.client, "ssh client sent no version in time");
-                return;
-            }
-        };
-        let handle = session.handle();
-        let deadline = tokio::time::sleep(LOGIN_GRACE);
-        tokio::pin!(session, deadline);
-        let mut authed = false;
-        let result = loop {
-            tokio::select! {
-                r = &mut session => break r,
-                r = &mut authed_rx, if !authed => {
-                    authed = true;
-                    if r.is_err() {
-                        // The handler is gone without authenticating: the session is ending.
-                        continue;
-                    }
-                }
-                () = &mut deadline, if !authed => {
-                    authed = true;
-                    tracing::info!(client = %peer.client, secs = LOGIN_GRACE.as_secs(), "ssh client did not authenticate in time");
-                    let _ = handle
-                        .disconnect(russh::Disconnect::ByApplication, "authentication timed out".into(), String::new())
-                        .await;
-                }
             }
         };
         let secs = started.elapsed().as_secs_f64();
