@@ -1,7 +1,8 @@
-//! The HTTPS listener: the same router as the plain HTTP API (the JSON API and the agent download),
-//! over TLS. Its certificate is one the coordinator's own CA issues at each start, or one ops supply
-//! (`--tls-cert`, `--tls-key`, e.g. a public certificate). Connections are capped and a TLS handshake
-//! has a deadline, so idle or slow peers cannot pile up.
+//! The HTTP listeners: the API port, and the HTTPS one that serves the same router (the JSON API and
+//! the agent download) over TLS. The HTTPS certificate is one the coordinator's own CA issues at each
+//! start, or one ops supply (`--tls-cert`, `--tls-key`, e.g. a public certificate). On both,
+//! connections are capped, and a TLS handshake and a request's headers have deadlines, so idle or
+//! slow peers cannot pile up.
 
 use axum::extract::ConnectInfo;
 use axum::Router;
@@ -92,15 +93,16 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Serves `router` over TLS until `shutdown` turns true, then lets open requests finish for up to
-/// [`DRAIN_TIMEOUT`].
+/// Serves `router` on `listener`, over TLS with `tls`, until `shutdown` turns true, then lets open
+/// requests finish for up to [`DRAIN_TIMEOUT`]. `what` names the listener in logs.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
+    what: &'static str,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
@@ -111,19 +113,30 @@ pub async fn serve(
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: wait a little rather than spin.
-                warn!(error = %e, "https: accept failed");
+                warn!(error = %e, "{what}: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            warn!(%peer, max = MAX_CONNECTIONS, "https: refusing connection, at the limit");
+            warn!(%peer, max = MAX_CONNECTIONS, "{what}: refusing connection, at the limit");
             continue;
         };
+        // No Nagle delay: `tether ssh` carries interactive SSH over these ports.
         let _ = tcp.set_nodelay(true);
         let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
         tokio::spawn(async move {
-            connection(tcp, peer, acceptor, router, shutdown).await;
+            match acceptor {
+                Some(acceptor) => {
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => return debug!(%peer, error = %e, "{what}: tls handshake failed"),
+                        Err(_) => return debug!(%peer, "{what}: tls handshake timed out"),
+                    };
+                    connection(tls, peer, router, shutdown, what).await
+                }
+                None => connection(tcp, peer, router, shutdown, what).await,
+            }
             drop(permit);
         });
     }
@@ -131,7 +144,7 @@ pub async fn serve(
     // Every permit back means every connection has finished.
     let all = MAX_CONNECTIONS as u32;
     if tokio::time::timeout(DRAIN_TIMEOUT, open.acquire_many(all)).await.is_err() {
-        warn!("https: open requests did not finish in time");
+        warn!("{what}: open requests did not finish in time");
     }
 }
 
@@ -140,33 +153,25 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-async fn connection(
-    tcp: tokio::net::TcpStream,
+/// One HTTP/1.1 connection: requests' headers within [`HEADER_TIMEOUT`], upgrades allowed.
+async fn connection<S>(
+    stream: S,
     peer: SocketAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            debug!(%peer, error = %e, "https: tls handshake failed");
-            return;
-        }
-        Err(_) => {
-            debug!(%peer, "https: tls handshake timed out");
-            return;
-        }
-    };
+    what: &'static str,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        // What the plain listener's `into_make_service_with_connect_info` gives handlers.
+        // What handlers read the client's address from.
         req.extensions_mut().insert(ConnectInfo(peer));
         tower_service::Service::call(&mut router.clone(), req)
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(tls), service)
+        .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -177,7 +182,7 @@ async fn connection(
         }
     };
     if let Err(e) = result {
-        debug!(%peer, error = %e, "https: connection ended with an error");
+        debug!(%peer, error = %e, "{what}: connection ended with an error");
     }
 }
 

@@ -295,22 +295,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             );
             tokio::spawn(async move { dist.prepare().await });
             let (https_stop_tx, https_stop_rx) = tokio::sync::watch::channel(false);
-            let https_task = https
-                .zip(tls)
-                .map(|(listener, tls)| tokio::spawn(crate::https::serve(listener, tls, router.clone(), https_stop_rx)));
-            let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-            // No Nagle delay: `tether ssh` carries interactive SSH over this port (as the HTTPS one
-            // and the front door do).
-            let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
-                let _ = tcp.set_nodelay(true);
+            let https_task = https.zip(tls).map(|(listener, tls)| {
+                tokio::spawn(crate::https::serve(listener, Some(tls), router.clone(), https_stop_rx, "https"))
             });
-            let http_task = tokio::spawn(async move {
-                axum::serve(http, router.into_make_service_with_connect_info::<SocketAddr>())
-                    .with_graceful_shutdown(async {
-                        let _ = http_stop_rx.await;
-                    })
-                    .await
-            });
+            let (http_stop_tx, http_stop_rx) = tokio::sync::watch::channel(false);
+            let http_task = tokio::spawn(crate::https::serve(http, None, router, http_stop_rx, "http"));
             let _ = stop_rx.await;
             engine.begin_shutdown();
             info!("shutting down: asking agents to reconnect later");
@@ -327,7 +316,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             }
             engine.persist_last_seen().await;
             endpoint.close(crate::tunnel::CLOSE_SHUTDOWN.into(), b"coordinator shutting down");
-            let _ = http_stop_tx.send(());
+            let _ = http_stop_tx.send(true);
             let _ = https_stop_tx.send(true);
             clock.abort();
             purge.abort();

@@ -228,3 +228,29 @@ fn a_coordinator_stopped_with_sigterm_sends_agents_away_with_jitter_and_gets_the
         assert!(!a.log_text().contains("connection to the coordinator lost"), "a clean handover: {}", a.log_text());
     }
 }
+
+/// The API port closes a connection whose request's headers never end (a "slowloris" client), as
+/// the HTTPS port does, and keeps answering everyone else meanwhile.
+#[test]
+fn the_api_port_drops_a_client_that_never_finishes_its_request() {
+    use std::io::{Read, Write};
+    let c = Coordinator::start();
+    let addr = c.api_url().trim_start_matches("http://").to_string();
+    let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: tether\r\n").expect("half a request");
+    let mut other = std::net::TcpStream::connect(&addr).expect("connect");
+    other.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").expect("request");
+    other.set_read_timeout(Some(LONG)).expect("read timeout");
+    let mut answer = String::new();
+    other.read_to_string(&mut answer).expect("answer");
+    assert!(
+        answer.starts_with("HTTP/1.0 200") && answer.ends_with("\r\n\r\nok\n"),
+        "others are served meanwhile: {answer}"
+    );
+    slow.set_read_timeout(Some(LONG)).expect("read timeout");
+    let opened = std::time::Instant::now();
+    let mut got = Vec::new();
+    let _ = slow.read_to_end(&mut got);
+    assert!(got.is_empty(), "closed without an answer: {}", String::from_utf8_lossy(&got));
+    assert!(opened.elapsed() < LONG, "closed by the server, after {:?}", opened.elapsed());
+}
