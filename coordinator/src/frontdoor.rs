@@ -13,6 +13,7 @@
 
 use crate::broker::{self, Request, Via};
 use crate::engine::Engine;
+use crate::metrics::FrontDoorDrop;
 use crate::ratelimit::{RateLimiter, Take};
 use crate::sshca::{self, HOST_SUFFIX};
 use russh::keys::ssh_key::Certificate;
@@ -115,11 +116,13 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
         let deadline = tokio::time::Instant::now() + config.login_grace;
         if open.load(Ordering::Relaxed) >= config.max_connections {
             warn!(%peer, max = config.max_connections, "ssh front door: refusing connection, at the limit");
+            engine.metrics.front_door_dropped(FrontDoorDrop::ConnectionLimit);
             continue;
         }
         let startup = match Startup::begin(&startups, peer.ip()) {
             Ok(s) => s,
             Err(full) => {
+                engine.metrics.front_door_dropped(FrontDoorDrop::UnauthenticatedLimit);
                 if let Take::Allowed { refused_before } = refusals_logged.take(&peer.ip().to_string(), Instant::now()) {
                     let earlier = match refused_before {
                         0 => String::new(),
@@ -136,7 +139,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
         tokio::spawn(async move {
             let logged_in = LoggedIn::default();
             let handler = Handler {
-                engine,
+                engine: engine.clone(),
                 peer,
                 user: None,
                 logged_in: logged_in.clone(),
@@ -147,7 +150,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
             // packet (or fewer) instead of two.
             let tcp = tokio::io::BufReader::with_capacity(READ_BUFFER, tcp);
             // Version line, key exchange and login within the grace time, or the connection ends.
-            let tcp = LoginDeadline::new(tcp, deadline, logged_in);
+            let tcp = LoginDeadline::new(tcp, deadline, logged_in.clone());
             match russh::server::run_stream(ssh, tcp, handler).await {
                 Ok(session) => {
                     if let Err(e) = session.await {
@@ -155,6 +158,9 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
                     }
                 }
                 Err(e) => debug!(%peer, error = %e, "ssh front door: handshake failed"),
+            }
+            if !logged_in.get() && tokio::time::Instant::now() >= deadline {
+                engine.metrics.front_door_dropped(FrontDoorDrop::LoginTimeout);
             }
             open.fetch_sub(1, Ordering::Relaxed);
         });

@@ -34,6 +34,7 @@ const AGENT_RECONNECTS: &str = "tether_agent_reconnects_total";
 const SSH_CONNECTIONS: &str = "tether_ssh_connections_total";
 const SSH_ACTIVE: &str = "tether_ssh_connections_active";
 const SSH_BYTES: &str = "tether_ssh_bytes_total";
+const FRONT_DOOR_DROPPED: &str = "tether_ssh_front_door_dropped_total";
 const TRANSITION_SECONDS: &str = "tether_workspace_transition_seconds";
 const API_SECONDS: &str = "tether_api_request_duration_seconds";
 const BUILD_INFO: &str = "tether_build_info";
@@ -131,6 +132,30 @@ pub enum SshOutcome {
     Refused,
 }
 
+/// Why the SSH front door dropped a connection before its user logged in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontDoorDrop {
+    /// Refused at accept: too many connections had not logged in yet, in all or from its address.
+    UnauthenticatedLimit,
+    /// Refused at accept: the front door held its most connections.
+    ConnectionLimit,
+    /// Cut off: no login within the grace time.
+    LoginTimeout,
+}
+
+impl FrontDoorDrop {
+    const ALL: [FrontDoorDrop; 3] =
+        [FrontDoorDrop::UnauthenticatedLimit, FrontDoorDrop::ConnectionLimit, FrontDoorDrop::LoginTimeout];
+
+    fn label(self) -> &'static str {
+        match self {
+            FrontDoorDrop::UnauthenticatedLimit => "unauthenticated_limit",
+            FrontDoorDrop::ConnectionLimit => "connection_limit",
+            FrontDoorDrop::LoginTimeout => "login_timeout",
+        }
+    }
+}
+
 /// The coordinator's metrics: one registry per engine, and handles to what is recorded.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -146,6 +171,7 @@ pub struct Metrics {
     ssh_active: Gauge,
     ssh_bytes_up: Counter,
     ssh_bytes_down: Counter,
+    front_door_dropped: Vec<(FrontDoorDrop, Counter)>,
     transition_seconds: Vec<(Transition, Histogram)>,
     transitions: Mutex<Transitions>,
 }
@@ -200,6 +226,12 @@ impl Metrics {
             "Bytes spliced for SSH: up is client to agent, down is agent to client.",
         );
         describe(
+            FRONT_DOOR_DROPPED,
+            None,
+            "SSH front door connections dropped before a login: refused at accept (too many not logged in \
+             yet, or the connection limit) or cut off at the login grace time.",
+        );
+        describe(
             TRANSITION_SECONDS,
             Some(Unit::Seconds),
             "Seconds from a start, restart, stop or delete request to running, running, stopped or deleted.",
@@ -248,6 +280,10 @@ impl Metrics {
             ssh_active: gauge(SSH_ACTIVE, &[]),
             ssh_bytes_up: counter(SSH_BYTES, &[("direction", "up")]),
             ssh_bytes_down: counter(SSH_BYTES, &[("direction", "down")]),
+            front_door_dropped: FrontDoorDrop::ALL
+                .iter()
+                .map(|d| (*d, counter(FRONT_DOOR_DROPPED, &[("reason", d.label())])))
+                .collect(),
             transition_seconds,
             transitions: Mutex::new(Transitions::default()),
             handle,
@@ -287,6 +323,12 @@ impl Metrics {
         match outcome {
             SshOutcome::Accepted => self.ssh_accepted.increment(1),
             SshOutcome::Refused => self.ssh_refused.increment(1),
+        }
+    }
+
+    pub fn front_door_dropped(&self, why: FrontDoorDrop) {
+        if let Some((_, c)) = self.front_door_dropped.iter().find(|(d, _)| *d == why) {
+            c.increment(1);
         }
     }
 

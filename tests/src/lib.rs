@@ -384,3 +384,18 @@ pub fn span<'a>(spans: &'a [Value], stage: &str, name: &str) -> &'a Value {
         panic!("no span {stage}/{name} in {}", serde_json::to_string_pretty(spans).unwrap_or_default())
     })
 }
+
+/// `GET path` on `addr` (`HOST:PORT`) over plain HTTP, as Prometheus scrapes: the status code and
+/// the body.
+pub fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((code, body.to_string()))
+}

@@ -1,24 +1,8 @@
 //! Health and metrics end to end: the coordinator's `/readyz` and `/metrics` on the API port, and
 //! the agent's `/metrics` on `--metrics-listen`, scraped with a plain HTTP GET as Prometheus would.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::Duration;
-use tether_tests::{bin, external, wait_until, Agent, Coordinator, LONG};
-
-/// `GET path` on `addr` (`HOST:PORT`): the status code and the body.
-fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((code, body.to_string()))
-}
+use tether_tests::{bin, external, get, wait_until, Agent, Coordinator, LONG};
 
 fn scrape(addr: &str) -> String {
     let (code, body) = get(addr, "/metrics").unwrap_or_else(|e| panic!("GET http://{addr}/metrics: {e}"));

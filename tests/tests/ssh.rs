@@ -873,6 +873,16 @@ fn idle_connections_cannot_lock_users_out_of_the_front_door() {
         assert!(closed_within(s, LONG), "an unauthenticated connection outlived the grace time");
     }
     assert_eq!(alice.ok("dev.tether", "echo in").trim(), "in");
+    // Ops see both in the metrics.
+    let api = coord.api_url().trim_start_matches("http://").to_string();
+    let (_, metrics) = tether_tests::get(&api, "/metrics").expect("GET /metrics");
+    let dropped = |reason: &str| -> u64 {
+        let series = format!("tether_ssh_front_door_dropped_total{{reason=\"{reason}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    assert!(dropped("unauthenticated_limit") >= 2, "{metrics}");
+    assert!(dropped("login_timeout") >= 64, "{metrics}");
+    assert_eq!(dropped("connection_limit"), 0, "{metrics}");
     let log = std::fs::read_to_string(coord.data_dir().join("coordinator.log")).expect("coordinator log");
     assert!(
         log.contains("refusing connection: 64 connections from 127.0.0.1 have not authenticated yet"),
