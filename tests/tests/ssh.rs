@@ -889,3 +889,42 @@ fn idle_connections_cannot_lock_users_out_of_the_front_door() {
         "the refusal is logged with its reason"
     );
 }
+
+/// The agent's SSH server gives a client 60 s from its stream's start to log in, wherever it stalls:
+/// here a raw stream to the workspace (`ssh -W` through the front door) sends a version line, reads
+/// the agent's key exchange offer and goes quiet. The agent closes it, and serves others meanwhile.
+#[test]
+fn the_agent_cuts_off_a_client_that_stalls_in_the_key_exchange() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _agent = workspace(&coord, "dev", "alice");
+    let mut raw = alice
+        .ssh()
+        .args(["-W", "dev.tether:22", "tether-frontdoor"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh -W");
+    let mut stdin = raw.stdin.take().expect("stdin");
+    stdin.write_all(b"SSH-2.0-OpenSSH_9.9\r\n").expect("version line");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut stdout = raw.stdout.take().expect("stdout");
+    let opened = Instant::now();
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let _ = stdout.read_to_end(&mut got);
+        let _ = tx.send(got);
+    });
+    assert_eq!(alice.ok("dev.tether", "echo meanwhile").trim(), "meanwhile");
+    let got = rx.recv_timeout(LONG + LONG).expect("the agent closes the stalled stream");
+    assert!(got.starts_with(b"SSH-2.0-"), "the agent spoke first: {}", text(&got));
+    assert!(
+        opened.elapsed() >= Duration::from_secs(50),
+        "closed at the grace time, not at once: {:?}",
+        opened.elapsed()
+    );
+    let _ = raw.kill();
+    let _ = raw.wait();
+    drop(stdin);
+}
