@@ -37,6 +37,10 @@ pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
 /// of connections from one office behind NAT stays well under these.
 pub const MAX_UNAUTHENTICATED: usize = 512;
 pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 64;
+/// Public keys a client may offer (ask about without a signature) on one connection. russh does not
+/// count a query it answers yes to as an attempt, so without this a client could ask about a user's
+/// (public) key for ever, a database lookup each time.
+const MAX_KEY_OFFERS: u32 = 32;
 /// Workspace connections one front-door connection may carry at once (`ssh -J` uses one; a
 /// multiplexing client a few).
 const MAX_CHANNELS: usize = 64;
@@ -119,7 +123,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
             engine.metrics.front_door_dropped(FrontDoorDrop::ConnectionLimit);
             continue;
         }
-        let startup = match Startup::begin(&startups, peer.ip()) {
+        let startup = match Startup::begin(&startups, source_of(peer.ip())) {
             Ok(s) => s,
             Err(full) => {
                 engine.metrics.front_door_dropped(FrontDoorDrop::UnauthenticatedLimit);
@@ -145,6 +149,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
                 logged_in: logged_in.clone(),
                 channels: Arc::new(AtomicUsize::new(0)),
                 startup: Some(startup),
+                offers: 0,
             };
             // russh reads each packet's length, then its body: buffered, that is one system call per
             // packet (or fewer) instead of two.
@@ -188,7 +193,11 @@ impl Startups {
         }
         let from = self.by_source.entry(source).or_insert(0);
         if *from >= self.max_per_source {
-            return Err(format!("{from} connections from {source} have not authenticated yet"));
+            let from_where = match source {
+                IpAddr::V6(_) => format!("{source}/64"),
+                IpAddr::V4(_) => source.to_string(),
+            };
+            return Err(format!("{from} connections from {from_where} have not authenticated yet"));
         }
         *from += 1;
         self.total += 1;
@@ -203,6 +212,19 @@ impl Startups {
             }
             self.total -= 1;
         }
+    }
+}
+
+/// The source a connection is counted against: its IPv4 address (also when it arrives IPv4-mapped
+/// on an IPv6 socket), or its IPv6 /64, which one host or site usually holds whole.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -239,6 +261,8 @@ struct Handler {
     channels: Arc<AtomicUsize>,
     /// Its place among the unauthenticated connections, until it authenticates.
     startup: Option<Startup>,
+    /// Public keys offered so far.
+    offers: u32,
 }
 
 impl Handler {
@@ -292,6 +316,10 @@ impl russh::server::Handler for Handler {
     type Error = anyhow::Error;
 
     async fn auth_publickey_offered(&mut self, user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+        self.offers = self.offers.saturating_add(1);
+        if self.offers > MAX_KEY_OFFERS {
+            return Ok(Auth::reject());
+        }
         if self.key_matches(user, offer.public_key).await? {
             Ok(Auth::Accept)
         } else {
@@ -419,6 +447,20 @@ mod tests {
         // Giving back what was never taken changes nothing.
         s.give_back(a);
         assert_eq!(s.total, 0);
+    }
+
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_slash_64s() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source_of(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source_of(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")), ip("2001:db8:1:2::"));
+        let mut s = Startups::new(10, 1);
+        assert!(s.take(source_of(ip("2001:db8:1:2::1"))).is_ok());
+        assert_eq!(
+            s.take(source_of(ip("2001:db8:1:2::2"))).unwrap_err(),
+            "1 connections from 2001:db8:1:2::/64 have not authenticated yet"
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! A login deadline on an SSH server's stream. russh waits for a client's version line for ever,
-//! and a session's handle cannot end it during the key exchange (its disconnect waits for the
-//! exchange to finish): a client that connects and stalls would keep its place for good. Reads of
-//! a [`LoginDeadline`] stream fail once the deadline passes before the login, which ends the
-//! session wherever it is waiting.
+//! a session's handle cannot end it during the key exchange (its disconnect waits for the exchange
+//! to finish), and a write to a client that stops reading waits for ever: a client that connects
+//! and stalls would keep its place for good. Reads and writes of a [`LoginDeadline`] stream fail
+//! once the deadline passes before the login, which ends the session wherever it is waiting.
 
 use std::future::Future;
 use std::io;
@@ -43,26 +43,38 @@ impl<S> LoginDeadline<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for LoginDeadline<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if let Some(deadline) = &mut this.deadline {
-            if this.logged_in.get() {
-                this.deadline = None;
+impl<S> LoginDeadline<S> {
+    /// `Err(TimedOut)` once the deadline has passed without a login; otherwise registers `cx` to be
+    /// woken at the deadline, so that a read or write waiting on the peer fails then.
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if let Some(deadline) = &mut self.deadline {
+            if self.logged_in.get() {
+                self.deadline = None;
             } else if deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "no login within the grace time")));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no login within the grace time"));
             }
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        Ok(())
     }
 }
 
+impl<S: AsyncRead + Unpin> AsyncRead for LoginDeadline<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+/// Writes have the deadline too: a client that stops reading (while it makes the server answer,
+/// say, public-key queries) would otherwise hold the server in a write for ever.
 impl<S: AsyncWrite + Unpin> AsyncWrite for LoginDeadline<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
@@ -75,6 +87,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for LoginDeadline<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -91,17 +104,22 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_client_is_cut_off_at_the_deadline_even_while_a_read_waits() {
-        let (ours, mut theirs) = tokio::io::duplex(64);
+        let (ours, _theirs) = tokio::io::duplex(64);
         let mut s = LoginDeadline::new(ours, Instant::now() + Duration::from_secs(30), LoggedIn::default());
         let mut buf = [0u8; 8];
         // The read is already waiting when the deadline passes: it wakes and fails.
         let err = s.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        // Writes still go through (a server may still say goodbye).
-        s.write_all(b"bye").await.unwrap();
-        let mut got = [0u8; 3];
-        theirs.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"bye");
+        assert_eq!(s.write(b"x").await.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off_while_a_write_waits() {
+        let (ours, _theirs) = tokio::io::duplex(16);
+        let mut s = LoginDeadline::new(ours, Instant::now() + Duration::from_secs(30), LoggedIn::default());
+        // The peer reads nothing: the write fills the pipe, waits, and fails at the deadline.
+        let err = s.write_all(&[0u8; 1024]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 
     #[tokio::test(start_paused = true)]
