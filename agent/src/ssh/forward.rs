@@ -25,17 +25,35 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Listener {
     task: AbortHandle,
-    /// Removed on drop: a socket file, then its private directory.
-    cleanup: Vec<PathBuf>,
+    /// Removed on drop: a socket file (only while it is still the one bound here, by device and
+    /// inode: someone may have replaced it since), then its private directory.
+    cleanup: Vec<(PathBuf, Option<(u64, u64)>)>,
+}
+
+impl Listener {
+    /// Removes `socket` on drop, if it is still this file.
+    fn removing(task: AbortHandle, socket: &Path) -> Listener {
+        Listener { task, cleanup: vec![(socket.to_path_buf(), file_id(socket))] }
+    }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
-        for path in &self.cleanup {
-            let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir(path));
+        for (path, id) in &self.cleanup {
+            match id {
+                Some(id) if file_id(path) == Some(*id) => drop(std::fs::remove_file(path)),
+                Some(_) => {}
+                None => drop(std::fs::remove_dir(path)),
+            }
         }
     }
+}
+
+/// Device and inode of `path` itself (not what a symlink points to).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// What a listener needs to reach the client.
@@ -150,7 +168,7 @@ pub fn listen_unix(link: Link, path: &str) -> std::io::Result<Listener> {
         }
     })
     .abort_handle();
-    Ok(Listener { task, cleanup: vec![PathBuf::from(path)] })
+    Ok(Listener::removing(task, Path::new(path)))
 }
 
 /// Agent forwarding: a socket in a fresh private directory; each connection to it becomes an
@@ -181,14 +199,17 @@ pub fn listen_agent(link: Link, parent: &Path) -> std::io::Result<(PathBuf, List
         }
     })
     .abort_handle();
-    Ok((path.clone(), Listener { task, cleanup: vec![path, dir] }))
+    let mut listener = Listener::removing(task, &path);
+    listener.cleanup.push((dir, None));
+    Ok((path, listener))
 }
 
 /// X11 forwarding: listens for display connections at `path` and at the same abstract name, which
 /// X clients on Linux try first (so a display number another X server holds in this network
 /// namespace is refused here with `AddrInUse`, rather than shadowing ours). Each connection becomes
-/// an `x11` channel to the client; with `single_connection`, only the first.
-pub fn listen_x11(link: Link, path: &Path, single_connection: bool) -> std::io::Result<Listener> {
+/// an `x11` channel to the client; with `single_connection`, only the first, but the sockets stay
+/// bound (the number stays taken) until the listener is dropped.
+pub async fn listen_x11(link: Link, path: &Path, single_connection: bool) -> std::io::Result<Listener> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::ffi::OsStrExt;
     let name = std::os::unix::net::SocketAddr::from_abstract_name(path.as_os_str().as_bytes())?;
@@ -197,7 +218,7 @@ pub fn listen_x11(link: Link, path: &Path, single_connection: bool) -> std::io::
     let hidden = tokio::net::UnixListener::from_std(hidden)?;
     let file = match tokio::net::UnixListener::bind(path) {
         // A socket nobody answers on: left by an agent or X server that was killed. Take it over.
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && stale_socket(path) => {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && stale_socket(path).await => {
             std::fs::remove_file(path)?;
             tokio::net::UnixListener::bind(path)?
         }
@@ -219,19 +240,27 @@ pub fn listen_x11(link: Link, path: &Path, single_connection: bool) -> std::io::
             };
             link.serve(stream, "x11", |h| async move { h.channel_open_x11("127.0.0.1", 0).await });
             if single_connection {
-                break;
+                // Hold both sockets, taking no more connections, until the session ends.
+                std::future::pending::<()>().await;
             }
         }
     })
     .abort_handle();
-    Ok(Listener { task, cleanup: vec![path.to_path_buf()] })
+    Ok(Listener::removing(task, path))
 }
 
-/// Whether `path` is a socket that refuses connections: no process listens on it any more.
-fn stale_socket(path: &Path) -> bool {
+/// Whether `path` is a socket that refuses connections: no process listens on it any more. One
+/// that does not answer within a second (a full backlog) counts as live.
+async fn stale_socket(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
-        && matches!(std::os::unix::net::UnixStream::connect(path), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        return false;
+    }
+    let connect = tokio::net::UnixStream::connect(path);
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), connect).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 #[cfg(test)]

@@ -83,7 +83,9 @@ pub struct Display {
     screen: u32,
     xauth: PathBuf,
     env: Vec<(OsString, OsString)>,
-    _listener: Listener,
+    /// Dropped only once the cookie is removed: until then the number stays taken, so a new
+    /// session cannot get it and have its own cookie removed.
+    listener: Option<Listener>,
 }
 
 impl Display {
@@ -93,8 +95,8 @@ impl Display {
         let path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
         let xauth = find_program("xauth", path.as_deref()).ok_or(X11Error::NoXauth)?;
         socket_dir(Path::new(SOCKET_DIR)).map_err(X11Error::SocketDir)?;
-        let (number, listener) = bind(link, request.single_connection)?;
-        let display = Display { number, screen: request.screen, xauth, env, _listener: listener };
+        let (number, listener) = bind(link, request.single_connection).await?;
+        let display = Display { number, screen: request.screen, xauth, env, listener: Some(listener) };
         // On failure `display` drops here, and with it the socket and any half-added entry.
         let name = display.auth_name();
         display.xauth(&format!("remove {name}\nadd {name} {} {}\n", request.protocol, request.cookie)).await?;
@@ -153,6 +155,7 @@ impl Display {
 
 impl Drop for Display {
     fn drop(&mut self) {
+        let listener = self.listener.take();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let mut remove = self.command();
         remove
@@ -160,39 +163,48 @@ impl Drop for Display {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if let Ok(mut child) = remove.spawn() {
-            runtime.spawn(async move {
-                let _ = tokio::time::timeout(XAUTH_TIMEOUT, child.wait()).await;
-            });
-        }
+        let Ok(mut child) = remove.spawn() else { return };
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(XAUTH_TIMEOUT, child.wait()).await;
+            drop(listener);
+        });
     }
 }
 
-/// `SOCKET_DIR`, created world-writable and sticky (as X servers leave it) if it is missing.
+/// `SOCKET_DIR`, created world-writable and sticky (as X servers leave it) if it is missing. One that
+/// is there must be a real directory (not a symlink), owned by root or by us, and sticky if anyone
+/// may write to it: otherwise another user could swap our socket files.
 fn socket_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     match std::fs::create_dir(dir) {
-        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-            if dir.is_dir() {
-                Ok(())
-            } else {
-                Err(std::io::Error::other("exists and is not a directory"))
-            }
-        }
-        Err(e) => Err(e),
+        Ok(()) => return std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
     }
+    let meta = std::fs::symlink_metadata(dir)?;
+    let us = nix::unistd::getuid().as_raw();
+    if !meta.file_type().is_dir() {
+        return Err(std::io::Error::other("exists and is not a directory"));
+    }
+    if meta.uid() != 0 && meta.uid() != us {
+        return Err(std::io::Error::other(format!("owned by uid {}, neither root nor this user", meta.uid())));
+    }
+    if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+        return Err(std::io::Error::other("anyone may write to it but it is not sticky"));
+    }
+    Ok(())
 }
 
 /// Listens on the first display number that no X server (its lock file, its socket or its abstract
 /// name) or other session holds.
-fn bind(link: Link, single_connection: bool) -> Result<(u32, Listener), X11Error> {
+async fn bind(link: Link, single_connection: bool) -> Result<(u32, Listener), X11Error> {
     let mut last_error = None;
     for number in FIRST_DISPLAY..FIRST_DISPLAY + DISPLAYS {
         if Path::new(&format!("/tmp/.X{number}-lock")).exists() {
             continue;
         }
         let path = Path::new(SOCKET_DIR).join(format!("X{number}"));
-        match listen_x11(link.clone(), &path, single_connection) {
+        match listen_x11(link.clone(), &path, single_connection).await {
             Ok(listener) => return Ok((number, listener)),
             Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
             // Another user's stale socket, say: try the next number.
@@ -229,6 +241,20 @@ mod tests {
         assert!(Request::new(false, "MIT-MAGIC-COOKIE-1", &"ab".repeat(513), 0).is_err());
         assert!(Request::new(false, "MIT-MAGIC-COOKIE-1", "00", 256).is_err());
         assert!(Request::new(false, &"P".repeat(65), "00", 0).is_err());
+    }
+
+    #[test]
+    fn the_socket_directory_must_be_safe_to_put_sockets_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("x11");
+        socket_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777, 0o1777, "made sticky");
+        socket_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(socket_dir(&dir).unwrap_err().to_string().contains("not sticky"));
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(socket_dir(&link).unwrap_err().to_string().contains("not a directory"));
     }
 
     #[test]
