@@ -14,16 +14,16 @@
 use crate::broker::{self, Request, Via};
 use crate::engine::Engine;
 use crate::metrics::FrontDoorDrop;
+use crate::places::{Place, Places};
 use crate::ratelimit::{RateLimiter, Take};
 use crate::sshca::{self, HOST_SUFFIX};
 use russh::keys::ssh_key::Certificate;
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_shared::login::{LoggedIn, LoginDeadline};
 use tokio::net::TcpListener;
@@ -104,7 +104,7 @@ pub fn ssh_config(engine: &Engine, config: &FrontDoorConfig) -> anyhow::Result<r
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoorConfig) -> anyhow::Result<()> {
     let ssh = Arc::new(ssh_config(&engine, &config)?);
     let open = Arc::new(AtomicUsize::new(0));
-    let startups = Arc::new(Mutex::new(Startups::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE)));
+    let unauthenticated = Places::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE);
     // Log lines about refused connections: one every 10 s per source address.
     let mut refusals_logged = RateLimiter::new(0.1, 1);
     loop {
@@ -123,9 +123,10 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
             engine.metrics.front_door_dropped(FrontDoorDrop::ConnectionLimit);
             continue;
         }
-        let startup = match Startup::begin(&startups, source_of(peer.ip())) {
-            Ok(s) => s,
+        let startup = match unauthenticated.take(peer.ip()) {
+            Ok(place) => place,
             Err(full) => {
+                let full = full.describe("have not authenticated yet");
                 engine.metrics.front_door_dropped(FrontDoorDrop::UnauthenticatedLimit);
                 if let Take::Allowed { refused_before } = refusals_logged.take(&peer.ip().to_string(), Instant::now()) {
                     let earlier = match refused_before {
@@ -172,85 +173,6 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
     }
 }
 
-/// Unauthenticated connections, in all and by source address. No I/O: [`Startup`] holds a place.
-#[derive(Debug)]
-struct Startups {
-    max: usize,
-    max_per_source: usize,
-    total: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
-
-impl Startups {
-    fn new(max: usize, max_per_source: usize) -> Startups {
-        Startups { max, max_per_source, total: 0, by_source: HashMap::new() }
-    }
-
-    /// Takes a place for a connection from `source`, or says why there is none.
-    fn take(&mut self, source: IpAddr) -> Result<(), String> {
-        if self.total >= self.max {
-            return Err(format!("{} connections have not authenticated yet", self.total));
-        }
-        let from = self.by_source.entry(source).or_insert(0);
-        if *from >= self.max_per_source {
-            let from_where = match source {
-                IpAddr::V6(_) => format!("{source}/64"),
-                IpAddr::V4(_) => source.to_string(),
-            };
-            return Err(format!("{from} connections from {from_where} have not authenticated yet"));
-        }
-        *from += 1;
-        self.total += 1;
-        Ok(())
-    }
-
-    fn give_back(&mut self, source: IpAddr) {
-        if let Some(from) = self.by_source.get_mut(&source) {
-            *from -= 1;
-            if *from == 0 {
-                self.by_source.remove(&source);
-            }
-            self.total -= 1;
-        }
-    }
-}
-
-/// The source a connection is counted against: its IPv4 address (also when it arrives IPv4-mapped
-/// on an IPv6 socket), or its IPv6 /64, which one host or site usually holds whole.
-fn source_of(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let mut octets = v6.octets();
-            octets[8..].fill(0);
-            IpAddr::V6(octets.into())
-        }
-        v4 => v4,
-    }
-}
-
-/// A connection's place among the unauthenticated ones, given back when dropped.
-struct Startup {
-    startups: Arc<Mutex<Startups>>,
-    source: IpAddr,
-}
-
-impl Startup {
-    fn begin(startups: &Arc<Mutex<Startups>>, source: IpAddr) -> Result<Startup, String> {
-        lock(startups).take(source)?;
-        Ok(Startup { startups: startups.clone(), source })
-    }
-}
-
-impl Drop for Startup {
-    fn drop(&mut self) {
-        lock(&self.startups).give_back(self.source);
-    }
-}
-
-fn lock(startups: &Mutex<Startups>) -> std::sync::MutexGuard<'_, Startups> {
-    startups.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 struct Handler {
     engine: Arc<Engine>,
     peer: SocketAddr,
@@ -260,7 +182,7 @@ struct Handler {
     /// Brokered channels open now on this connection.
     channels: Arc<AtomicUsize>,
     /// Its place among the unauthenticated connections, until it authenticates.
-    startup: Option<Startup>,
+    startup: Option<Place>,
     /// Public keys offered so far.
     offers: u32,
 }
@@ -420,56 +342,5 @@ impl russh::server::Handler for Handler {
     ) -> Result<(), Self::Error> {
         session.channel_success(channel)?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unauthenticated_connections_are_limited_in_all_and_per_source() {
-        let (a, b, c): (IpAddr, IpAddr, IpAddr) =
-            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
-        let mut s = Startups::new(4, 2);
-        assert!(s.take(a).is_ok());
-        assert!(s.take(a).is_ok());
-        assert_eq!(s.take(a).unwrap_err(), "2 connections from 10.0.0.1 have not authenticated yet");
-        assert!(s.take(b).is_ok());
-        assert!(s.take(c).is_ok());
-        assert_eq!(s.take(c).unwrap_err(), "4 connections have not authenticated yet");
-        s.give_back(a);
-        assert!(s.take(c).is_ok(), "a place given back is free again");
-        for source in [a, b, c, c] {
-            s.give_back(source);
-        }
-        assert_eq!((s.total, s.by_source.len()), (0, 0), "{s:?}");
-        // Giving back what was never taken changes nothing.
-        s.give_back(a);
-        assert_eq!(s.total, 0);
-    }
-
-    #[test]
-    fn sources_are_ipv4_addresses_and_ipv6_slash_64s() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(source_of(ip("10.1.2.3")), ip("10.1.2.3"));
-        assert_eq!(source_of(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
-        assert_eq!(source_of(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")), ip("2001:db8:1:2::"));
-        let mut s = Startups::new(10, 1);
-        assert!(s.take(source_of(ip("2001:db8:1:2::1"))).is_ok());
-        assert_eq!(
-            s.take(source_of(ip("2001:db8:1:2::2"))).unwrap_err(),
-            "1 connections from 2001:db8:1:2::/64 have not authenticated yet"
-        );
-    }
-
-    #[test]
-    fn a_place_is_given_back_when_its_connection_goes() {
-        let startups = Arc::new(Mutex::new(Startups::new(10, 1)));
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let first = Startup::begin(&startups, ip).unwrap();
-        assert!(Startup::begin(&startups, ip).is_err());
-        drop(first);
-        assert!(Startup::begin(&startups, ip).is_ok());
     }
 }

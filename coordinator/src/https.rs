@@ -4,6 +4,8 @@
 //! connections are capped, and a TLS handshake and a request's headers have deadlines, so idle or
 //! slow peers cannot pile up.
 
+use crate::places::Places;
+use crate::ratelimit::{RateLimiter, Take};
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -12,13 +14,16 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, warn};
 
-/// Connections open at once; more are closed as they are accepted.
+/// Connections open at once, and from one source (an IPv4 address or an IPv6 /64); more are closed
+/// as they are accepted. A source is allowed a quarter: one client cannot take every place, while
+/// a host that boots many workspaces at once (each fetching the agent) still gets plenty.
 pub const MAX_CONNECTIONS: usize = 4096;
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = MAX_CONNECTIONS / 4;
 /// Time a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a request's headers.
@@ -104,6 +109,9 @@ pub async fn serve(
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let sources = Places::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE);
+    // Log lines about refused connections: one every 10 s per source address.
+    let mut refusals_logged = RateLimiter::new(0.1, 1);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -118,9 +126,24 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            warn!(%peer, max = MAX_CONNECTIONS, "{what}: refusing connection, at the limit");
-            continue;
+        let place = sources.take(peer.ip());
+        let permit = open.clone().try_acquire_owned();
+        let (place, permit) = match (place, permit) {
+            (Ok(place), Ok(permit)) => (place, permit),
+            (place, _) => {
+                let why = match place {
+                    Err(full) => full.describe("are open"),
+                    Ok(_) => format!("{MAX_CONNECTIONS} connections are open"),
+                };
+                if let Take::Allowed { refused_before } = refusals_logged.take(&peer.ip().to_string(), Instant::now()) {
+                    let earlier = match refused_before {
+                        0 => String::new(),
+                        n => format!(" (and {n} times before, not logged)"),
+                    };
+                    warn!(%peer, "{what}: refusing connection: {why}{earlier}");
+                }
+                continue;
+            }
         };
         // No Nagle delay: `tether ssh` carries interactive SSH over these ports.
         let _ = tcp.set_nodelay(true);
@@ -137,7 +160,7 @@ pub async fn serve(
                 }
                 None => connection(tcp, peer, router, shutdown, what).await,
             }
-            drop(permit);
+            drop((permit, place));
         });
     }
     drop(listener);

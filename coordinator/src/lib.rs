@@ -19,6 +19,7 @@ pub mod frontdoor;
 pub mod https;
 pub mod metrics;
 pub mod pki;
+pub mod places;
 pub mod provision;
 pub mod ratelimit;
 pub mod retention;
