@@ -15,7 +15,7 @@ use crate::broker::{self, Request, Via};
 use crate::engine::Engine;
 use crate::metrics::FrontDoorDrop;
 use crate::places::{Place, Places};
-use crate::ratelimit::{RateLimiter, Take};
+use crate::ratelimit::RateLimiter;
 use crate::sshca::{self, HOST_SUFFIX};
 use russh::keys::ssh_key::Certificate;
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
@@ -128,11 +128,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
             Err(full) => {
                 let full = full.describe("have not authenticated yet");
                 engine.metrics.front_door_dropped(FrontDoorDrop::UnauthenticatedLimit);
-                if let Take::Allowed { refused_before } = refusals_logged.take(&peer.ip().to_string(), Instant::now()) {
-                    let earlier = match refused_before {
-                        0 => String::new(),
-                        n => format!(" (and {n} times before, not logged)"),
-                    };
+                if let Some(earlier) = refusals_logged.log_line(&peer.ip().to_string(), Instant::now()) {
                     warn!(%peer, "ssh front door: refusing connection: {full}{earlier}");
                 }
                 continue;

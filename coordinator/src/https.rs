@@ -5,7 +5,7 @@
 //! slow peers cannot pile up.
 
 use crate::places::Places;
-use crate::ratelimit::{RateLimiter, Take};
+use crate::ratelimit::RateLimiter;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -135,11 +135,7 @@ pub async fn serve(
                     Err(full) => full.describe("are open"),
                     Ok(_) => format!("{MAX_CONNECTIONS} connections are open"),
                 };
-                if let Take::Allowed { refused_before } = refusals_logged.take(&peer.ip().to_string(), Instant::now()) {
-                    let earlier = match refused_before {
-                        0 => String::new(),
-                        n => format!(" (and {n} times before, not logged)"),
-                    };
+                if let Some(earlier) = refusals_logged.log_line(&peer.ip().to_string(), Instant::now()) {
                     warn!(%peer, "{what}: refusing connection: {why}{earlier}");
                 }
                 continue;

@@ -56,6 +56,16 @@ impl RateLimiter {
         }
     }
 
+    /// Whether a log line about `key` may be written at `now`: if so, the end it takes, saying how
+    /// many lines were not written since the last one ("" when none were).
+    pub fn log_line(&mut self, key: &str, now: Instant) -> Option<String> {
+        match self.take(key, now) {
+            Take::Allowed { refused_before: 0 } => Some(String::new()),
+            Take::Allowed { refused_before } => Some(format!(" (and {refused_before} times before, not logged)")),
+            Take::Refused => None,
+        }
+    }
+
     /// Drops buckets that have refilled: forgetting them changes no answer.
     fn prune(&mut self, now: Instant) {
         let (per_sec, burst) = (self.per_sec, self.burst);
@@ -77,6 +87,19 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_say_how_many_were_not_written() {
+        let mut r = RateLimiter::new(0.1, 1);
+        let t = Instant::now();
+        assert_eq!(r.log_line("a", t).as_deref(), Some(""));
+        assert_eq!(r.log_line("a", t), None);
+        assert_eq!(r.log_line("a", t), None);
+        assert_eq!(
+            r.log_line("a", t + std::time::Duration::from_secs(10)).as_deref(),
+            Some(" (and 2 times before, not logged)")
+        );
+    }
     use std::time::Duration;
 
     #[test]
