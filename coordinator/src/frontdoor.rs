@@ -14,7 +14,7 @@
 use crate::broker::{self, Request, Via};
 use crate::engine::Engine;
 use crate::metrics::FrontDoorDrop;
-use crate::places::{Place, Places};
+use crate::places::{source_of, Place, Places};
 use crate::ratelimit::RateLimiter;
 use crate::sshca::{self, HOST_SUFFIX};
 use russh::keys::ssh_key::Certificate;
@@ -118,18 +118,19 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
             }
         };
         let deadline = tokio::time::Instant::now() + config.login_grace;
-        if open.load(Ordering::Relaxed) >= config.max_connections {
-            warn!(%peer, max = config.max_connections, "ssh front door: refusing connection, at the limit");
-            engine.metrics.front_door_dropped(FrontDoorDrop::ConnectionLimit);
-            continue;
-        }
-        let startup = match unauthenticated.take(peer.ip()) {
+        let refused = if open.load(Ordering::Relaxed) >= config.max_connections {
+            Err((FrontDoorDrop::ConnectionLimit, format!("{} connections are open", config.max_connections)))
+        } else {
+            unauthenticated
+                .take(peer.ip())
+                .map_err(|full| (FrontDoorDrop::UnauthenticatedLimit, full.describe("have not authenticated yet")))
+        };
+        let startup = match refused {
             Ok(place) => place,
-            Err(full) => {
-                let full = full.describe("have not authenticated yet");
-                engine.metrics.front_door_dropped(FrontDoorDrop::UnauthenticatedLimit);
-                if let Some(earlier) = refusals_logged.log_line(&peer.ip().to_string(), Instant::now()) {
-                    warn!(%peer, "ssh front door: refusing connection: {full}{earlier}");
+            Err((drop, why)) => {
+                engine.metrics.front_door_dropped(drop);
+                if let Some(earlier) = refusals_logged.log_line(&source_of(peer.ip()).to_string(), Instant::now()) {
+                    warn!(%peer, "ssh front door: refusing connection: {why}{earlier}");
                 }
                 continue;
             }

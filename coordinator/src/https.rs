@@ -4,7 +4,7 @@
 //! connections are capped, and a TLS handshake and a request's headers have deadlines, so idle or
 //! slow peers cannot pile up.
 
-use crate::places::Places;
+use crate::places::{source_of, Places};
 use crate::ratelimit::RateLimiter;
 use axum::extract::ConnectInfo;
 use axum::Router;
@@ -126,21 +126,19 @@ pub async fn serve(
                 continue;
             }
         };
-        let place = sources.take(peer.ip());
-        let permit = open.clone().try_acquire_owned();
-        let (place, permit) = match (place, permit) {
-            (Ok(place), Ok(permit)) => (place, permit),
-            (place, _) => {
-                let why = match place {
-                    Err(full) => full.describe("are open"),
-                    Ok(_) => format!("{MAX_CONNECTIONS} connections are open"),
-                };
-                if let Some(earlier) = refusals_logged.log_line(&peer.ip().to_string(), Instant::now()) {
-                    warn!(%peer, "{what}: refusing connection: {why}{earlier}");
+        let place = match sources.take(peer.ip()) {
+            Ok(place) => place,
+            Err(full) => {
+                let source = source_of(peer.ip()).to_string();
+                if let Some(earlier) = refusals_logged.log_line(&source, Instant::now()) {
+                    warn!(%peer, "{what}: refusing connection: {}{earlier}", full.describe("are open"));
                 }
                 continue;
             }
         };
+        // Never refused: each permit is held with a place, and there are as many permits as places.
+        // The permits are what shutdown waits on.
+        let Ok(permit) = open.clone().try_acquire_owned() else { continue };
         // No Nagle delay: `tether ssh` carries interactive SSH over these ports.
         let _ = tcp.set_nodelay(true);
         let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());

@@ -93,8 +93,9 @@ impl Drop for Place {
 }
 
 /// The source a connection is counted against: its IPv4 address (also when it arrives IPv4-mapped
-/// on an IPv6 socket), or its IPv6 /64, which one host or site usually holds whole.
-fn source_of(ip: IpAddr) -> IpAddr {
+/// on an IPv6 socket), or its IPv6 /64, which one host or site usually holds whole. Also the key to
+/// rate-limit what is logged about a source by: one line per address would let a /64 flood the log.
+pub fn source_of(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let mut octets = v6.octets();
