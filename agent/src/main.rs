@@ -45,8 +45,13 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config, boot: WallClock) -> anyhow::Result<tether_agent::Exit> {
+    // One worker, like sshd's one process per connection: each byte of an SSH session then goes
+    // from socket to PTY and back on one thread. With two, tasks on the data path were stolen back
+    // and forth between workers on most round trips, which cost echo latency and CPU and gained no
+    // throughput (measured with `tether-bench ssh`; see the README). Blocking work goes to the
+    // blocking pool as before.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
