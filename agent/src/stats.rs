@@ -1,9 +1,11 @@
 //! Heartbeat numbers: cpu, memory, disk, load and uptime. One `System` lives as long as the agent,
-//! and each beat refreshes only cpu usage and memory, which cost microseconds.
+//! and each beat refreshes only cpu usage and memory, which cost microseconds. Disk space is measured
+//! off the runtime's thread (see [`Disk`]).
 
 use crate::ssh::activity::Activity;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use sysinfo::System;
 use tether_shared::proto::Heartbeat;
 
@@ -13,8 +15,7 @@ const CGROUP_V1_CPU_DIRS: &[&str] = &["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,
 /// Samples system numbers for heartbeats.
 pub struct Stats {
     sys: Option<System>,
-    /// The volume whose space is reported.
-    home: PathBuf,
+    disk: Disk,
     ssh: Option<Arc<Activity>>,
 }
 
@@ -31,7 +32,7 @@ impl Stats {
                 None
             }
         };
-        Stats { sys, home, ssh: None }
+        Stats { sys, disk: Disk::new(home), ssh: None }
     }
 
     /// Reports SSH activity from these counters in each heartbeat.
@@ -70,10 +71,55 @@ impl Stats {
         if let Some(ssh) = &self.ssh {
             hb.ssh = ssh.snapshot();
         }
-        if let Ok(fs) = nix::sys::statvfs::statvfs(&self.home) {
-            (hb.disk_used, hb.disk_total) = disk_space(&fs);
+        if let Some((used, total)) = self.disk.latest() {
+            (hb.disk_used, hb.disk_total) = (used, total);
         }
         hb
+    }
+}
+
+/// The space on the volume holding the workspace user's home, measured on the blocking pool.
+/// `statvfs` on a network filesystem whose server has gone can block for minutes, and the agent's
+/// one worker thread also carries every SSH session and the tunnel: a stuck measurement must stall
+/// neither. Each beat reports the latest figures and starts the next measurement, unless the last
+/// one has not answered yet (then at most one thread is stuck, and beats go on without new figures).
+struct Disk {
+    home: Arc<PathBuf>,
+    latest: Arc<Mutex<Option<(u64, u64)>>>,
+    measuring: Arc<AtomicBool>,
+}
+
+impl Disk {
+    fn new(home: PathBuf) -> Self {
+        let disk = Disk { home: Arc::new(home), latest: Arc::default(), measuring: Arc::default() };
+        // The first heartbeat goes as soon as the tunnel is up: measure now so it has figures.
+        disk.measure();
+        disk
+    }
+
+    /// The latest figures (used, total), if any measurement has answered; starts the next one.
+    fn latest(&self) -> Option<(u64, u64)> {
+        let latest = *self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        self.measure();
+        latest
+    }
+
+    fn measure(&self) {
+        if self.measuring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (home, latest, measuring) = (self.home.clone(), self.latest.clone(), self.measuring.clone());
+        let job = move || {
+            if let Ok(fs) = nix::sys::statvfs::statvfs(home.as_path()) {
+                *latest.lock().unwrap_or_else(PoisonError::into_inner) = Some(disk_space(&fs));
+            }
+            measuring.store(false, Ordering::Release);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(job)),
+            // Outside a runtime (a unit test) there is no worker to protect.
+            Err(_) => job(),
+        }
     }
 }
 
@@ -131,9 +177,14 @@ mod tests {
         assert_eq!(parse_quota("150000", "100000"), Some(1.5));
     }
 
-    #[test]
-    fn a_sample_has_plausible_numbers() {
+    #[tokio::test]
+    async fn a_sample_has_plausible_numbers() {
         let mut stats = Stats::new(std::env::temp_dir());
+        // The disk is measured on the blocking pool, started when `Stats` is made.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while stats.disk.latest.lock().unwrap().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let hb = stats.sample(42);
         assert_eq!(hb.sent_at_ms, 42);
         assert!(hb.mem_total > 0 && hb.mem_used <= hb.mem_total, "{hb:?}");
