@@ -255,6 +255,11 @@ async fn ssh_upgrade(
             return ApiError(code, refusal.message).into_response();
         }
     };
+    // The upgraded connection carries an SSH session, whose client may stop reading for as long as
+    // it likes (suspended, say): lift the listener's write deadline.
+    if let Some(upgrading) = req.extensions().get::<crate::https::Upgrading>() {
+        upgrading.set();
+    }
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {

@@ -1,22 +1,30 @@
 //! The HTTP listeners: the API port, and the HTTPS one that serves the same router (the JSON API and
 //! the agent download) over TLS. The HTTPS certificate is one the coordinator's own CA issues at each
 //! start, or one ops supply (`--tls-cert`, `--tls-key`, e.g. a public certificate). On both,
-//! connections are capped, and a TLS handshake and a request's headers have deadlines, so idle or
-//! slow peers cannot pile up.
+//! connections are capped, and a TLS handshake, a request's headers and every write have deadlines,
+//! so idle, slow or stalled peers cannot pile up.
 
 use crate::places::{source_of, Places};
 use crate::ratelimit::RateLimiter;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics::Counter;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Sleep;
 use tracing::{debug, warn};
 
 /// Connections open at once, and from one source (an IPv4 address or an IPv6 /64); more are closed
@@ -30,6 +38,20 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time open requests get to finish at shutdown.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a write to a client may wait for the client to read, as nginx's `send_timeout`: a client
+/// that stops reading a response (say the agent download) would otherwise keep its place for good.
+/// Long polls are unaffected (they wait without writing), and so are `tether ssh` connections
+/// once upgraded: a suspended SSH client may stop reading for as long as it likes.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Counters of connections a listener closed on its own.
+#[derive(Clone)]
+pub struct Drops {
+    /// Refused at accept: the listener or the source had no place left.
+    pub connection_limit: Counter,
+    /// Closed because a write waited [`WRITE_STALL_TIMEOUT`] for the client to read.
+    pub write_stalled: Counter,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpsError {
@@ -106,6 +128,7 @@ pub async fn serve(
     router: Router,
     mut shutdown: watch::Receiver<bool>,
     what: &'static str,
+    drops: Drops,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -129,6 +152,7 @@ pub async fn serve(
         let place = match sources.take(peer.ip()) {
             Ok(place) => place,
             Err(full) => {
+                drops.connection_limit.increment(1);
                 let source = source_of(peer.ip()).to_string();
                 if let Some(earlier) = refusals_logged.log_line(&source, Instant::now()) {
                     warn!(%peer, "{what}: refusing connection: {}{earlier}", full.describe("are open"));
@@ -142,6 +166,7 @@ pub async fn serve(
         // No Nagle delay: `tether ssh` carries interactive SSH over these ports.
         let _ = tcp.set_nodelay(true);
         let (acceptor, router, shutdown) = (acceptor.clone(), router.clone(), shutdown.clone());
+        let stalled = drops.write_stalled.clone();
         tokio::spawn(async move {
             match acceptor {
                 Some(acceptor) => {
@@ -150,9 +175,9 @@ pub async fn serve(
                         Ok(Err(e)) => return debug!(%peer, error = %e, "{what}: tls handshake failed"),
                         Err(_) => return debug!(%peer, "{what}: tls handshake timed out"),
                     };
-                    connection(tls, peer, router, shutdown, what).await
+                    connection(tls, peer, router, shutdown, what, stalled).await
                 }
-                None => connection(tcp, peer, router, shutdown, what).await,
+                None => connection(tcp, peer, router, shutdown, what, stalled).await,
             }
             drop((permit, place));
         });
@@ -170,19 +195,25 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// One HTTP/1.1 connection: requests' headers within [`HEADER_TIMEOUT`], upgrades allowed.
+/// One HTTP/1.1 connection: requests' headers within [`HEADER_TIMEOUT`], writes within
+/// [`WRITE_STALL_TIMEOUT`] until an upgrade, upgrades allowed.
 async fn connection<S>(
     stream: S,
     peer: SocketAddr,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
     what: &'static str,
+    stalled: Counter,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let stream = WriteDeadline::new(stream, WRITE_STALL_TIMEOUT);
+    let upgrading = stream.upgrading();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        // What handlers read the client's address from.
+        // What handlers read the client's address from, and what an upgrade lifts the write
+        // deadline with.
         req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(upgrading.clone());
         tower_service::Service::call(&mut router.clone(), req)
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -199,7 +230,98 @@ async fn connection<S>(
         }
     };
     if let Err(e) = result {
+        let timed_out = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
+        if timed_out {
+            stalled.increment(1);
+        }
         debug!(%peer, error = %e, "{what}: connection ended with an error");
+    }
+}
+
+/// Set by a handler that upgrades its connection (`tether ssh`): from then on the connection's
+/// writes may wait for the client as long as it takes. Found in each request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct Upgrading(Arc<AtomicBool>);
+
+impl Upgrading {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `inner`, whose writes (and flushes and shutdowns) fail with [`io::ErrorKind::TimedOut`] when one
+/// waits `limit` for the peer to make room, unless [`Upgrading`] was set first.
+struct WriteDeadline<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed while a write waits; disarmed by any progress.
+    waiting: Option<Pin<Box<Sleep>>>,
+    upgrading: Upgrading,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        WriteDeadline { inner, limit, waiting: None, upgrading: Upgrading::default() }
+    }
+
+    fn upgrading(&self) -> Upgrading {
+        self.upgrading.clone()
+    }
+
+    /// Passes on a write's outcome: progress disarms the deadline; waiting arms it (or, once it has
+    /// passed, fails).
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() || self.upgrading.0.load(Ordering::Relaxed) {
+            self.waiting = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let waiting = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match waiting.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {}s", limit.as_secs()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, poll)
     }
 }
 

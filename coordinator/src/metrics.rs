@@ -35,6 +35,7 @@ const SSH_CONNECTIONS: &str = "tether_ssh_connections_total";
 const SSH_ACTIVE: &str = "tether_ssh_connections_active";
 const SSH_BYTES: &str = "tether_ssh_bytes_total";
 const FRONT_DOOR_DROPPED: &str = "tether_ssh_front_door_dropped_total";
+const HTTP_DROPPED: &str = "tether_http_connections_dropped_total";
 const TRANSITION_SECONDS: &str = "tether_workspace_transition_seconds";
 const API_SECONDS: &str = "tether_api_request_duration_seconds";
 const BUILD_INFO: &str = "tether_build_info";
@@ -232,6 +233,13 @@ impl Metrics {
              yet, or the connection limit) or cut off at the login grace time.",
         );
         describe(
+            HTTP_DROPPED,
+            None,
+            "HTTP and HTTPS connections the coordinator closed on its own: refused at accept (the \
+             listener's or the source address's connection limit), or cut off when a write waited too \
+             long for the client to read.",
+        );
+        describe(
             TRANSITION_SECONDS,
             Some(Unit::Seconds),
             "Seconds from a start, restart, stop or delete request to running, running, stopped or deleted.",
@@ -324,6 +332,15 @@ impl Metrics {
             SshOutcome::Accepted => self.ssh_accepted.increment(1),
             SshOutcome::Refused => self.ssh_refused.increment(1),
         }
+    }
+
+    /// The counters of connections the `listener` ("http" or "https") closed on its own.
+    pub fn http_drops(&self, listener: &'static str) -> crate::https::Drops {
+        let counter = |reason: &'static str| {
+            let key = Key::from_parts(HTTP_DROPPED, labels(&[("listener", listener), ("reason", reason)]));
+            self.recorder.register_counter(&key, &METADATA)
+        };
+        crate::https::Drops { connection_limit: counter("connection_limit"), write_stalled: counter("write_stalled") }
     }
 
     pub fn front_door_dropped(&self, why: FrontDoorDrop) {

@@ -296,10 +296,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             tokio::spawn(async move { dist.prepare().await });
             let (https_stop_tx, https_stop_rx) = tokio::sync::watch::channel(false);
             let https_task = https.zip(tls).map(|(listener, tls)| {
-                tokio::spawn(crate::https::serve(listener, Some(tls), router.clone(), https_stop_rx, "https"))
+                let drops = engine.metrics.http_drops("https");
+                tokio::spawn(crate::https::serve(listener, Some(tls), router.clone(), https_stop_rx, "https", drops))
             });
             let (http_stop_tx, http_stop_rx) = tokio::sync::watch::channel(false);
-            let http_task = tokio::spawn(crate::https::serve(http, None, router, http_stop_rx, "http"));
+            let drops = engine.metrics.http_drops("http");
+            let http_task = tokio::spawn(crate::https::serve(http, None, router, http_stop_rx, "http", drops));
             let _ = stop_rx.await;
             engine.begin_shutdown();
             info!("shutting down: asking agents to reconnect later");

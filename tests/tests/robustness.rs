@@ -254,3 +254,47 @@ fn the_api_port_drops_a_client_that_never_finishes_its_request() {
     assert!(got.is_empty(), "closed without an answer: {}", String::from_utf8_lossy(&got));
     assert!(opened.elapsed() < LONG, "closed by the server, after {:?}", opened.elapsed());
 }
+
+/// A client that asks for the agent download and then stops reading is cut off once a write has
+/// waited 60 s for it (as nginx's `send_timeout`), so such clients cannot keep their places on the
+/// API port for good; others are served meanwhile, and the metrics say why.
+#[test]
+fn the_api_port_drops_a_client_that_stops_reading() {
+    use std::io::{Read, Write};
+    let c = Coordinator::start();
+    let addr = c.api_url().trim_start_matches("http://").to_string();
+    let stalled = |addr: &str| {
+        let (code, body) = tether_tests::get(addr, "/metrics").expect("GET /metrics");
+        assert_eq!(code, 200, "{body}");
+        body.lines()
+            .find(|l| l.starts_with(r#"tether_http_connections_dropped_total{listener="http",reason="write_stalled"}"#))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(stalled(&addr), 0, "none yet");
+    let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
+    slow.write_all(b"GET /agent/tether-agent HTTP/1.1\r\nHost: tether\r\n\r\n").expect("request");
+    // The head of the answer, then nothing more is read until the coordinator gives up.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    slow.set_read_timeout(Some(LONG)).expect("read timeout");
+    while !head.ends_with(b"\r\n\r\n") {
+        slow.read_exact(&mut byte).expect("the answer's head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().ok()))
+        .flatten()
+        .expect("a content length");
+    let (code, _) = tether_tests::get(&addr, "/healthz").expect("GET /healthz");
+    assert_eq!(code, 200, "others are served meanwhile");
+    tether_tests::wait_until("the coordinator to cut off the client that stopped reading", LONG * 2, || {
+        stalled(&addr) == 1
+    });
+    let mut body = Vec::new();
+    let _ = slow.read_to_end(&mut body);
+    assert!(body.len() < length, "the connection was closed part way: {} of {length} bytes arrived", body.len());
+}
