@@ -55,10 +55,14 @@ fn run(config: Config, boot: WallClock) -> anyhow::Result<tether_agent::Exit> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let exit = runtime.block_on(async {
         let shutdown = stop_signal().context("listening for SIGTERM and SIGINT")?;
         Ok(tether_agent::run(config, boot, shutdown).await?)
-    })
+    });
+    // A blocking-pool thread stuck in the filesystem (statvfs on a hung network home, say) must not
+    // keep the agent from exiting: dropping the runtime would wait for it for ever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    exit
 }
 
 /// `tether-agent sftp-server`: SFTP on stdin and stdout until stdin ends. Logs go to stderr.

@@ -153,7 +153,18 @@ pub async fn run<S: OutputSink + Send>(
         command.env_remove(key);
     }
     command.envs(cmd.env.iter().map(|(k, v)| (k, v)));
-    let mut child = match command.spawn() {
+    // Spawning waits until the child has changed into the working directory and exec'd: on a hung
+    // network filesystem, for ever. It runs on the blocking pool so that it never holds up the
+    // agent's one worker thread (every SSH session and the tunnel); the script's own timeout, if
+    // any, bounds the wait.
+    let spawning = tokio::task::spawn_blocking(move || command.spawn());
+    let spawned = match cmd.timeout {
+        Some(t) => tokio::time::timeout(t, spawning).await.unwrap_or_else(|_| {
+            Ok(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "it did not start within its timeout")))
+        }),
+        None => spawning.await,
+    };
+    let mut child = match spawned.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
         Ok(c) => c,
         Err(e) => {
             let reason = format!("could not start {} in {}: {e}", cmd.shell.display(), cmd.working_dir.display());

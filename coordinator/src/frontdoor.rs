@@ -58,18 +58,6 @@ pub struct FrontDoorConfig {
     pub login_grace: Duration,
 }
 
-/// Ciphers in the order the front door (and the agent) offer them: AES-GCM first, the fastest in
-/// russh (1.4 to 1.7 times chacha20-poly1305, measured) and hardware-accelerated almost everywhere;
-/// chacha20 and CTR stay for clients without GCM. OpenSSH's client picks the first of *its* own list
-/// that the server offers, so `tether config-ssh` also puts AES-GCM first on the client side.
-pub const CIPHERS: &[russh::cipher::Name] = &[
-    russh::cipher::AES_128_GCM,
-    russh::cipher::AES_256_GCM,
-    russh::cipher::CHACHA20_POLY1305,
-    russh::cipher::AES_128_CTR,
-    russh::cipher::AES_256_CTR,
-];
-
 /// The client-side cipher order `tether config-ssh` and `tether ssh` give OpenSSH.
 pub const CLIENT_CIPHERS: &str =
     "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr";
@@ -90,7 +78,7 @@ pub fn ssh_config(engine: &Engine, config: &FrontDoorConfig) -> anyhow::Result<r
         window_size: 8 * 1024 * 1024,
         maximum_packet_size: 65535,
         channel_buffer_size: 64,
-        preferred: russh::Preferred { cipher: Cow::Borrowed(CIPHERS), ..Default::default() },
+        preferred: tether_shared::ssh_algorithms::preferred(),
         max_auth_attempts: 6,
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),

@@ -14,6 +14,7 @@ pub mod lines;
 pub mod login;
 pub mod proto;
 pub mod ready;
+pub mod ssh_algorithms;
 pub mod status;
 pub mod tls;
 pub mod udp;

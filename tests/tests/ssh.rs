@@ -930,3 +930,43 @@ fn the_agent_cuts_off_a_client_that_stalls_in_the_key_exchange() {
     let _ = raw.wait();
     drop(stdin);
 }
+
+/// The agent and the front door offer no finite-field Diffie-Hellman above 2048 bits: russh computes
+/// it in the connection's task, and group 18 costs over a second of CPU per key exchange, which any
+/// client could ask of the front door before logging in. A client that insists is told there is no
+/// common key exchange; FIPS-style clients (NIST curves) and group 14 still get in.
+#[test]
+fn expensive_key_exchanges_are_not_offered() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+    let with_kex = |kex: &str| {
+        alice.ssh().args(["-o", &format!("KexAlgorithms={kex}"), "dev.tether", "echo in"]).output().unwrap()
+    };
+    for kex in ["ecdh-sha2-nistp256", "diffie-hellman-group14-sha256"] {
+        let out = with_kex(kex);
+        assert!(out.status.success(), "{kex}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), "in", "{kex}");
+    }
+    for kex in
+        ["diffie-hellman-group18-sha512", "diffie-hellman-group16-sha512", "diffie-hellman-group-exchange-sha256"]
+    {
+        // The agent, through the front door.
+        let out = with_kex(kex);
+        assert!(!out.status.success(), "{kex} is not offered by the agent");
+        assert!(text(&out.stderr).contains("no matching key exchange method"), "{kex}: {}", text(&out.stderr));
+        // The front door itself, before any login.
+        let (host, port) = coord.ssh_addr().rsplit_once(':').map(|(h, p)| (h.to_string(), p.to_string())).unwrap();
+        let out = Command::new("ssh")
+            .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null", "-o", &format!("KexAlgorithms={kex}"), "-p", &port])
+            .arg(format!("alice@{host}"))
+            .arg("true")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{kex} is not offered by the front door");
+        assert!(text(&out.stderr).contains("no matching key exchange method"), "{kex}: {}", text(&out.stderr));
+    }
+    // The front door still serves everyone else.
+    assert_eq!(alice.ok("dev.tether", "echo still").trim(), "still");
+}

@@ -32,6 +32,8 @@ const MAX_CLIENT_ENV: usize = 64;
 const MAX_FORWARDS: usize = 64;
 /// How long a `direct-tcpip` connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a session's program gets to start (fork, change into its directory, exec).
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest `TERM` value kept.
 const MAX_TERM: usize = 64;
 /// Variables never passed from the agent's own environment to sessions: the agent's secret, and the
@@ -161,15 +163,23 @@ impl Connection {
         if let Some(display) = &channel.x11 {
             env.insert("DISPLAY".into(), display.env_value().into());
         }
+        // Whether it exists is checked where the program is spawned, off the runtime's thread.
         let cwd = match manifest.as_ref().and_then(|m| m.working_dir.as_deref()).filter(|d| !d.is_empty()) {
-            Some(dir) => Some(account.home.join(dir)).filter(|d| d.is_dir()).unwrap_or_else(|| account.home.clone()),
+            Some(dir) => account.home.join(dir),
             None => account.home.clone(),
         };
-        Launch { program, shell: account.shell.clone(), env: env.into_iter().collect(), cwd, pty: channel.pty.clone() }
+        Launch {
+            program,
+            shell: account.shell.clone(),
+            env: env.into_iter().collect(),
+            cwd,
+            home: account.home.clone(),
+            pty: channel.pty.clone(),
+        }
     }
 
     /// Starts the program of a `shell`, `exec` or `subsystem` request and answers it.
-    fn start(&mut self, channel: ChannelId, program: Program, session: &mut Session) -> Result<(), russh::Error> {
+    async fn start(&mut self, channel: ChannelId, program: Program, session: &mut Session) -> Result<(), russh::Error> {
         let Some(state) = self.sessions.get(&channel).filter(|s| !s.started) else {
             return session.channel_failure(channel);
         };
@@ -185,13 +195,30 @@ impl Connection {
             .flatten()
             .filter(|m| !m.is_empty())
             .map(|m| motd_bytes(&m));
-        match session::spawn(&launch, banner, &self.server.activity) {
+        // Spawning waits until the child has changed into the home directory and exec'd its program:
+        // on a hung network filesystem, for ever. It runs on the blocking pool, so that only this
+        // request waits, never the agent's one worker thread with every other session on it.
+        let pty = launch.pty.is_some();
+        let activity = self.server.activity.clone();
+        let spawning = tokio::task::spawn_blocking(move || session::spawn(&launch, banner, &activity));
+        let spawned = match tokio::time::timeout(SPAWN_TIMEOUT, spawning).await {
+            Ok(Ok(spawned)) => spawned,
+            Ok(Err(e)) => Err(std::io::Error::other(e)),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the program did not start within {}s (is the home directory's filesystem hung?)",
+                    SPAWN_TIMEOUT.as_secs()
+                ),
+            )),
+        };
+        match spawned {
             Ok(started) => {
                 let state = self.sessions.get_mut(&channel).filter(|s| !s.started);
                 match state.map(|s| (s.control.try_send(Control::Start(Box::new(started))), s)) {
                     Some((Ok(()), s)) => {
                         s.started = true;
-                        tracing::info!(client = %self.peer.client, login = %self.login, what = %what, pty = launch.pty.is_some(), "ssh session started");
+                        tracing::info!(client = %self.peer.client, login = %self.login, what = %what, pty, "ssh session started");
                         session.channel_success(channel)
                     }
                     Some((Err(e), _)) => {
@@ -511,7 +538,7 @@ impl russh::server::Handler for Connection {
     }
 
     async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
-        self.start(channel, Program::Shell, session)
+        self.start(channel, Program::Shell, session).await
     }
 
     async fn exec_request(
@@ -524,7 +551,7 @@ impl russh::server::Handler for Connection {
             return session.channel_failure(channel);
         }
         let command = std::ffi::OsStr::from_bytes(data).to_os_string();
-        self.start(channel, Program::Exec(command), session)
+        self.start(channel, Program::Exec(command), session).await
     }
 
     async fn subsystem_request(
@@ -538,7 +565,7 @@ impl russh::server::Handler for Connection {
             return session.channel_failure(channel);
         }
         match session::sftp_program() {
-            Ok(program) => self.start(channel, program, session),
+            Ok(program) => self.start(channel, program, session).await,
             Err(e) => {
                 tracing::warn!(error = %e, "no sftp server to run");
                 session.channel_failure(channel)

@@ -29,8 +29,7 @@ use crate::tunnel::FetchedManifest;
 use activity::Activity;
 use keys::KeyError;
 use russh::keys::{Certificate, PrivateKey};
-use russh::{cipher, Preferred};
-use std::borrow::Cow;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -60,16 +59,8 @@ pub const CHANNEL_BUFFER: usize = 256;
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_MAX: usize = 4;
 
-/// Ciphers, best first. OpenSSH clients pick the first of their own list that the server offers, so
-/// the order here matters only for clients that defer to the server; what matters is what is
-/// offered. AES-GCM runs on AES-NI through ring; ChaCha20-Poly1305 in portable Rust.
-pub const CIPHERS: &[cipher::Name] =
-    &[cipher::AES_128_GCM, cipher::AES_256_GCM, cipher::CHACHA20_POLY1305, cipher::AES_128_CTR, cipher::AES_256_CTR];
-
 /// Algorithm preferences for Tether's SSH servers (the agent's and the coordinator's front door).
-pub fn preferred() -> Preferred {
-    Preferred { cipher: Cow::Borrowed(CIPHERS), ..Preferred::DEFAULT }
-}
+pub use tether_shared::ssh_algorithms::preferred;
 
 /// A russh server configuration with Tether's settings and the given host keys and certificates.
 pub fn server_config(keys: Vec<PrivateKey>, certificates: Vec<Certificate>) -> russh::server::Config {

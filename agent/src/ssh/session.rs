@@ -52,7 +52,9 @@ pub struct Launch {
     pub program: Program,
     pub shell: PathBuf,
     pub env: Vec<(OsString, OsString)>,
+    /// Where the program starts; the home directory if it is not a directory.
     pub cwd: PathBuf,
+    pub home: PathBuf,
     pub pty: Option<PtySpec>,
 }
 
@@ -95,6 +97,7 @@ enum ChildIo {
 /// when there is one; without, it has none, so nothing reaches the terminal the agent was started
 /// from), so a hang-up to its process group reaches its children; and every signal starts at its
 /// default action.
+/// Blocks until the child has exec'd (or failed to): run it on the blocking pool.
 pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>) -> std::io::Result<Started> {
     let shell_name = launch.shell.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "sh".into());
     let mut cmd = match &launch.program {
@@ -117,7 +120,8 @@ pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>)
             cmd
         }
     };
-    cmd.env_clear().envs(launch.env.iter().map(|(k, v)| (k, v))).current_dir(&launch.cwd);
+    let cwd = if launch.cwd == launch.home || launch.cwd.is_dir() { &launch.cwd } else { &launch.home };
+    cmd.env_clear().envs(launch.env.iter().map(|(k, v)| (k, v))).current_dir(cwd);
     // The pre_exec closures below run in the child between fork and exec, in the order given: first
     // the new session, then the default signals (so the child never has them while still in the
     // agent's process group). They make only async-signal-safe calls (setsid, sigaction) and
