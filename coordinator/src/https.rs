@@ -207,7 +207,7 @@ async fn connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let stream = WriteDeadline::new(stream, WRITE_STALL_TIMEOUT);
+    let stream = WriteDeadline::new(stream, WRITE_STALL_TIMEOUT, stalled);
     let upgrading = stream.upgrading();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         // What handlers read the client's address from, and what an upgrade lifts the write
@@ -230,12 +230,6 @@ async fn connection<S>(
         }
     };
     if let Err(e) = result {
-        let timed_out = std::error::Error::source(&e)
-            .and_then(|s| s.downcast_ref::<io::Error>())
-            .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut);
-        if timed_out {
-            stalled.increment(1);
-        }
         debug!(%peer, error = %e, "{what}: connection ended with an error");
     }
 }
@@ -252,18 +246,20 @@ impl Upgrading {
 }
 
 /// `inner`, whose writes (and flushes and shutdowns) fail with [`io::ErrorKind::TimedOut`] when one
-/// waits `limit` for the peer to make room, unless [`Upgrading`] was set first.
+/// waits `limit` for the peer to make room, unless [`Upgrading`] was set first. Counts each such
+/// failure in `stalled`.
 struct WriteDeadline<S> {
     inner: S,
     limit: Duration,
+    stalled: Counter,
     /// Armed while a write waits; disarmed by any progress.
     waiting: Option<Pin<Box<Sleep>>>,
     upgrading: Upgrading,
 }
 
 impl<S> WriteDeadline<S> {
-    fn new(inner: S, limit: Duration) -> Self {
-        WriteDeadline { inner, limit, waiting: None, upgrading: Upgrading::default() }
+    fn new(inner: S, limit: Duration, stalled: Counter) -> Self {
+        WriteDeadline { inner, limit, stalled, waiting: None, upgrading: Upgrading::default() }
     }
 
     fn upgrading(&self) -> Upgrading {
@@ -280,10 +276,15 @@ impl<S> WriteDeadline<S> {
         let limit = self.limit;
         let waiting = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         match waiting.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client read nothing for {}s", limit.as_secs()),
-            ))),
+            Poll::Ready(()) => {
+                self.stalled.increment(1);
+                // Once: hyper does not write again after an error.
+                self.waiting = None;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client read nothing for {}s", limit.as_secs()),
+                )))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

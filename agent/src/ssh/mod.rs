@@ -29,7 +29,6 @@ use crate::tunnel::FetchedManifest;
 use activity::Activity;
 use keys::KeyError;
 use russh::keys::{Certificate, PrivateKey};
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

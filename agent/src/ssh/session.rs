@@ -97,6 +97,7 @@ enum ChildIo {
 /// when there is one; without, it has none, so nothing reaches the terminal the agent was started
 /// from), so a hang-up to its process group reaches its children; and every signal starts at its
 /// default action.
+///
 /// Blocks until the child has exec'd (or failed to): run it on the blocking pool.
 pub fn spawn(launch: &Launch, banner: Option<Vec<u8>>, activity: &Arc<Activity>) -> std::io::Result<Started> {
     let shell_name = launch.shell.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "sh".into());
