@@ -143,6 +143,7 @@ pub async fn run(
             hostname: phase::truncate(hostname, limits::MAX_TEXT),
             ssh: ssh.clone(),
             metrics: metrics.clone(),
+            clock: boot,
         },
         outboxes.clone(),
         Stats::new(user.home.clone()).with_ssh(ssh.activity()),

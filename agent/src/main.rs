@@ -14,7 +14,8 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let boot = WallClock::start();
     let args = Args::parse();
-    init_tracing(args.log_format);
+    // Flushes what is still queued when main returns.
+    let _log = init_tracing(args.log_format);
     if let Some(Command::SftpServer) = args.command {
         return sftp_server();
     }
@@ -91,7 +92,13 @@ fn stop_signal() -> std::io::Result<impl Future<Output = String> + Send> {
     })
 }
 
-fn init_tracing(format: LogFormat) {
+/// Lines the log writer holds while stderr is slow; past that new lines are dropped rather than
+/// block the agent.
+const LOG_QUEUE_LINES: usize = 10_000;
+
+/// Logs go to stderr from a thread of their own: a stderr that stops taking writes (a full pipe to
+/// a stalled log collector, a file on a hung disk) must not stop the agent's one worker thread.
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = match std::env::var(LOG_FILTER_ENV) {
         Ok(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
             eprintln!("tether-agent: ignoring {LOG_FILTER_ENV}={spec:?}: {e}");
@@ -99,13 +106,19 @@ fn init_tracing(format: LogFormat) {
         }),
         Err(_) => EnvFilter::new("info"),
     };
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .thread_name("tether-agent-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         // Colour only for a person at a terminal; journald and log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }

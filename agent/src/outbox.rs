@@ -4,6 +4,7 @@
 //! [`Outbox`] is a plain state machine (push, take the next batch, acknowledge, rewind); [`Outboxes`]
 //! shares the two outboxes between the script runners that fill them and the tunnel that drains them.
 
+use crate::clock::WallClock;
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 use tether_shared::limits;
@@ -375,7 +376,8 @@ impl Outboxes {
         self.lock().events.in_flight()
     }
 
-    pub fn next_logs(&self) -> Option<Vec<LogLine>> {
+    /// The next batch of log lines; a note of lines dropped, if any, is stamped by `clock`.
+    pub fn next_logs(&self, clock: &WallClock) -> Option<Vec<LogLine>> {
         let mut inner = self.lock();
         if let Some((build, script, count)) = inner.log_drops.take() {
             tracing::warn!(dropped = count, "dropped the oldest unacknowledged log lines: over the memory cap");
@@ -383,7 +385,7 @@ impl Outboxes {
                 "[tether-agent: {count} older log lines were dropped: more than {} MiB waited for the coordinator]",
                 MAX_UNACKED_LOG_BYTES / (1024 * 1024)
             );
-            let at_ms = tether_shared::now_ms();
+            let at_ms = clock.now_ms();
             inner.logs.push_with(|seq| LogLine { seq, build, script, stream: LogStream::Stderr, at_ms, line });
             // Drops caused by the note itself are only counted in the tracing line above.
             inner.logs.take_dropped();
@@ -552,7 +554,7 @@ mod tests {
         for _ in 0..40 {
             o.push_log(1, "build", LogStream::Stdout, 0, line.clone());
         }
-        let batch = o.next_logs().unwrap();
+        let batch = o.next_logs(&WallClock::start()).unwrap();
         let text: usize = batch.iter().map(|l| l.line.len()).sum();
         assert!(text <= limits::MAX_LOG_BATCH_BYTES, "{text}");
         assert_eq!(batch.len(), limits::MAX_LOG_BATCH_BYTES / (limits::MAX_LOG_LINE + ITEM_OVERHEAD + "build".len()));
@@ -616,7 +618,7 @@ mod tests {
         for i in 0..20 {
             o.push_log(4, "seed", LogStream::Stdout, 0, format!("line {i:03} {}", "x".repeat(50)));
         }
-        let batch = o.next_logs().unwrap();
+        let batch = o.next_logs(&WallClock::start()).unwrap();
         let last = batch.last().unwrap();
         assert!(last.line.starts_with("[tether-agent: "), "{last:?}");
         assert!(last.line.contains("older log lines were dropped"), "{last:?}");

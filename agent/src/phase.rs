@@ -5,7 +5,7 @@ use crate::clock::WallClock;
 use crate::metrics::AgentMetrics;
 use crate::outbox::Outboxes;
 use crate::scripts::{self, LocalUser, OutputSink, ScriptCommand, ScriptEnd, ScriptRun};
-use std::io::Write;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,7 +140,7 @@ async fn run_one(
     let mut sink = ScriptLog::open(env, build, &script.name);
     tracing::info!(build, script = %script.name, stage = kind.stage(), "script started");
     let run = scripts::run(&cmd, &mut sink, cancel).await;
-    sink.close();
+    sink.local.close().await;
     tracing::info!(build, script = %script.name, stage = kind.stage(), end = ?run.end, "script ended");
     env.metrics.script_ended(kind, run.end.span_status(), run.ended.saturating_duration_since(run.started));
     env.outboxes.push_event(
@@ -162,41 +162,112 @@ struct ScriptLog<'a> {
     env: &'a PhaseEnv,
     build: u64,
     script: String,
-    file: Option<std::io::BufWriter<std::fs::File>>,
-    path: PathBuf,
+    local: LocalLog,
 }
 
 impl<'a> ScriptLog<'a> {
     fn open(env: &'a PhaseEnv, build: u64, script: &str) -> Self {
-        let path = log_file(&env.logs_dir, build, script);
-        let file = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::File::create(&path))
-            .map(std::io::BufWriter::new)
-            .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "cannot write the script's local log"))
-            .ok();
-        ScriptLog { env, build, script: script.to_string(), file, path }
-    }
-
-    fn close(&mut self) {
-        if let Some(mut f) = self.file.take() {
-            if let Err(e) = f.flush() {
-                tracing::warn!(path = %self.path.display(), error = %e, "writing the script's local log");
-            }
-        }
+        let local = LocalLog::open(log_file(&env.logs_dir, build, script));
+        ScriptLog { env, build, script: script.to_string(), local }
     }
 }
 
 impl OutputSink for ScriptLog<'_> {
     fn line(&mut self, stream: LogStream, line: String) {
-        if let Some(f) = &mut self.file {
-            if let Err(e) = writeln!(f, "{line}") {
-                tracing::warn!(path = %self.path.display(), error = %e, "writing the script's local log");
-                self.file = None;
+        self.local.line(&line);
+        self.env.outboxes.push_log(self.build, &self.script, stream, self.env.clock.now_ms(), line);
+    }
+}
+
+/// Bytes of lines a script's local log holds in memory while the disk catches up: what a script may
+/// print in all (its output is capped at that), so lines are left out only when the disk is stuck.
+const LOCAL_LOG_QUEUE_BYTES: usize = limits::MAX_SCRIPT_OUTPUT as usize;
+
+/// How long a finished script waits for its local log to reach the file before it reports its end.
+const LOCAL_LOG_CLOSE: Duration = Duration::from_secs(2);
+
+/// A script's local copy of its output, written on the blocking pool. The data directory is under
+/// the home by default, which may be a network filesystem: a slow or hung disk must not hold up the
+/// agent's one worker thread, and with it every SSH session and heartbeat. Lines wait in a bounded
+/// queue; past it the local copy skips them (the coordinator's copy has them) and says so at its end.
+struct LocalLog {
+    lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Bytes queued and not yet written, at most [`LOCAL_LOG_QUEUE_BYTES`].
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    skipped: Arc<std::sync::atomic::AtomicU64>,
+    written: Option<tokio::sync::oneshot::Receiver<()>>,
+    path: PathBuf,
+}
+
+impl LocalLog {
+    fn open(path: PathBuf) -> LocalLog {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (done, written) = tokio::sync::oneshot::channel();
+        let skipped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (file, count, bytes) = (path.clone(), skipped.clone(), queued.clone());
+        tokio::task::spawn_blocking(move || {
+            write_local_log(&file, rx, &bytes, &count);
+            let _ = done.send(());
+        });
+        LocalLog { lines: Some(tx), queued, skipped, written: Some(written), path }
+    }
+
+    fn line(&mut self, line: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(lines) = &self.lines else { return };
+        if self.queued.load(Relaxed).saturating_add(line.len()) > LOCAL_LOG_QUEUE_BYTES {
+            self.skipped.fetch_add(1, Relaxed);
+            return;
+        }
+        self.queued.fetch_add(line.len(), Relaxed);
+        if lines.send(line.to_string()).is_err() {
+            // The writer gave up (it said why).
+            self.lines = None;
+        }
+    }
+
+    /// Ends the file, waiting a little for the disk.
+    async fn close(&mut self) {
+        self.lines = None;
+        if let Some(written) = self.written.take() {
+            if tokio::time::timeout(LOCAL_LOG_CLOSE, written).await.is_err() {
+                tracing::warn!(path = %self.path.display(), "the script's local log is still being written: the disk is slow");
             }
         }
-        self.env.outboxes.push_log(self.build, &self.script, stream, self.env.clock.now_ms(), line);
+    }
+}
+
+/// The writer's side of a [`LocalLog`]: until the script's end, then a note of lines skipped.
+fn write_local_log(
+    path: &Path,
+    mut lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    queued: &std::sync::atomic::AtomicUsize,
+    skipped: &std::sync::atomic::AtomicU64,
+) {
+    let opened = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::File::create(path));
+    let mut file = match opened {
+        Ok(file) => std::io::BufWriter::new(file),
+        Err(e) => return tracing::warn!(path = %path.display(), error = %e, "cannot write the script's local log"),
+    };
+    let mut written = Ok(());
+    while let Some(line) = lines.blocking_recv() {
+        queued.fetch_sub(line.len(), std::sync::atomic::Ordering::Relaxed);
+        written = writeln!(file, "{line}");
+        if written.is_err() {
+            break;
+        }
+    }
+    drop(lines);
+    let skipped = skipped.load(std::sync::atomic::Ordering::Relaxed);
+    if skipped > 0 && written.is_ok() {
+        written = writeln!(
+            file,
+            "[tether-agent: {skipped} lines are missing here because this disk was too slow; `tether workspace logs` has them]"
+        );
+    }
+    if let Err(e) = written.and_then(|()| file.flush()) {
+        tracing::warn!(path = %path.display(), error = %e, "writing the script's local log");
     }
 }
 
@@ -359,6 +430,34 @@ mod tests {
         Script { name: name.into(), run: run.into(), on, schedule: None, timeout_ms: 30_000, blocks_login: false }
     }
 
+    #[test]
+    fn the_local_log_says_how_many_lines_it_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/build-1/a.log");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send("one".to_string()).unwrap();
+        tx.send("two".to_string()).unwrap();
+        drop(tx);
+        let queued = std::sync::atomic::AtomicUsize::new(6);
+        write_local_log(&path, rx, &queued, &std::sync::atomic::AtomicU64::new(3));
+        assert_eq!(queued.into_inner(), 0);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("one\ntwo\n[tether-agent: 3 lines are missing here"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_local_log_that_cannot_be_written_is_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("logs"), "a file where the directory would go").unwrap();
+        let mut log = LocalLog::open(dir.path().join("logs/build-1/a.log"));
+        // The writer gives up at once, while the script still runs...
+        log.written.take().unwrap().await.unwrap();
+        // ...and the script's lines are no longer queued for it.
+        log.line("after");
+        assert!(log.lines.is_none());
+        log.close().await;
+    }
+
     #[tokio::test]
     async fn phase_runs_its_scripts_in_parallel_and_reports() {
         let dir = tempfile::tempdir().unwrap();
@@ -385,7 +484,7 @@ mod tests {
         let ends: Vec<_> = results.iter().map(|r| (r.name.as_str(), r.run.end.clone())).collect();
         assert_eq!(ends, vec![("a", ScriptEnd::Exited(0)), ("b", ScriptEnd::Exited(4))]);
         assert_eq!(std::fs::read_to_string(dir.path().join("logs/build-9/a.log")).unwrap(), "hello from ws1\n");
-        let logs = outboxes.next_logs().unwrap();
+        let logs = outboxes.next_logs(&WallClock::start()).unwrap();
         assert_eq!(logs.len(), 1);
         assert_eq!(
             (logs[0].seq, logs[0].build, logs[0].script.as_str(), logs[0].line.as_str()),

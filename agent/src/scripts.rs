@@ -155,16 +155,21 @@ pub async fn run<S: OutputSink + Send>(
     command.envs(cmd.env.iter().map(|(k, v)| (k, v)));
     // Spawning waits until the child has changed into the working directory and exec'd: on a hung
     // network filesystem, for ever. It runs on the blocking pool so that it never holds up the
-    // agent's one worker thread (every SSH session and the tunnel); the script's own timeout, if
-    // any, bounds the wait.
-    let spawning = tokio::task::spawn_blocking(move || command.spawn());
-    let spawned = match cmd.timeout {
-        Some(t) => tokio::time::timeout(t, spawning).await.unwrap_or_else(|_| {
-            Ok(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "it did not start within its timeout")))
-        }),
-        None => spawning.await,
+    // agent's one worker thread (every SSH session and the tunnel). The script's own timeout, if
+    // any, and the agent's shutdown end the wait; a script that starts after that is killed at once.
+    let mut spawning = tokio::task::spawn_blocking(move || command.spawn());
+    let spawned = tokio::select! {
+        r = &mut spawning => r.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+        _ = until(cmd.timeout.map(|t| started + t)) => {
+            kill_when_started(spawning);
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "it did not start within its timeout"))
+        }
+        _ = cancelled(&mut cancel) => {
+            kill_when_started(spawning);
+            return ScriptRun { started, ended: Instant::now(), end: ScriptEnd::Cancelled };
+        }
     };
-    let mut child = match spawned.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let reason = format!("could not start {} in {}: {e}", cmd.shell.display(), cmd.working_dir.display());
@@ -275,6 +280,18 @@ async fn until(t: Option<Instant>) {
         Some(t) => sleep_until(t).await,
         None => std::future::pending().await,
     }
+}
+
+/// Kills the group of a script whose start nobody waits for any more, should it start after all.
+fn kill_when_started(spawning: tokio::task::JoinHandle<std::io::Result<tokio::process::Child>>) {
+    tokio::spawn(async move {
+        if let Ok(Ok(mut child)) = spawning.await {
+            if let Some(group) = child.id().and_then(|id| i32::try_from(id).ok()) {
+                let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+        }
+    });
 }
 
 /// Completes when `cancel` turns true; never if its sender is gone.

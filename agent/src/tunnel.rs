@@ -5,6 +5,7 @@
 //! watch channels and carries whatever the [`Outboxes`] hold. It only ends on its own when the
 //! coordinator rejects the agent for good (bad token, version mismatch), or when asked to drain.
 
+use crate::clock::WallClock;
 use crate::metrics::AgentMetrics;
 use crate::outbox::{Outboxes, LOGS_FIRST_GRACE};
 use crate::phase::truncate;
@@ -32,6 +33,10 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// How long a connection must last before the next loss starts the backoff over.
+const STABLE_CONNECTION: Duration = BACKOFF_CAP;
+/// The longest wait between attempts while the agent is leaving (within the drain deadline).
+const DRAIN_RETRY: Duration = Duration::from_millis(500);
 /// Caps the coordinator's `Reconnect { within_ms }`.
 const MAX_RECONNECT_WITHIN: Duration = Duration::from_secs(600);
 /// Bounds the coordinator's heartbeat interval to something sane.
@@ -51,6 +56,8 @@ pub struct TunnelConfig {
     /// Serves the SSH streams the coordinator opens; its host key goes in the hello.
     pub ssh: Arc<SshServer>,
     pub metrics: Arc<AgentMetrics>,
+    /// Stamps the hello, as it stamps every span and log line.
+    pub clock: WallClock,
 }
 
 /// A manifest as fetched on one connection, with the timings of the connection that fetched it.
@@ -170,44 +177,55 @@ impl Tunnel {
             // Leaving: reconnect only to deliver what is still unacknowledged, and only until the
             // drain deadline.
             let attempt = tokio::select! {
-                r = self.establish(&mut backoff) => r,
+                r = self.establish() => r,
                 _ = drain_gives_up(&mut drain, &outboxes) => return Ok(()),
             };
             let delay = match attempt {
-                Ok(session) => match self.serve(session, &mut drain).await {
-                    SessionEnd::Drained => return Ok(()),
-                    SessionEnd::Reconnect(within) => {
-                        let delay = within.mul_f64(rand::random::<f64>());
-                        tracing::info!(delay_ms = delay.as_millis() as u64, "coordinator asked the agent to reconnect");
-                        delay
+                Ok(session) => {
+                    let welcomed = Instant::now();
+                    let end = self.serve(session, &mut drain).await;
+                    // Only a connection that held shows the coordinator is fine. One cut off soon
+                    // after its welcome (another agent with this token, a coordinator that cannot
+                    // serve this workspace) keeps the delays growing.
+                    if welcomed.elapsed() >= STABLE_CONNECTION {
+                        backoff.reset();
                     }
-                    SessionEnd::Lost(e) => {
-                        let delay = backoff.next_delay(rand::random::<f64>());
-                        tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "connection to the coordinator lost");
-                        delay
+                    match end {
+                        SessionEnd::Drained => return Ok(()),
+                        SessionEnd::Reconnect(within) => {
+                            let delay = within.mul_f64(rand::random::<f64>());
+                            tracing::info!(
+                                delay_ms = delay.as_millis() as u64,
+                                "coordinator asked the agent to reconnect"
+                            );
+                            delay
+                        }
+                        SessionEnd::Lost(e) => next_retry(&mut backoff, &e, "connection to the coordinator lost"),
                     }
-                },
+                }
                 Err(LinkError::Refused { code, message })
                     if matches!(code, RejectCode::BadToken | RejectCode::VersionMismatch) =>
                 {
                     return Err(TunnelError::Rejected { code, message: truncate(message, limits::MAX_TEXT) });
                 }
                 Err(LinkError::ReconnectAsked(within)) => within.mul_f64(rand::random::<f64>()),
-                Err(e) => {
-                    let delay = backoff.next_delay(rand::random::<f64>());
-                    tracing::warn!(error = %e, retry_ms = delay.as_millis() as u64, "cannot connect to the coordinator");
-                    delay
-                }
+                Err(e) => next_retry(&mut backoff, &e, "cannot connect to the coordinator"),
             };
+            // Leaving: what is still unacknowledged (the stop scripts' spans and logs, the final
+            // lifecycle) must go out before the drain deadline, so retry soon and stop waiting out a
+            // long delay once the drain is asked for.
+            let draining = drain.borrow().is_some();
+            let mut asked = drain.clone();
             tokio::select! {
-                _ = sleep(delay) => {}
+                _ = sleep(if draining { delay.min(DRAIN_RETRY) } else { delay }) => {}
+                _ = asked.wait_for(Option::is_some), if !draining => {}
                 _ = drain_gives_up(&mut drain, &outboxes) => return Ok(()),
             }
         }
     }
 
     /// Dials, says hello, fetches the manifest and opens the log stream.
-    async fn establish(&mut self, backoff: &mut Backoff) -> Result<Session, LinkError> {
+    async fn establish(&mut self) -> Result<Session, LinkError> {
         let addr = resolve(&self.config.coordinator).await?;
         let bind: SocketAddr = match addr {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -221,7 +239,7 @@ impl Tunnel {
         let connecting = endpoint.connect_with(self.config.client.clone(), addr, tls::SERVER_NAME)?;
         let conn = timeout(HANDSHAKE_TIMEOUT, connecting).await.map_err(|_| LinkError::Timeout("tls handshake"))??;
         tracing::debug!(addr = %addr, "quic connection established");
-        match self.greet(&conn, backoff).await {
+        match self.greet(&conn).await {
             Ok(streams) => Ok(Session { endpoint, conn, streams }),
             Err(e @ LinkError::Refused { .. }) => {
                 // Say we read the answer, so the coordinator need not wait for us to go.
@@ -238,13 +256,14 @@ impl Tunnel {
     }
 
     /// Hello, welcome, manifest and the log stream on a fresh connection.
-    async fn greet(&mut self, conn: &quinn::Connection, backoff: &mut Backoff) -> Result<Streams, LinkError> {
+    async fn greet(&mut self, conn: &quinn::Connection) -> Result<Streams, LinkError> {
         let (mut control_send, mut control_recv) = conn.open_bi().await?;
         let hello = Hello {
             token: self.config.token.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             instance: self.config.instance,
-            sent_at_ms: tether_shared::now_ms(),
+            // The clock that stamps spans and log lines, so that the coordinator's correction fits them.
+            sent_at_ms: self.config.clock.now_ms(),
             hostname: self.config.hostname.clone(),
             ssh_host_key: Some(self.config.ssh.host_public_key().to_string()),
         };
@@ -263,7 +282,6 @@ impl Tunnel {
             }
             HelloReply::Welcome(w) => w,
         };
-        backoff.reset();
         self.config.ssh.set_host_certificate(welcome.ssh_host_certificate.as_deref());
         let now = Instant::now();
         let first_welcome = *self.first_welcome.get_or_insert(now);
@@ -333,7 +351,7 @@ impl Tunnel {
                     Err(e) => SessionEnd::Lost(e),
                 },
                 r = reader(&mut control_recv, "control", outboxes, shutdown, manifests, first_welcome) => r,
-                r = log_writer(&mut log_send, outboxes) => SessionEnd::Lost(r),
+                r = log_writer(&mut log_send, outboxes, self.config.clock) => SessionEnd::Lost(r),
                 r = reader(&mut log_recv, "log", outboxes, shutdown, manifests, first_welcome) => r,
                 e = conn.closed() => SessionEnd::Lost(LinkError::Connection(e)),
             }
@@ -438,9 +456,9 @@ async fn control_writer(
 }
 
 /// Log batches on the log stream, as lines are produced. Only returns on error.
-async fn log_writer(send: &mut SendStream, outboxes: &Outboxes) -> LinkError {
+async fn log_writer(send: &mut SendStream, outboxes: &Outboxes, clock: WallClock) -> LinkError {
     loop {
-        match outboxes.next_logs() {
+        match outboxes.next_logs(&clock) {
             Some(lines) => {
                 if let Err(e) = io::write_msg(send, &LogBatch { lines }).await {
                     return e.into();
@@ -525,6 +543,20 @@ async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
     let mut addrs =
         tokio::net::lookup_host(addr).await.map_err(|source| LinkError::Resolve { addr: addr.to_string(), source })?;
     addrs.next().ok_or_else(|| LinkError::NoAddress(addr.to_string()))
+}
+
+/// The delay before the next attempt, logged with its ceiling (which shows how far the backoff has
+/// grown).
+fn next_retry(backoff: &mut Backoff, error: &LinkError, what: &str) -> Duration {
+    let ceiling = backoff.ceiling();
+    let delay = backoff.next_delay(rand::random::<f64>());
+    tracing::warn!(
+        error = %error,
+        retry_ms = delay.as_millis() as u64,
+        retry_ceiling_ms = ceiling.as_millis() as u64,
+        "{what}"
+    );
+    delay
 }
 
 /// Completes when the agent is leaving and there is nothing left to deliver, or no time left to.

@@ -177,8 +177,12 @@ async fn delete(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResul
 }
 
 async fn token(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
-    let (token, command) = s.engine.rotate_token(&name).await?;
-    Ok(Json(serde_json::json!({ "agent_token": token, "agent_command": command })))
+    let r = s.engine.rotate_token(&name).await?;
+    Ok(Json(serde_json::json!({
+        "agent_token": r.token,
+        "agent_command": r.command,
+        "agent_disconnected": r.agent_disconnected,
+    })))
 }
 
 #[derive(Deserialize)]

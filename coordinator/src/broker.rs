@@ -89,6 +89,54 @@ pub struct Brokered {
     engine: Arc<Engine>,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
+    _window: WindowShare,
+}
+
+/// Brokered streams open on each agent connection, by the connection's stable id.
+static OPEN_STREAMS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<usize, u64>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// One brokered stream's share of its agent connection's flow-control windows. QUIC credits the
+/// connection's window back only as the coordinator reads, and a stream whose user stopped reading
+/// holds up to a stream window of it unread. So each open stream adds a stream window to the
+/// connection's, and what the control and log streams need (heartbeats, lifecycle, logs) is always
+/// left free, however many users stall.
+struct WindowShare {
+    conn: quinn::Connection,
+}
+
+impl WindowShare {
+    fn new(conn: quinn::Connection) -> WindowShare {
+        WindowShare::adjust(&conn, 1);
+        WindowShare { conn }
+    }
+
+    fn adjust(conn: &quinn::Connection, by: i64) {
+        let mut open = OPEN_STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+        let id = conn.stable_id();
+        let n = open.get(&id).copied().unwrap_or(0).saturating_add_signed(by);
+        if n == 0 {
+            open.remove(&id);
+        } else {
+            open.insert(id, n);
+        }
+        let stream = u64::from(tether_shared::tls::SERVER_STREAM_WINDOW);
+        let window = u64::from(tether_shared::tls::SERVER_CONNECTION_WINDOW).saturating_add(n.saturating_mul(stream));
+        conn.set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+        conn.set_send_window(window);
+    }
+}
+
+/// An agent connection's windows once its hello is welcomed: the base, plus a stream window per
+/// brokered stream already open (none, unless this is called again).
+pub fn grant_windows(conn: &quinn::Connection) {
+    WindowShare::adjust(conn, 0);
+}
+
+impl Drop for WindowShare {
+    fn drop(&mut self) {
+        WindowShare::adjust(&self.conn, -1);
+    }
 }
 
 /// The workspace a client's host name names: `NAME.tether` or `NAME`, any case.
@@ -140,7 +188,7 @@ fn check_reachable(
 pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusal> {
     let name = workspace_name(&req.target);
     match authorize_and_open(engine, &req, &name).await {
-        Ok((send, recv)) => {
+        Ok((send, recv, window)) => {
             let key_fingerprints = match &req.key_fingerprint {
                 Some(fp) => vec![fp.clone()],
                 None => user_keys(engine, &req.user).await?,
@@ -149,7 +197,8 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
                 .await
                 .map_err(|e| refuse(RefusalKind::Internal, format!("coordinator error: {e}")))?;
             info!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, connection_id, "ssh connection brokered");
-            let mut b = Brokered { workspace: name, connection_id, engine: engine.clone(), send, recv };
+            let mut b =
+                Brokered { workspace: name, connection_id, engine: engine.clone(), send, recv, _window: window };
             let open = StreamOpen::Ssh(SshStreamOpen {
                 connection_id: connection_id as u64,
                 user: req.user.clone(),
@@ -214,9 +263,20 @@ async fn authorize_and_open(
     engine: &Arc<Engine>,
     req: &Request,
     name: &str,
-) -> Result<(quinn::SendStream, quinn::RecvStream), Refusal> {
+) -> Result<(quinn::SendStream, quinn::RecvStream, WindowShare), Refusal> {
     let internal = |e: OpError| refuse(RefusalKind::Internal, format!("coordinator error: {e}"));
     let not_found = || refuse(RefusalKind::NotFound, format!("no workspace '{name}'"));
+    // The key was checked at login, but a front-door connection can outlive it (a ControlMaster opens
+    // many workspace connections over one): a removed key or user opens nothing more.
+    if let Some(fp) = &req.key_fingerprint {
+        let holder = engine.store.user_by_key(fp).await.map_err(|e| internal(e.into()))?;
+        if holder.as_deref() != Some(req.user.as_str()) {
+            return Err(refuse(
+                RefusalKind::Forbidden,
+                format!("the key {fp} is no longer registered to user '{}'", req.user),
+            ));
+        }
+    }
     if crate::template::check_name("workspace", name).is_err() {
         return Err(not_found());
     }
@@ -236,8 +296,10 @@ async fn authorize_and_open(
     check_reachable(name, row.status, &row.status_reason, quic.is_some(), row.lifecycle, blocks_login)?;
     let quic =
         quic.ok_or_else(|| refuse(RefusalKind::Unavailable, format!("workspace '{name}' has no connected agent")))?;
+    // The window grows before the agent can send on the stream.
+    let window = WindowShare::new(quic.clone());
     match tokio::time::timeout(OPEN_TIMEOUT, quic.open_bi()).await {
-        Ok(Ok(pair)) => Ok(pair),
+        Ok(Ok((send, recv))) => Ok((send, recv, window)),
         Ok(Err(e)) => Err(refuse(RefusalKind::Unavailable, format!("workspace '{name}': its agent went away ({e})"))),
         Err(_) => {
             Err(refuse(RefusalKind::Unavailable, format!("workspace '{name}': its agent did not answer in time")))
@@ -252,7 +314,7 @@ impl Brokered {
         let (up_total, down_total) = self.engine.metrics.ssh_bytes();
         let counters = Arc::new(Counters { up: 0.into(), down: 0.into(), up_total, down_total });
         let mut client = Counting { inner: client, counters: counters.clone() };
-        let Brokered { workspace, connection_id, engine, send, recv } = self;
+        let Brokered { workspace, connection_id, engine, send, recv, _window } = self;
         let _active = engine.metrics.ssh_active();
         let mut agent = tokio::io::join(recv, send);
         let result =

@@ -132,7 +132,8 @@ pub struct ServeArgs {
     /// The tether-agent binary the process provisioner runs (default: next to `tether`).
     #[arg(long, env = "TETHER_AGENT_BINARY")]
     pub agent_binary: Option<PathBuf>,
-    /// Most agent connections held at once.
+    /// Most agent connections held at once, once welcomed. Connections that have not said hello yet
+    /// have places of their own (4096, at most 256 from one address) and 10 seconds to say it.
     #[arg(long, env = "TETHER_MAX_AGENTS", default_value_t = 50_000)]
     pub max_agents: usize,
     /// SSH front door (TCP) address, or `off`.
@@ -163,7 +164,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_KEEP_AUDIT", value_name = "DURATION", default_value = "90d", value_parser = parse_keep)]
     pub keep_audit: Keep,
     /// How long the logs and timings of a workspace's earlier builds are kept after the build
-    /// started, or `forever`. The current build's are kept while it is current.
+    /// started, or `forever`. The current build's are kept while it is current; a deleted
+    /// workspace's builds, history and record go once it has been deleted that long.
     #[arg(long, env = "TETHER_KEEP_BUILDS", value_name = "DURATION", default_value = "30d", value_parser = parse_keep)]
     pub keep_builds: Keep,
     /// Most log bytes kept for one build of a workspace, in MiB. A build that reaches it gets one
@@ -365,7 +367,8 @@ pub enum WorkspaceCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Issue a new agent token for an external workspace (the old one stops working).
+    /// Issue a new agent token for an external workspace (the old one stops working, and an agent
+    /// connected with it is disconnected).
     Token {
         /// The workspace's name.
         name: String,
@@ -696,6 +699,9 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                 client.post(&format!("/workspaces/{}/token", enc(&name)), &serde_json::json!({})).await?;
             if json {
                 return print_json(&v);
+            }
+            if v["agent_disconnected"].as_bool() == Some(true) {
+                println!("the agent connected with the old token was disconnected\n");
             }
             println!(
                 "agent token (shown once): {}\n\nstart the agent with:\n  {}",

@@ -112,6 +112,14 @@ pub struct Rejected {
     pub message: String,
 }
 
+/// What `rotate_token` returns: the new token, the command that starts an agent with it, and
+/// whether an agent connected with the old token was disconnected.
+pub struct RotatedToken {
+    pub token: String,
+    pub command: String,
+    pub agent_disconnected: bool,
+}
+
 /// What `create` returns: the workspace and, for external ones, how to start the agent.
 pub struct Created {
     pub view: WorkspaceView,
@@ -412,9 +420,13 @@ impl Engine {
         let result = provision::start(self, &row, &template, &token, restart).await;
         let _guard = self.lock(id).await;
         let mut row = self.reload(id).await?;
+        if row.op.as_deref() != Some("start") {
+            // Stopped or deleted meanwhile: that operation's `op` is its own to clear.
+            return Ok(());
+        }
         self.store.set_op(id, None).await?;
-        if row.status != WorkspaceStatus::Starting || row.op.as_deref() != Some("start") {
-            return Ok(()); // stopped or deleted meanwhile
+        if row.status != WorkspaceStatus::Starting {
+            return Ok(());
         }
         match result {
             Ok(()) => {
@@ -441,6 +453,9 @@ impl Engine {
         match row.status {
             Pending | Starting | Running | Unhealthy | Failed => {}
             Stopped => return Err(OpError::Conflict(format!("workspace '{name}' is already stopped"))),
+            // The agent is shutting down on its own: a stop of ours takes over and finishes the job
+            // (the provisioner's stop too), whether or not the agent is still there to say goodbye.
+            Stopping if row.op.is_none() => {}
             Stopping | Deleting | Deleted => {
                 return Err(OpError::Conflict(format!("workspace '{name}' is {}; wait for it to finish", row.status)))
             }
@@ -481,8 +496,11 @@ impl Engine {
         )
     }
 
-    /// Issues a new agent token for an external workspace; the old one stops working at once.
-    pub async fn rotate_token(&self, name: &str) -> Result<(String, String), OpError> {
+    /// Issues a new agent token for an external workspace; the old one stops working at once. A
+    /// token is replaced when it may have leaked, so an agent connected with the old one (perhaps an
+    /// impostor) loses its connection, heartbeats and SSH streams now: it is closed as a rejected
+    /// agent's is, and the agent's reconnect is refused as a bad token (the agent exits 2).
+    pub async fn rotate_token(&self, name: &str) -> Result<RotatedToken, OpError> {
         let row = self.row(name).await?;
         if row.provisioner != "external" {
             return Err(OpError::Invalid(format!(
@@ -490,10 +508,43 @@ impl Engine {
                 row.provisioner
             )));
         }
+        // Under the workspace's lock, so no hello with the old token is accepted after this.
+        let _guard = self.lock(row.id).await;
+        let mut row = self.reload(row.id).await?;
         let token = pki::new_token("tether_agent");
         self.store.set_token(row.id, Some(&pki::hash_token(&token))).await?;
+        let evicted = {
+            let mut live = self.live();
+            let evicted = live.agents.remove(&row.id);
+            if evicted.is_some() {
+                // The status says why the agent is gone; the liveness clock must not replace it.
+                live.liveness.forget(row.id);
+            }
+            evicted
+        };
+        let agent_disconnected = evicted.is_some();
+        if let Some(agent) = evicted {
+            // Dropping `agent.commands` ends the tunnel's session too (and alone, without QUIC).
+            if let Some(quic) = agent.quic {
+                quic.close(crate::tunnel::CLOSE_REJECTED.into(), b"agent token was replaced");
+            }
+            info!(workspace = %row.name, instance = agent.instance, "agent disconnected: its token was replaced");
+            self.bump();
+            use WorkspaceStatus::*;
+            match row.status {
+                Starting | Running | Unhealthy => {
+                    self.set_status(&mut row, Unhealthy, status::TOKEN_REPLACED_REASON).await?;
+                }
+                Stopping if row.op.is_none() => {
+                    let reason = status::lost_in_shutdown_reason("its token was replaced");
+                    self.set_status(&mut row, Stopped, &reason).await?;
+                }
+                // A stop or delete of ours goes on without the agent; a stopped workspace stays so.
+                _ => {}
+            }
+        }
         let command = self.agent_command(&token);
-        Ok((token, command))
+        Ok(RotatedToken { token, command, agent_disconnected })
     }
 
     /// Stop (and, for delete, remove) a workspace. On failure the workspace returns to the status it
@@ -523,10 +574,17 @@ impl Engine {
                     warn!(workspace = %row.name, error = %e, "{what} failed");
                     self.store.set_last_error(id, Some(&message)).await?;
                     // Back to the status it had, unless that would now be a lie: an agent that
-                    // already shut down leaves nothing running.
-                    let agent_left = status::expects_agent(previous.0)
-                        && previous.0 != WorkspaceStatus::Unhealthy
-                        && !self.live().agents.contains_key(&id);
+                    // already shut down leaves nothing running, and an agent's own shutdown that
+                    // this stop took over has nobody left to finish it.
+                    let agent_left = {
+                        let live = self.live();
+                        let connected = live.agents.contains_key(&id);
+                        match previous.0 {
+                            WorkspaceStatus::Starting | WorkspaceStatus::Running => !connected,
+                            WorkspaceStatus::Stopping => !connected || live.liveness.is_lost(id),
+                            _ => false,
+                        }
+                    };
                     if agent_left {
                         self.set_status(
                             &mut row,
@@ -593,21 +651,44 @@ impl Engine {
     /// Checks an agent's hello and registers its connection.
     pub async fn agent_hello(&self, hello: &Hello, quic: Option<quinn::Connection>) -> Result<Accepted, Rejected> {
         let internal = |e: OpError| Rejected { code: RejectCode::Busy, message: format!("coordinator error: {e}") };
-        let row = self
-            .store
-            .workspace_by_token(&pki::hash_token(&hello.token))
-            .await
-            .map_err(|e| internal(e.into()))?
-            .ok_or(Rejected {
-                code: RejectCode::BadToken,
-                message: "agent token is not valid (unknown, revoked, or replaced by a newer start)".into(),
-            })?;
+        let bad_token = || Rejected {
+            code: RejectCode::BadToken,
+            message: "agent token is not valid (unknown, revoked, or replaced by a newer start or \
+                      `tether workspace token`)"
+                .into(),
+        };
+        let token_hash = pki::hash_token(&hello.token);
+        let row =
+            self.store.workspace_by_token(&token_hash).await.map_err(|e| internal(e.into()))?.ok_or_else(bad_token)?;
         let _guard = self.lock(row.id).await;
         let mut row = self.reload(row.id).await.map_err(internal)?;
         let template = template_of(&row).map_err(internal)?;
+        // The token may have been replaced (`workspace token`, a restart) while this hello waited
+        // for the lock: the old one stops working at once.
+        let still_valid = self
+            .store
+            .workspace_by_token(&token_hash)
+            .await
+            .map_err(|e| internal(e.into()))?
+            .is_some_and(|r| r.id == row.id);
+        if !still_valid {
+            return Err(bad_token());
+        }
+        // The same agent process again: its connection dropped, or the coordinator restarted.
+        let reconnect = row.agent_instance == Some(hello.instance as i64);
         use WorkspaceStatus::*;
+        if row.status == Stopping && row.op.is_none() && !reconnect {
+            // The agent that was shutting down on its own is gone without its goodbye, and another
+            // agent process (the workspace was restarted) holds the token now: that shutdown is over.
+            self.live().liveness.forget(row.id);
+            let reason = status::lost_in_shutdown_reason("a new agent process connected");
+            self.set_status(&mut row, Stopped, &reason).await.map_err(internal)?;
+        }
         match row.status {
             Starting | Running | Unhealthy | Stopping => {}
+            // The agent that was shutting down comes back to deliver its last events and its
+            // goodbye; the workspace stays stopped.
+            Stopped if reconnect && row.lifecycle.is_some_and(|l| l.rank() >= Lifecycle::ShuttingDown.rank()) => {}
             Pending | Stopped | Failed if row.provisioner == "external" => {
                 // Someone started an external workspace's agent: that is a start.
                 let now = now_ms();
@@ -632,8 +713,6 @@ impl Engine {
                 })
             }
         }
-        // The same agent process again: its connection dropped, or the coordinator restarted.
-        let reconnect = row.agent_instance == Some(hello.instance as i64);
         let now = now_ms();
         let (events_acked, logs_acked) = self
             .store
@@ -751,21 +830,34 @@ impl Engine {
             let engine = self.clone();
             tokio::spawn(async move {
                 let _guard = engine.lock(id).await;
-                if let Ok(mut row) = engine.reload(id).await {
-                    if let Ok(t) = template_of(&row) {
-                        let _ = engine.refresh_connected_status(&mut row, &t).await;
-                    }
+                // The connection may have been replaced (or its token rotated) meanwhile.
+                if engine.live().agents.get(&id).is_none_or(|a| a.conn_id != conn_id) {
+                    return;
+                }
+                let refreshed = match engine.reload(id).await {
+                    Ok(mut row) => match template_of(&row) {
+                        Ok(t) => engine.refresh_connected_status(&mut row, &t).await,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = refreshed {
+                    // The next heartbeat tries again, rather than leave the workspace shown as lost.
+                    warn!(workspace = id, error = %e, "recording an agent's recovery");
+                    engine.live().liveness.relapse(id);
                 }
             });
         }
     }
 
     pub async fn agent_events(&self, id: i64, conn_id: u64, events: &[Event], offset: i64) -> Result<u64, OpError> {
+        let _guard = self.lock(id).await;
+        // Under the lock: a rotated token or a newer connection may have replaced this one while
+        // the batch waited for it, and then the batch is not this workspace's any more.
         let instance = match self.live().agents.get(&id) {
             Some(a) if a.conn_id == conn_id => a.instance,
             _ => return Err(OpError::Conflict("connection was replaced".into())),
         };
-        let _guard = self.lock(id).await;
         let applied = self.store.apply_events(id, instance, events, offset).await?;
         if applied.dropped_spans > 0 {
             warn!(
@@ -852,27 +944,43 @@ impl Engine {
         }
     }
 
-    /// One tick of the liveness clock: silent agents and agents that never came turn unhealthy.
+    /// One tick of the liveness clock: silent agents and agents that never came turn unhealthy, and
+    /// a workspace whose agent went silent while it shut down on its own is stopped.
     pub async fn sweep(&self) {
         let expired = self.live().liveness.expire(Instant::now());
         for e in expired {
-            let (id, reason, connected_ok) = match e {
-                Expiry::Lost { workspace, since_heartbeat } => (workspace, status::lost_reason(since_heartbeat), true),
-                Expiry::NeverConnected { workspace, after } => (workspace, status::not_connected_reason(after), false),
+            let (id, since_heartbeat, reason) = match e {
+                Expiry::Lost { workspace, since_heartbeat } => {
+                    (workspace, Some(since_heartbeat), status::lost_reason(since_heartbeat))
+                }
+                Expiry::NeverConnected { workspace, after } => (workspace, None, status::not_connected_reason(after)),
             };
             let _guard = self.lock(id).await;
             let Ok(mut row) = self.reload(id).await else { continue };
             // A heartbeat may have arrived between the expiry and the lock.
-            if connected_ok && !self.live().liveness.is_lost(id) {
+            if since_heartbeat.is_some() && !self.live().liveness.is_lost(id) {
                 continue;
             }
-            if !connected_ok && self.live().agents.contains_key(&id) {
+            if since_heartbeat.is_none() && self.live().agents.contains_key(&id) {
                 continue;
             }
-            if matches!(row.status, WorkspaceStatus::Starting | WorkspaceStatus::Running | WorkspaceStatus::Unhealthy) {
-                if let Err(err) = self.set_status(&mut row, WorkspaceStatus::Unhealthy, &reason).await {
-                    warn!(workspace = %row.name, error = %err, "marking unhealthy");
+            let result = match (row.status, since_heartbeat) {
+                (WorkspaceStatus::Starting | WorkspaceStatus::Running | WorkspaceStatus::Unhealthy, _) => {
+                    self.set_status(&mut row, WorkspaceStatus::Unhealthy, &reason).await
                 }
+                // The agent was running its stop scripts on its own (SIGTERM in the workspace) and
+                // went silent without its goodbye (SIGKILL at the end of a grace period, power off).
+                // Nothing else would ever finish this stop; a stop or delete of ours (`op`) finishes
+                // without the agent.
+                (WorkspaceStatus::Stopping, Some(since)) if row.op.is_none() => {
+                    self.live().liveness.forget(id);
+                    let how = format!("last heartbeat {}s ago", since.as_secs());
+                    self.set_status(&mut row, WorkspaceStatus::Stopped, &status::lost_in_shutdown_reason(&how)).await
+                }
+                _ => Ok(()),
+            };
+            if let Err(err) = result {
+                warn!(workspace = %row.name, error = %err, "recording a lost agent");
             }
         }
     }

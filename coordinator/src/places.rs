@@ -62,6 +62,11 @@ impl Places {
         Ok(Place { places: self.clone(), source })
     }
 
+    /// Places taken now.
+    pub fn held(&self) -> usize {
+        self.lock().total
+    }
+
     fn give_back(&self, source: IpAddr) {
         let mut c = self.lock();
         if let Some(from) = c.by_source.get_mut(&source) {

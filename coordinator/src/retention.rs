@@ -1,6 +1,7 @@
 //! Retention: ended SSH connections leave the audit log, and a workspace's earlier builds lose
 //! their logs and timings, once they are older than what ops chose to keep (`--keep-audit`,
-//! `--keep-builds`). The current build of a workspace is never touched.
+//! `--keep-builds`). The current build of a workspace is never touched; a deleted workspace's
+//! builds, history and record go once it has been deleted that long.
 
 use crate::engine::Engine;
 use std::sync::Arc;
@@ -44,10 +45,14 @@ pub async fn run(engine: Arc<Engine>, keep_audit: Option<Duration>, keep_builds:
         }
         if let Some(before) = cutoff(now, keep_builds) {
             match engine.store.purge_builds(before, BATCH).await {
-                Ok(p) if p.builds == 0 => {}
-                Ok(p) => {
-                    info!(builds = p.builds, log_lines = p.logs, spans = p.spans, "retention: removed earlier builds")
-                }
+                Ok(p) if p.builds == 0 && p.workspaces == 0 => {}
+                Ok(p) => info!(
+                    builds = p.builds,
+                    log_lines = p.logs,
+                    spans = p.spans,
+                    deleted_workspaces = p.workspaces,
+                    "retention: removed earlier builds"
+                ),
                 Err(e) => warn!(error = %e, "retention: could not purge earlier builds"),
             }
         }

@@ -76,6 +76,18 @@ pub fn lost_reason(since_heartbeat: Duration) -> String {
     format!("agent has lost connection (last heartbeat {}s ago)", since_heartbeat.as_secs())
 }
 
+/// Why a workspace whose agent was running its stop scripts on its own (a signal in the workspace)
+/// is stopped without the agent's goodbye; `how` says how the coordinator learned the agent was gone.
+pub fn lost_in_shutdown_reason(how: &str) -> String {
+    format!("agent was lost during its own shutdown (no goodbye; {how})")
+}
+
+/// Why a workspace's agent was disconnected by `tether workspace token`. It starts with "agent has",
+/// as the other reasons of an agent that is gone do, so a restarted coordinator does not wait for
+/// this agent to come back (see `Engine::resume`).
+pub const TOKEN_REPLACED_REASON: &str =
+    "agent has been disconnected: its token was replaced; no agent has connected with the new token yet";
+
 pub fn not_connected_reason(after: Duration) -> String {
     format!("agent has not connected after {}", secs(after))
 }
@@ -124,6 +136,13 @@ impl Liveness {
         match self.watches.get(&workspace) {
             Some(Watch::Heard { last, .. }) => Some(*last),
             _ => None,
+        }
+    }
+
+    /// Counts a recovery as not yet recorded: the agent stays lost until it is heard from again.
+    pub fn relapse(&mut self, workspace: i64) {
+        if let Some(Watch::Heard { lost, .. }) = self.watches.get_mut(&workspace) {
+            *lost = true;
         }
     }
 
@@ -240,11 +259,19 @@ mod tests {
         );
         assert!(l.expire(t0 + Duration::from_secs(18)).is_empty(), "lost is reported once");
         assert!(l.heard(2, t0 + Duration::from_secs(110), Duration::from_secs(15)), "recovery is reported");
+        // A recovery that could not be recorded is reported again at the next heartbeat.
+        l.relapse(2);
+        assert!(l.heard(2, t0 + Duration::from_secs(111), Duration::from_secs(15)), "recovery is reported again");
+        assert!(!l.heard(2, t0 + Duration::from_secs(112), Duration::from_secs(15)), "and then not");
         assert_eq!(
             l.expire(t0 + Duration::from_secs(120)),
             vec![Expiry::NeverConnected { workspace: 1, after: Duration::from_secs(120) }]
         );
         assert_eq!(not_connected_reason(Duration::from_secs(120)), "agent has not connected after 120s");
         assert_eq!(lost_reason(Duration::from_secs(17)), "agent has lost connection (last heartbeat 17s ago)");
+        assert_eq!(
+            lost_in_shutdown_reason("last heartbeat 6s ago"),
+            "agent was lost during its own shutdown (no goodbye; last heartbeat 6s ago)"
+        );
     }
 }

@@ -3,6 +3,8 @@
 //! closes that one connection and nothing else.
 
 use crate::engine::{Accepted, Engine};
+use crate::places::{source_of, Place, Places};
+use crate::ratelimit::RateLimiter;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +24,17 @@ pub const CLOSE_PROTOCOL: u32 = 1;
 pub const CLOSE_REJECTED: u32 = 2;
 pub const CLOSE_SHUTDOWN: u32 = 3;
 
+/// From an agent's first packet to its hello's answer, all together.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections between their first packet and their hello's answer: nobody is authenticated yet, so
+/// no one source may hold many of them (a NAT in front of many agents that reconnect together still
+/// gets plenty), and they do not count against `max_agents`.
+const MAX_PENDING: usize = 4096;
+const MAX_PENDING_PER_SOURCE: usize = 256;
+/// With this many pending, a new source must first show that it receives at its address (a QUIC
+/// Retry: one more round trip), so packets with forged sources hold no place at all.
+const RETRY_WHEN_PENDING: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 enum TunnelError {
@@ -38,38 +50,84 @@ enum TunnelError {
     Timeout(&'static str),
 }
 
-/// Accepts agent connections until the endpoint closes. `max_agents` bounds open connections.
+/// Accepts agent connections until the endpoint closes. `max_agents` bounds welcomed connections.
 pub async fn serve(endpoint: quinn::Endpoint, engine: Arc<Engine>, max_agents: usize) {
     let open = Arc::new(AtomicUsize::new(0));
+    let pending = Places::new(MAX_PENDING, MAX_PENDING_PER_SOURCE);
+    let mut refusals_logged = RateLimiter::new(0.1, 1);
     while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
         if engine.is_shutting_down() {
             // An agent that came back too soon; it retries on its backoff, to the next coordinator.
-            debug!(remote = %incoming.remote_address(), "refusing agent connection: shutting down");
+            debug!(%remote, "refusing agent connection: shutting down");
             incoming.refuse();
             continue;
         }
         if open.load(Ordering::Relaxed) >= max_agents {
-            warn!(remote = %incoming.remote_address(), max_agents, "refusing agent connection: at the connection limit");
+            warn!(%remote, max_agents, "refusing agent connection: at the connection limit");
             incoming.refuse();
             continue;
         }
+        if pending.held() >= RETRY_WHEN_PENDING && !incoming.remote_address_validated() && incoming.may_retry() {
+            let _ = incoming.retry();
+            continue;
+        }
+        let place = match pending.take(remote.ip()) {
+            Ok(place) => place,
+            Err(full) => {
+                // One line per source now and then: a flood of refusals must not flood the log.
+                let source = source_of(remote.ip()).to_string();
+                if let Some(earlier) = refusals_logged.log_line(&source, std::time::Instant::now()) {
+                    warn!(%remote, "refusing agent connection: {}{earlier}", full.describe("are waiting to say hello"));
+                }
+                incoming.refuse();
+                continue;
+            }
+        };
         let engine = engine.clone();
         let open = open.clone();
-        open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-                Ok(Ok(conn)) => handle(conn, remote, engine).await,
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            match tokio::time::timeout_at(deadline, incoming).await {
+                Ok(Ok(conn)) => handle(conn, remote, engine, Pending { place, deadline, open, max_agents }).await,
                 Ok(Err(e)) => debug!(%remote, error = %e, "agent handshake failed"),
                 Err(_) => debug!(%remote, "agent handshake timed out"),
             }
-            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
-async fn handle(conn: quinn::Connection, remote: SocketAddr, engine: Arc<Engine>) {
-    match session(&conn, remote, &engine).await {
+/// A connection that has not said hello: its place, when it must have, and the count of welcomed
+/// connections it joins once welcomed.
+struct Pending {
+    place: Place,
+    deadline: tokio::time::Instant,
+    open: Arc<AtomicUsize>,
+    max_agents: usize,
+}
+
+/// Counts one welcomed connection until dropped.
+struct Welcomed(Arc<AtomicUsize>);
+
+impl Welcomed {
+    /// Counts one more, unless `max` are counted already.
+    fn take(open: Arc<AtomicUsize>, max: usize) -> Option<Welcomed> {
+        if open.fetch_add(1, Ordering::Relaxed) >= max {
+            open.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Welcomed(open))
+    }
+}
+
+impl Drop for Welcomed {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn handle(conn: quinn::Connection, remote: SocketAddr, engine: Arc<Engine>, pending: Pending) {
+    match session(&conn, remote, &engine, pending).await {
         Ok(()) => {}
         Err(TunnelError::Connection(e)) => debug!(%remote, error = %e, "agent connection ended"),
         Err(e) => {
@@ -92,13 +150,19 @@ async fn reject(conn: &quinn::Connection, send: &mut quinn::SendStream, code: Re
     conn.close(CLOSE_REJECTED.into(), truncate_reason(&message));
 }
 
-async fn session(conn: &quinn::Connection, remote: SocketAddr, engine: &Arc<Engine>) -> Result<(), TunnelError> {
-    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
+async fn session(
+    conn: &quinn::Connection,
+    remote: SocketAddr,
+    engine: &Arc<Engine>,
+    pending: Pending,
+) -> Result<(), TunnelError> {
+    let Pending { place, deadline, open, max_agents } = pending;
+    let (mut send, mut recv) = tokio::time::timeout_at(deadline, conn.accept_bi())
         .await
         .map_err(|_| TunnelError::Timeout("the control stream"))??;
     let mut buf = Vec::new();
     // Nobody is authenticated yet: the hello gets a small limit of its own.
-    let got = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_payload_max(&mut recv, &mut buf, MAX_HELLO_FRAME))
+    let got = tokio::time::timeout_at(deadline, read_payload_max(&mut recv, &mut buf, MAX_HELLO_FRAME))
         .await
         .map_err(|_| TunnelError::Timeout("the hello"))??;
     if !got {
@@ -130,14 +194,27 @@ async fn session(conn: &quinn::Connection, remote: SocketAddr, engine: &Arc<Engi
             return Ok(());
         }
     };
+    // Counted as an agent from here: the limit is checked again now that the hello is good.
+    let Some(welcomed) = Welcomed::take(open, max_agents) else {
+        warn!(%remote, max_agents, "refusing agent: at the connection limit");
+        let message = format!("the coordinator holds its most agent connections ({max_agents}, --max-agents)");
+        reject(conn, &mut send, RejectCode::Busy, message).await;
+        return Ok(());
+    };
     let accepted = match engine.agent_hello(&hello, Some(conn.clone())).await {
         Ok(a) => a,
         Err(r) => {
             warn!(%remote, code = ?r.code, reason = %r.message, "rejecting agent");
+            // The place is kept until the rejected peer is gone.
+            drop(welcomed);
             reject(conn, &mut send, r.code, r.message).await;
             return Ok(());
         }
     };
+    // Welcomed: the connection gets the windows of an agent (the pre-hello ones are small).
+    drop(place);
+    let _welcomed = welcomed;
+    crate::broker::grant_windows(conn);
     let Accepted { workspace_id: id, welcome, conn_id, mut commands, clock_offset_ms: offset } = accepted;
     let name = welcome.workspace.clone();
     write_msg(&mut send, &HelloReply::Welcome(welcome)).await?;

@@ -94,6 +94,13 @@ pub fn transport() -> quinn::TransportConfig {
 pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
+/// What the coordinator grants an agent per stream, and per connection before any brokered SSH
+/// stream: what one agent can make the coordinator buffer.
+pub const SERVER_STREAM_WINDOW: u32 = 256 * 1024;
+pub const SERVER_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// What a connection gets before its hello is welcomed: a hello and then some.
+pub const PRE_HELLO_WINDOW: u32 = 4 * crate::limits::MAX_HELLO_FRAME as u32;
+
 /// The agent's QUIC client configuration.
 pub fn client_config(pin: CaPin) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
@@ -138,10 +145,14 @@ pub fn server_config(
     t.keep_alive_interval(None);
     t.max_concurrent_bidi_streams(max_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
-    // An idle agent needs little; these bound what one connection can make us buffer.
-    t.stream_receive_window((256u32 * 1024).into());
-    t.receive_window((1024u32 * 1024).into());
-    t.send_window(1024 * 1024);
+    // An idle agent needs little; these bound what one connection can make us buffer. Each brokered
+    // SSH stream adds its own stream window to the connection's (see the coordinator's broker), so
+    // that streams whose users stopped reading can never use up the credit the control and log
+    // streams need.
+    // Until its hello is welcomed, a connection gets only what the hello needs.
+    t.stream_receive_window(SERVER_STREAM_WINDOW.into());
+    t.receive_window(PRE_HELLO_WINDOW.into());
+    t.send_window(PRE_HELLO_WINDOW.into());
     server.transport_config(Arc::new(t));
     Ok(server)
 }

@@ -316,9 +316,19 @@ impl Agent {
     /// Starts the agent through `launcher` (a program and its first arguments, given the agent's
     /// path as the next one), as an image's init script or `nohup` would.
     pub fn start_under(coord: &Coordinator, token: &str, data_dir: &Path, launcher: &[&str]) -> Agent {
-        std::fs::create_dir_all(data_dir).expect("agent dir");
         let log = data_dir.with_extension("log");
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("agent log");
+        let child = Agent::command(coord, token, data_dir, launcher)
+            .stdout(f.try_clone().expect("log"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn tether-agent");
+        Agent { child, data_dir: data_dir.to_path_buf(), log }
+    }
+
+    /// The command [`Agent::start_under`] runs, with debug logging, its output not yet directed.
+    pub fn command(coord: &Coordinator, token: &str, data_dir: &Path, launcher: &[&str]) -> Command {
+        std::fs::create_dir_all(data_dir).expect("agent dir");
         let mut command = match launcher.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
@@ -327,19 +337,15 @@ impl Agent {
             }
             None => Command::new(bin("tether-agent")),
         };
-        let child = command
+        command
             .env("TETHER_COORDINATOR", coord.agent_addr())
             .env("TETHER_CA", coord.ca_path())
             .env("TETHER_AGENT_TOKEN", token)
             .env("TETHER_AGENT_DATA_DIR", data_dir)
             .env("TETHER_LOG", "debug")
             .current_dir(data_dir)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().expect("log"))
-            .stderr(f)
-            .spawn()
-            .expect("spawn tether-agent");
-        Agent { child, data_dir: data_dir.to_path_buf(), log }
+            .stdin(Stdio::null());
+        command
     }
 
     pub fn kill(&mut self) {

@@ -389,6 +389,14 @@ run = "echo hello"
     let spans = c.timings("proc");
     assert_eq!(span(&spans, "script", "hello")["status"], "ok");
     assert!(c.logs("proc").iter().any(|(s, _)| s == "hello"), "build 2's log lines stay");
+
+    // A deleted workspace keeps nothing past the retention: its last build, history and record go.
+    c.ok(&["workspace", "delete", "other"]);
+    c.wait_for("other", "deleted", LONG);
+    let log = || std::fs::read_to_string(c.data_dir().join("coordinator.log")).unwrap_or_default();
+    wait_until("the deleted workspace to be purged", LONG, || log().contains("deleted_workspaces=1"));
+    // The name is free again.
+    c.create("other", template, &[]);
 }
 
 #[test]
@@ -507,4 +515,65 @@ on = "stop"
     assert_eq!((w["status"].as_str(), w["lifecycle"].as_str()), (Some("running"), Some("ready")), "{w}");
     assert!(!home.join("stops.txt").exists(), "the replaced agent ran its stop scripts");
     assert_eq!(std::fs::read_to_string(home.join("runs.txt")).unwrap(), "ran\n", "start scripts ran once");
+}
+
+/// The `retry_ms` and `retry_ceiling_ms` of each "connection to the coordinator lost" line in an
+/// agent's log, and whether the agent has connected again since the last one.
+fn retries_after_losses(log: &str) -> (Vec<(u64, u64)>, bool) {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split(&format!(" {name}=")).nth(1)?.split_whitespace().next()?.parse().ok()
+    };
+    let mut retries = Vec::new();
+    let mut connected_since = false;
+    for line in log.lines() {
+        if line.contains("connection to the coordinator lost") {
+            if let (Some(delay), Some(ceiling)) = (field(line, "retry_ms"), field(line, "retry_ceiling_ms")) {
+                retries.push((delay, ceiling));
+                connected_since = false;
+            }
+        } else if line.contains("connected to the coordinator") {
+            connected_since = true;
+        }
+    }
+    (retries, connected_since)
+}
+
+/// Two agents started with one workspace's token (a unit file and a manual run, say) displace each
+/// other at every hello. Each must back off further every time instead of starting over at each
+/// welcome. And an agent told to stop while it waits to retry must not wait out its delay: its stop
+/// scripts' spans and its final lifecycle still reach the coordinator before the drain deadline.
+#[test]
+fn agents_sharing_a_token_back_off_and_a_stop_does_not_wait_out_the_delay() {
+    let c = Coordinator::start();
+    let created = c.create(
+        "twin",
+        r#"
+[[script]]
+name = "bye"
+run = "echo bye"
+on = "stop"
+"#,
+        &[],
+    );
+    let token = created["agent_token"].as_str().unwrap();
+    let mut first = Agent::start(&c, token, &c.data_dir().join("agent-twin-1"));
+    c.wait_for("twin", "running", LONG);
+    let mut second = Agent::start(&c, token, &c.data_dir().join("agent-twin-2"));
+    // Each loss of the first agent's connection is the second's hello, and the other way round. Wait
+    // until the first agent has just begun to wait well over its 5 s drain deadline.
+    wait_until("the first agent to wait over 10 s to retry", 3 * LONG, || {
+        let (retries, connected_since) = retries_after_losses(&first.log_text());
+        !connected_since && retries.last().is_some_and(|(delay, _)| *delay > 10_000)
+    });
+    let (retries, _) = retries_after_losses(&first.log_text());
+    // The backoff grew from one loss to the next instead of starting over at each welcome (a
+    // connection that lasted 30 s would start it over; these last a few seconds at first).
+    let ceilings: Vec<u64> = retries.iter().map(|(_, ceiling)| *ceiling).collect();
+    assert!(ceilings.starts_with(&[250, 500, 1000, 2000]), "the backoff grows: {ceilings:?}");
+    // Stop it now: it must reconnect to deliver its stop phase, not sleep on.
+    second.kill();
+    assert!(first.terminate().success(), "the agent exits 0 on SIGTERM:\n{}", first.log_text());
+    let w = c.wait_for("twin", "stopped", LONG);
+    assert_eq!(w["lifecycle"], "off", "{w}");
+    assert_eq!(span(&c.timings("twin"), "stop_script", "bye")["status"], "ok");
 }

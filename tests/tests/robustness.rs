@@ -298,3 +298,34 @@ fn the_api_port_drops_a_client_that_stops_reading() {
     let _ = slow.read_to_end(&mut body);
     assert!(body.len() < length, "the connection was closed part way: {} of {length} bytes arrived", body.len());
 }
+
+/// Connections that have not said hello hold no agent's place: with `--max-agents 2`, 70 silent
+/// connections do not keep a real agent out, and each is closed at the hello deadline. Past 64 of
+/// them, new ones (the real agent's too) first prove their address with a QUIC Retry.
+#[test]
+fn silent_connections_take_no_agents_place_and_are_closed_at_the_hello_deadline() {
+    let c = Coordinator::start_with(&["--max-agents", "2"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut silent = Vec::new();
+    rt.block_on(async {
+        for _ in 0..70 {
+            silent.push(raw_connect(&c).await);
+        }
+    });
+    let _real = external(&c, "real", HEALTHY);
+    c.wait_for("real", "running", LONG);
+    rt.block_on(async {
+        // The agent got in while all of them were open (they have ten seconds): let their drivers
+        // take in whatever the coordinator sent meanwhile, then look.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(silent.iter().all(|(_, conn)| conn.close_reason().is_none()), "the silent connections are still open");
+        for (_, conn) in &silent {
+            let closed = tokio::time::timeout(LONG, conn.closed()).await.expect("closed at the hello deadline");
+            assert!(
+                matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+                "the coordinator closed it: {closed}"
+            );
+        }
+    });
+    assert_still_running(&c, "real");
+}

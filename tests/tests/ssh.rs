@@ -970,3 +970,268 @@ fn expensive_key_exchanges_are_not_offered() {
     // The front door still serves everyone else.
     assert_eq!(alice.ok("dev.tether", "echo still").trim(), "still");
 }
+
+/// Whether a thread of process `pid` waits to write to a pipe.
+fn writing_to_a_full_pipe(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.contains("pipe_write")))
+}
+
+/// The agent's stderr is a pipe that nobody reads, as when the log collector of an image stalls.
+/// Once the pipe is full the agent's log thread waits on it, and SSH and heartbeats go on.
+#[test]
+fn an_agent_whose_log_nobody_reads_keeps_serving() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let created = coord.create("dev", TEMPLATE, &["--owner", "alice"]);
+    let token = created["agent_token"].as_str().expect("agent token");
+    let data_dir = coord.data_dir().join("agent-dev");
+    let child = Agent::command(&coord, token, &data_dir, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tether-agent");
+    let pid = child.id();
+    // The pipe's read end stays open, unread, inside `child`.
+    let _agent = Agent { child, data_dir, log: Default::default() };
+    coord.wait_for("dev", "running", LONG);
+    // Debug logging fills the pipe's 64 KiB soon; each connection adds to it.
+    let started = Instant::now();
+    while !writing_to_a_full_pipe(pid) {
+        assert!(started.elapsed() < LONG, "the agent's stderr never filled");
+        assert_eq!(alice.ok("dev.tether", "echo filling").trim(), "filling");
+    }
+    for i in 0..3 {
+        assert_eq!(alice.ok("dev.tether", &format!("echo {i}")).trim(), i.to_string());
+    }
+    let beat = coord.show("dev")["last_heartbeat_at"].clone();
+    wait_until("a heartbeat after the pipe filled", LONG, || coord.show("dev")["last_heartbeat_at"] != beat);
+    assert_eq!(coord.show("dev")["status"], "running");
+    assert!(writing_to_a_full_pipe(pid), "the log thread still waits on the pipe");
+}
+
+/// A program that cannot start (here: the workspace user's home directory is gone) is reported to
+/// the user on stderr with exit status 1, as sshd's child does, and other sessions go on.
+#[test]
+fn a_program_that_cannot_start_says_why() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let created = coord.create("dev", TEMPLATE, &["--owner", "alice"]);
+    let token = created["agent_token"].as_str().expect("agent token");
+    let data_dir = coord.data_dir().join("agent-dev");
+    let home = coord.data_dir().join("home-dev");
+    std::fs::create_dir_all(&home).unwrap();
+    let log = std::fs::File::create(data_dir.with_extension("log")).unwrap();
+    let child = Agent::command(&coord, token, &data_dir, &[])
+        .env("HOME", &home)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn tether-agent");
+    let agent = Agent { child, log: data_dir.with_extension("log"), data_dir };
+    coord.wait_for("dev", "running", LONG);
+    assert_eq!(alice.ok("dev.tether", "pwd").trim(), home.to_str().unwrap());
+    std::fs::remove_dir(&home).unwrap();
+    for (flags, what) in [(&[][..], "command"), (&["-tt"][..], "shell")] {
+        let mut ssh = alice.ssh();
+        ssh.args(flags).arg("dev.tether");
+        if what == "command" {
+            ssh.arg("true");
+        }
+        let out = ssh.stdin(Stdio::null()).output().unwrap();
+        let said = text(&out.stderr) + &text(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{what}: {said}\n{}", agent.log_text());
+        assert!(said.contains(&format!("tether-agent: could not start the {what}: ")), "{what}: {said}");
+        assert!(said.contains("No such file or directory"), "{what}: {said}");
+    }
+    std::fs::create_dir_all(&home).unwrap();
+    assert_eq!(alice.ok("dev.tether", "echo back").trim(), "back");
+}
+
+/// A front-door connection shared by a ControlMaster opens one workspace connection per `ssh`. Once
+/// the user's key is removed, the next one is refused, although the shared connection logged in
+/// with it before.
+#[test]
+fn a_removed_key_opens_nothing_more_over_a_shared_front_door_connection() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+    let mut config = std::fs::read_to_string(&alice.config).unwrap();
+    config.push_str(&format!(
+        "\nHost tether-frontdoor\n  ControlMaster auto\n  ControlPath {}/cm-%C\n  ControlPersist 120\n",
+        alice.dir.display()
+    ));
+    std::fs::write(&alice.config, config).unwrap();
+    assert_eq!(alice.ok("dev.tether", "echo shared").trim(), "shared");
+    let check = alice.ssh().args(["-O", "check", "tether-frontdoor"]).output().unwrap();
+    assert!(check.status.success(), "the front-door connection is shared: {}", text(&check.stderr));
+    // The same connection serves the next one while the key is registered.
+    assert_eq!(alice.ok("dev.tether", "echo again").trim(), "again");
+
+    let listed = Command::new("ssh-keygen").arg("-lf").arg(alice.key.with_extension("pub")).output().unwrap();
+    let fingerprint = text(&listed.stdout).split_whitespace().nth(1).unwrap().to_string();
+    coord.ok(&["user", "remove-key", "alice", &fingerprint]);
+    let out = alice.run("dev.tether", "echo after");
+    assert!(!out.status.success(), "refused after the key is removed: {}", text(&out.stdout));
+    // Through a ControlMaster, OpenSSH shows only "Session open refused by peer"; the reason is in
+    // the audit log.
+    assert!(text(&out.stderr).contains("refused"), "{}", text(&out.stderr));
+    let audit = coord.json(&["audit", "--workspace", "dev"]);
+    let why = format!("refused: the key {fingerprint} is no longer registered to user 'alice'");
+    assert!(audit.as_array().unwrap().iter().any(|r| r["outcome"] == why.as_str()), "{audit}");
+    let check = alice.ssh().args(["-O", "check", "tether-frontdoor"]).output().unwrap();
+    assert!(check.status.success(), "the refusal came over the shared connection: {}", text(&check.stderr));
+    let _ = alice.ssh().args(["-O", "exit", "tether-frontdoor"]).output();
+}
+
+/// Users whose clients stop reading leave the agent's data waiting at the coordinator. However many
+/// brokered connections stall, the workspace's own traffic (heartbeats) and other users' connections
+/// still get through the agent's tunnel.
+#[test]
+fn stalled_ssh_clients_never_starve_the_agents_tunnel() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let bob = SshUser::add(&coord, "bob");
+    let _dev = workspace(&coord, "dev", "alice");
+    coord.ok(&["workspace", "grant", "dev", "bob"]);
+    // Stopped processes are resumed and killed at the end, pass or fail.
+    struct Held(Vec<Child>);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut held = Held(Vec::new());
+    // The sessions wait on a FIFO (each blocks opening it) until the test opens and closes it.
+    let go = alice.dir.join("go");
+    nix::unistd::mkfifo(&go, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let pour = format!("cat {} && exec cat /dev/zero", go.display());
+    let waiting = || {
+        let procs = std::fs::read_dir("/proc").unwrap().flatten();
+        procs.filter(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| text(&c).contains(&pour))).count()
+    };
+    // Twelve connections, each a master with 8 sessions that will pour out zeros. The masters are
+    // stopped before the zeros start, so nothing reads their connections: 8 channel windows of
+    // 2 MiB each are more than the sockets on the way hold, and the rest waits at the coordinator.
+    for m in 0..12 {
+        let control = alice.dir.join(format!("m{m}"));
+        let master = alice
+            .ssh()
+            .args(["-o", "ControlMaster=yes", "-o", &format!("ControlPath={}", control.display()), "-N", "dev.tether"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = nix::unistd::Pid::from_raw(master.id() as i32);
+        held.0.push(master);
+        wait_until("the control master", LONG, || control.exists());
+        for _ in 0..8 {
+            let session = alice
+                .ssh()
+                .args(["-S", control.to_str().unwrap(), "dev.tether", &pour])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            held.0.push(session);
+        }
+        wait_until("the sessions to start", LONG, || waiting() >= (m + 1) * 8);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    }
+    // Opening the FIFO for writing lets every `cat` blocked on it go, and closing it ends them; any
+    // that came to it late are let go on the next round.
+    let readers = || {
+        let want = format!("cat\0{}\0", go.display());
+        let procs = std::fs::read_dir("/proc").unwrap().flatten();
+        procs.filter(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| text(&c) == want)).count()
+    };
+    wait_until("every session to pour", LONG, || {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&go);
+        readers() == 0
+    });
+    // Heartbeats keep coming for three heartbeat timeouts (they come every 2 s; the template's
+    // timeout is 6 s), and the workspace stays running.
+    let mut last = coord.show("dev")["last_heartbeat_at"].clone();
+    let mut beats = 0;
+    wait_until("nine more heartbeats", 3 * LONG, || {
+        let w = coord.show("dev");
+        assert_eq!(w["status"], "running", "{w}");
+        if w["last_heartbeat_at"] != last {
+            beats += 1;
+            last = w["last_heartbeat_at"].clone();
+        }
+        beats >= 9
+    });
+    assert_eq!(bob.ok("dev.tether", "echo through").trim(), "through");
+}
+
+/// Sends a line to the Unix socket at `path` and returns what comes back, retrying until a forward
+/// being set up answers or the deadline passes.
+fn unix_ask(path: &Path, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut out = String::new();
+            if s.write_all(b"ping\n").is_ok() && s.read_to_string(&mut out).is_ok() && !out.is_empty() {
+                return out;
+            }
+        }
+        assert!(Instant::now() < deadline, "no answer on {}", path.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Unix-socket forwarding both ways, as `ssh -L SOCKET:SOCKET` and `ssh -R SOCKET:HOST:PORT` do it
+/// (Docker's socket, say): the agent connects to a socket in the workspace, and listens on one there
+/// until the forward ends, when it removes it.
+#[test]
+fn unix_sockets_are_forwarded_both_ways_and_cleaned_up() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+    // A server on a Unix socket inside the workspace (this machine), answering each line.
+    let inside = alice.dir.join("inside.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&inside).unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut line = String::new();
+            let _ = BufReader::new(&conn).read_line(&mut line);
+            let _ = write!(conn, "inside heard {line}");
+        }
+    });
+    let local = alice.dir.join("local.sock");
+    let mut forward = alice
+        .ssh()
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
+        .arg(format!("{}:{}", local.display(), inside.display()))
+        .arg("dev.tether")
+        .spawn()
+        .unwrap();
+    assert_eq!(unix_ask(&local, LONG), "inside heard ping\n");
+    let _ = forward.kill();
+    let _ = forward.wait();
+
+    // The other way: the agent listens on a socket in the workspace for a server outside it.
+    let outside = http_server("from outside");
+    let remote = alice.dir.join("remote.sock");
+    let mut reverse = alice
+        .ssh()
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+        .arg(format!("{}:127.0.0.1:{outside}", remote.display()))
+        .arg("dev.tether")
+        .spawn()
+        .unwrap();
+    assert!(unix_ask(&remote, LONG).ends_with("from outside"));
+    let _ = reverse.kill();
+    let _ = reverse.wait();
+    wait_until("the agent to remove its socket", LONG, || !remote.exists());
+}

@@ -40,14 +40,69 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
-        for (path, id) in &self.cleanup {
-            match id {
-                Some(id) if file_id(path) == Some(*id) => drop(std::fs::remove_file(path)),
-                Some(_) => {}
-                None => drop(std::fs::remove_dir(path)),
+        let cleanup = std::mem::take(&mut self.cleanup);
+        let remove = move || {
+            for (path, id) in &cleanup {
+                match id {
+                    Some(id) if file_id(path) == Some(*id) => drop(std::fs::remove_file(path)),
+                    Some(_) => {}
+                    None => drop(std::fs::remove_dir(path)),
+                }
             }
+        };
+        // Off the worker thread when this runs in a task: the socket may be on a slow filesystem.
+        // Outside a task (the runtime shutting down drops what tasks held, on the thread that shuts
+        // it down) the blocking pool no longer runs anything, so remove it here.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if tokio::task::try_id().is_some() => drop(runtime.spawn_blocking(remove)),
+            _ => remove(),
         }
     }
+}
+
+/// How long binding or connecting a Unix socket may take: path lookups on a hung network filesystem
+/// never return, and they run on the blocking pool so that they hold up only the request.
+const UNIX_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a Unix socket call on the blocking pool, for at most [`UNIX_SOCKET_TIMEOUT`].
+async fn unix_socket_call<T: Send + 'static>(
+    call: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    match tokio::time::timeout(UNIX_SOCKET_TIMEOUT, tokio::task::spawn_blocking(call)).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the filesystem within {} s", UNIX_SOCKET_TIMEOUT.as_secs()),
+        )),
+    }
+}
+
+/// Connects to the Unix socket at `path` (for `direct-streamlocal@openssh.com`). The connect is
+/// non-blocking (a listener whose queue is full refuses at once), so only the path lookup can wait,
+/// and that waits on the blocking pool.
+pub async fn connect_unix(path: &str) -> std::io::Result<tokio::net::UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let path = path.to_string();
+    let stream = unix_socket_call(move || {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )?;
+        let address = SocketAddrUnix::new(path.as_str())?;
+        match rustix::net::connect(&fd, &address) {
+            Ok(()) => Ok(std::os::unix::net::UnixStream::from(fd)),
+            Err(rustix::io::Errno::AGAIN) => Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "the socket's listener is not accepting connections (its queue is full)",
+            )),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await?;
+    tokio::net::UnixStream::from_std(stream)
 }
 
 /// Device and inode of `path` itself (not what a symlink points to).
@@ -148,8 +203,15 @@ pub async fn listen_tcp(link: Link, address: &str, port: u32) -> std::io::Result
 }
 
 /// Listens for `streamlocal-forward@openssh.com` on a Unix socket at `path`, which must not exist.
-pub fn listen_unix(link: Link, path: &str) -> std::io::Result<Listener> {
-    let listener = tokio::net::UnixListener::bind(path)?;
+pub async fn listen_unix(link: Link, path: &str) -> std::io::Result<Listener> {
+    let bind_path = PathBuf::from(path);
+    let (listener, id) = unix_socket_call(move || {
+        let listener = std::os::unix::net::UnixListener::bind(&bind_path)?;
+        listener.set_nonblocking(true)?;
+        Ok((listener, file_id(&bind_path)))
+    })
+    .await?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
     let socket_path = path.to_string();
     let task = tokio::spawn(async move {
         loop {
@@ -168,7 +230,7 @@ pub fn listen_unix(link: Link, path: &str) -> std::io::Result<Listener> {
         }
     })
     .abort_handle();
-    Ok(Listener::removing(task, Path::new(path)))
+    Ok(Listener { task, cleanup: vec![(PathBuf::from(path), id)] })
 }
 
 /// Agent forwarding: a socket in a fresh private directory; each connection to it becomes an

@@ -32,8 +32,6 @@ const MAX_CLIENT_ENV: usize = 64;
 const MAX_FORWARDS: usize = 64;
 /// How long a `direct-tcpip` connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a session's program gets to start (fork, change into its directory, exec).
-const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest `TERM` value kept.
 const MAX_TERM: usize = 64;
 /// Variables never passed from the agent's own environment to sessions: the agent's secret, and the
@@ -186,7 +184,7 @@ impl Connection {
         let interactive = matches!(program, Program::Shell) && state.pty.is_some();
         let what = match &program {
             Program::Shell => "shell".to_string(),
-            Program::Exec(_) => "exec".to_string(),
+            Program::Exec(_) => "command".to_string(),
             Program::Subsystem { path, .. } => format!("subsystem {}", path.display()),
         };
         let launch = self.launch(program, state);
@@ -195,45 +193,22 @@ impl Connection {
             .flatten()
             .filter(|m| !m.is_empty())
             .map(|m| motd_bytes(&m));
-        // Spawning waits until the child has changed into the home directory and exec'd its program:
-        // on a hung network filesystem, for ever. It runs on the blocking pool, so that only this
-        // request waits, never the agent's one worker thread with every other session on it.
-        let pty = launch.pty.is_some();
-        let activity = self.server.activity.clone();
-        let spawning = tokio::task::spawn_blocking(move || session::spawn(&launch, banner, &activity));
-        let spawned = match tokio::time::timeout(SPAWN_TIMEOUT, spawning).await {
-            Ok(Ok(spawned)) => spawned,
-            Ok(Err(e)) => Err(std::io::Error::other(e)),
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "the program did not start within {}s (is the home directory's filesystem hung?)",
-                    SPAWN_TIMEOUT.as_secs()
-                ),
-            )),
+        let launching = session::Launching {
+            launch,
+            banner,
+            what,
+            client: self.peer.client.to_string(),
+            login: self.login.to_string(),
         };
-        match spawned {
-            Ok(started) => {
-                let state = self.sessions.get_mut(&channel).filter(|s| !s.started);
-                match state.map(|s| (s.control.try_send(Control::Start(Box::new(started))), s)) {
-                    Some((Ok(()), s)) => {
-                        s.started = true;
-                        tracing::info!(client = %self.peer.client, login = %self.login, what = %what, pty, "ssh session started");
-                        session.channel_success(channel)
-                    }
-                    Some((Err(e), _)) => {
-                        if let Control::Start(started) = e.into_inner() {
-                            started.hang_up();
-                        }
-                        session.channel_failure(channel)
-                    }
-                    None => session.channel_failure(channel),
+        match self.sessions.get_mut(&channel) {
+            Some(state) => match state.control.try_send(Control::Start(Box::new(launching))) {
+                Ok(()) => {
+                    state.started = true;
+                    session.channel_success(channel)
                 }
-            }
-            Err(e) => {
-                tracing::warn!(client = %self.peer.client, what = %what, error = %e, "could not start an ssh session");
-                session.channel_failure(channel)
-            }
+                Err(_) => session.channel_failure(channel),
+            },
+            None => session.channel_failure(channel),
         }
     }
 
@@ -430,7 +405,7 @@ impl russh::server::Handler for Connection {
         let input = self.backlogs.queue(channel.id());
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(&path)).await {
+            match tokio::time::timeout(CONNECT_TIMEOUT, forward::connect_unix(&path)).await {
                 Ok(Ok(stream)) => {
                     reply.accept().await;
                     super::splice::splice(channel, stream, &activity, input).await;
@@ -665,7 +640,7 @@ impl russh::server::Handler for Connection {
         {
             return Ok(false);
         }
-        match forward::listen_unix(self.link(session), socket_path) {
+        match forward::listen_unix(self.link(session), socket_path).await {
             Ok(listener) => {
                 tracing::info!(client = %self.peer.client, path = %socket_path, "remote unix forward listening");
                 self.unix_forwards.insert(socket_path.to_string(), listener);

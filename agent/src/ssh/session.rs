@@ -60,10 +60,28 @@ pub struct Launch {
 
 /// From the handler to a session channel's task.
 pub enum Control {
-    Start(Box<Started>),
+    /// Start the program. The handler has answered the request already, as sshd does: the spawn
+    /// happens in the channel's task, so that neither the connection's other channels nor the
+    /// agent's worker thread wait for it.
+    Start(Box<Launching>),
     Resize(pty_process::Size),
     Signal(Signal),
 }
+
+/// A session's program, for its channel's task to start.
+pub struct Launching {
+    pub launch: Launch,
+    /// Written to the client before any output (the MOTD).
+    pub banner: Option<Vec<u8>>,
+    /// For the log: what runs (`shell`, `exec`, `subsystem PATH`) and for whom.
+    pub what: String,
+    pub client: String,
+    pub login: String,
+}
+
+/// How long a session's program may take to start. The spawn returns once the child has changed
+/// into its working directory and exec'd its program: on a hung network filesystem, never.
+pub const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A process and its stdio, ready to be served.
 pub struct Started {
@@ -214,26 +232,72 @@ pub async fn serve(
     let id = channel.id();
     let (mut rx, tx) = channel.split();
     let mut client_eof = false;
-    let started = loop {
+    let launching = loop {
         tokio::select! {
             ctl = control.recv() => match ctl {
-                Some(Control::Start(s)) => break *s,
+                Some(Control::Start(l)) => break *l,
                 Some(_) => {}
                 // The connection is gone.
                 None => return,
             },
-            msg = rx.wait(), if queue.has_room() => match msg {
-                Some(ChannelMsg::Data { data }) => {
-                    activity.received(data.len());
-                    if !client_eof {
-                        queue.push(data);
-                    }
+            msg = rx.wait(), if queue.has_room() => {
+                if !take_input(msg, &mut queue, &mut client_eof, &activity) {
+                    return;
                 }
-                Some(ChannelMsg::Eof) => client_eof = true,
-                Some(ChannelMsg::Close) | None => return,
-                // Requests: the handler answered them already.
+            }
+        }
+    };
+    let Launching { launch, banner, what, client, login } = launching;
+    let pty = launch.pty.is_some();
+    let spawn_activity = activity.clone();
+    let mut spawning = tokio::task::spawn_blocking(move || spawn(&launch, banner, &spawn_activity));
+    let deadline = tokio::time::sleep(SPAWN_TIMEOUT);
+    tokio::pin!(deadline);
+    let mut control_open = true;
+    let mut resize = None;
+    let spawned = loop {
+        tokio::select! {
+            r = &mut spawning => break r.map_err(std::io::Error::other).and_then(|r| r),
+            _ = &mut deadline => {
+                hang_up_when_started(spawning);
+                break Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the program did not start within {} s (is the home directory's filesystem hung?)",
+                        SPAWN_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            ctl = control.recv(), if control_open => match ctl {
+                Some(Control::Resize(size)) => resize = Some(size),
+                // Nothing runs yet to signal.
                 Some(_) => {}
+                None => control_open = false,
             },
+            msg = rx.wait(), if queue.has_room() => {
+                if !take_input(msg, &mut queue, &mut client_eof, &activity) {
+                    hang_up_when_started(spawning);
+                    return;
+                }
+            }
+        }
+    };
+    let started = match spawned {
+        Ok(started) => {
+            tracing::info!(client = %client, login = %login, what = %what, pty, "ssh session started");
+            started
+        }
+        Err(e) => {
+            // As sshd's child does when it cannot run the program: say why on stderr, exit 1.
+            tracing::warn!(client = %client, what = %what, error = %e, "could not start an ssh session");
+            let end = if pty { "\r\n" } else { "\n" };
+            let said = format!("tether-agent: could not start the {what}: {e}{end}");
+            let _ = tx.make_writer_ext(Some(1)).write_all(said.as_bytes()).await;
+            let _ = tx.exit_status(1).await;
+            let _ = tx.eof().await;
+            let _ = tx.close().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut rx)).await;
+            return;
         }
     };
     let Started { mut child, io, banner, _gauge } = started;
@@ -248,6 +312,10 @@ pub async fn serve(
     let (mut sink, mut stdout, stderr): (Sink, Box<dyn AsyncRead + Send + Unpin>, _) = match io {
         ChildIo::Pty(pty) => {
             let (r, w) = pty.into_split();
+            // The window changed while the program was starting.
+            if let Some(size) = resize {
+                let _ = w.resize(size);
+            }
             (Sink::Pty(w), Box::new(r), None)
         }
         ChildIo::Pipes { stdin, stdout, stderr } => (Sink::Pipe(Some(stdin)), stdout, stderr),
@@ -263,7 +331,6 @@ pub async fn serve(
     };
     tokio::pin!(out, err);
     let mut out_done = false;
-    let mut control_open = true;
     let mut status: Option<ExitStatus> = None;
     let mut tick = tokio::time::interval(GRACE_TICK);
     let mut quiet = Quiet::default();
@@ -297,17 +364,11 @@ pub async fn serve(
             },
             // Taken as they arrive, not as the process reads them: `queue` withholds the client's
             // window instead, so russh's loop stays free (see `inbound`).
-            msg = rx.wait(), if queue.has_room() => match msg {
-                Some(ChannelMsg::Data { data }) => {
-                    activity.received(data.len());
-                    if !client_eof {
-                        queue.push(data);
-                    }
+            msg = rx.wait(), if queue.has_room() => {
+                if !take_input(msg, &mut queue, &mut client_eof, &activity) {
+                    break Finish::Closed;
                 }
-                Some(ChannelMsg::Eof) => client_eof = true,
-                Some(ChannelMsg::Close) | None => break Finish::Closed,
-                Some(_) => {}
-            },
+            }
             r = sink.write(queue.front()), if !queue.is_empty() => match r {
                 Ok(n) => queue.consume(n),
                 Err(_) => {
@@ -360,6 +421,32 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// Takes one message from the client: its data into `queue` (none after its end of file), its end
+/// of file noted. False once the channel is closed. Requests: the handler answered them already.
+fn take_input(msg: Option<ChannelMsg>, queue: &mut Queue, client_eof: &mut bool, activity: &Activity) -> bool {
+    match msg {
+        Some(ChannelMsg::Data { data }) => {
+            activity.received(data.len());
+            if !*client_eof {
+                queue.push(data);
+            }
+        }
+        Some(ChannelMsg::Eof) => *client_eof = true,
+        Some(ChannelMsg::Close) | None => return false,
+        Some(_) => {}
+    }
+    true
+}
+
+/// Ends the process of a spawn nobody waits for any more, should it start after all.
+fn hang_up_when_started(spawning: tokio::task::JoinHandle<std::io::Result<Started>>) {
+    tokio::spawn(async move {
+        if let Ok(Ok(started)) = spawning.await {
+            started.hang_up();
+        }
+    });
 }
 
 async fn drain(rx: &mut ChannelReadHalf) {

@@ -93,8 +93,20 @@ impl Display {
     /// `xauth`, run with the session's environment `env` (its `HOME` or `XAUTHORITY`).
     pub async fn open(link: Link, request: &Request, env: Vec<(OsString, OsString)>) -> Result<Display, X11Error> {
         let path = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
-        let xauth = find_program("xauth", path.as_deref()).ok_or(X11Error::NoXauth)?;
-        socket_dir(Path::new(SOCKET_DIR)).map_err(X11Error::SocketDir)?;
+        // File lookups, on the blocking pool: a PATH entry may be on a hung network filesystem, and
+        // the agent's one worker thread serves every session.
+        let lookup = tokio::task::spawn_blocking(move || {
+            let xauth = find_program("xauth", path.as_deref()).ok_or(X11Error::NoXauth)?;
+            socket_dir(Path::new(SOCKET_DIR)).map_err(X11Error::SocketDir)?;
+            Ok(xauth)
+        });
+        let xauth = match tokio::time::timeout(XAUTH_TIMEOUT, lookup).await {
+            Ok(Ok(found)) => found?,
+            Ok(Err(e)) => return Err(X11Error::Xauth(format!("looking for xauth: {e}"))),
+            Err(_) => {
+                return Err(X11Error::Xauth(format!("looking for xauth took over {} s", XAUTH_TIMEOUT.as_secs())))
+            }
+        };
         let (number, listener) = bind(link, request.single_connection).await?;
         let display = Display { number, screen: request.screen, xauth, env, listener: Some(listener) };
         // On failure `display` drops here, and with it the socket and any half-added entry.

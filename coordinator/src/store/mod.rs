@@ -84,6 +84,8 @@ pub struct Purged {
     pub builds: u64,
     pub logs: u64,
     pub spans: u64,
+    /// Deleted workspaces whose last trace went.
+    pub workspaces: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -709,26 +711,59 @@ impl Store {
     }
 
     /// Deletes the logs, spans and record of every build that started before `before` (Unix ms)
-    /// and is not its workspace's current build, `batch` rows per statement.
+    /// and is not its workspace's current build (a deleted workspace has none), `batch` rows per
+    /// statement; then what is left of workspaces deleted before `before`: their transitions,
+    /// grants and row (nothing shows a deleted workspace any more).
     pub async fn purge_builds(&self, before: i64, batch: i64) -> Result<Purged> {
         // The builds to purge: started before the cut-off and no longer their workspace's current.
         const LOGS: &str = "DELETE FROM logs WHERE id IN (SELECT l.id FROM logs l
              JOIN builds b ON b.workspace_id = l.workspace_id AND b.build = l.build
              JOIN workspaces w ON w.id = b.workspace_id
-             WHERE b.started_at < $1 AND b.build < w.build LIMIT $2)";
+             WHERE b.started_at < $1 AND (b.build < w.build OR w.status = 'deleted') LIMIT $2)";
         const SPANS: &str = "DELETE FROM spans WHERE rowid IN (SELECT s.rowid FROM spans s
              JOIN builds b ON b.workspace_id = s.workspace_id AND b.build = s.build
              JOIN workspaces w ON w.id = b.workspace_id
-             WHERE b.started_at < $1 AND b.build < w.build LIMIT $2)";
+             WHERE b.started_at < $1 AND (b.build < w.build OR w.status = 'deleted') LIMIT $2)";
         const BUILDS: &str = "DELETE FROM builds WHERE rowid IN (SELECT b.rowid FROM builds b
              JOIN workspaces w ON w.id = b.workspace_id
-             WHERE b.started_at < $1 AND b.build < w.build LIMIT $2)";
+             WHERE b.started_at < $1 AND (b.build < w.build OR w.status = 'deleted') LIMIT $2)";
+        // Deleted workspaces, once deleted before the cut-off: whatever their builds left (lines of
+        // a build with no record), their history and grants, then the row itself.
+        const GONE: &str = "SELECT id FROM workspaces WHERE status = 'deleted' AND status_changed_at < $1";
+        const GONE_LOGS: &str = "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE workspace_id IN
+             (SELECT id FROM workspaces WHERE status = 'deleted' AND status_changed_at < $1)
+             AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.workspace_id = logs.workspace_id) LIMIT $2)";
+        const GONE_SPANS: &str = "DELETE FROM spans WHERE rowid IN (SELECT rowid FROM spans WHERE workspace_id IN
+             (SELECT id FROM workspaces WHERE status = 'deleted' AND status_changed_at < $1)
+             AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.workspace_id = spans.workspace_id) LIMIT $2)";
+        const GONE_TRANSITIONS: &str = "DELETE FROM transitions WHERE id IN (SELECT id FROM transitions
+             WHERE workspace_id IN (SELECT id FROM workspaces WHERE status = 'deleted' AND status_changed_at < $1)
+             LIMIT $2)";
+        const GONE_GRANTS: &str = "DELETE FROM grants WHERE rowid IN (SELECT rowid FROM grants
+             WHERE workspace_id IN (SELECT id FROM workspaces WHERE status = 'deleted' AND status_changed_at < $1)
+             LIMIT $2)";
+        const GONE_ROWS: &str = "DELETE FROM workspaces WHERE id IN (SELECT id FROM workspaces w
+             WHERE w.status = 'deleted' AND w.status_changed_at < $1
+             AND NOT EXISTS (SELECT 1 FROM builds b WHERE b.workspace_id = w.id)
+             AND NOT EXISTS (SELECT 1 FROM logs l WHERE l.workspace_id = w.id)
+             AND NOT EXISTS (SELECT 1 FROM spans s WHERE s.workspace_id = w.id)
+             AND NOT EXISTS (SELECT 1 FROM transitions t WHERE t.workspace_id = w.id)
+             AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.workspace_id = w.id) LIMIT $2)";
         // Logs and spans first: a build's record goes last, so an interrupted purge is finished by
-        // the next one.
-        let logs = self.delete_in_batches(LOGS, before, batch).await?;
-        let spans = self.delete_in_batches(SPANS, before, batch).await?;
+        // the next one; a workspace's row goes after everything that refers to it.
+        let mut logs = self.delete_in_batches(LOGS, before, batch).await?;
+        let mut spans = self.delete_in_batches(SPANS, before, batch).await?;
         let builds = self.delete_in_batches(BUILDS, before, batch).await?;
-        Ok(Purged { builds, logs, spans })
+        let gone: Vec<i64> = sqlx::query_scalar(GONE).bind(before).fetch_all(&self.pool).await?;
+        let mut workspaces = 0;
+        if !gone.is_empty() {
+            logs += self.delete_in_batches(GONE_LOGS, before, batch).await?;
+            spans += self.delete_in_batches(GONE_SPANS, before, batch).await?;
+            self.delete_in_batches(GONE_TRANSITIONS, before, batch).await?;
+            self.delete_in_batches(GONE_GRANTS, before, batch).await?;
+            workspaces = self.delete_in_batches(GONE_ROWS, before, batch).await?;
+        }
+        Ok(Purged { builds, logs, spans, workspaces })
     }
 
     /// Runs `sql`, a `DELETE` bound to a cut-off (`$1`) and a row limit (`$2`), until it deletes
@@ -939,6 +974,34 @@ mod tests {
         assert_eq!(applied.spans as u64, limit - 1);
         assert_eq!(applied.dropped_spans, 10);
         assert_eq!(store.spans(w.id, build as i64).await.unwrap().len() as u64, limit);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_workspace_is_purged_whole_once_deleted_before_the_cut_off() {
+        let (_dir, store, w, build) = store_with_build().await;
+        store.apply_logs(w.id, 7, &[line(1, build, "hello")], 0, u64::MAX).await.unwrap();
+        store.apply_events(w.id, 7, &[span_event(1, build)], 0).await.unwrap();
+        store.grant(w.id, "bob", 0).await.unwrap();
+        store.set_status(w.id, WorkspaceStatus::Starting, WorkspaceStatus::Deleted, "deleted", 50).await.unwrap();
+        let count = |sql: &'static str| {
+            let store = &store;
+            async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&store.pool).await.unwrap() }
+        };
+        let left = || async {
+            (
+                count("SELECT COUNT(*) FROM transitions").await,
+                count("SELECT COUNT(*) FROM grants").await,
+                count("SELECT COUNT(*) FROM workspaces").await,
+            )
+        };
+        // Deleted after the cut-off: its build started before, so that goes, but its record stays.
+        let purged = store.purge_builds(10, 2).await.unwrap();
+        assert_eq!((purged.builds, purged.logs, purged.spans, purged.workspaces), (1, 1, 1, 0));
+        assert_eq!(left().await, (2, 1, 1));
+        // Deleted before it: nothing is left.
+        let purged = store.purge_builds(100, 2).await.unwrap();
+        assert_eq!(purged.workspaces, 1);
+        assert_eq!(left().await, (0, 0, 0));
     }
 
     #[tokio::test]

@@ -480,11 +480,15 @@ mod procfs {
     fn process_ns(pid: u32) -> Option<u64> {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
         let mut total = 0u64;
+        let mut seen = false;
         for task in tasks.flatten() {
-            let text = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            // A thread that ended since the listing has no file left to read; what it ran
+            // is gone with it, as it would be had it ended a moment earlier.
+            let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
             total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+            seen = true;
         }
-        Some(total)
+        seen.then_some(total)
     }
 
     /// Microseconds per trip the processes present at both ends spent between them.

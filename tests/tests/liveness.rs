@@ -1,0 +1,139 @@
+//! Agents that go away at awkward moments: during their own shutdown, or because their token was
+//! replaced. Real `tether serve`, real `tether-agent`, the CLI.
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use std::process::{Child, ExitStatus};
+use tether_tests::{external, wait_until, Agent, Coordinator, LONG};
+
+/// A `process` workspace whose stop script outlasts any grace period a test gives it.
+fn slow_stop_template(heartbeat_timeout: &str) -> String {
+    format!(
+        r#"
+provisioner = "process"
+heartbeat_timeout = "{heartbeat_timeout}"
+[[script]]
+name = "setup"
+run = "echo up"
+blocks_login = true
+
+[[script]]
+name = "save"
+run = "sleep 30"
+on = "stop"
+"#
+    )
+}
+
+/// The pid (and process group) of a `process` workspace's agent.
+fn agent_pid(c: &Coordinator, name: &str) -> Pid {
+    let path = c.data_dir().join(format!("workspaces/{name}/agent.pid"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    Pid::from_raw(text.trim().parse().expect("a pid"))
+}
+
+/// Starts a `process` workspace, SIGTERMs its agent (it shuts down on its own and the workspace
+/// shows `stopping`), then SIGKILLs the agent's process group while its stop script still runs, as
+/// the end of `docker stop`'s or a pod's grace period does: no goodbye ever comes.
+fn kill_the_agent_during_its_own_shutdown(c: &Coordinator, name: &str, heartbeat_timeout: &str) {
+    c.create(name, &slow_stop_template(heartbeat_timeout), &["--start"]);
+    assert_eq!(c.wait_for(name, "running,unhealthy,failed", LONG)["status"], "running");
+    let pid = agent_pid(c, name);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM the agent");
+    let w = c.wait_for(name, "stopping", LONG);
+    assert_eq!(w["status_reason"], "agent is running stop scripts", "{w}");
+    assert_eq!(w["lifecycle"], "shutting_down", "{w}");
+    killpg(pid, Signal::SIGKILL).expect("SIGKILL the agent's process group");
+}
+
+#[test]
+fn a_workspace_whose_agent_dies_during_its_own_shutdown_is_stopped_when_its_heartbeats_lapse() {
+    let c = Coordinator::start();
+    kill_the_agent_during_its_own_shutdown(&c, "dev", "5s");
+
+    let w = c.wait_for("dev", "stopped,unhealthy,running,failed", LONG);
+    assert_eq!(w["status"], "stopped", "{w}");
+    let reason = w["status_reason"].as_str().expect("a reason");
+    assert!(
+        reason.starts_with("agent was lost during its own shutdown (no goodbye; last heartbeat "),
+        "the reason says what happened: {reason}"
+    );
+    assert_eq!(w["lifecycle"], "shutting_down", "{w}");
+    let history = c.show("dev")["history"].as_array().expect("history").clone();
+    let path: Vec<&str> = history.iter().filter_map(|t| t["to"].as_str()).collect();
+    assert_eq!(&path[path.len() - 2..], &["stopping", "stopped"], "{path:?}");
+
+    // Start and stop work again: a new build with a new agent.
+    assert!(c.fails(&["workspace", "stop", "dev"]).contains("workspace 'dev' is already stopped"));
+    let started = c.json(&["workspace", "start", "dev"]);
+    assert_eq!(started["status"], "pending", "{started}");
+    let w = c.wait_for("dev", "running,unhealthy,failed", LONG);
+    assert_eq!((w["status"].as_str(), w["build"].as_i64()), (Some("running"), Some(2)), "{w}");
+    assert_eq!(w["status_reason"], "agent connected; startup scripts finished");
+}
+
+#[test]
+fn stop_takes_over_an_agent_s_own_shutdown_even_when_the_agent_died() {
+    // A heartbeat timeout longer than the test: only the stop can end the `stopping`.
+    let c = Coordinator::start();
+    kill_the_agent_during_its_own_shutdown(&c, "dev", "10m");
+
+    let accepted = c.json(&["workspace", "stop", "dev"]);
+    assert_eq!(
+        (accepted["status"].as_str(), accepted["status_reason"].as_str()),
+        (Some("stopping"), Some("stop requested"))
+    );
+    let w = c.wait_for("dev", "stopped,unhealthy,running,failed", LONG);
+    assert_eq!((w["status"].as_str(), w["status_reason"].as_str()), (Some("stopped"), Some("stopped")), "{w}");
+    assert_eq!(w["last_error"], serde_json::Value::Null, "{w}");
+}
+
+/// Waits (with a deadline) for a process the test started to exit.
+fn exit_of(child: &mut Child) -> ExitStatus {
+    let mut status = None;
+    wait_until("the agent process to exit", LONG, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    status.expect("exited")
+}
+
+#[test]
+fn a_new_token_disconnects_the_agent_using_the_old_one() {
+    let c = Coordinator::start();
+    let template = r#"
+[[script]]
+name = "setup"
+run = "echo up"
+blocks_login = true
+"#;
+    let mut old = external(&c, "ext", template);
+    assert_eq!(c.wait_for("ext", "running,unhealthy", LONG)["status"], "running");
+    assert_eq!(c.show("ext")["agent"]["connected"], true);
+
+    let rotated = c.json(&["workspace", "token", "ext"]);
+    assert_eq!(rotated["agent_disconnected"], true, "{rotated}");
+    let token = rotated["agent_token"].as_str().expect("agent_token").to_string();
+
+    // The agent holding the old token loses its connection; its reconnect is refused for good.
+    let status = exit_of(&mut old.child);
+    assert_eq!(status.code(), Some(2), "the agent exits 2 when its token is refused:\n{}", old.log_text());
+    assert!(old.log_text().contains("agent token is not valid"), "the agent's log says why:\n{}", old.log_text());
+    let w = c.show("ext");
+    assert!(w["agent"].is_null(), "no agent is connected: {w}");
+    assert_eq!(
+        (w["status"].as_str(), w["status_reason"].as_str()),
+        (
+            Some("unhealthy"),
+            Some("agent has been disconnected: its token was replaced; no agent has connected with the new token yet")
+        ),
+        "{w}"
+    );
+
+    // The new token works.
+    let new = Agent::start(&c, &token, &c.data_dir().join("agent-ext-new"));
+    let w = c.wait_for("ext", "running", LONG);
+    assert_eq!(w["status_reason"], "agent connected; startup scripts finished", "{w}");
+    assert_eq!(c.show("ext")["agent"]["connected"], true);
+    drop(new);
+}
