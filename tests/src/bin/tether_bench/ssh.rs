@@ -66,6 +66,10 @@ pub struct SshArgs {
     /// Keep the temporary directory (keys, configs, sshd and coordinator logs).
     #[arg(long)]
     pub keep: bool,
+    /// A second build's `tether` binary (its `tether-agent` beside it), measured as path c2 in the
+    /// same run, interleaved with the others: an A/B comparison of two builds on equal terms.
+    #[arg(long, value_name = "TETHER")]
+    pub compare_with: Option<PathBuf>,
 }
 
 /// One way from the client to a shell: an ssh config file and the host to name in it.
@@ -707,8 +711,10 @@ impl TetherSide {
         Ok(missing)
     }
 
-    async fn start(binary: PathBuf, lab: &Lab, log_filter: &str) -> anyhow::Result<TetherSide> {
-        let data = lab.path.join("tether");
+    /// Starts a coordinator with its data under `lab`, named `key` (the route's name).
+    async fn start(binary: PathBuf, lab: &Lab, log_filter: &str, key: &'static str) -> anyhow::Result<TetherSide> {
+        let dir = if key == "c" { String::new() } else { format!("-{key}") };
+        let data = lab.path.join(format!("tether{dir}"));
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let log_path = data.join("coordinator.log");
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
@@ -728,15 +734,16 @@ impl TetherSide {
             .spawn()
             .with_context(|| format!("starting {} serve", binary.display()))?;
         // `config-ssh` writes its known_hosts beside the config, so the config gets a directory.
-        let ssh_dir = lab.path.join("tether-ssh");
+        let ssh_dir = lab.path.join(format!("tether{dir}-ssh"));
         std::fs::create_dir_all(&ssh_dir).with_context(|| format!("creating {}", ssh_dir.display()))?;
         let ssh_config = ssh_dir.join("config");
+        let about = if key == "c" { "Tether: ssh -J front door -> agent" } else { "Tether, --compare-with build" };
         let route = Route {
-            key: "c",
-            about: "Tether: ssh -J front door -> agent",
+            key,
+            about,
             config: ssh_config.clone(),
             host: format!("{TETHER_WORKSPACE}.tether"),
-            log: lab.path.join("ssh-c.log"),
+            log: lab.path.join(format!("ssh-{key}.log")),
             servers: Vec::new(),
         };
         let mut side = TetherSide { child, data, binary, route, front_door: String::new() };
@@ -756,7 +763,7 @@ impl TetherSide {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        eprintln!("coordinator up; SSH front door on {ssh_addr}");
+        eprintln!("coordinator {key} up ({}); SSH front door on {ssh_addr}", side.binary.display());
         side.front_door = ssh_addr;
 
         let public = lab.key.with_extension("pub");
@@ -1010,13 +1017,20 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
         lab.route("b-gcm", "OpenSSH: ssh -J, cipher forced on both hops"),
     ];
     let tether = match tether_binary {
-        Some(binary) => Some(TetherSide::start(binary, &lab, &args.coordinator_log).await?),
+        Some(binary) => Some(TetherSide::start(binary, &lab, &args.coordinator_log, "c").await?),
         None => {
             eprintln!("skipping the Tether leg (--skip-tether)");
             None
         }
     };
     if let Some(t) = &tether {
+        routes.push(t.route.clone());
+    }
+    let other = match (&tether, &args.compare_with) {
+        (Some(_), Some(binary)) => Some(TetherSide::start(binary.clone(), &lab, &args.coordinator_log, "c2").await?),
+        _ => None,
+    };
+    if let Some(t) = &other {
         routes.push(t.route.clone());
     }
     let result = measure(args, &routes).await;
@@ -1039,6 +1053,7 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
     };
     let front_door = tether.as_ref().map(|t| t.front_door.clone());
     drop(tether);
+    drop(other);
     let kept = args.keep.then(|| lab.keep().to_path_buf());
 
     let mut b = Block::default();
@@ -1106,6 +1121,20 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
                 if let Some(base) = summary_of(base_key) {
                     comparisons.insert(format!("c/{base_key}"), compare(&c, &base, base_key, &mut b));
                 }
+            }
+            if let Some(c2) = summary_of("c2") {
+                let r = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
+                b.line(
+                    "ratios c/c2 (this build against --compare-with)",
+                    format!(
+                        "throughput {:.3}, setup median {:.3}, echo p50 {:.3}, echo p99 {:.3}, server CPU per trip {:.3}",
+                        r(c.bulk, c2.bulk),
+                        r(c.setup_median, c2.setup_median),
+                        r(c.echo_p50, c2.echo_p50),
+                        r(c.echo_p99, c2.echo_p99),
+                        r(c.server_cpu, c2.server_cpu)
+                    ),
+                );
             }
         }
         None => b.line("Tether (c)", "not measured (--skip-tether): no ratios, targets not judged"),
