@@ -1,14 +1,17 @@
-//! The HTTP JSON API: everything the CLI does, behind the admin token; the SSH routes that users'
-//! tokens reach are in [`crate::api_ssh`].
+//! The HTTP JSON API: everything the CLI does, behind the admin token. A user's token reaches the
+//! workspaces the user owns or has been granted, for what a developer does with their own
+//! workspace (list, show, timings, logs, wait, start, stop); the SSH routes users' tokens reach are
+//! in [`crate::api_ssh`].
 
+use crate::api_ssh::Identity;
 use crate::engine::{Engine, OpError};
 use crate::pki;
 use crate::view::{CreatedView, LogView, LogsView, ShowView, TransitionView, WorkspaceView};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -79,21 +82,48 @@ pub fn router(state: ApiState, extra: Router) -> Router {
         .layer(axum::middleware::from_fn_with_state(state, crate::metrics::track_requests))
 }
 
+/// Whether a user's token may use this route (the handler then checks the workspace is theirs):
+/// what a developer does with their own workspace. Creating, deleting, agent tokens, users, grants,
+/// the audit log and backups stay the admin's.
+fn self_service(method: &Method, route: Option<&str>) -> bool {
+    let Some(route) = route.map(|r| r.strip_prefix("/api/v1").unwrap_or(r)) else { return false };
+    match *method {
+        Method::GET => matches!(
+            route,
+            "/workspaces"
+                | "/workspaces/{name}"
+                | "/workspaces/{name}/timings"
+                | "/workspaces/{name}/logs"
+                | "/workspaces/{name}/wait"
+        ),
+        Method::POST => matches!(route, "/workspaces/{name}/start" | "/workspaces/{name}/stop"),
+        _ => false,
+    }
+}
+
 async fn auth(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     match bearer(&headers) {
-        Some(t) if pki::hash_token(t) == *state.admin_token_hash => next.run(req).await,
-        // A user's token is valid, just not here: say so rather than call it invalid.
+        Some(t) if pki::hash_token(t) == *state.admin_token_hash => {
+            req.extensions_mut().insert(Identity::Admin);
+            next.run(req).await
+        }
         Some(t) => match state.engine.user_for_token(t).await {
+            Ok(Some(user)) if self_service(req.method(), req.extensions().get::<MatchedPath>().map(|m| m.as_str())) => {
+                req.extensions_mut().insert(Identity::User(user));
+                next.run(req).await
+            }
+            // A user's token is valid, just not here: say so rather than call it invalid.
             Ok(Some(user)) => ApiError(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "this is user '{user}''s API token, which reaches only their workspaces over SSH; this \
-                     needs the admin token (`admin-token` in the coordinator's data directory)"
+                    "this is user '{user}''s API token, which reaches their own workspaces (list, show, \
+                     timings, logs, wait, start, stop, SSH); this needs the admin token (`admin-token` in \
+                     the coordinator's data directory)"
                 ),
             )
             .into_response(),
@@ -122,9 +152,37 @@ struct ListQuery {
     all: bool,
 }
 
-async fn list(State(s): State<ApiState>, Query(q): Query<ListQuery>) -> ApiResult<Vec<WorkspaceView>> {
+/// Refuses a user's token for a workspace the user neither owns nor has been granted; the admin's
+/// reaches every workspace.
+async fn reach(s: &ApiState, who: &Identity, name: &str) -> Result<(), ApiError> {
+    let Identity::User(user) = who else { return Ok(()) };
+    if s.engine.may_use(user, name).await? {
+        Ok(())
+    } else {
+        Err(ApiError(StatusCode::FORBIDDEN, format!("user '{user}' may not access workspace '{name}'")))
+    }
+}
+
+/// [`reach`], and the coordinator's log says which user asked for `what`.
+async fn requested(s: &ApiState, who: &Identity, name: &str, what: &str) -> Result<(), ApiError> {
+    reach(s, who, name).await?;
+    if let Identity::User(user) = who {
+        tracing::info!(workspace = %name, user = %user, "{what} requested by a user");
+    }
+    Ok(())
+}
+
+async fn list(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Identity>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Vec<WorkspaceView>> {
     let status = q.status.as_deref().map(str::parse::<WorkspaceStatus>).transpose().map_err(|e| bad(e.to_string()))?;
-    Ok(Json(s.engine.list(status, q.all).await?))
+    let user = match &who {
+        Identity::User(user) => Some(user.as_str()),
+        Identity::Admin => None,
+    };
+    Ok(Json(s.engine.list_for(user, status, q.all).await?))
 }
 
 async fn counts(State(s): State<ApiState>) -> ApiResult<BTreeMap<String, i64>> {
@@ -159,16 +217,31 @@ async fn create(
     ))
 }
 
-async fn show(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<ShowView> {
+async fn show(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Identity>,
+    Path(name): Path<String>,
+) -> ApiResult<ShowView> {
+    reach(&s, &who, &name).await?;
     let (workspace, history) = s.engine.show(&name).await?;
     Ok(Json(ShowView { workspace, history: history.iter().map(TransitionView::from).collect() }))
 }
 
-async fn start(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<WorkspaceView> {
+async fn start(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Identity>,
+    Path(name): Path<String>,
+) -> ApiResult<WorkspaceView> {
+    requested(&s, &who, &name, "start").await?;
     Ok(Json(s.engine.start(&name).await?))
 }
 
-async fn stop(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<WorkspaceView> {
+async fn stop(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Identity>,
+    Path(name): Path<String>,
+) -> ApiResult<WorkspaceView> {
+    requested(&s, &who, &name, "stop").await?;
     Ok(Json(s.engine.stop(&name).await?))
 }
 
@@ -192,9 +265,11 @@ struct TimingsQuery {
 
 async fn timings(
     State(s): State<ApiState>,
+    Extension(who): Extension<Identity>,
     Path(name): Path<String>,
     Query(q): Query<TimingsQuery>,
 ) -> ApiResult<Vec<crate::view::SpanView>> {
+    reach(&s, &who, &name).await?;
     Ok(Json(s.engine.timings(&name, q.build).await?))
 }
 
@@ -208,7 +283,13 @@ struct LogsQuery {
     source: Option<String>,
 }
 
-async fn logs(State(s): State<ApiState>, Path(name): Path<String>, Query(q): Query<LogsQuery>) -> ApiResult<LogsView> {
+async fn logs(
+    State(s): State<ApiState>,
+    Extension(who): Extension<Identity>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<LogsView> {
+    reach(&s, &who, &name).await?;
     let row = s.engine.store.workspace(&name).await.map_err(OpError::from)?.ok_or(OpError::NotFound(name.clone()))?;
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(s.engine.config.max_wait);
@@ -239,9 +320,11 @@ struct WaitQuery {
 /// then returns it. 408 on timeout.
 async fn wait(
     State(s): State<ApiState>,
+    Extension(who): Extension<Identity>,
     Path(name): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> ApiResult<WorkspaceView> {
+    reach(&s, &who, &name).await?;
     let wanted: Vec<WorkspaceStatus> = q
         .until
         .split(',')

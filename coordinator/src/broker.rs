@@ -160,9 +160,7 @@ fn check_reachable(
     use WorkspaceStatus::*;
     let unavailable = |m: String| Err(refuse(RefusalKind::Unavailable, m));
     match status {
-        Stopped => unavailable(format!(
-            "workspace '{name}' is stopped; an admin can start it with `tether workspace start {name}`"
-        )),
+        Stopped => unavailable(format!("workspace '{name}' is stopped; start it with `tether workspace start {name}`")),
         Pending | Failed | Stopping | Deleting | Deleted => {
             unavailable(format!("workspace '{name}' is {status}: {reason}"))
         }
@@ -413,7 +411,7 @@ mod tests {
         let r = |s, c, l, b| check_reachable("x", s, "why", c, l, b).map_err(|e| e.message);
         assert_eq!(
             r(Stopped, false, None, false).unwrap_err(),
-            "workspace 'x' is stopped; an admin can start it with `tether workspace start x`"
+            "workspace 'x' is stopped; start it with `tether workspace start x`"
         );
         assert!(r(Unhealthy, false, None, false).unwrap_err().contains("has no connected agent (unhealthy: why)"));
         assert_eq!(

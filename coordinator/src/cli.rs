@@ -16,7 +16,7 @@ pub struct Cli {
     /// Coordinator API URL.
     #[arg(long, env = "TETHER_URL", global = true)]
     pub url: Option<String>,
-    /// Admin API token.
+    /// API token: the admin's, or a user's (their own workspaces and SSH only).
     #[arg(long, env = "TETHER_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     /// The coordinator's CA certificate (PEM), trusted for an https:// URL besides the system's roots

@@ -261,7 +261,33 @@ impl Engine {
     }
 
     pub async fn list(&self, status: Option<WorkspaceStatus>, all: bool) -> Result<Vec<WorkspaceView>, OpError> {
-        Ok(self.store.list(status, all).await?.iter().map(|r| self.view(r)).collect())
+        self.list_for(None, status, all).await
+    }
+
+    /// The workspaces `user` owns or has been granted; every workspace for `None` (the admin).
+    pub async fn list_for(
+        &self,
+        user: Option<&str>,
+        status: Option<WorkspaceStatus>,
+        all: bool,
+    ) -> Result<Vec<WorkspaceView>, OpError> {
+        let rows = self.store.list(status, all).await?;
+        let granted = match user {
+            Some(user) => self.store.granted_to(user).await?,
+            None => Default::default(),
+        };
+        let visible = |r: &&WorkspaceRow| match user {
+            None => true,
+            Some(user) => r.owner.as_deref() == Some(user) || granted.contains(&r.id),
+        };
+        Ok(rows.iter().filter(visible).map(|r| self.view(r)).collect())
+    }
+
+    /// Whether `user` owns workspace `name` or has been granted it (the newest of that name,
+    /// deleted or not, as `wait` sees it).
+    pub async fn may_use(&self, user: &str, name: &str) -> Result<bool, OpError> {
+        let row = self.store.workspace_any(name).await?.ok_or_else(|| OpError::NotFound(name.to_string()))?;
+        Ok(row.owner.as_deref() == Some(user) || self.store.grants(row.id).await?.iter().any(|g| g == user))
     }
 
     pub async fn timings(&self, name: &str, build: Option<i64>) -> Result<Vec<SpanView>, OpError> {

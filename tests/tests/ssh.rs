@@ -569,7 +569,7 @@ fn tether_ssh_goes_through_the_api_port() {
 
     // The same token on an admin route: valid, but not for that, and the error says so.
     let out = Command::new(tether_tests::bin("tether"))
-        .args(["workspace", "list"])
+        .args(["user", "list"])
         .env("TETHER_URL", coord.api_url())
         .env("TETHER_TOKEN", &alice.token)
         .env_remove("TETHER_DATA_DIR")
@@ -577,6 +577,89 @@ fn tether_ssh_goes_through_the_api_port() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("this is user 'alice''s API token"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn users_stop_and_start_their_own_workspaces_with_their_token_and_nothing_else() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let bob = SshUser::add(&coord, "bob");
+    let template = "provisioner = \"process\"\n[[script]]\nname = \"hello\"\nrun = \"echo hello from dev\"\n";
+    coord.create("dev", template, &["--owner", "alice", "--start"]);
+    coord.create("ops", template, &["--owner", "bob"]);
+    coord.wait_for("dev", "running", LONG);
+    // As on a laptop: the user's own token and the coordinator's URL, no data directory.
+    let run = |user: &SshUser, args: &[&str]| user.tether(&coord).args(args).output().unwrap();
+    let ok = |user: &SshUser, args: &[&str]| {
+        let out = run(user, args);
+        assert!(out.status.success(), "{} as {}: {}", args.join(" "), user.name, text(&out.stderr));
+        text(&out.stdout)
+    };
+    let refused = |user: &SshUser, args: &[&str], want: &str| {
+        let out = run(user, args);
+        assert!(!out.status.success(), "{} as {} should fail", args.join(" "), user.name);
+        assert!(
+            text(&out.stderr).contains(want),
+            "{} as {}: want {want:?} in {}",
+            args.join(" "),
+            user.name,
+            text(&out.stderr)
+        );
+    };
+    let names = |user: &SshUser| -> Vec<String> {
+        let list: serde_json::Value = serde_json::from_str(&ok(user, &["workspace", "list", "--json"])).unwrap();
+        list.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().to_string()).collect()
+    };
+
+    // alice sees her workspace, its logs and timings, and no one else's.
+    assert_eq!(names(&alice), ["dev"]);
+    assert!(ok(&alice, &["workspace", "logs", "dev"]).contains("hello from dev"));
+    assert!(ok(&alice, &["workspace", "timings", "dev"]).contains("hello"));
+    // She stops it; SSH then tells her how to start it, which she does herself.
+    ok(&alice, &["workspace", "stop", "dev", "--wait"]);
+    let out = alice.run("dev.tether", "true");
+    assert!(
+        text(&out.stderr).contains("workspace 'dev' is stopped; start it with `tether workspace start dev`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let started: serde_json::Value =
+        serde_json::from_str(&ok(&alice, &["workspace", "start", "dev", "--wait", "--json"])).unwrap();
+    assert_eq!(started["status"], "running", "{started}");
+    assert_eq!(alice.ok("dev.tether", "echo back").trim(), "back");
+
+    // Someone else's workspace, a missing one, and everything that is the admin's stay out of reach.
+    let not_hers = "user 'alice' may not access workspace 'ops'";
+    for verb in ["show", "start", "stop", "logs", "timings"] {
+        refused(&alice, &["workspace", verb, "ops"], not_hers);
+    }
+    refused(&alice, &["workspace", "wait", "ops", "--for", "running", "--timeout", "1s"], not_hers);
+    refused(&alice, &["workspace", "show", "nosuch"], "no workspace 'nosuch'");
+    let admin_only = "this is user 'alice''s API token";
+    refused(&alice, &["workspace", "delete", "dev"], admin_only);
+    refused(&alice, &["workspace", "token", "dev"], admin_only);
+    refused(&alice, &["workspace", "grant", "dev", "bob"], admin_only);
+    refused(&alice, &["audit"], admin_only);
+    let file = alice.dir.join("t.toml");
+    std::fs::write(&file, template).unwrap();
+    refused(&alice, &["workspace", "create", "mine", "--template", file.to_str().unwrap()], admin_only);
+    assert_eq!(coord.json(&["workspace", "show", "ops"])["status"], "pending");
+
+    // A grant gives bob the same reach over alice's workspace.
+    assert_eq!(names(&bob), ["ops"]);
+    coord.ok(&["workspace", "grant", "dev", "bob"]);
+    let mut both = names(&bob);
+    both.sort();
+    assert_eq!(both, ["dev", "ops"]);
+    ok(&bob, &["workspace", "stop", "dev", "--wait"]);
+    assert_eq!(coord.json(&["workspace", "show", "dev"])["status"], "stopped");
+    let log = std::fs::read_to_string(coord.data_dir().join("coordinator.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("stop requested by a user") && l.contains("bob")),
+        "the coordinator logs who"
+    );
+    coord.ok(&["workspace", "revoke", "dev", "bob"]);
+    refused(&bob, &["workspace", "start", "dev"], "user 'bob' may not access workspace 'dev'");
 }
 
 #[test]

@@ -179,6 +179,15 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// The ids of the workspaces granted to `user`.
+    pub async fn granted_to(&self, user: &str) -> Result<std::collections::BTreeSet<i64>> {
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT workspace_id FROM grants WHERE user_name = $1")
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids.into_iter().collect())
+    }
+
     pub async fn grants(&self, workspace_id: i64) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar("SELECT user_name FROM grants WHERE workspace_id = $1 ORDER BY user_name")
             .bind(workspace_id)
