@@ -338,6 +338,13 @@ async fn wait(
         rx.borrow_and_update();
         let row = s.engine.store.workspace_any(&name).await.map_err(OpError::from)?;
         let Some(row) = row else { return Err(OpError::NotFound(name).into()) };
+        // The name may have passed to a new workspace (deleted, then created again) while we waited:
+        // a user sees only what is theirs.
+        if let Identity::User(user) = &who {
+            if !s.engine.may_use_row(user, &row).await? {
+                return Err(OpError::NotFound(name).into());
+            }
+        }
         if wanted.contains(&row.status) {
             return Ok(Json(s.engine.view(&row)));
         }

@@ -284,9 +284,19 @@ impl Engine {
     }
 
     /// Whether `user` owns workspace `name` or has been granted it (the newest of that name,
-    /// deleted or not, as `wait` sees it).
+    /// deleted or not, as `wait` sees it). A deleted workspace that was not theirs is, to them, no
+    /// workspace at all.
     pub async fn may_use(&self, user: &str, name: &str) -> Result<bool, OpError> {
         let row = self.store.workspace_any(name).await?.ok_or_else(|| OpError::NotFound(name.to_string()))?;
+        let theirs = self.may_use_row(user, &row).await?;
+        if !theirs && row.status == WorkspaceStatus::Deleted {
+            return Err(OpError::NotFound(name.to_string()));
+        }
+        Ok(theirs)
+    }
+
+    /// Whether `user` owns the workspace in `row` or has been granted it.
+    pub async fn may_use_row(&self, user: &str, row: &WorkspaceRow) -> Result<bool, OpError> {
         Ok(row.owner.as_deref() == Some(user) || self.store.grants(row.id).await?.iter().any(|g| g == user))
     }
 

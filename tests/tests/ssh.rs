@@ -640,6 +640,11 @@ fn users_stop_and_start_their_own_workspaces_with_their_token_and_nothing_else()
     refused(&alice, &["workspace", "token", "dev"], admin_only);
     refused(&alice, &["workspace", "grant", "dev", "bob"], admin_only);
     refused(&alice, &["audit"], admin_only);
+    refused(&alice, &["workspace", "access", "dev"], admin_only);
+    refused(&alice, &["workspace", "count"], admin_only);
+    refused(&alice, &["user", "list"], admin_only);
+    refused(&alice, &["user", "token", "bob"], admin_only);
+    refused(&alice, &["admin", "backup", alice.dir.join("b.tar").to_str().unwrap()], admin_only);
     let file = alice.dir.join("t.toml");
     std::fs::write(&file, template).unwrap();
     refused(&alice, &["workspace", "create", "mine", "--template", file.to_str().unwrap()], admin_only);
@@ -660,6 +665,22 @@ fn users_stop_and_start_their_own_workspaces_with_their_token_and_nothing_else()
     );
     coord.ok(&["workspace", "revoke", "dev", "bob"]);
     refused(&bob, &["workspace", "start", "dev"], "user 'bob' may not access workspace 'dev'");
+    assert_eq!(names(&bob), ["ops"]);
+
+    // A deleted workspace that was never yours is no workspace at all, and a name that passes to a
+    // new owner shows you nothing of theirs.
+    coord.ok(&["workspace", "delete", "ops", "--wait"]);
+    refused(&alice, &["workspace", "wait", "ops", "--for", "deleted", "--timeout", "1s"], "no workspace 'ops'");
+    coord.ok(&["workspace", "delete", "dev", "--wait"]);
+    let gone: serde_json::Value =
+        serde_json::from_str(&ok(&alice, &["workspace", "wait", "dev", "--for", "deleted", "--json"])).unwrap();
+    assert_eq!(gone["status"], "deleted");
+    coord.create("dev", template, &["--owner", "bob"]);
+    refused(
+        &alice,
+        &["workspace", "wait", "dev", "--for", "running", "--timeout", "1s"],
+        "user 'alice' may not access workspace 'dev'",
+    );
 }
 
 #[test]
