@@ -103,8 +103,8 @@ async fn show_user(State(s): State<ApiState>, Path(name): Path<String>) -> ApiRe
 }
 
 async fn remove_user(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
-    s.engine.remove_user(&name).await?;
-    Ok(Json(serde_json::json!({ "removed": name })))
+    let disowned = s.engine.remove_user(&name).await?;
+    Ok(Json(serde_json::json!({ "removed": name, "workspaces_without_owner": disowned })))
 }
 
 #[derive(Deserialize)]

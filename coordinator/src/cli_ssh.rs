@@ -129,8 +129,19 @@ pub async fn user(client: &Client, cmd: UserCmd) -> anyhow::Result<()> {
             print_user(&u);
         }
         UserCmd::Remove { name } => {
-            let _: serde_json::Value = client.delete(&format!("/users/{}", enc(&name))).await?;
+            let removed: serde_json::Value = client.delete(&format!("/users/{}", enc(&name))).await?;
             println!("user {name} removed");
+            let disowned: Vec<&str> = removed["workspaces_without_owner"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|w| w.as_str()).collect())
+                .unwrap_or_default();
+            if !disowned.is_empty() {
+                println!(
+                    "workspaces now without an owner (only the admin reaches them; a later user named {name} does \
+                     not): {}",
+                    disowned.join(", ")
+                );
+            }
         }
         UserCmd::AddKey { name, ssh_keys } => {
             let body = serde_json::json!({ "ssh_keys": read_keys(&ssh_keys)? });

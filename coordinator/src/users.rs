@@ -98,12 +98,13 @@ impl Engine {
         self.user(name).await
     }
 
-    pub async fn remove_user(&self, name: &str) -> Result<(), OpError> {
-        if !self.store.remove_user(name).await? {
+    /// Removes a user; returns the live workspaces they owned, now without an owner.
+    pub async fn remove_user(&self, name: &str) -> Result<Vec<String>, OpError> {
+        let Some(disowned) = self.store.remove_user(name).await? else {
             return Err(OpError::Missing(format!("no user '{name}'")));
-        }
-        info!(user = name, "user removed");
-        Ok(())
+        };
+        info!(user = name, workspaces_without_owner = ?disowned, "user removed");
+        Ok(disowned)
     }
 
     /// Issues a new API token for a user; the old one stops working.

@@ -5,6 +5,7 @@ use crate::{bin, Coordinator};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[derive(Clone)]
 pub struct SshUser {
     pub name: String,
     pub dir: PathBuf,

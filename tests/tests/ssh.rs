@@ -681,6 +681,20 @@ fn users_stop_and_start_their_own_workspaces_with_their_token_and_nothing_else()
         &["workspace", "wait", "dev", "--for", "running", "--timeout", "1s"],
         "user 'alice' may not access workspace 'dev'",
     );
+
+    // Removing a user takes their name off what they owned: a later user of that name inherits
+    // nothing, over the API or SSH.
+    coord.create("lab", template, &["--owner", "alice"]);
+    let removed = coord.ok(&["user", "remove", "alice"]);
+    assert!(removed.contains("workspaces now without an owner") && removed.contains("lab"), "{removed}");
+    assert_eq!(coord.json(&["workspace", "show", "lab"])["owner"], serde_json::Value::Null);
+    let public = alice.key.with_extension("pub");
+    let again = coord.json(&["user", "add", "alice", "--ssh-key", public.to_str().unwrap()]);
+    let new_alice = SshUser { token: again["token"].as_str().unwrap().to_string(), ..alice.clone() };
+    assert_eq!(names(&new_alice), Vec::<String>::new());
+    refused(&new_alice, &["workspace", "show", "lab"], "user 'alice' may not access workspace 'lab'");
+    let out = new_alice.run("lab.tether", "true");
+    assert!(text(&out.stderr).contains("user 'alice' may not access workspace 'lab'"), "{}", text(&out.stderr));
 }
 
 #[test]

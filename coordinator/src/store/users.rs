@@ -86,17 +86,31 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Removes a user, their keys and their grants. Workspaces they own keep the owner's name.
-    pub async fn remove_user(&self, name: &str) -> Result<bool> {
+    /// Removes a user, their keys and their grants, and takes their name off the workspaces they
+    /// own (deleted ones included), so that a later user of the same name inherits nothing. `None`
+    /// if there is no such user; else the names of the live workspaces left without an owner.
+    pub async fn remove_user(&self, name: &str) -> Result<Option<Vec<String>>> {
         let mut tx = self.write_tx().await?;
+        let disowned: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM workspaces WHERE owner = $1 AND status <> 'deleted' ORDER BY name")
+                .bind(name)
+                .fetch_all(&mut *tx)
+                .await?;
+        sqlx::query("UPDATE workspaces SET owner = NULL WHERE owner = $1").bind(name).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM grants WHERE user_name = $1").bind(name).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM user_keys WHERE user_id = (SELECT id FROM users WHERE name = $1)")
             .bind(name)
             .execute(&mut *tx)
             .await?;
         let done = sqlx::query("DELETE FROM users WHERE name = $1").bind(name).execute(&mut *tx).await?;
+        if done.rows_affected() == 0 {
+            // Nothing to undo: with no such user there was no owner of that name to take off either
+            // (an owner is a user when the workspace is created).
+            tx.rollback().await?;
+            return Ok(None);
+        }
         tx.commit().await?;
-        Ok(done.rows_affected() > 0)
+        Ok(Some(disowned))
     }
 
     pub async fn set_user_token(&self, name: &str, token_hash: &str) -> Result<bool> {
