@@ -502,7 +502,7 @@ impl Engine {
         self.set_status(&mut row, Stopping, "stop requested").await?;
         let engine = self.clone();
         let id = row.id;
-        tokio::spawn(async move { engine.run_stop(id, previous, false).await });
+        tokio::spawn(async move { engine.run_stop(id, previous, false, None).await });
         Ok(self.view(&row))
     }
 
@@ -519,7 +519,7 @@ impl Engine {
         self.set_status(&mut row, WorkspaceStatus::Deleting, "delete requested").await?;
         let engine = self.clone();
         let id = row.id;
-        tokio::spawn(async move { engine.run_stop(id, previous, true).await });
+        tokio::spawn(async move { engine.run_stop(id, previous, true, None).await });
         Ok(self.view(&row))
     }
 
@@ -585,9 +585,17 @@ impl Engine {
 
     /// Stop (and, for delete, remove) a workspace. On failure the workspace returns to the status it
     /// had, with the failure recorded.
-    async fn run_stop(self: Arc<Self>, id: i64, previous: (WorkspaceStatus, String), delete: bool) {
+    /// Stops (or deletes) the workspace: its agent, then what the provisioner started. On success
+    /// the status reason is `reason` if given, else what became of the agent.
+    async fn run_stop(
+        self: Arc<Self>,
+        id: i64,
+        previous: (WorkspaceStatus, String),
+        delete: bool,
+        reason: Option<String>,
+    ) {
         let what = if delete { "delete" } else { "stop" };
-        let result = self.run_stop_inner(id, delete).await;
+        let result = self.run_stop_inner(id, delete).await.map(|detail| reason.unwrap_or(detail));
         let outcome = async {
             let _guard = self.lock(id).await;
             let mut row = self.reload(id).await?;
@@ -665,6 +673,26 @@ impl Engine {
             provision::delete(self, &row, &template).await?;
         }
         Ok(detail)
+    }
+
+    /// The agent ended the workspace on its own: it shut down (SIGTERM in the workspace), or was
+    /// lost while it did. What the provisioner started may outlive the agent (a container whose
+    /// main process is not the agent, a VM, children a killed agent left behind), and would stand
+    /// in the way of the next start, so it is stopped as `workspace stop` would; the workspace is
+    /// `stopped` with `detail` once that is done. Called under the workspace's lock.
+    async fn stopped_by_agent(self: &Arc<Self>, row: &mut WorkspaceRow, detail: String) -> Result<(), OpError> {
+        if row.provisioner == "external" {
+            return self.set_status(row, WorkspaceStatus::Stopped, &detail).await;
+        }
+        self.store.set_op(row.id, Some("stop")).await?;
+        self.metrics.transition_begun(row.id, Transition::Stop);
+        let stopping = format!("{detail}; stopping what the provisioner started");
+        self.set_status(row, WorkspaceStatus::Stopping, &stopping).await?;
+        let (engine, id) = (self.clone(), row.id);
+        tokio::spawn(
+            async move { engine.run_stop(id, (WorkspaceStatus::Stopping, stopping), false, Some(detail)).await },
+        );
+        Ok(())
     }
 
     /// Waits until `done()` holds, re-checking whenever a workspace changes. False on timeout.
@@ -943,7 +971,7 @@ impl Engine {
     }
 
     /// The tunnel closed. `goodbye` is the agent's reason when it left on purpose.
-    pub async fn agent_gone(&self, id: i64, conn_id: u64, goodbye: Option<String>) {
+    pub async fn agent_gone(self: &Arc<Self>, id: i64, conn_id: u64, goodbye: Option<String>) {
         {
             let mut live = self.live();
             match live.agents.get(&id) {
@@ -970,7 +998,7 @@ impl Engine {
         if status::expects_agent(row.status) || own_shutdown {
             let shut_down = row.lifecycle.is_some_and(|l| l.rank() >= Lifecycle::ShuttingDown.rank());
             let result = if shut_down {
-                self.set_status(&mut row, WorkspaceStatus::Stopped, &format!("agent shut down: {reason}")).await
+                self.stopped_by_agent(&mut row, format!("agent shut down: {reason}")).await
             } else {
                 self.set_status(&mut row, WorkspaceStatus::Unhealthy, &format!("agent exited: {reason}")).await
             };
@@ -982,7 +1010,7 @@ impl Engine {
 
     /// One tick of the liveness clock: silent agents and agents that never came turn unhealthy, and
     /// a workspace whose agent went silent while it shut down on its own is stopped.
-    pub async fn sweep(&self) {
+    pub async fn sweep(self: &Arc<Self>) {
         let expired = self.live().liveness.expire(Instant::now());
         for e in expired {
             let (id, since_heartbeat, reason) = match e {
@@ -1011,7 +1039,7 @@ impl Engine {
                 (WorkspaceStatus::Stopping, Some(since)) if row.op.is_none() => {
                     self.live().liveness.forget(id);
                     let how = format!("last heartbeat {}s ago", since.as_secs());
-                    self.set_status(&mut row, WorkspaceStatus::Stopped, &status::lost_in_shutdown_reason(&how)).await
+                    self.stopped_by_agent(&mut row, status::lost_in_shutdown_reason(&how)).await
                 }
                 _ => Ok(()),
             };
@@ -1040,14 +1068,18 @@ impl Engine {
                     let engine = self.clone();
                     let id = row.id;
                     tokio::spawn(async move {
-                        engine.run_stop(id, (WorkspaceStatus::Unhealthy, "stop was interrupted".into()), false).await
+                        engine
+                            .run_stop(id, (WorkspaceStatus::Unhealthy, "stop was interrupted".into()), false, None)
+                            .await
                     });
                 }
                 (WorkspaceStatus::Deleting, _) => {
                     let engine = self.clone();
                     let id = row.id;
                     tokio::spawn(async move {
-                        engine.run_stop(id, (WorkspaceStatus::Unhealthy, "delete was interrupted".into()), true).await
+                        engine
+                            .run_stop(id, (WorkspaceStatus::Unhealthy, "delete was interrupted".into()), true, None)
+                            .await
                     });
                 }
                 (WorkspaceStatus::Pending, Some("start")) | (WorkspaceStatus::Starting, Some("start")) => {

@@ -345,6 +345,43 @@ blocks_login = true
 }
 
 #[test]
+fn an_agent_that_shuts_down_on_its_own_has_the_provisioner_stop_what_it_started() {
+    let c = Coordinator::start();
+    // The command provisioner starts the agent in the background, as `docker run -d` would start a
+    // container whose main process is not the agent; its stop command leaves a mark where `docker
+    // rm -f` would remove the container.
+    let template = r#"
+provisioner = "command"
+[command]
+start = "D=$(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE; mkdir -p $D; TETHER_AGENT_DATA_DIR=$D $TETHER_AGENT_BINARY > $D.log 2>&1 < /dev/null & echo $! > $D.pid"
+stop = "D=$(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE; echo removed >> $D.stopped"
+[[script]]
+name = "bye"
+run = "echo bye"
+on = "stop"
+"#;
+    c.create("cmdws", template, &["--start"]);
+    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
+    let base = c.data_dir().join("cmd-cmdws");
+    let pid: i32 = std::fs::read_to_string(base.with_extension("pid")).unwrap().trim().parse().unwrap();
+
+    // SIGTERM inside the workspace: the agent runs its stop scripts and says goodbye; the
+    // coordinator then runs the provisioner's stop, once, and only then calls it stopped.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let w = c.wait_for("cmdws", "stopped,unhealthy,failed", LONG);
+    assert_eq!(w["status"], "stopped", "{w}");
+    assert!(w["status_reason"].as_str().unwrap().starts_with("agent shut down"), "{w}");
+    assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\n");
+    assert_eq!(span(&c.timings("cmdws"), "provision", "stop command")["exit_code"], 0);
+    assert!(c.logs("cmdws").contains(&("bye".into(), "bye".into())));
+    // Nothing stands in the way of the next start.
+    c.ok(&["workspace", "start", "cmdws"]);
+    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
+    c.ok(&["workspace", "stop", "cmdws", "--wait"]);
+    assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\nremoved\n");
+}
+
+#[test]
 fn earlier_builds_lose_their_logs_and_timings_after_keep_builds_and_the_current_one_keeps_them() {
     let c = Coordinator::start_with(&["--keep-builds", "2s"]);
     let template = r#"
