@@ -599,6 +599,12 @@ impl Engine {
         let outcome = async {
             let _guard = self.lock(id).await;
             let mut row = self.reload(id).await?;
+            // A delete may have taken over this stop meanwhile: the status and the operation are
+            // its to finish.
+            if row.op.as_deref().is_some_and(|op| op != what) {
+                info!(workspace = %row.name, op = ?row.op, "{what} finished after another operation took over");
+                return Ok(());
+            }
             self.store.set_op(id, None).await?;
             match result {
                 Ok(detail) => {
@@ -677,9 +683,9 @@ impl Engine {
 
     /// The agent ended the workspace on its own: it shut down (SIGTERM in the workspace), or was
     /// lost while it did. What the provisioner started may outlive the agent (a container whose
-    /// main process is not the agent, a VM, children a killed agent left behind), and would stand
-    /// in the way of the next start, so it is stopped as `workspace stop` would; the workspace is
-    /// `stopped` with `detail` once that is done. Called under the workspace's lock.
+    /// main process is not the agent, a VM), and would stand in the way of the next start, so it
+    /// is stopped as `workspace stop` would; the workspace is `stopped` with `detail` once that is
+    /// done. Called under the workspace's lock.
     async fn stopped_by_agent(self: &Arc<Self>, row: &mut WorkspaceRow, detail: String) -> Result<(), OpError> {
         if row.provisioner == "external" {
             return self.set_status(row, WorkspaceStatus::Stopped, &detail).await;
@@ -713,7 +719,11 @@ impl Engine {
     // ---- the agent side ---------------------------------------------------------------------
 
     /// Checks an agent's hello and registers its connection.
-    pub async fn agent_hello(&self, hello: &Hello, quic: Option<quinn::Connection>) -> Result<Accepted, Rejected> {
+    pub async fn agent_hello(
+        self: &Arc<Self>,
+        hello: &Hello,
+        quic: Option<quinn::Connection>,
+    ) -> Result<Accepted, Rejected> {
         let internal = |e: OpError| Rejected { code: RejectCode::Busy, message: format!("coordinator error: {e}") };
         let bad_token = || Rejected {
             code: RejectCode::BadToken,
@@ -744,12 +754,24 @@ impl Engine {
         if row.status == Stopping && row.op.is_none() && !reconnect {
             // The agent that was shutting down on its own is gone without its goodbye, and another
             // agent process (the workspace was restarted) holds the token now: that shutdown is over.
+            // What the provisioner started is stopped first (it may be what restarted the agent),
+            // as after any shutdown of the agent's own; an external workspace is stopped now.
             self.live().liveness.forget(row.id);
             let reason = status::lost_in_shutdown_reason("a new agent process connected");
-            self.set_status(&mut row, Stopped, &reason).await.map_err(internal)?;
+            self.stopped_by_agent(&mut row, reason).await.map_err(internal)?;
         }
         match row.status {
-            Starting | Running | Unhealthy | Stopping => {}
+            Starting | Running | Unhealthy => {}
+            // The agent shutting down comes back (its connection dropped) to finish and say goodbye.
+            Stopping if reconnect => {}
+            // Another agent process while a stop or delete runs: it would be left running, its
+            // token cleared, unseen by the stop that already looked for the agent.
+            Stopping => {
+                return Err(Rejected {
+                    code: RejectCode::WorkspaceNotRunnable,
+                    message: format!("workspace '{}' is stopping ({})", row.name, row.status_reason),
+                })
+            }
             // The agent that was shutting down comes back to deliver its last events and its
             // goodbye; the workspace stays stopped.
             Stopped if reconnect && row.lifecycle.is_some_and(|l| l.rank() >= Lifecycle::ShuttingDown.rank()) => {}
