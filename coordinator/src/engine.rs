@@ -583,10 +583,9 @@ impl Engine {
         Ok(RotatedToken { token, command, agent_disconnected })
     }
 
-    /// Stop (and, for delete, remove) a workspace. On failure the workspace returns to the status it
-    /// had, with the failure recorded.
-    /// Stops (or deletes) the workspace: its agent, then what the provisioner started. On success
-    /// the status reason is `reason` if given, else what became of the agent.
+    /// Stops (and, for delete, removes) a workspace: its agent, then what the provisioner started.
+    /// On success the status reason is `reason` if given, else what became of the agent; on failure
+    /// the workspace returns to the status it had, with the failure recorded.
     async fn run_stop(
         self: Arc<Self>,
         id: i64,
