@@ -95,8 +95,12 @@ pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// What the coordinator grants an agent per stream, and per connection before any brokered SSH
-/// stream: what one agent can make the coordinator buffer.
-pub const SERVER_STREAM_WINDOW: u32 = 256 * 1024;
+/// stream: what one agent can make the coordinator buffer. A brokered stream's window caps a
+/// download at window / round trip between the coordinator and the agent, so it is at least the
+/// window an SSH client grants its channel (OpenSSH: 2 MiB), which then sets the pace, as it does
+/// through an OpenSSH jump host; 256 KiB held downloads to 5 MiB/s with the agent 50 ms away
+/// (`tether-bench ssh --rtt-ms 50`).
+pub const SERVER_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const SERVER_CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// What a connection gets before its hello is welcomed: a hello and then some.
 pub const PRE_HELLO_WINDOW: u32 = 4 * crate::limits::MAX_HELLO_FRAME as u32;

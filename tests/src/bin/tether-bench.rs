@@ -10,6 +10,8 @@ mod agents;
 mod coordinator;
 #[path = "tether_bench/host.rs"]
 mod host;
+#[path = "tether_bench/relay.rs"]
+mod relay;
 #[path = "tether_bench/report.rs"]
 mod report;
 #[path = "tether_bench/sftp.rs"]

@@ -7,6 +7,7 @@
 
 use crate::coordinator::sibling_binary;
 use crate::host;
+use crate::relay::{self, Relay};
 use crate::report::{median_max, Block};
 use crate::swarm::round;
 use anyhow::{anyhow, bail, Context};
@@ -70,6 +71,19 @@ pub struct SshArgs {
     /// same run, interleaved with the others: an A/B comparison of two builds on equal terms.
     #[arg(long, value_name = "TETHER")]
     pub compare_with: Option<PathBuf>,
+    /// Puts the workspace this many milliseconds of round trip away: every path reaches it through a
+    /// delay line on 127.0.0.1, half the time each way (OpenSSH's target `sshd` behind a TCP relay,
+    /// the agent's QUIC connection to the coordinator through a UDP relay). Every echo trip then
+    /// takes a round trip: pass fewer --echo-samples with it.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub rtt_ms: u64,
+}
+
+impl SshArgs {
+    /// The delay each way of the relays in front of the workspace, if any.
+    fn one_way(&self) -> Option<Duration> {
+        (self.rtt_ms > 0).then(|| Duration::from_micros(self.rtt_ms * 500))
+    }
 }
 
 /// One way from the client to a shell: an ssh config file and the host to name in it.
@@ -312,12 +326,18 @@ fn setup_once(route: &Route) -> anyhow::Result<f64> {
     Ok(started.elapsed().as_secs_f64() * 1000.0)
 }
 
+/// Longest a bulk run of `mib` MiB may take.
+fn bulk_timeout(mib: u64, slow_link: bool) -> Duration {
+    let floor = if slow_link { 1 } else { BULK_FLOOR_MIB_S };
+    CONNECT_TIMEOUT + Duration::from_secs(mib / floor)
+}
+
 /// `mib` MiB of zeros into `cat > /dev/null` on the remote side, timed from the remote side being
 /// ready to the session's end (so connection setup is not counted), in MiB/s.
-fn bulk_once(route: &Route, mib: u64) -> anyhow::Result<f64> {
+fn bulk_once(route: &Route, mib: u64, slow_link: bool) -> anyhow::Result<f64> {
     let mut cmd = route.ssh(&[], "echo ready && exec cat > /dev/null");
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-    let timeout = CONNECT_TIMEOUT + Duration::from_secs(mib / BULK_FLOOR_MIB_S);
+    let timeout = bulk_timeout(mib, slow_link);
     let what = format!("bulk {mib} MiB");
     let mut run = SshRun::spawn(route, cmd, &what, timeout)?;
     let mut out = run.stdout()?;
@@ -334,6 +354,29 @@ fn bulk_once(route: &Route, mib: u64) -> anyhow::Result<f64> {
     run.finish()?;
     let (wrote, elapsed) = sent?;
     wrote.with_context(|| format!("{what}: writing to ssh"))?;
+    Ok(mib as f64 / elapsed.as_secs_f64())
+}
+
+/// `mib` MiB of zeros from `head -c` on the remote side, timed from the remote side being ready to
+/// the last byte read, in MiB/s: the download direction (`scp` or `rsync` from the workspace).
+fn bulk_down_once(route: &Route, mib: u64, slow_link: bool) -> anyhow::Result<f64> {
+    let bytes = mib << 20;
+    let mut cmd = route.ssh(&[], &format!("echo ready && exec head -c {bytes} /dev/zero"));
+    cmd.stdout(Stdio::piped());
+    let what = format!("bulk down {mib} MiB");
+    let mut run = SshRun::spawn(route, cmd, &what, bulk_timeout(mib, slow_link))?;
+    let mut out = run.stdout()?;
+    let got = wait_ready(&mut out, &what).map(|()| {
+        let started = Instant::now();
+        let read = std::io::copy(&mut out, &mut std::io::sink());
+        (read, started.elapsed())
+    });
+    run.finish()?;
+    let (read, elapsed) = got?;
+    let read = read.with_context(|| format!("{what}: reading from ssh"))?;
+    if read != bytes {
+        bail!("{what}: {read} bytes arrived, not {bytes}");
+    }
     Ok(mib as f64 / elapsed.as_secs_f64())
 }
 
@@ -593,6 +636,8 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 /// The OpenSSH side: a client key, a target `sshd`, a jump `sshd` and the client's config.
 /// Field order is drop order: the servers go before their directory.
 struct Lab {
+    /// The delay line in front of the target, with --rtt-ms.
+    _relay: Option<Relay>,
     _target: Sshd,
     _jump: Sshd,
     dir: Option<tempfile::TempDir>,
@@ -602,7 +647,7 @@ struct Lab {
 }
 
 impl Lab {
-    async fn start(cipher: &str) -> anyhow::Result<Lab> {
+    async fn start(cipher: &str, one_way: Option<Duration>) -> anyhow::Result<Lab> {
         let dir =
             tempfile::Builder::new().prefix("tether-bench-ssh-").tempdir().context("creating a temporary directory")?;
         let path = dir.path().to_path_buf();
@@ -621,6 +666,14 @@ impl Lab {
         let target = Sshd::start(&path.join("sshd-target"), target_port, &authorized, &session).await?;
         let jump_extra = format!("{session}AllowTcpForwarding yes\n");
         let jump = Sshd::start(&path.join("sshd-jump"), jump_port, &authorized, &jump_extra).await?;
+        // With a delay line, every path to the target goes through it; the jump host stays near.
+        let relay = match one_way {
+            Some(d) => {
+                Some(relay::tcp(([127, 0, 0, 1], target_port).into(), d).await.context("starting the TCP relay")?)
+            }
+            None => None,
+        };
+        let target_port = relay.as_ref().map_or(target_port, |r| r.addr.port());
         let config = path.join("ssh_config");
         let forced = format!("  Ciphers {cipher}\n");
         let host = |name: &str, port: u16, jump: Option<&str>, ciphers: &str| {
@@ -644,7 +697,7 @@ impl Lab {
         ]
         .join("");
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-        Ok(Lab { _target: target, _jump: jump, dir: Some(dir), path, key, config })
+        Ok(Lab { _relay: relay, _target: target, _jump: jump, dir: Some(dir), path, key, config })
     }
 
     fn route(&self, key: &'static str, about: &'static str) -> Route {
@@ -671,6 +724,8 @@ impl Lab {
 /// the agent's process group (a `process` agent outlives its coordinator on purpose).
 struct TetherSide {
     child: Child,
+    /// The delay line between the agent and the coordinator, with --rtt-ms.
+    _relay: Option<Relay>,
     data: PathBuf,
     binary: PathBuf,
     route: Route,
@@ -712,17 +767,37 @@ impl TetherSide {
     }
 
     /// Starts a coordinator with its data under `lab`, named `key` (the route's name).
-    async fn start(binary: PathBuf, lab: &Lab, log_filter: &str, key: &'static str) -> anyhow::Result<TetherSide> {
+    async fn start(
+        binary: PathBuf,
+        lab: &Lab,
+        log_filter: &str,
+        key: &'static str,
+        one_way: Option<Duration>,
+    ) -> anyhow::Result<TetherSide> {
         let dir = if key == "c" { String::new() } else { format!("-{key}") };
         let data = lab.path.join(format!("tether{dir}"));
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let log_path = data.join("coordinator.log");
         let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(&binary)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen-http", "127.0.0.1:0", "--listen-quic", "127.0.0.1:0", "--listen-ssh", "127.0.0.1:0"])
+        // With a delay line, the agent is told to dial the coordinator through it.
+        let (quic, relay) = match one_way {
+            Some(d) => {
+                let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                    .and_then(|s| s.local_addr())
+                    .context("finding a free UDP port")?
+                    .port();
+                let relay = relay::udp(([127, 0, 0, 1], port).into(), d).await.context("starting the UDP relay")?;
+                (format!("127.0.0.1:{port}"), Some(relay))
+            }
+            None => ("127.0.0.1:0".to_string(), None),
+        };
+        let mut serve = Command::new(&binary);
+        serve.arg("serve").arg("--data-dir").arg(&data);
+        serve.args(["--listen-http", "127.0.0.1:0", "--listen-quic", &quic, "--listen-ssh", "127.0.0.1:0"]);
+        if let Some(r) = &relay {
+            serve.args(["--advertise-quic", &r.addr.to_string()]);
+        }
+        let child = serve
             .args(["--listen-https", "127.0.0.1:0"])
             .env("TETHER_LOG", log_filter)
             .env_remove("TETHER_URL")
@@ -746,7 +821,7 @@ impl TetherSide {
             log: lab.path.join(format!("ssh-{key}.log")),
             servers: Vec::new(),
         };
-        let mut side = TetherSide { child, data, binary, route, front_door: String::new() };
+        let mut side = TetherSide { child, _relay: relay, data, binary, route, front_door: String::new() };
 
         let info_path = side.data.join("coordinator.json");
         let deadline = Instant::now() + START_TIMEOUT;
@@ -869,6 +944,7 @@ fn sorted(values: &[f64]) -> Vec<f64> {
 struct Figures {
     hops: Vec<Hop>,
     bulk_mib_s: Vec<f64>,
+    bulk_down_mib_s: Vec<f64>,
     setup_ms: Vec<f64>,
     echo_us: Vec<f64>,
     server_cpu_us: Option<f64>,
@@ -882,6 +958,7 @@ fn cpu_text(us: Option<f64>) -> String {
 #[derive(Debug, Clone, Copy)]
 struct Summary {
     bulk: f64,
+    bulk_down: f64,
     setup_median: f64,
     setup_p90: f64,
     echo_p50: f64,
@@ -893,11 +970,13 @@ struct Summary {
 impl Figures {
     fn summary(&self) -> Summary {
         let bulk = sorted(&self.bulk_mib_s);
+        let bulk_down = sorted(&self.bulk_down_mib_s);
         let setup = sorted(&self.setup_ms);
         let echo = sorted(&self.echo_us);
         let median = |v: &[f64]| median_max(v).map_or(f64::NAN, |(m, _)| m);
         Summary {
             bulk: median(&bulk),
+            bulk_down: median(&bulk_down),
             setup_median: median(&setup),
             setup_p90: percentile(&setup, 0.9),
             echo_p50: percentile(&echo, 0.5),
@@ -917,6 +996,7 @@ impl Figures {
             "hops": self.hops.iter().map(Hop::json).collect::<Vec<_>>(),
             "end_to_end": self.hops.last().map(Hop::json),
             "bulk_mib_per_s": { "median": round(s.bulk, 1), "runs": list(&self.bulk_mib_s, 1) },
+            "bulk_down_mib_per_s": { "median": round(s.bulk_down, 1), "runs": list(&self.bulk_down_mib_s, 1) },
             "setup_ms": {
                 "median": round(s.setup_median, 2),
                 "p90": round(s.setup_p90, 2),
@@ -941,6 +1021,7 @@ fn compare(c: &Summary, base: &Summary, base_key: &str, b: &mut Block) -> Value 
     let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
     let ratios = json!({
         "bulk_throughput": round(ratio(c.bulk, base.bulk), 3),
+        "bulk_download": round(ratio(c.bulk_down, base.bulk_down), 3),
         "setup_median": round(ratio(c.setup_median, base.setup_median), 3),
         "setup_p90": round(ratio(c.setup_p90, base.setup_p90), 3),
         "echo_p50": round(ratio(c.echo_p50, base.echo_p50), 3),
@@ -950,9 +1031,10 @@ fn compare(c: &Summary, base: &Summary, base_key: &str, b: &mut Block) -> Value 
     b.line(
         &format!("ratios c/{base_key}"),
         format!(
-            "throughput {:.2}, setup median {:.2} (p90 {:.2}), echo p50 {:.2}, echo p99 {:.2}, \
+            "throughput {:.2} (down {:.2}), setup median {:.2} (p90 {:.2}), echo p50 {:.2}, echo p99 {:.2}, \
              server CPU per trip {:.2}",
             ratio(c.bulk, base.bulk),
+            ratio(c.bulk_down, base.bulk_down),
             ratio(c.setup_median, base.setup_median),
             ratio(c.setup_p90, base.setup_p90),
             ratio(c.echo_p50, base.echo_p50),
@@ -962,6 +1044,12 @@ fn compare(c: &Summary, base: &Summary, base_key: &str, b: &mut Block) -> Value 
     );
     let targets = [
         ("throughput", c.bulk >= base.bulk, format!("{:.1} vs {:.1} MiB/s", c.bulk, base.bulk), ">="),
+        (
+            "throughput down",
+            c.bulk_down >= base.bulk_down,
+            format!("{:.1} vs {:.1} MiB/s", c.bulk_down, base.bulk_down),
+            ">=",
+        ),
         (
             "setup median",
             c.setup_median <= base.setup_median,
@@ -1008,7 +1096,7 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
     };
 
     let load_before = loadavg();
-    let mut lab = Lab::start(&args.cipher).await?;
+    let mut lab = Lab::start(&args.cipher, args.one_way()).await?;
     eprintln!("sshd target and jump up in {}", lab.path.display());
     let mut routes = vec![
         lab.route("a", "OpenSSH: ssh direct to sshd"),
@@ -1017,7 +1105,7 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
         lab.route("b-gcm", "OpenSSH: ssh -J, cipher forced on both hops"),
     ];
     let tether = match tether_binary {
-        Some(binary) => Some(TetherSide::start(binary, &lab, &args.coordinator_log, "c").await?),
+        Some(binary) => Some(TetherSide::start(binary, &lab, &args.coordinator_log, "c", args.one_way()).await?),
         None => {
             eprintln!("skipping the Tether leg (--skip-tether)");
             None
@@ -1027,7 +1115,9 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
         routes.push(t.route.clone());
     }
     let other = match (&tether, &args.compare_with) {
-        (Some(_), Some(binary)) => Some(TetherSide::start(binary.clone(), &lab, &args.coordinator_log, "c2").await?),
+        (Some(_), Some(binary)) => {
+            Some(TetherSide::start(binary.clone(), &lab, &args.coordinator_log, "c2", args.one_way()).await?)
+        }
         _ => None,
     };
     if let Some(t) = &other {
@@ -1065,24 +1155,35 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
     b.line(
         "runs",
         format!(
-            "bulk {} x {} MiB, setup {} x `ssh HOST true`, echo {} samples (+{ECHO_WARMUP} warm-up)",
+            "bulk {} x {} MiB each way, setup {} x `ssh HOST true`, echo {} samples (+{ECHO_WARMUP} warm-up)",
             args.bulk_runs, args.bulk_mib, args.setup_runs, args.echo_samples
         ),
     );
+    b.line(
+        "workspace round trip",
+        match args.rtt_ms {
+            0 => "loopback".to_string(),
+            ms => format!(
+                "{ms} ms added by delay lines ({} ms each way) in front of the target sshd and the agent",
+                ms as f64 / 2.0
+            ),
+        },
+    );
     b.note("");
     b.note(format!(
-        "{:<6} {:<44} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10}",
-        "path", "", "MiB/s", "setup ms", "p90 ms", "echo p50", "echo p99", "CPU/trip"
+        "{:<6} {:<44} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10}",
+        "path", "", "up MiB/s", "down", "setup ms", "p90 ms", "echo p50", "echo p99", "CPU/trip"
     ));
     let mut summaries = Vec::new();
     let mut per_route = serde_json::Map::new();
     for (route, f) in routes.iter().zip(&figures) {
         let s = f.summary();
         b.note(format!(
-            "{:<6} {:<44} {:>9.1} {:>10.1} {:>9.1} {:>8.0}us {:>8.0}us {:>10}",
+            "{:<6} {:<44} {:>9.1} {:>9.1} {:>10.1} {:>9.1} {:>8.0}us {:>8.0}us {:>10}",
             route.key,
             route.about,
             s.bulk,
+            s.bulk_down,
             s.setup_median,
             s.setup_p90,
             s.echo_p50,
@@ -1149,6 +1250,7 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
         "forced_cipher": args.cipher,
         "bulk_mib": args.bulk_mib,
         "bulk_runs": args.bulk_runs,
+        "added_rtt_ms": args.rtt_ms,
         "setup_runs": args.setup_runs,
         "echo_samples": args.echo_samples,
         "echo_warmup": ECHO_WARMUP,
@@ -1179,12 +1281,16 @@ async fn measure(args: &SshArgs, routes: &[Route]) -> anyhow::Result<Vec<Figures
             f.setup_ms.push(blocking(move || setup_once(&r)).await?);
         }
     }
+    let slow_link = args.one_way().is_some();
     for round in 0..args.bulk_runs {
         for (route, f) in routes.iter().zip(&mut figures) {
             let (r, mib) = (route.clone(), args.bulk_mib);
-            let rate = blocking(move || bulk_once(&r, mib)).await?;
-            eprintln!("bulk {}/{}: {} {rate:.1} MiB/s", round + 1, args.bulk_runs, route.key);
-            f.bulk_mib_s.push(rate);
+            let up = blocking(move || bulk_once(&r, mib, slow_link)).await?;
+            let (r, mib) = (route.clone(), args.bulk_mib);
+            let down = blocking(move || bulk_down_once(&r, mib, slow_link)).await?;
+            eprintln!("bulk {}/{}: {} up {up:.1} MiB/s, down {down:.1} MiB/s", round + 1, args.bulk_runs, route.key);
+            f.bulk_mib_s.push(up);
+            f.bulk_down_mib_s.push(down);
         }
     }
     let (r, n) = (routes.to_vec(), args.echo_samples);
