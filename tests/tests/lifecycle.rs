@@ -617,3 +617,101 @@ on = "stop"
     assert_eq!(w["lifecycle"], "off", "{w}");
     assert_eq!(span(&c.timings("twin"), "stop_script", "bye")["status"], "ok");
 }
+
+/// A `command` workspace whose start launches the agent in the background and keeps its token, pid
+/// and log beside the coordinator's data (`cmd-NAME.*`), and whose stop command waits for
+/// `cmd-NAME.release` (a minute at most) when `slow_stop`, then leaves a mark.
+fn background_agent_template(slow_stop: bool, stop_script: &str) -> String {
+    let wait = if slow_stop {
+        "touch $D.stopping; i=0; while [ ! -e $D.release ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
+    } else {
+        ""
+    };
+    format!(
+        r#"
+provisioner = "command"
+[command]
+start = "D=$(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE; mkdir -p $D; echo $TETHER_AGENT_TOKEN > $D.token; TETHER_AGENT_DATA_DIR=$D $TETHER_AGENT_BINARY > $D.log 2>&1 < /dev/null & echo $! > $D.pid"
+stop = "D=$(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE; {wait}echo removed >> $D.stopped"
+{stop_script}
+"#
+    )
+}
+
+/// Waits until a test-started agent has been turned away with `why`, then until it exits: it
+/// retries while the workspace is stopping, and gives up once the stop has revoked its token.
+fn turned_away<'a>(agent: &'a mut Agent, why: &str) -> impl FnOnce() + 'a {
+    wait_until("the coordinator to turn the second agent away", LONG, || agent.log_text().contains(why));
+    move || {
+        wait_until("the second agent to exit", LONG, || agent.child.try_wait().unwrap().is_some());
+        let status = agent.child.wait().unwrap();
+        assert!(!status.success(), "a refused agent exits with an error: {status}");
+        let log = agent.log_text();
+        assert!(log.contains("agent token is not valid"), "{log}");
+    }
+}
+
+#[test]
+fn another_agent_process_during_a_stop_is_refused_and_the_stop_finishes() {
+    let c = Coordinator::start();
+    c.create("cmdws", &background_agent_template(true, ""), &["--start"]);
+    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
+    let base = c.data_dir().join("cmd-cmdws");
+    let token = std::fs::read_to_string(base.with_extension("token")).unwrap().trim().to_string();
+
+    // The stop has had the agent shut down and is running the provisioner's stop command when a
+    // second agent process (say, a container's restart policy) comes with the same token.
+    c.ok(&["workspace", "stop", "cmdws"]);
+    wait_until("the stop command", LONG, || base.with_extension("stopping").exists());
+    assert_eq!(c.show("cmdws")["status"], "stopping");
+    let mut second = Agent::start(&c, &token, &c.data_dir().join("second"));
+    let exits = turned_away(&mut second, "workspace 'cmdws' is stopping (stop requested)");
+
+    // The stop finishes as it began, with no agent attached, and the second agent is told its
+    // token is void.
+    std::fs::write(base.with_extension("release"), "").unwrap();
+    exits();
+    let w = c.wait_for("cmdws", "stopped,unhealthy,failed", LONG);
+    assert_eq!(w["status"], "stopped", "{w}");
+    assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\n");
+    c.ok(&["workspace", "start", "cmdws"]);
+    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
+    c.ok(&["workspace", "stop", "cmdws", "--wait"]);
+}
+
+#[test]
+fn a_new_agent_process_during_the_agents_own_shutdown_gets_the_provisioner_stop() {
+    let c = Coordinator::start();
+    let dir = c.data_dir().to_path_buf();
+    // The agent's stop script holds its shutdown until the test lets it go.
+    let script = format!(
+        "[[script]]\nname = \"hold\"\non = \"stop\"\nrun = \"touch {d}/holding; i=0; while [ ! -e {d}/let-go ] && \
+         [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo let go\"\n",
+        d = dir.display()
+    );
+    c.create("cmdws", &background_agent_template(false, &script), &["--start"]);
+    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
+    let base = dir.join("cmd-cmdws");
+    let token = std::fs::read_to_string(base.with_extension("token")).unwrap().trim().to_string();
+    let pid: i32 = std::fs::read_to_string(base.with_extension("pid")).unwrap().trim().parse().unwrap();
+
+    // SIGTERM inside the workspace: the agent begins its shutdown, and is killed (the container's
+    // grace period ran out) in the middle of its stop script, before its goodbye.
+    let agent = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("the stop script", LONG, || dir.join("holding").exists());
+    wait_until("the workspace to be stopping", LONG, || c.show("cmdws")["status"] == "stopping");
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    // A new agent process with the workspace's token (the container was restarted): that shutdown
+    // is over, what the provisioner started is stopped, and the new process is refused.
+    let mut second = Agent::start(&c, &token, &dir.join("second"));
+    turned_away(&mut second, "workspace 'cmdws' is stopping")();
+    let w = c.wait_for("cmdws", "stopped,unhealthy,failed", LONG);
+    assert_eq!(w["status"], "stopped", "{w}");
+    assert!(w["status_reason"].as_str().unwrap().contains("a new agent process connected"), "{w}");
+    // The killed agent's stop script is let go.
+    std::fs::write(dir.join("let-go"), "").unwrap();
+    assert_eq!(c.show("cmdws")["status"], "stopped");
+    assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\n", "stopped once");
+}
