@@ -16,6 +16,12 @@ use tokio::sync::Notify;
 pub const MAX_UNACKED_LOG_BYTES: usize = 64 * 1024 * 1024;
 /// Unacknowledged event bytes kept before the oldest events are dropped.
 pub const MAX_UNACKED_EVENT_BYTES: usize = 8 * 1024 * 1024;
+/// Log batches sent and not yet acknowledged, at most: one being stored while the next travels. The
+/// coordinator gives each agent 1 MiB of flow-control credit for its control and log streams
+/// together, and a log stream's own window is larger (the coordinator's stream window is sized
+/// for SSH downloads), so without this a long build's output could take all of it and hold
+/// heartbeats and events behind the coordinator's database writes.
+pub const MAX_LOG_BATCHES_IN_FLIGHT: usize = 2;
 /// How long, on one connection, an event held behind log lines waits for them to be stored before
 /// it goes anyway (a coordinator that stores no logs must still learn the verdict).
 pub const LOGS_FIRST_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -211,6 +217,9 @@ struct Inner {
     /// Lines dropped by the memory cap and not yet reported: (build, script, count).
     log_drops: Option<(u64, String, u64)>,
     barrier: Option<Barrier>,
+    /// The last sequence number of each log batch sent on this connection and not yet
+    /// acknowledged, oldest first.
+    log_batches: VecDeque<u64>,
 }
 
 /// Events from `event_seq` on wait until the log lines up to `log_seq` are stored.
@@ -261,6 +270,7 @@ impl Outboxes {
                 logs: Outbox::new(max_log_bytes),
                 log_drops: None,
                 barrier: None,
+                log_batches: VecDeque::new(),
             }),
             events_ready: Notify::new(),
             logs_ready: Notify::new(),
@@ -327,6 +337,7 @@ impl Outboxes {
         inner.events.rewind();
         inner.logs.ack(logs_acked);
         inner.logs.rewind();
+        inner.log_batches.clear();
         inner.lift_barrier_if_met();
         drop(inner);
         self.events_ready.notify_one();
@@ -345,8 +356,10 @@ impl Outboxes {
                 }
             }
         }
-        // The next event batch may go now (after an event ack, or a log ack lifting a barrier).
+        // The next event batch may go now (after an event ack, or a log ack lifting a barrier), and
+        // the next log batch (after a log ack, see `MAX_LOG_BATCHES_IN_FLIGHT`).
         self.events_ready.notify_one();
+        self.logs_ready.notify_one();
         self.acked.notify_one();
     }
 
@@ -379,6 +392,13 @@ impl Outboxes {
     /// The next batch of log lines; a note of lines dropped, if any, is stamped by `clock`.
     pub fn next_logs(&self, clock: &WallClock) -> Option<Vec<LogLine>> {
         let mut inner = self.lock();
+        let acked = inner.logs.acked();
+        while inner.log_batches.front().is_some_and(|last| *last <= acked) {
+            inner.log_batches.pop_front();
+        }
+        if inner.log_batches.len() >= MAX_LOG_BATCHES_IN_FLIGHT {
+            return None;
+        }
         if let Some((build, script, count)) = inner.log_drops.take() {
             tracing::warn!(dropped = count, "dropped the oldest unacknowledged log lines: over the memory cap");
             let line = format!(
@@ -390,7 +410,9 @@ impl Outboxes {
             // Drops caused by the note itself are only counted in the tracing line above.
             inner.logs.take_dropped();
         }
-        inner.logs.next_batch(usize::MAX, limits::MAX_LOG_BATCH_BYTES)
+        let batch = inner.logs.next_batch(usize::MAX, limits::MAX_LOG_BATCH_BYTES)?;
+        inner.log_batches.extend(batch.last().map(|l| l.seq));
+        Some(batch)
     }
 
     /// Nothing waits for an acknowledgement on either channel.
@@ -624,5 +646,27 @@ mod tests {
         assert!(last.line.contains("older log lines were dropped"), "{last:?}");
         assert_eq!((last.build, last.script.as_str()), (4, "seed"));
         assert!(batch[0].seq > 1, "the oldest lines went first");
+    }
+
+    #[test]
+    fn at_most_two_log_batches_wait_for_their_acknowledgement() {
+        let o = Outboxes::default();
+        let clock = WallClock::start();
+        // Lines of 100 KiB: two fill a batch.
+        for i in 0..8 {
+            o.push_log(1, "s", LogStream::Stdout, 0, format!("{i}{}", "x".repeat(100 * 1024)));
+        }
+        let first = o.next_logs(&clock).unwrap();
+        let second = o.next_logs(&clock).unwrap();
+        assert!(o.next_logs(&clock).is_none(), "two batches are in flight");
+        o.ack(Channel::Logs, first.last().unwrap().seq);
+        let third = o.next_logs(&clock).unwrap();
+        assert_eq!(third[0].seq, second.last().unwrap().seq + 1);
+        assert!(o.next_logs(&clock).is_none());
+        // A new connection resends everything not acknowledged, again two batches at a time.
+        o.welcome(0, first.last().unwrap().seq);
+        assert_eq!(o.next_logs(&clock).unwrap()[0].seq, second[0].seq);
+        assert!(o.next_logs(&clock).is_some());
+        assert!(o.next_logs(&clock).is_none());
     }
 }

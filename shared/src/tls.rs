@@ -90,8 +90,12 @@ pub fn transport() -> quinn::TransportConfig {
     t
 }
 
-/// Flow-control credit per stream and per connection on the tunnel.
-pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// Flow-control credit per stream and per connection on the tunnel. The agent's stream window is
+/// the coordinator's per-stream share of its send window ([`SERVER_STREAM_WINDOW`], see the
+/// coordinator's broker): an upload whose SSH session the agent stops reading holds no more than
+/// its own share of what the coordinator may have unacknowledged towards the agent, and the rest
+/// stays free for the control stream.
+pub const STREAM_WINDOW: u32 = SERVER_STREAM_WINDOW;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// What the coordinator grants an agent per stream, and per connection before any brokered SSH

@@ -44,10 +44,11 @@ impl quinn::Runtime for Runtime {
     fn wrap_udp_socket(&self, sock: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         sock.set_nonblocking(true)?;
         let state = UdpSocketState::new((&sock).into())?;
-        // Room for a burst while the runtime is busy elsewhere: Linux's default 208 KiB is about
-        // 150 full datagrams, 2 ms at 100 MB/s, and what overflows is lost and costs the
-        // connection its congestion window. The kernel caps this at `net.core.rmem_max`
-        // (`wmem_max`); memory is used only while datagrams wait.
+        // Room for a burst while the runtime is busy elsewhere: Linux's default 208 KiB holds
+        // about a hundred full datagrams, 1 to 2 ms at 100 MB/s, and what overflows is lost and
+        // costs the connection its congestion window. The kernel caps this at
+        // `net.core.rmem_max` (`wmem_max`), 208 KiB unless raised (see the README); memory is used
+        // only while datagrams wait.
         let _ = state.set_recv_buffer_size((&sock).into(), SOCKET_BUFFER);
         let _ = state.set_send_buffer_size((&sock).into(), SOCKET_BUFFER);
         let io = register(sock, Interest::READABLE)?;

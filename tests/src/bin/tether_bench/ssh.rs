@@ -342,17 +342,16 @@ fn bulk_once(route: &Route, mib: u64, slow_link: bool) -> anyhow::Result<f64> {
     let mut run = SshRun::spawn(route, cmd, &what, timeout)?;
     let mut out = run.stdout()?;
     let mut input = run.child.stdin.take().ok_or_else(|| anyhow!("{what}: no stdin pipe"))?;
-    let sent = wait_ready(&mut out, &what).map(|()| {
-        let chunk = vec![0u8; 1 << 20];
-        let started = Instant::now();
-        let wrote = (0..mib).try_for_each(|_| input.write_all(&chunk));
-        drop(input);
-        // The remote `cat` has read everything when the session ends.
-        let _ = std::io::copy(&mut out, &mut std::io::sink());
-        (wrote, started.elapsed())
-    });
+    // (On an error here `run` is dropped, which kills the client rather than wait for it.)
+    wait_ready(&mut out, &what)?;
+    let chunk = vec![0u8; 1 << 20];
+    let started = Instant::now();
+    let wrote = (0..mib).try_for_each(|_| input.write_all(&chunk));
+    drop(input);
+    // The remote `cat` has read everything when the session ends.
+    let _ = std::io::copy(&mut out, &mut std::io::sink());
+    let elapsed = started.elapsed();
     run.finish()?;
-    let (wrote, elapsed) = sent?;
     wrote.with_context(|| format!("{what}: writing to ssh"))?;
     Ok(mib as f64 / elapsed.as_secs_f64())
 }
@@ -366,13 +365,11 @@ fn bulk_down_once(route: &Route, mib: u64, slow_link: bool) -> anyhow::Result<f6
     let what = format!("bulk down {mib} MiB");
     let mut run = SshRun::spawn(route, cmd, &what, bulk_timeout(mib, slow_link))?;
     let mut out = run.stdout()?;
-    let got = wait_ready(&mut out, &what).map(|()| {
-        let started = Instant::now();
-        let read = std::io::copy(&mut out, &mut std::io::sink());
-        (read, started.elapsed())
-    });
+    wait_ready(&mut out, &what)?;
+    let started = Instant::now();
+    let read = std::io::copy(&mut out, &mut std::io::sink());
+    let elapsed = started.elapsed();
     run.finish()?;
-    let (read, elapsed) = got?;
     let read = read.with_context(|| format!("{what}: reading from ssh"))?;
     if read != bytes {
         bail!("{what}: {read} bytes arrived, not {bytes}");
@@ -391,7 +388,8 @@ struct EchoSession {
 }
 
 impl EchoSession {
-    fn open(route: &Route, total: usize) -> anyhow::Result<EchoSession> {
+    /// `per_trip`: how long one round of trips over every route may take.
+    fn open(route: &Route, total: usize, per_trip: Duration) -> anyhow::Result<EchoSession> {
         // `dd bs=1` writes each byte as it reads it (`head` and `cat` may hold it in stdio's buffer
         // for a terminal), and exits after the last one, which ends the session.
         let remote = format!("stty raw -echo && echo ready && exec dd bs=1 count={total} status=none");
@@ -399,7 +397,7 @@ impl EchoSession {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         let what = "echo through a PTY";
         // Every route's session stays open while the others take their turns.
-        let timeout = CONNECT_TIMEOUT + Duration::from_millis(500 * total as u64);
+        let timeout = CONNECT_TIMEOUT + per_trip * total as u32;
         let mut run = SshRun::spawn(route, cmd, what, timeout)?;
         let mut out = run.stdout()?;
         let input = run.child.stdin.take().ok_or_else(|| anyhow!("{what}: no stdin pipe"))?;
@@ -446,13 +444,14 @@ struct Echo {
 /// all routes alike. Also measures the CPU each route's server side spends per trip: on a machine
 /// with few cores every process on the path takes its turn on a core, so that time is most of the
 /// latency, and less noisy than it.
-fn echo_interleaved(routes: &[Route], samples: usize) -> anyhow::Result<Vec<Echo>> {
+fn echo_interleaved(routes: &[Route], samples: usize, added_rtt: Duration) -> anyhow::Result<Vec<Echo>> {
     let total = ECHO_WARMUP + samples;
+    let per_trip = Duration::from_millis(500) + added_rtt * routes.len() as u32;
     let mut sessions = Vec::with_capacity(routes.len());
     let mut servers = Vec::with_capacity(routes.len());
     for route in routes {
         let before = procfs::pids();
-        let session = EchoSession::open(route, total)?;
+        let session = EchoSession::open(route, total, per_trip)?;
         // What the connection forked on the server side: the new processes that are not the client
         // (a jump's `ssh -W` is the client's child).
         let client = session.run.child.id();
@@ -1293,9 +1292,9 @@ async fn measure(args: &SshArgs, routes: &[Route]) -> anyhow::Result<Vec<Figures
             f.bulk_down_mib_s.push(down);
         }
     }
-    let (r, n) = (routes.to_vec(), args.echo_samples);
+    let (r, n, rtt) = (routes.to_vec(), args.echo_samples, Duration::from_millis(args.rtt_ms));
     eprintln!("echo: {n} round trips on each route, interleaved");
-    let echoes = blocking(move || echo_interleaved(&r, n)).await?;
+    let echoes = blocking(move || echo_interleaved(&r, n, rtt)).await?;
     for ((route, f), echo) in routes.iter().zip(&mut figures).zip(echoes) {
         f.echo_us = echo.micros;
         f.server_cpu_us = echo.server_cpu_us;
