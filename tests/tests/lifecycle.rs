@@ -350,20 +350,8 @@ fn an_agent_that_shuts_down_on_its_own_has_the_provisioner_stop_what_it_started(
     // The command provisioner starts the agent in the background, as `docker run -d` would start a
     // container whose main process is not the agent; its stop command leaves a mark where `docker
     // rm -f` would remove the container.
-    let template = r#"
-provisioner = "command"
-[command]
-start = "D=$(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE; mkdir -p $D; TETHER_AGENT_DATA_DIR=$D $TETHER_AGENT_BINARY > $D.log 2>&1 < /dev/null & echo $! > $D.pid"
-stop = "D=$(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE; echo removed >> $D.stopped"
-[[script]]
-name = "bye"
-run = "echo bye"
-on = "stop"
-"#;
-    c.create("cmdws", template, &["--start"]);
-    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
-    let base = c.data_dir().join("cmd-cmdws");
-    let pid: i32 = std::fs::read_to_string(base.with_extension("pid")).unwrap().trim().parse().unwrap();
+    let script = "[[script]]\nname = \"bye\"\nrun = \"echo bye\"\non = \"stop\"\n";
+    let (base, _, pid) = start_background_agent(&c, &background_agent_template(false, script));
 
     // SIGTERM inside the workspace: the agent runs its stop scripts and says goodbye; the
     // coordinator then runs the provisioner's stop, once, and only then calls it stopped.
@@ -638,6 +626,17 @@ stop = "D=$(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE; {wait}echo removed >> $D.
     )
 }
 
+/// Creates and starts `cmdws` from a [`background_agent_template`]; returns where its files go
+/// (`cmd-cmdws`, to take an extension), its agent token and its agent's pid.
+fn start_background_agent(c: &Coordinator, template: &str) -> (std::path::PathBuf, String, i32) {
+    c.create("cmdws", template, &["--start"]);
+    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
+    let base = c.data_dir().join("cmd-cmdws");
+    let read = |ext: &str| std::fs::read_to_string(base.with_extension(ext)).unwrap().trim().to_string();
+    let (token, pid) = (read("token"), read("pid").parse().unwrap());
+    (base, token, pid)
+}
+
 /// Waits until a test-started agent has been turned away with `why`, then until it exits: it
 /// retries while the workspace is stopping, and gives up once the stop has revoked its token.
 fn turned_away<'a>(agent: &'a mut Agent, why: &str) -> impl FnOnce() + 'a {
@@ -654,10 +653,7 @@ fn turned_away<'a>(agent: &'a mut Agent, why: &str) -> impl FnOnce() + 'a {
 #[test]
 fn another_agent_process_during_a_stop_is_refused_and_the_stop_finishes() {
     let c = Coordinator::start();
-    c.create("cmdws", &background_agent_template(true, ""), &["--start"]);
-    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
-    let base = c.data_dir().join("cmd-cmdws");
-    let token = std::fs::read_to_string(base.with_extension("token")).unwrap().trim().to_string();
+    let (base, token, _) = start_background_agent(&c, &background_agent_template(true, ""));
 
     // The stop has had the agent shut down and is running the provisioner's stop command when a
     // second agent process (say, a container's restart policy) comes with the same token.
@@ -689,11 +685,7 @@ fn a_new_agent_process_during_the_agents_own_shutdown_gets_the_provisioner_stop(
          [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo let go\"\n",
         d = dir.display()
     );
-    c.create("cmdws", &background_agent_template(false, &script), &["--start"]);
-    assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
-    let base = dir.join("cmd-cmdws");
-    let token = std::fs::read_to_string(base.with_extension("token")).unwrap().trim().to_string();
-    let pid: i32 = std::fs::read_to_string(base.with_extension("pid")).unwrap().trim().parse().unwrap();
+    let (base, token, pid) = start_background_agent(&c, &background_agent_template(false, &script));
 
     // SIGTERM inside the workspace: the agent begins its shutdown, and is killed (the container's
     // grace period ran out) in the middle of its stop script, before its goodbye.
