@@ -77,6 +77,9 @@ struct AgentConn {
 struct Live {
     liveness: Liveness,
     agents: HashMap<i64, AgentConn>,
+    /// Stops in flight, each with its outcome once its agent shutdown and provisioner stop are
+    /// done (true when they succeeded): a delete that takes over a stop waits for it.
+    stops: HashMap<i64, watch::Receiver<Option<bool>>>,
 }
 
 pub struct Engine {
@@ -500,9 +503,7 @@ impl Engine {
         self.store.set_op(row.id, Some("stop")).await?;
         self.metrics.transition_begun(row.id, Transition::Stop);
         self.set_status(&mut row, Stopping, "stop requested").await?;
-        let engine = self.clone();
-        let id = row.id;
-        tokio::spawn(async move { engine.run_stop(id, previous, false, None).await });
+        self.spawn_stop(row.id, previous, false, None);
         Ok(self.view(&row))
     }
 
@@ -517,9 +518,7 @@ impl Engine {
         self.store.set_op(row.id, Some("delete")).await?;
         self.metrics.transition_begun(row.id, Transition::Delete);
         self.set_status(&mut row, WorkspaceStatus::Deleting, "delete requested").await?;
-        let engine = self.clone();
-        let id = row.id;
-        tokio::spawn(async move { engine.run_stop(id, previous, true, None).await });
+        self.spawn_stop(row.id, previous, true, None);
         Ok(self.view(&row))
     }
 
@@ -586,17 +585,50 @@ impl Engine {
     /// Stops (and, for delete, removes) a workspace: its agent, then what the provisioner started.
     /// On success the status reason is `reason` if given, else what became of the agent; on failure
     /// the workspace returns to the status it had, with the failure recorded.
+    /// Runs a stop or a delete whose operation and status are set, in a task of its own. A stop is
+    /// registered before this returns, so a delete that takes it over (under the same lock) finds it
+    /// and waits for it rather than running the agent shutdown and the provisioner's stop again
+    /// beside it.
+    fn spawn_stop(
+        self: &Arc<Self>,
+        id: i64,
+        previous: (WorkspaceStatus, String),
+        delete: bool,
+        reason: Option<String>,
+    ) {
+        let (after, done) = if delete {
+            (self.live().stops.get(&id).cloned(), None)
+        } else {
+            let (tx, rx) = watch::channel(None);
+            self.live().stops.insert(id, rx);
+            (None, Some(tx))
+        };
+        let engine = self.clone();
+        tokio::spawn(async move { engine.run_stop(id, previous, delete, reason, after, done).await });
+    }
+
     async fn run_stop(
         self: Arc<Self>,
         id: i64,
         previous: (WorkspaceStatus, String),
         delete: bool,
         reason: Option<String>,
+        after: Option<watch::Receiver<Option<bool>>>,
+        done: Option<watch::Sender<Option<bool>>>,
     ) {
         let what = if delete { "delete" } else { "stop" };
-        let result = self.run_stop_inner(id, delete).await.map(|detail| reason.unwrap_or(detail));
+        let result = self.run_stop_inner(id, delete, after).await.map(|detail| reason.unwrap_or(detail));
+        if let Some(done) = &done {
+            done.send_replace(Some(result.is_ok()));
+        }
         let outcome = async {
             let _guard = self.lock(id).await;
+            if let Some(done) = &done {
+                let mut live = self.live();
+                if live.stops.get(&id).is_some_and(|rx| rx.same_channel(&done.subscribe())) {
+                    live.stops.remove(&id);
+                }
+            }
             let mut row = self.reload(id).await?;
             // A delete may have taken over this stop meanwhile: the status and the operation are
             // its to finish.
@@ -654,10 +686,25 @@ impl Engine {
         }
     }
 
-    async fn run_stop_inner(self: &Arc<Self>, id: i64, delete: bool) -> Result<String, ProvisionError> {
+    async fn run_stop_inner(
+        self: &Arc<Self>,
+        id: i64,
+        delete: bool,
+        after: Option<watch::Receiver<Option<bool>>>,
+    ) -> Result<String, ProvisionError> {
         let row = self.reload(id).await.map_err(|e| ProvisionError::Other(e.to_string()))?;
         let template = template_of(&row).map_err(|e| ProvisionError::Other(e.to_string()))?;
         let mut detail = "stopped".to_string();
+        // A delete that took over a stop: once that stop has shut the agent down and run the
+        // provisioner's stop, only the delete is left. If it failed (or its task is gone), they run
+        // again here.
+        if let Some(mut stop) = after {
+            let stopped = stop.wait_for(Option::is_some).await.is_ok_and(|outcome| *outcome == Some(true));
+            if stopped {
+                provision::delete(self, &row, &template).await?;
+                return Ok(detail);
+            }
+        }
         let commands = self.live().agents.get(&id).map(|a| a.commands.clone());
         if let Some(commands) = commands {
             let reason = if delete { "workspace is being deleted" } else { "workspace is stopping" };
@@ -693,10 +740,7 @@ impl Engine {
         self.metrics.transition_begun(row.id, Transition::Stop);
         let stopping = format!("{detail}; stopping what the provisioner started");
         self.set_status(row, WorkspaceStatus::Stopping, &stopping).await?;
-        let (engine, id) = (self.clone(), row.id);
-        tokio::spawn(
-            async move { engine.run_stop(id, (WorkspaceStatus::Stopping, stopping), false, Some(detail)).await },
-        );
+        self.spawn_stop(row.id, (WorkspaceStatus::Stopping, stopping), false, Some(detail));
         Ok(())
     }
 
@@ -751,12 +795,22 @@ impl Engine {
         let reconnect = row.agent_instance == Some(hello.instance as i64);
         use WorkspaceStatus::*;
         if row.status == Stopping && row.op.is_none() && !reconnect {
-            // The agent that was shutting down on its own is gone without its goodbye, and another
-            // agent process (the workspace was restarted) holds the token now: that shutdown is over.
+            // The agent that was shutting down on its own has not said goodbye, and another agent
+            // process (the workspace was restarted) holds the token now: that shutdown is over.
             // What the provisioner started is stopped first (it may be what restarted the agent),
             // as after any shutdown of the agent's own; an external workspace is stopped now.
-            self.live().liveness.forget(row.id);
-            let reason = status::lost_in_shutdown_reason("a new agent process connected");
+            // The old process may still be in its stop scripts (its connection still registered,
+            // or dead and not yet noticed): then say only what is known.
+            let old_registered = {
+                let mut live = self.live();
+                live.liveness.forget(row.id);
+                live.agents.get(&row.id).is_some_and(|a| a.instance != hello.instance)
+            };
+            let reason = if old_registered {
+                status::SUPERSEDED_IN_SHUTDOWN_REASON.to_string()
+            } else {
+                status::lost_in_shutdown_reason("a new agent process connected")
+            };
             self.stopped_by_agent(&mut row, reason).await.map_err(internal)?;
         }
         match row.status {
@@ -1086,22 +1140,10 @@ impl Engine {
             let Ok(template) = template_of(&row) else { continue };
             match (row.status, row.op.as_deref()) {
                 (WorkspaceStatus::Stopping, _) => {
-                    let engine = self.clone();
-                    let id = row.id;
-                    tokio::spawn(async move {
-                        engine
-                            .run_stop(id, (WorkspaceStatus::Unhealthy, "stop was interrupted".into()), false, None)
-                            .await
-                    });
+                    self.spawn_stop(row.id, (WorkspaceStatus::Unhealthy, "stop was interrupted".into()), false, None);
                 }
                 (WorkspaceStatus::Deleting, _) => {
-                    let engine = self.clone();
-                    let id = row.id;
-                    tokio::spawn(async move {
-                        engine
-                            .run_stop(id, (WorkspaceStatus::Unhealthy, "delete was interrupted".into()), true, None)
-                            .await
-                    });
+                    self.spawn_stop(row.id, (WorkspaceStatus::Unhealthy, "delete was interrupted".into()), true, None);
                 }
                 (WorkspaceStatus::Pending, Some("start")) | (WorkspaceStatus::Starting, Some("start")) => {
                     self.store.set_op(row.id, None).await?;

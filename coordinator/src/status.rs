@@ -82,6 +82,12 @@ pub fn lost_in_shutdown_reason(how: &str) -> String {
     format!("agent was lost during its own shutdown (no goodbye; {how})")
 }
 
+/// Why a workspace whose agent was running its stop scripts on its own is stopped when another
+/// agent process connects while the first one's connection is still open: that one may be alive and
+/// finishing, or dead and not yet noticed, so the reason does not call it lost.
+pub const SUPERSEDED_IN_SHUTDOWN_REASON: &str =
+    "agent was shutting down on its own when a new agent process connected, before its goodbye";
+
 /// Why a workspace's agent was disconnected by `tether workspace token`. It starts with "agent has",
 /// as the other reasons of an agent that is gone do, so a restarted coordinator does not wait for
 /// this agent to come back (see `Engine::resume`).

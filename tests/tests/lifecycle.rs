@@ -676,7 +676,41 @@ fn another_agent_process_during_a_stop_is_refused_and_the_stop_finishes() {
 }
 
 #[test]
-fn a_new_agent_process_during_the_agents_own_shutdown_gets_the_provisioner_stop() {
+fn a_delete_during_a_stop_takes_it_over_and_the_provisioner_stops_once() {
+    let c = Coordinator::start();
+    let template = background_agent_template(
+        true,
+        "delete = \"echo deleted >> $(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE.stopped\"\n",
+    );
+    let (base, _, _) = start_background_agent(&c, &template);
+    c.ok(&["workspace", "stop", "cmdws"]);
+    wait_until("the stop command", LONG, || base.with_extension("stopping").exists());
+
+    // The stop is in the provisioner's stop command when the user deletes the workspace.
+    let out = c.ok(&["workspace", "delete", "cmdws"]);
+    assert!(out.contains("deleting"), "{out}");
+    assert_eq!(c.show("cmdws")["status"], "deleting");
+    std::fs::write(base.with_extension("release"), "").unwrap();
+    let w = c.wait_for("cmdws", "deleted,failed,stopped,unhealthy", LONG);
+    assert_eq!(w["status"], "deleted", "{w}");
+    // The stop command ran once, then the delete command.
+    assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\ndeleted\n");
+}
+
+#[test]
+fn a_new_agent_process_after_the_agent_was_killed_in_its_own_shutdown_gets_the_provisioner_stop() {
+    new_agent_process_during_own_shutdown(true);
+}
+
+#[test]
+fn a_new_agent_process_while_the_agent_runs_its_stop_scripts_gets_the_provisioner_stop() {
+    new_agent_process_during_own_shutdown(false);
+}
+
+/// SIGTERM inside the workspace starts the agent's own shutdown, held in its stop script; the agent
+/// is then SIGKILLed (the container's grace period ran out) when `killed`, and a new agent process
+/// comes with the workspace's token (the container was restarted).
+fn new_agent_process_during_own_shutdown(killed: bool) {
     let c = Coordinator::start();
     let dir = c.data_dir().to_path_buf();
     // The agent's stop script holds its shutdown until the test lets it go.
@@ -686,22 +720,30 @@ fn a_new_agent_process_during_the_agents_own_shutdown_gets_the_provisioner_stop(
         d = dir.display()
     );
     let (base, token, pid) = start_background_agent(&c, &background_agent_template(false, &script));
-
-    // SIGTERM inside the workspace: the agent begins its shutdown, and is killed (the container's
-    // grace period ran out) in the middle of its stop script, before its goodbye.
     let agent = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGTERM).unwrap();
     wait_until("the stop script", LONG, || dir.join("holding").exists());
     wait_until("the workspace to be stopping", LONG, || c.show("cmdws")["status"] == "stopping");
-    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGKILL).unwrap();
+    if killed {
+        nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
 
-    // A new agent process with the workspace's token (the container was restarted): that shutdown
-    // is over, what the provisioner started is stopped, and the new process is refused.
+    // That shutdown is over, what the provisioner started is stopped, and the new process is
+    // refused. The old agent's connection is still open (alive, or dead and not yet noticed), so
+    // the reason does not call it lost.
     let mut second = Agent::start(&c, &token, &dir.join("second"));
-    turned_away(&mut second, "workspace 'cmdws' is stopping")();
+    let exits = turned_away(&mut second, "workspace 'cmdws' is stopping");
+    let reason = "agent was shutting down on its own when a new agent process connected, before its goodbye";
+    if !killed {
+        let w = c.show("cmdws");
+        assert!(w["status_reason"].as_str().unwrap().contains(reason), "{w}");
+        // The old agent finishes its stop script and says goodbye.
+        std::fs::write(dir.join("let-go"), "").unwrap();
+    }
+    exits();
     let w = c.wait_for("cmdws", "stopped,unhealthy,failed", LONG);
     assert_eq!(w["status"], "stopped", "{w}");
-    assert!(w["status_reason"].as_str().unwrap().contains("a new agent process connected"), "{w}");
+    assert!(w["status_reason"].as_str().unwrap().contains(reason), "{w}");
     // The killed agent's stop script is let go.
     std::fs::write(dir.join("let-go"), "").unwrap();
     assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\n", "stopped once");
