@@ -738,7 +738,7 @@ impl Engine {
         }
         self.store.set_op(row.id, Some("stop")).await?;
         self.metrics.transition_begun(row.id, Transition::Stop);
-        let stopping = format!("{detail}; stopping what the provisioner started");
+        let stopping = format!("{detail}{}", status::PROVISIONER_STOP_SUFFIX);
         self.set_status(row, WorkspaceStatus::Stopping, &stopping).await?;
         self.spawn_stop(row.id, (WorkspaceStatus::Stopping, stopping), false, Some(detail));
         Ok(())
@@ -1139,8 +1139,14 @@ impl Engine {
         for row in self.store.list(None, false).await? {
             let Ok(template) = template_of(&row) else { continue };
             match (row.status, row.op.as_deref()) {
-                (WorkspaceStatus::Stopping, _) => {
-                    self.spawn_stop(row.id, (WorkspaceStatus::Unhealthy, "stop was interrupted".into()), false, None);
+                (WorkspaceStatus::Stopping, op) => {
+                    // The agent ended the workspace on its own and the provisioner's stop was cut
+                    // off: it ends with the agent's reason, as it would have.
+                    let detail = (op == Some("stop"))
+                        .then(|| row.status_reason.strip_suffix(status::PROVISIONER_STOP_SUFFIX))
+                        .flatten()
+                        .map(str::to_string);
+                    self.spawn_stop(row.id, (WorkspaceStatus::Unhealthy, "stop was interrupted".into()), false, detail);
                 }
                 (WorkspaceStatus::Deleting, _) => {
                     self.spawn_stop(row.id, (WorkspaceStatus::Unhealthy, "delete was interrupted".into()), true, None);

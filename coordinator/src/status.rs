@@ -82,6 +82,10 @@ pub fn lost_in_shutdown_reason(how: &str) -> String {
     format!("agent was lost during its own shutdown (no goodbye; {how})")
 }
 
+/// Added to the reason of a workspace whose agent ended it on its own while the coordinator stops
+/// what the provisioner started; the part before it is the reason the workspace will be stopped with.
+pub const PROVISIONER_STOP_SUFFIX: &str = "; stopping what the provisioner started";
+
 /// Why a workspace whose agent was running its stop scripts on its own is stopped when another
 /// agent process connects while the first one's connection is still open: that one may be alive and
 /// finishing, or dead and not yet noticed, so the reason does not call it lost.

@@ -370,6 +370,25 @@ fn an_agent_that_shuts_down_on_its_own_has_the_provisioner_stop_what_it_started(
 }
 
 #[test]
+fn a_coordinator_restart_during_the_provisioner_stop_after_the_agents_own_shutdown_keeps_its_reason() {
+    let mut c = Coordinator::start();
+    let (base, _, pid) = start_background_agent(&c, &background_agent_template(true, ""));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    // The agent has said goodbye and the provisioner's stop command is running when the coordinator
+    // is killed.
+    wait_until("the stop command", LONG, || base.with_extension("stopping").exists());
+    let w = c.show("cmdws");
+    assert!(w["status_reason"].as_str().unwrap().starts_with("agent shut down"), "{w}");
+    c.restart();
+    // The restarted coordinator runs the stop again, and ends it with the agent's reason.
+    std::fs::write(base.with_extension("release"), "").unwrap();
+    let w = c.wait_for("cmdws", "stopped,unhealthy,failed", LONG);
+    assert_eq!(w["status"], "stopped", "{w}");
+    let reason = w["status_reason"].as_str().unwrap();
+    assert!(reason.starts_with("agent shut down") && !reason.contains("provisioner"), "{w}");
+}
+
+#[test]
 fn earlier_builds_lose_their_logs_and_timings_after_keep_builds_and_the_current_one_keeps_them() {
     let c = Coordinator::start_with(&["--keep-builds", "2s"]);
     let template = r#"
