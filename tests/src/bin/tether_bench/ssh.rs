@@ -469,10 +469,14 @@ fn echo_interleaved(routes: &[Route], samples: usize, added_rtt: Duration) -> an
         if i + 1 == total {
             ended = servers.iter().map(|pids| procfs::cpu_ns(pids)).collect();
         }
-        for (session, m) in sessions.iter_mut().zip(&mut micros) {
-            let us = session.trip(i)?;
+        // Each round starts at the next route, so that no route always follows the same one (and
+        // whatever that one's processes still do after its byte is back).
+        let n = sessions.len();
+        for k in 0..n {
+            let r = (i + k) % n;
+            let us = sessions[r].trip(i)?;
             if i >= ECHO_WARMUP {
-                m.push(us);
+                micros[r].push(us);
             }
         }
     }
