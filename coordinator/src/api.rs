@@ -38,7 +38,10 @@ impl From<OpError> for ApiError {
             OpError::NotFound(_) | OpError::Missing(_) => StatusCode::NOT_FOUND,
             OpError::Conflict(_) => StatusCode::CONFLICT,
             OpError::Invalid(_) => StatusCode::BAD_REQUEST,
-            OpError::Store(crate::store::StoreError::NameTaken(_)) => StatusCode::CONFLICT,
+            OpError::Store(crate::store::StoreError::NameTaken(_) | crate::store::StoreError::Conflict(_)) => {
+                StatusCode::CONFLICT
+            }
+            OpError::Store(crate::store::StoreError::Missing(_)) => StatusCode::NOT_FOUND,
             OpError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())

@@ -134,7 +134,7 @@ impl Engine {
         if self.store.user(user).await?.is_none() {
             return Err(OpError::Missing(format!("no user '{user}'")));
         }
-        self.store.grant(row.id, user, now_ms()).await?;
+        self.store.grant(row.id, user, now_ms()).await.map_err(store_err)?;
         info!(workspace, user, "access granted");
         Ok(self.store.grants(row.id).await?)
     }

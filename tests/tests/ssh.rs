@@ -650,7 +650,12 @@ fn users_stop_and_start_their_own_workspaces_with_their_token_and_nothing_else()
     refused(&alice, &["workspace", "create", "mine", "--template", file.to_str().unwrap()], admin_only);
     assert_eq!(coord.json(&["workspace", "show", "ops"])["status"], "pending");
 
-    // A grant gives bob the same reach over alice's workspace.
+    // A grant gives bob the same reach over alice's workspace; there is none for a user who does
+    // not exist, nor a workspace for them to own.
+    let err = coord.fails(&["workspace", "grant", "dev", "zed"]);
+    assert!(err.contains("no user 'zed'"), "{err}");
+    let err = coord.fails(&["workspace", "create", "zeds", "--template", file.to_str().unwrap(), "--owner", "zed"]);
+    assert!(err.contains("no user 'zed'; add it with `tether user add zed --ssh-key FILE`"), "{err}");
     assert_eq!(names(&bob), ["ops"]);
     coord.ok(&["workspace", "grant", "dev", "bob"]);
     let mut both = names(&bob);

@@ -269,6 +269,17 @@ impl Store {
         if taken.is_some() {
             return Err(StoreError::NameTaken(name.to_string()));
         }
+        // In the transaction that inserts, so a user removed meanwhile leaves no name behind for a
+        // later user of that name to inherit.
+        if let Some(owner) = owner {
+            let known: Option<i64> =
+                sqlx::query_scalar("SELECT id FROM users WHERE name = $1").bind(owner).fetch_optional(&mut *tx).await?;
+            if known.is_none() {
+                return Err(StoreError::Conflict(format!(
+                    "user '{owner}' was removed while workspace '{name}' was being created"
+                )));
+            }
+        }
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO workspaces (name, owner, template, provisioner, status, status_reason, status_changed_at, token_hash, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7) RETURNING id",
@@ -948,6 +959,18 @@ mod tests {
         assert_eq!(applied, LogsApplied { acked: 9, capped: vec![next as i64], unknown_build: 0 });
     }
 
+    #[tokio::test]
+    async fn a_workspace_or_grant_for_a_user_removed_meanwhile_is_refused_and_nothing_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+        let create = |owner| store.create_workspace("w", owner, "", "external", WorkspaceStatus::Starting, "", None, 0);
+        let refused = create(Some("gone")).await.unwrap_err();
+        assert_eq!(refused.to_string(), "user 'gone' was removed while workspace 'w' was being created");
+        let w = create(None).await.unwrap();
+        assert!(matches!(store.grant(w.id, "gone", 0).await, Err(StoreError::Missing(m)) if m == "no user 'gone'"));
+        assert!(store.grants(w.id).await.unwrap().is_empty());
+    }
+
     fn span_event(seq: u64, build: u64) -> Event {
         let span = Span {
             stage: "script".into(),
@@ -982,6 +1005,7 @@ mod tests {
         let (_dir, store, w, build) = store_with_build().await;
         store.apply_logs(w.id, 7, &[line(1, build, "hello")], 0, u64::MAX).await.unwrap();
         store.apply_events(w.id, 7, &[span_event(1, build)], 0).await.unwrap();
+        store.add_user("bob", &[], "hash", 0).await.unwrap();
         store.grant(w.id, "bob", 0).await.unwrap();
         store.set_status(w.id, WorkspaceStatus::Starting, WorkspaceStatus::Deleted, "deleted", 50).await.unwrap();
         let count = |sql: &'static str| {

@@ -171,7 +171,15 @@ impl Store {
             .await?)
     }
 
+    /// Grants `user` access to a workspace. The user must exist in the same transaction, so a user
+    /// removed meanwhile leaves no grant behind for a later user of that name to inherit.
     pub async fn grant(&self, workspace_id: i64, user: &str, now: i64) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        let known: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM users WHERE name = $1").bind(user).fetch_optional(&mut *tx).await?;
+        if known.is_none() {
+            return Err(StoreError::Missing(format!("no user '{user}'")));
+        }
         sqlx::query(
             "INSERT INTO grants (workspace_id, user_name, granted_at) VALUES ($1, $2, $3)
              ON CONFLICT (workspace_id, user_name) DO NOTHING",
@@ -179,8 +187,9 @@ impl Store {
         .bind(workspace_id)
         .bind(user)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
