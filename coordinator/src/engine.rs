@@ -582,9 +582,6 @@ impl Engine {
         Ok(RotatedToken { token, command, agent_disconnected })
     }
 
-    /// Stops (and, for delete, removes) a workspace: its agent, then what the provisioner started.
-    /// On success the status reason is `reason` if given, else what became of the agent; on failure
-    /// the workspace returns to the status it had, with the failure recorded.
     /// Runs a stop or a delete whose operation and status are set, in a task of its own. A stop is
     /// registered before this returns, so a delete that takes it over (under the same lock) finds it
     /// and waits for it rather than running the agent shutdown and the provisioner's stop again
@@ -607,6 +604,10 @@ impl Engine {
         tokio::spawn(async move { engine.run_stop(id, previous, delete, reason, after, done).await });
     }
 
+    /// Stops (and, for delete, removes) a workspace: its agent, then what the provisioner started.
+    /// On success the status reason is `reason` if given, else what became of the agent; on failure
+    /// the workspace returns to the status it had, with the failure recorded. A delete that took
+    /// over a stop (`after`) waits for it, and runs only the provisioner's delete if it succeeded.
     async fn run_stop(
         self: Arc<Self>,
         id: i64,
@@ -617,7 +618,12 @@ impl Engine {
         done: Option<watch::Sender<Option<bool>>>,
     ) {
         let what = if delete { "delete" } else { "stop" };
-        let result = self.run_stop_inner(id, delete, after).await.map(|detail| reason.unwrap_or(detail));
+        // If that stop failed (or its task is gone), its work is done again here.
+        let stopped_before = match after {
+            Some(mut stop) => stop.wait_for(Option::is_some).await.is_ok_and(|outcome| *outcome == Some(true)),
+            None => false,
+        };
+        let result = self.run_stop_inner(id, delete, stopped_before).await.map(|detail| reason.unwrap_or(detail));
         if let Some(done) = &done {
             done.send_replace(Some(result.is_ok()));
         }
@@ -654,6 +660,14 @@ impl Engine {
                     let message = format!("{what} failed: {e}");
                     warn!(workspace = %row.name, error = %e, "{what} failed");
                     self.store.set_last_error(id, Some(&message)).await?;
+                    if stopped_before {
+                        // The stop this delete took over did finish: the workspace is stopped.
+                        if row.provisioner != "external" {
+                            self.store.set_token(id, None).await?;
+                        }
+                        self.set_status(&mut row, WorkspaceStatus::Stopped, &format!("stopped; {message}")).await?;
+                        return Ok(());
+                    }
                     // Back to the status it had, unless that would now be a lie: an agent that
                     // already shut down leaves nothing running, and an agent's own shutdown that
                     // this stop took over has nobody left to finish it.
@@ -690,20 +704,16 @@ impl Engine {
         self: &Arc<Self>,
         id: i64,
         delete: bool,
-        after: Option<watch::Receiver<Option<bool>>>,
+        stopped_before: bool,
     ) -> Result<String, ProvisionError> {
         let row = self.reload(id).await.map_err(|e| ProvisionError::Other(e.to_string()))?;
         let template = template_of(&row).map_err(|e| ProvisionError::Other(e.to_string()))?;
         let mut detail = "stopped".to_string();
-        // A delete that took over a stop: once that stop has shut the agent down and run the
-        // provisioner's stop, only the delete is left. If it failed (or its task is gone), they run
-        // again here.
-        if let Some(mut stop) = after {
-            let stopped = stop.wait_for(Option::is_some).await.is_ok_and(|outcome| *outcome == Some(true));
-            if stopped {
-                provision::delete(self, &row, &template).await?;
-                return Ok(detail);
-            }
+        // A delete that took over a stop which shut the agent down and ran the provisioner's stop:
+        // only the delete is left.
+        if delete && stopped_before {
+            provision::delete(self, &row, &template).await?;
+            return Ok(detail);
         }
         let commands = self.live().agents.get(&id).map(|a| a.commands.clone());
         if let Some(commands) = commands {
@@ -1142,6 +1152,12 @@ impl Engine {
                 (WorkspaceStatus::Stopping, op) => {
                     // The agent ended the workspace on its own and the provisioner's stop was cut
                     // off: it ends with the agent's reason, as it would have.
+                    if op.is_none() {
+                        // An agent's own shutdown that was under way: this stop takes it over, as
+                        // `workspace stop` would, so a goodbye, a new agent process or a user's stop
+                        // does not start a second one beside it.
+                        self.store.set_op(row.id, Some("stop")).await?;
+                    }
                     let detail = (op == Some("stop"))
                         .then(|| row.status_reason.strip_suffix(status::PROVISIONER_STOP_SUFFIX))
                         .flatten()

@@ -696,24 +696,43 @@ fn another_agent_process_during_a_stop_is_refused_and_the_stop_finishes() {
 
 #[test]
 fn a_delete_during_a_stop_takes_it_over_and_the_provisioner_stops_once() {
+    delete_during_a_stop(true);
+}
+
+#[test]
+fn a_delete_that_took_over_a_stop_and_failed_leaves_the_workspace_stopped() {
+    delete_during_a_stop(false);
+}
+
+/// The stop is in the provisioner's stop command when the user deletes the workspace; the
+/// provisioner's delete command succeeds when `deletes`, else fails.
+fn delete_during_a_stop(deletes: bool) {
     let c = Coordinator::start();
-    let template = background_agent_template(
-        true,
-        "delete = \"echo deleted >> $(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE.stopped\"\n",
-    );
+    let delete = if deletes { "echo deleted >> $(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE.stopped" } else { "exit 3" };
+    let template = background_agent_template(true, &format!("delete = \"{delete}\"\n"));
     let (base, _, _) = start_background_agent(&c, &template);
     c.ok(&["workspace", "stop", "cmdws"]);
     wait_until("the stop command", LONG, || base.with_extension("stopping").exists());
 
-    // The stop is in the provisioner's stop command when the user deletes the workspace.
     let out = c.ok(&["workspace", "delete", "cmdws"]);
     assert!(out.contains("deleting"), "{out}");
     assert_eq!(c.show("cmdws")["status"], "deleting");
     std::fs::write(base.with_extension("release"), "").unwrap();
     let w = c.wait_for("cmdws", "deleted,failed,stopped,unhealthy", LONG);
-    assert_eq!(w["status"], "deleted", "{w}");
-    // The stop command ran once, then the delete command.
-    assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\ndeleted\n");
+    // The stop command ran once either way.
+    if deletes {
+        assert_eq!(w["status"], "deleted", "{w}");
+        assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\ndeleted\n");
+    } else {
+        // What the stop did stands: the workspace is stopped, with the delete's failure said.
+        assert_eq!(w["status"], "stopped", "{w}");
+        let reason = w["status_reason"].as_str().unwrap();
+        assert!(reason.starts_with("stopped; delete failed: "), "{w}");
+        assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\n");
+        c.ok(&["workspace", "start", "cmdws"]);
+        assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
+        c.ok(&["workspace", "stop", "cmdws", "--wait"]);
+    }
 }
 
 #[test]

@@ -464,16 +464,16 @@ fn echo_interleaved(routes: &[Route], samples: usize, added_rtt: Duration) -> an
     let started: Vec<_> = servers.iter().map(|pids| procfs::cpu_ns(pids)).collect();
     let mut ended = Vec::new();
     let mut micros: Vec<Vec<f64>> = routes.iter().map(|_| Vec::with_capacity(samples)).collect();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for i in 0..total {
         // Before the last round: its byte ends each remote `dd`, and with it the session's processes.
         if i + 1 == total {
             ended = servers.iter().map(|pids| procfs::cpu_ns(pids)).collect();
         }
-        // Each round starts at the next route, so that no route always follows the same one (and
-        // whatever that one's processes still do after its byte is back).
-        let n = sessions.len();
-        for k in 0..n {
-            let r = (i + k) % n;
+        // Each round takes the routes in a new order (a fixed-seed shuffle), so that no route
+        // mostly follows the same one (and whatever that one's processes still do after its byte is
+        // back).
+        for r in shuffled(&mut seed, sessions.len()) {
             let us = sessions[r].trip(i)?;
             if i >= ECHO_WARMUP {
                 micros[r].push(us);
@@ -489,6 +489,18 @@ fn echo_interleaved(routes: &[Route], samples: usize, added_rtt: Duration) -> an
         .map(|(micros, (start, end))| Echo { micros, server_cpu_us: procfs::spent_us(start, end, total - 1) })
         .collect();
     Ok(echoes)
+}
+
+/// `0..n` in an order drawn from `seed` (xorshift64, Fisher-Yates): the same sequence every run.
+fn shuffled(seed: &mut u64, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for k in (1..n).rev() {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        order.swap(k, (*seed % (k as u64 + 1)) as usize);
+    }
+    order
 }
 
 /// Processes and their CPU time, from `/proc`.
