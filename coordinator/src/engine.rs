@@ -811,24 +811,27 @@ impl Engine {
             // as after any shutdown of the agent's own; an external workspace is stopped now.
             // The old process may still be in its stop scripts (its connection still registered,
             // or dead and not yet noticed): then say only what is known.
-            let old_registered = {
-                let mut live = self.live();
-                live.liveness.forget(row.id);
-                live.agents.get(&row.id).is_some_and(|a| a.instance != hello.instance)
-            };
-            let reason = if old_registered {
-                status::SUPERSEDED_IN_SHUTDOWN_REASON.to_string()
-            } else {
-                status::lost_in_shutdown_reason("a new agent process connected")
-            };
-            self.stopped_by_agent(&mut row, reason).await.map_err(internal)?;
+            let old_registered = self.live().agents.get(&row.id).is_some_and(|a| a.instance != hello.instance);
+            // An external workspace has no provisioner to stop, and the new agent would be taken as
+            // a start while the old one still holds the connection: it waits (turned away as
+            // "stopping") for the old one's goodbye or loss instead.
+            if !(old_registered && row.provisioner == "external") {
+                self.live().liveness.forget(row.id);
+                let reason = if old_registered {
+                    status::SUPERSEDED_IN_SHUTDOWN_REASON.to_string()
+                } else {
+                    status::lost_in_shutdown_reason("a new agent process connected")
+                };
+                self.stopped_by_agent(&mut row, reason).await.map_err(internal)?;
+            }
         }
         match row.status {
             Starting | Running | Unhealthy => {}
             // The agent shutting down comes back (its connection dropped) to finish and say goodbye.
             Stopping if reconnect => {}
             // Another agent process while a stop or delete runs: it would be left running, its
-            // token cleared, unseen by the stop that already looked for the agent.
+            // token cleared, unseen by the stop that already looked for the agent. Or, for an
+            // external workspace, while the agent is still in its own shutdown (above).
             Stopping => {
                 return Err(Rejected {
                     code: RejectCode::WorkspaceNotRunnable,

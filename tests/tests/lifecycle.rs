@@ -695,6 +695,40 @@ fn another_agent_process_during_a_stop_is_refused_and_the_stop_finishes() {
 }
 
 #[test]
+fn a_second_agent_for_an_external_workspace_waits_for_the_first_ones_own_shutdown() {
+    let c = Coordinator::start();
+    let dir = c.data_dir().to_path_buf();
+    let template = format!(
+        "[[script]]\nname = \"hold\"\non = \"stop\"\nrun = \"touch {d}/holding; i=0; while [ ! -e {d}/let-go ] && \
+         [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\"\n",
+        d = dir.display()
+    );
+    let created = c.create("ext", &template, &[]);
+    let token = created["agent_token"].as_str().unwrap().to_string();
+    let mut first = Agent::start(&c, &token, &dir.join("first"));
+    assert_eq!(c.wait_for("ext", "running,unhealthy,failed", LONG)["status"], "running");
+
+    // SIGTERM in the workspace: the first agent runs its stop script. A second agent process with
+    // the token waits: an external workspace has no provisioner to stop, and the first agent still
+    // holds the connection.
+    let pid = nix::unistd::Pid::from_raw(first.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("the stop script", LONG, || dir.join("holding").exists());
+    wait_until("the workspace to be stopping", LONG, || c.show("ext")["status"] == "stopping");
+    let second = Agent::start(&c, &token, &dir.join("second"));
+    let why = "workspace 'ext' is stopping (agent is running stop scripts)";
+    wait_until("the second agent to be turned away", LONG, || second.log_text().contains(why));
+    assert_eq!(c.show("ext")["status"], "stopping");
+
+    // The first agent finishes and says goodbye; the second one's next try starts the workspace.
+    std::fs::write(dir.join("let-go"), "").unwrap();
+    wait_until("the first agent to exit", LONG, || first.child.try_wait().unwrap().is_some());
+    let w = c.wait_for("ext", "running,unhealthy,failed", LONG);
+    assert_eq!(w["status"], "running", "{w}");
+    assert_eq!(w["build"], 2, "{w}");
+}
+
+#[test]
 fn a_delete_during_a_stop_takes_it_over_and_the_provisioner_stops_once() {
     delete_during_a_stop(true);
 }
