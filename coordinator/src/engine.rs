@@ -623,7 +623,11 @@ impl Engine {
             Some(mut stop) => stop.wait_for(Option::is_some).await.is_ok_and(|outcome| *outcome == Some(true)),
             None => false,
         };
-        let result = self.run_stop_inner(id, delete, stopped_before).await.map(|detail| reason.unwrap_or(detail));
+        let mut stopped_now = false;
+        let result = self
+            .run_stop_inner(id, delete, stopped_before, &mut stopped_now)
+            .await
+            .map(|detail| reason.unwrap_or(detail));
         if let Some(done) = &done {
             done.send_replace(Some(result.is_ok()));
         }
@@ -660,8 +664,9 @@ impl Engine {
                     let message = format!("{what} failed: {e}");
                     warn!(workspace = %row.name, error = %e, "{what} failed");
                     self.store.set_last_error(id, Some(&message)).await?;
-                    if stopped_before {
-                        // The stop this delete took over did finish: the workspace is stopped.
+                    if delete && (stopped_before || stopped_now) {
+                        // The agent is shut down and the provisioner's stop done (here, or by the
+                        // stop this delete took over); only the delete failed: it is stopped.
                         if row.provisioner != "external" {
                             self.store.set_token(id, None).await?;
                         }
@@ -705,6 +710,7 @@ impl Engine {
         id: i64,
         delete: bool,
         stopped_before: bool,
+        stopped_now: &mut bool,
     ) -> Result<String, ProvisionError> {
         let row = self.reload(id).await.map_err(|e| ProvisionError::Other(e.to_string()))?;
         let template = template_of(&row).map_err(|e| ProvisionError::Other(e.to_string()))?;
@@ -731,6 +737,7 @@ impl Engine {
             };
         }
         provision::stop(self, &row, &template).await?;
+        *stopped_now = true;
         if delete {
             provision::delete(self, &row, &template).await?;
         }
@@ -808,7 +815,8 @@ impl Engine {
             // The agent that was shutting down on its own has not said goodbye, and another agent
             // process (the workspace was restarted) holds the token now: that shutdown is over.
             // What the provisioner started is stopped first (it may be what restarted the agent),
-            // as after any shutdown of the agent's own; an external workspace is stopped now.
+            // as after any shutdown of the agent's own; an external workspace is stopped now, unless
+            // its old agent still holds the connection (below).
             // The old process may still be in its stop scripts (its connection still registered,
             // or dead and not yet noticed): then say only what is known.
             let old_registered = self.live().agents.get(&row.id).is_some_and(|a| a.instance != hello.instance);
@@ -1152,15 +1160,16 @@ impl Engine {
         for row in self.store.list(None, false).await? {
             let Ok(template) = template_of(&row) else { continue };
             match (row.status, row.op.as_deref()) {
+                // The agent was running its stop scripts on its own: it gets the time agents get to
+                // come back after a restart, to finish and say goodbye; its goodbye, a new agent
+                // process, a user's stop or the sweep (once its heartbeats lapse) ends that
+                // shutdown, as without the restart.
+                (WorkspaceStatus::Stopping, None) => {
+                    self.live().liveness.heard(row.id, now, template.heartbeat_timeout + RESTART_GRACE);
+                }
                 (WorkspaceStatus::Stopping, op) => {
-                    // The agent ended the workspace on its own and the provisioner's stop was cut
-                    // off: it ends with the agent's reason, as it would have.
-                    if op.is_none() {
-                        // An agent's own shutdown that was under way: this stop takes it over, as
-                        // `workspace stop` would, so a goodbye, a new agent process or a user's stop
-                        // does not start a second one beside it.
-                        self.store.set_op(row.id, Some("stop")).await?;
-                    }
+                    // A stop of ours was cut off. One that followed the agent's own shutdown ends
+                    // with the agent's reason, as it would have.
                     let detail = (op == Some("stop"))
                         .then(|| row.status_reason.strip_suffix(status::PROVISIONER_STOP_SUFFIX))
                         .flatten()

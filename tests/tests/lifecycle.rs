@@ -645,6 +645,16 @@ stop = "D=$(dirname $TETHER_CA)/cmd-$TETHER_WORKSPACE; {wait}echo removed >> $D.
     )
 }
 
+/// A stop script that holds the agent's shutdown (touching `DIR/holding`) until `DIR/let-go`
+/// exists (a minute at most), then prints "let go".
+fn hold_stop_script(dir: &std::path::Path) -> String {
+    format!(
+        "[[script]]\nname = \"hold\"\non = \"stop\"\nrun = \"touch {d}/holding; i=0; while [ ! -e {d}/let-go ] && \
+         [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo let go\"\n",
+        d = dir.display()
+    )
+}
+
 /// Creates and starts `cmdws` from a [`background_agent_template`]; returns where its files go
 /// (`cmd-cmdws`, to take an extension), its agent token and its agent's pid.
 fn start_background_agent(c: &Coordinator, template: &str) -> (std::path::PathBuf, String, i32) {
@@ -695,14 +705,35 @@ fn another_agent_process_during_a_stop_is_refused_and_the_stop_finishes() {
 }
 
 #[test]
+fn a_coordinator_restart_during_the_agents_own_shutdown_lets_it_finish_and_say_goodbye() {
+    let mut c = Coordinator::start();
+    let dir = c.data_dir().to_path_buf();
+    let script = hold_stop_script(&dir);
+    let (base, _, pid) = start_background_agent(&c, &background_agent_template(false, &script));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("the stop script", LONG, || dir.join("holding").exists());
+    wait_until("the workspace to be stopping", LONG, || c.show("cmdws")["status"] == "stopping");
+
+    // The coordinator restarts while the agent is in its stop script: nothing is stopped under it.
+    c.restart();
+    let w = c.show("cmdws");
+    assert_eq!(w["status"], "stopping", "{w}");
+    assert!(!base.with_extension("stopped").exists(), "the provisioner's stop waits for the agent");
+
+    // The agent reconnects, finishes, and says goodbye; then the provisioner's stop runs, once.
+    std::fs::write(dir.join("let-go"), "").unwrap();
+    let w = c.wait_for("cmdws", "stopped,unhealthy,failed", LONG);
+    assert_eq!(w["status"], "stopped", "{w}");
+    assert!(w["status_reason"].as_str().unwrap().starts_with("agent shut down"), "{w}");
+    assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\n");
+    assert!(c.logs("cmdws").contains(&("hold".into(), "let go".into())), "the stop script's last line arrived");
+}
+
+#[test]
 fn a_second_agent_for_an_external_workspace_waits_for_the_first_ones_own_shutdown() {
     let c = Coordinator::start();
     let dir = c.data_dir().to_path_buf();
-    let template = format!(
-        "[[script]]\nname = \"hold\"\non = \"stop\"\nrun = \"touch {d}/holding; i=0; while [ ! -e {d}/let-go ] && \
-         [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\"\n",
-        d = dir.display()
-    );
+    let template = hold_stop_script(&dir);
     let created = c.create("ext", &template, &[]);
     let token = created["agent_token"].as_str().unwrap().to_string();
     let mut first = Agent::start(&c, &token, &dir.join("first"));
@@ -786,11 +817,7 @@ fn new_agent_process_during_own_shutdown(killed: bool) {
     let c = Coordinator::start();
     let dir = c.data_dir().to_path_buf();
     // The agent's stop script holds its shutdown until the test lets it go.
-    let script = format!(
-        "[[script]]\nname = \"hold\"\non = \"stop\"\nrun = \"touch {d}/holding; i=0; while [ ! -e {d}/let-go ] && \
-         [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo let go\"\n",
-        d = dir.display()
-    );
+    let script = hold_stop_script(&dir);
     let (base, token, pid) = start_background_agent(&c, &background_agent_template(false, &script));
     let agent = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGTERM).unwrap();
