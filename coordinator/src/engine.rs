@@ -815,14 +815,12 @@ impl Engine {
             // The agent that was shutting down on its own has not said goodbye, and another agent
             // process (the workspace was restarted) holds the token now: that shutdown is over.
             // What the provisioner started is stopped first (it may be what restarted the agent),
-            // as after any shutdown of the agent's own; an external workspace is stopped now, unless
-            // its old agent still holds the connection (below).
-            // The old process may still be in its stop scripts (its connection still registered,
-            // or dead and not yet noticed): then say only what is known.
+            // as after any shutdown of the agent's own. The old process may still be in its stop
+            // scripts (its connection still registered, or dead and not yet noticed): then the
+            // reason says only what is known, and an external workspace, which has no provisioner
+            // to stop and would take the new agent as a start, turns it away ("stopping") until the
+            // old one's goodbye or loss.
             let old_registered = self.live().agents.get(&row.id).is_some_and(|a| a.instance != hello.instance);
-            // An external workspace has no provisioner to stop, and the new agent would be taken as
-            // a start while the old one still holds the connection: it waits (turned away as
-            // "stopping") for the old one's goodbye or loss instead.
             if !(old_registered && row.provisioner == "external") {
                 self.live().liveness.forget(row.id);
                 let reason = if old_registered {

@@ -131,9 +131,7 @@ impl Engine {
 
     pub async fn grant(&self, workspace: &str, user: &str) -> Result<Vec<String>, OpError> {
         let row = self.workspace_row(workspace).await?;
-        if self.store.user(user).await?.is_none() {
-            return Err(OpError::Missing(format!("no user '{user}'")));
-        }
+        // The store checks that the user exists, in the transaction that grants ("no user 'x'").
         self.store.grant(row.id, user, now_ms()).await.map_err(store_err)?;
         info!(workspace, user, "access granted");
         Ok(self.store.grants(row.id).await?)

@@ -655,6 +655,14 @@ fn hold_stop_script(dir: &std::path::Path) -> String {
     )
 }
 
+/// SIGTERM to the agent `pid` of workspace `name` (as in a container's stop): it begins its own
+/// shutdown and is held in its [`hold_stop_script`], with the workspace `stopping`.
+fn begin_own_shutdown(c: &Coordinator, name: &str, pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    wait_until("the stop script", LONG, || c.data_dir().join("holding").exists());
+    wait_until("the workspace to be stopping", LONG, || c.show(name)["status"] == "stopping");
+}
+
 /// Creates and starts `cmdws` from a [`background_agent_template`]; returns where its files go
 /// (`cmd-cmdws`, to take an extension), its agent token and its agent's pid.
 fn start_background_agent(c: &Coordinator, template: &str) -> (std::path::PathBuf, String, i32) {
@@ -710,9 +718,7 @@ fn a_coordinator_restart_during_the_agents_own_shutdown_lets_it_finish_and_say_g
     let dir = c.data_dir().to_path_buf();
     let script = hold_stop_script(&dir);
     let (base, _, pid) = start_background_agent(&c, &background_agent_template(false, &script));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
-    wait_until("the stop script", LONG, || dir.join("holding").exists());
-    wait_until("the workspace to be stopping", LONG, || c.show("cmdws")["status"] == "stopping");
+    begin_own_shutdown(&c, "cmdws", pid);
 
     // The coordinator restarts while the agent is in its stop script: nothing is stopped under it.
     c.restart();
@@ -742,10 +748,7 @@ fn a_second_agent_for_an_external_workspace_waits_for_the_first_ones_own_shutdow
     // SIGTERM in the workspace: the first agent runs its stop script. A second agent process with
     // the token waits: an external workspace has no provisioner to stop, and the first agent still
     // holds the connection.
-    let pid = nix::unistd::Pid::from_raw(first.child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    wait_until("the stop script", LONG, || dir.join("holding").exists());
-    wait_until("the workspace to be stopping", LONG, || c.show("ext")["status"] == "stopping");
+    begin_own_shutdown(&c, "ext", first.child.id() as i32);
     let second = Agent::start(&c, &token, &dir.join("second"));
     let why = "workspace 'ext' is stopping (agent is running stop scripts)";
     wait_until("the second agent to be turned away", LONG, || second.log_text().contains(why));
@@ -819,12 +822,9 @@ fn new_agent_process_during_own_shutdown(killed: bool) {
     // The agent's stop script holds its shutdown until the test lets it go.
     let script = hold_stop_script(&dir);
     let (base, token, pid) = start_background_agent(&c, &background_agent_template(false, &script));
-    let agent = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGTERM).unwrap();
-    wait_until("the stop script", LONG, || dir.join("holding").exists());
-    wait_until("the workspace to be stopping", LONG, || c.show("cmdws")["status"] == "stopping");
+    begin_own_shutdown(&c, "cmdws", pid);
     if killed {
-        nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGKILL).unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
     }
 
     // That shutdown is over, what the provisioner started is stopped, and the new process is

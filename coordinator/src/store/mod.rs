@@ -272,9 +272,7 @@ impl Store {
         // In the transaction that inserts, so a user removed meanwhile leaves no name behind for a
         // later user of that name to inherit.
         if let Some(owner) = owner {
-            let known: Option<i64> =
-                sqlx::query_scalar("SELECT id FROM users WHERE name = $1").bind(owner).fetch_optional(&mut *tx).await?;
-            if known.is_none() {
+            if users::user_id(&mut tx, owner).await?.is_none() {
                 return Err(StoreError::Conflict(format!(
                     "user '{owner}' was removed while workspace '{name}' was being created"
                 )));

@@ -34,9 +34,7 @@ impl Store {
     /// Adds a user with keys `(fingerprint, line)` and an API token hash, all or nothing.
     pub async fn add_user(&self, name: &str, keys: &[(String, String)], token_hash: &str, now: i64) -> Result<UserRow> {
         let mut tx = self.write_tx().await?;
-        let taken: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM users WHERE name = $1").bind(name).fetch_optional(&mut *tx).await?;
-        if taken.is_some() {
+        if user_id(&mut tx, name).await?.is_some() {
             return Err(StoreError::Conflict(format!("a user named '{name}' already exists")));
         }
         let id: i64 =
@@ -54,11 +52,7 @@ impl Store {
     /// Adds keys to an existing user.
     pub async fn add_user_keys(&self, name: &str, keys: &[(String, String)], now: i64) -> Result<UserRow> {
         let mut tx = self.write_tx().await?;
-        let id: i64 = sqlx::query_scalar("SELECT id FROM users WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::Missing(format!("no user '{name}'")))?;
+        let id = user_id(&mut tx, name).await?.ok_or_else(|| StoreError::Missing(format!("no user '{name}'")))?;
         let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM user_keys WHERE user_id = $1")
             .bind(id)
             .fetch_one(&mut *tx)
@@ -175,9 +169,7 @@ impl Store {
     /// removed meanwhile leaves no grant behind for a later user of that name to inherit.
     pub async fn grant(&self, workspace_id: i64, user: &str, now: i64) -> Result<()> {
         let mut tx = self.write_tx().await?;
-        let known: Option<i64> =
-            sqlx::query_scalar("SELECT id FROM users WHERE name = $1").bind(user).fetch_optional(&mut *tx).await?;
-        if known.is_none() {
+        if user_id(&mut tx, user).await?.is_none() {
             return Err(StoreError::Missing(format!("no user '{user}'")));
         }
         sqlx::query(
@@ -335,4 +327,10 @@ async fn insert_keys(
             .await?;
     }
     Ok(())
+}
+
+/// The id of the user called `name`, read in `tx`, so a check and the write that depends on it
+/// cannot be split by a `remove_user`.
+pub(super) async fn user_id(tx: &mut sqlx::SqliteConnection, name: &str) -> Result<Option<i64>> {
+    Ok(sqlx::query_scalar("SELECT id FROM users WHERE name = $1").bind(name).fetch_optional(tx).await?)
 }
