@@ -107,10 +107,23 @@ impl AsyncUdpSocket for Socket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        let batch = bufs.len().min(meta.len()).min(quinn::udp::BATCH_SIZE);
         loop {
             let mut guard = ready!(self.io.poll_read_ready(cx))?;
-            if let Ok(result) = guard.try_io(|io| self.state.recv(io.get_ref().into(), bufs, meta)) {
-                return Poll::Ready(result);
+            match guard.try_io(|io| self.state.recv(io.get_ref().into(), bufs, meta)) {
+                Ok(Ok(n)) => {
+                    // Fewer datagrams than asked for: the queue was empty when the kernel looked, so
+                    // the next call would only find EAGAIN. Clearing the readiness now saves that
+                    // system call per wake-up; a datagram that arrives meanwhile raises a new edge,
+                    // which the reactor records after this clear (tokio does the same for short
+                    // TCP reads).
+                    if n < batch {
+                        guard.clear_ready();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
             }
         }
     }
@@ -161,6 +174,7 @@ impl UdpPoller for Poller {
 mod tests {
     use super::*;
     use quinn::Runtime as _;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn datagrams_round_trip() {
@@ -182,6 +196,46 @@ mod tests {
         assert_eq!(n, 1);
         assert_eq!(&buf[..meta[0].len], b"hello");
         assert_eq!(meta[0].addr, a.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_datagram_after_a_short_batch_still_wakes_the_receiver() {
+        let a = Runtime.wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let b = Runtime.wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let send = |body: &[u8]| {
+            let t = Transmit {
+                destination: b.local_addr().unwrap(),
+                ecn: None,
+                contents: body,
+                segment_size: None,
+                src_ip: None,
+            };
+            a.try_send(&t).unwrap();
+        };
+        let mut bufs: Vec<Vec<u8>> = (0..quinn::udp::BATCH_SIZE).map(|_| vec![0u8; 1500]).collect();
+        let mut meta = vec![RecvMeta::default(); quinn::udp::BATCH_SIZE];
+        for round in 0..3u8 {
+            // The first round finds two datagrams waiting, the others one sent while the receiver
+            // waits with its readiness cleared by the short batch before.
+            let waiting = if round == 0 { 2 } else { 1 };
+            let recv = async {
+                let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                std::future::poll_fn(|cx| b.poll_recv(cx, &mut slices, &mut meta)).await.unwrap()
+            };
+            let n = if round == 0 {
+                send(&[0]);
+                send(&[0]);
+                tokio::time::timeout(Duration::from_secs(10), recv).await.expect("queued datagrams are received")
+            } else {
+                let sender = async {
+                    tokio::task::yield_now().await;
+                    send(&[round]);
+                };
+                let (n, ()) = tokio::join!(tokio::time::timeout(Duration::from_secs(10), recv), sender);
+                n.expect("a datagram after a short batch wakes the receiver")
+            };
+            assert_eq!(n, waiting, "round {round}");
+        }
     }
 
     #[tokio::test]
