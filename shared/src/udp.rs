@@ -116,8 +116,9 @@ impl AsyncUdpSocket for Socket {
                     // the next call would only find EAGAIN. Clearing the readiness now saves that
                     // system call per wake-up; a datagram that arrives meanwhile raises a new edge,
                     // which the reactor records after this clear (tokio does the same for short
-                    // TCP reads).
-                    if n < batch {
+                    // TCP reads). Only where quinn receives with `recvmmsg`: elsewhere it may
+                    // read one datagram at a time whatever the batch.
+                    if cfg!(any(target_os = "linux", target_os = "android")) && n < batch {
                         guard.clear_ready();
                     }
                     return Poll::Ready(Ok(n));
