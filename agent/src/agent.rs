@@ -82,8 +82,11 @@ pub fn decide(build: u64, running: Option<u64>, handled: Option<u64>, saved: Opt
         return Decision::Keep;
     }
     if handled.is_none() {
-        if let Some(saved) = saved.filter(|s| s.build == build && s.lifecycle.start_finished()) {
-            return Decision::Report(saved.lifecycle);
+        // An earlier process finished this build's start phase. If it went on to shut down (and was
+        // killed in its stop scripts, or finished them), this process is still a start: it reports
+        // how the start phase ended, not a shutdown it is not in.
+        if let Some(outcome) = saved.filter(|s| s.build == build).and_then(|s| s.start_outcome()) {
+            return Decision::Report(outcome);
         }
     }
     Decision::Start
@@ -280,7 +283,7 @@ impl Agent {
         self.span(build, "agent", "manifest", fetched.fetch_started, fetched.fetch_ended, SpanStatus::Ok);
         self.lifecycle(build, Lifecycle::Created, None);
         self.lifecycle(build, Lifecycle::Starting, None);
-        self.save(StateFile { build, lifecycle: Lifecycle::Starting });
+        self.save(build, Lifecycle::Starting);
         let scripts = manifest.scripts.iter().filter(|s| s.on == tether_shared::proto::ScriptTrigger::Start).count();
         tracing::info!(build, scripts, "running start scripts");
         let (cancel, cancel_rx) = watch::channel(false);
@@ -320,7 +323,7 @@ impl Agent {
         // The span first: whoever sees the final lifecycle stored can already see the whole timeline.
         self.span(phase.build, "agent", "ready", phase.ready_from, now, status);
         self.lifecycle(phase.build, lifecycle, detail);
-        self.save(StateFile { build: phase.build, lifecycle });
+        self.save(phase.build, lifecycle);
     }
 
     async fn on_tunnel_ended(
@@ -368,7 +371,7 @@ impl Agent {
     async fn stop_phase(&mut self, manifest: Arc<Manifest>) {
         let build = manifest.build;
         self.lifecycle(build, Lifecycle::ShuttingDown, None);
-        self.save(StateFile { build, lifecycle: Lifecycle::ShuttingDown });
+        self.save(build, Lifecycle::ShuttingDown);
         let overall = (manifest.shutdown_timeout_ms > 0).then(|| Duration::from_millis(manifest.shutdown_timeout_ms));
         // Stop scripts are never cancelled: their budget is the shutdown timeout.
         let (_keep, never) = watch::channel(false);
@@ -379,7 +382,7 @@ impl Agent {
             Some(d) => tracing::warn!(build, lifecycle = %lifecycle, detail = %d, "stop phase finished"),
         }
         self.lifecycle(build, lifecycle, detail);
-        self.save(StateFile { build, lifecycle });
+        self.save(build, lifecycle);
     }
 
     fn lifecycle(&self, build: u64, state: Lifecycle, detail: Option<String>) {
@@ -408,7 +411,8 @@ impl Agent {
         );
     }
 
-    fn save(&mut self, s: StateFile) {
+    fn save(&mut self, build: u64, lifecycle: Lifecycle) {
+        let s = StateFile::next(self.saved, build, lifecycle);
         if let Err(e) = state::save(&self.data_dir, &s) {
             tracing::warn!(error = %e, "could not update the state file");
         }
@@ -438,7 +442,7 @@ mod tests {
     use super::*;
 
     fn saved(build: u64, lifecycle: Lifecycle) -> Option<StateFile> {
-        Some(StateFile { build, lifecycle })
+        Some(StateFile { build, lifecycle, start: None })
     }
 
     #[test]
@@ -457,6 +461,20 @@ mod tests {
     fn restarted_agent_reruns_a_start_that_died_midway() {
         assert_eq!(decide(3, None, None, saved(3, Lifecycle::Starting)), Decision::Start);
         assert_eq!(decide(3, None, None, saved(3, Lifecycle::Created)), Decision::Start);
+    }
+
+    #[test]
+    fn an_agent_restarted_after_its_shutdown_began_reports_how_the_start_ended() {
+        use Lifecycle::*;
+        for (start, shutdown) in
+            [(Ready, ShuttingDown), (StartError, ShuttingDown), (Ready, Off), (Ready, ShutdownTimeout)]
+        {
+            let file = Some(StateFile { build: 3, lifecycle: shutdown, start: Some(start) });
+            assert_eq!(decide(3, None, None, file), Decision::Report(start), "{start} then {shutdown}");
+        }
+        // Killed in a shutdown during its start phase, or by an agent that did not keep the
+        // outcome: the start phase runs again.
+        assert_eq!(decide(3, None, None, saved(3, ShuttingDown)), Decision::Start);
     }
 
     #[test]

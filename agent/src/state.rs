@@ -10,11 +10,35 @@ pub const FILE_NAME: &str = "state.json";
 /// A state file is a few dozen bytes; anything bigger is not ours.
 const MAX_STATE_FILE: u64 = 64 * 1024;
 
-/// `DATA/state.json`: `{ "build": N, "lifecycle": "ready" }`.
+/// `DATA/state.json`: `{ "build": N, "lifecycle": "shutting_down", "start": "ready" }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateFile {
     pub build: u64,
+    /// How far the build got: the last lifecycle the agent reported for it.
     pub lifecycle: Lifecycle,
+    /// How the build's start phase ended, kept once a shutdown has begun (files written before
+    /// this field existed lack it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<Lifecycle>,
+}
+
+impl StateFile {
+    /// The state after `build` reached `lifecycle`, keeping how the start phase ended from `before`
+    /// if that was the same build.
+    pub fn next(before: Option<StateFile>, build: u64, lifecycle: Lifecycle) -> StateFile {
+        let start = before.filter(|b| b.build == build).and_then(|b| b.start_outcome());
+        let start = if lifecycle.start_finished() && !lifecycle.shutdown_begun() { Some(lifecycle) } else { start };
+        StateFile { build, lifecycle, start }
+    }
+
+    /// How the start phase ended, if it did: ready, start_error or start_timeout.
+    pub fn start_outcome(&self) -> Option<Lifecycle> {
+        if self.lifecycle.start_finished() && !self.lifecycle.shutdown_begun() {
+            Some(self.lifecycle)
+        } else {
+            self.start.filter(|s| s.start_finished() && !s.shutdown_begun())
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,14 +96,16 @@ mod tests {
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);
-        let s = StateFile { build: 7, lifecycle: Lifecycle::StartTimeout };
+        let s = StateFile { build: 7, lifecycle: Lifecycle::StartTimeout, start: None };
         save(dir.path(), &s).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(s));
         let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
         assert_eq!(text, "{\"build\":7,\"lifecycle\":\"start_timeout\"}\n");
-        let s2 = StateFile { build: 8, lifecycle: Lifecycle::Ready };
+        let s2 = StateFile { build: 8, lifecycle: Lifecycle::ShuttingDown, start: Some(Lifecycle::Ready) };
         save(dir.path(), &s2).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(s2));
+        let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
+        assert_eq!(text, "{\"build\":8,\"lifecycle\":\"shutting_down\",\"start\":\"ready\"}\n");
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)], "no temp file left behind");
     }
@@ -88,7 +114,24 @@ mod tests {
     fn reads_what_a_person_would_write() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), "{ \"build\": 3, \"lifecycle\": \"ready\" }").unwrap();
-        assert_eq!(load(dir.path()).unwrap(), Some(StateFile { build: 3, lifecycle: Lifecycle::Ready }));
+        assert_eq!(load(dir.path()).unwrap(), Some(StateFile { build: 3, lifecycle: Lifecycle::Ready, start: None }));
+    }
+
+    #[test]
+    fn the_start_outcome_outlives_the_shutdown_of_its_build_only() {
+        use Lifecycle::*;
+        let starting = StateFile::next(None, 4, Starting);
+        assert_eq!(starting.start_outcome(), None);
+        let failed = StateFile::next(Some(starting), 4, StartError);
+        assert_eq!(failed.start_outcome(), Some(StartError));
+        let stopping = StateFile::next(Some(failed), 4, ShuttingDown);
+        assert_eq!(stopping, StateFile { build: 4, lifecycle: ShuttingDown, start: Some(StartError) });
+        let off = StateFile::next(Some(stopping), 4, Off);
+        assert_eq!(off.start_outcome(), Some(StartError));
+        // A shutdown during the start phase: the start never ended.
+        assert_eq!(StateFile::next(Some(starting), 4, ShuttingDown).start_outcome(), None);
+        // Another build's outcome is not carried over.
+        assert_eq!(StateFile::next(Some(off), 5, ShuttingDown).start_outcome(), None);
     }
 
     #[test]

@@ -110,6 +110,11 @@ impl Lifecycle {
     pub fn start_finished(self) -> bool {
         self.rank() >= 2
     }
+
+    /// The agent has begun its shutdown (its stop scripts), or finished it.
+    pub fn shutdown_begun(self) -> bool {
+        self.rank() >= Lifecycle::ShuttingDown.rank()
+    }
 }
 
 #[cfg(test)]

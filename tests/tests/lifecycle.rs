@@ -847,3 +847,46 @@ fn new_agent_process_during_own_shutdown(killed: bool) {
     std::fs::write(dir.join("let-go"), "").unwrap();
     assert_eq!(std::fs::read_to_string(base.with_extension("stopped")).unwrap(), "removed\n", "stopped once");
 }
+
+#[test]
+fn an_agent_restarted_after_a_kill_at_the_start_of_its_shutdown_reports_its_start_not_a_shutdown() {
+    let c = Coordinator::start();
+    let dir = c.data_dir().to_path_buf();
+    let template = format!(
+        "heartbeat_timeout = \"3s\"\n[[script]]\nname = \"setup\"\nrun = \"echo run >> {}/starts\"\n",
+        dir.display()
+    );
+    let created = c.create("ext", &template, &[]);
+    let token = created["agent_token"].as_str().unwrap().to_string();
+    let data = dir.join("agent");
+    let mut first = Agent::start(&c, &token, &data);
+    assert_eq!(c.wait_for("ext", "running,unhealthy,failed", LONG)["status"], "running");
+    let runs = || std::fs::read_to_string(dir.join("starts")).unwrap_or_default().lines().count();
+    assert_eq!(runs(), 1);
+
+    // The agent is killed just after it began its shutdown: it has written that to its state file
+    // (as it does before its stop scripts run) but the news has not left it, so the coordinator still
+    // has the workspace running. The container or VM comes back with a new agent process.
+    first.kill();
+    let state_file = data.join("state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    assert_eq!(state["lifecycle"], "ready", "{state}");
+    state["lifecycle"] = "shutting_down".into();
+    state["start"] = "ready".into();
+    std::fs::write(&state_file, state.to_string()).unwrap();
+    let second = Agent::start(&c, &token, &data);
+    wait_until("the new agent to take the earlier start", LONG, || {
+        second.log_text().contains("not running its start scripts again")
+    });
+    // Two heartbeats after that: they travel behind its lifecycle report, so the report is in.
+    for _ in 0..2 {
+        let before = c.show("ext")["last_heartbeat_at"].clone();
+        wait_until("a heartbeat", LONG, || c.show("ext")["last_heartbeat_at"] != before);
+    }
+    // The new process is not shutting down: the workspace is running, not stuck "stopping" beside
+    // a live agent, and its start script did not run twice.
+    let w = c.show("ext");
+    assert_eq!(w["status"], "running", "{w}");
+    assert_eq!(w["lifecycle"], "ready", "{w}");
+    assert_eq!(runs(), 1);
+}
