@@ -26,8 +26,13 @@ impl StateFile {
     /// The state after `build` reached `lifecycle`, keeping how the start phase ended from `before`
     /// if that was the same build.
     pub fn next(before: Option<StateFile>, build: u64, lifecycle: Lifecycle) -> StateFile {
-        let start = before.filter(|b| b.build == build).and_then(|b| b.start_outcome());
-        let start = if lifecycle.start_finished() && !lifecycle.shutdown_begun() { Some(lifecycle) } else { start };
+        let start = if !lifecycle.start_finished() {
+            None
+        } else if !lifecycle.shutdown_begun() {
+            Some(lifecycle)
+        } else {
+            before.filter(|b| b.build == build).and_then(|b| b.start_outcome())
+        };
         StateFile { build, lifecycle, start }
     }
 
@@ -130,6 +135,8 @@ mod tests {
         assert_eq!(off.start_outcome(), Some(StartError));
         // A shutdown during the start phase: the start never ended.
         assert_eq!(StateFile::next(Some(starting), 4, ShuttingDown).start_outcome(), None);
+        // A start phase of the same build again (never run after an outcome today) forgets it.
+        assert_eq!(StateFile::next(Some(off), 4, Starting).start_outcome(), None);
         // Another build's outcome is not carried over.
         assert_eq!(StateFile::next(Some(off), 5, ShuttingDown).start_outcome(), None);
     }

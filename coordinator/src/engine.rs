@@ -871,6 +871,12 @@ impl Engine {
                 })
             }
         }
+        if status::new_process_restarts_lifecycle(row.status, row.lifecycle, reconnect) {
+            info!(workspace = %row.name, lifecycle = ?row.lifecycle, "a new agent process after a shutdown this coordinator did not see through: its lifecycle starts afresh");
+            self.store.restart_lifecycle(row.id).await.map_err(|e| internal(e.into()))?;
+            row.lifecycle = None;
+            row.lifecycle_detail = None;
+        }
         let now = now_ms();
         let (events_acked, logs_acked) = self
             .store

@@ -107,6 +107,16 @@ pub fn expects_agent(s: WorkspaceStatus) -> bool {
     matches!(s, WorkspaceStatus::Starting | WorkspaceStatus::Running | WorkspaceStatus::Unhealthy)
 }
 
+/// Whether a new agent process (not the one before, reconnecting) starts the build's lifecycle
+/// afresh. It does when the process before had begun its shutdown and the coordinator did not take
+/// that as one (the news came while it counted that agent as lost, so the workspace stayed
+/// starting, running or unhealthy): that shutdown is over, the new process reports where the
+/// build's start got, and its report must count, which it would not against a stored lifecycle
+/// that never moves back (the workspace would show `stopping` beside a live agent).
+pub fn new_process_restarts_lifecycle(status: WorkspaceStatus, lifecycle: Option<Lifecycle>, reconnect: bool) -> bool {
+    !reconnect && expects_agent(status) && lifecycle.is_some_and(|l| l.shutdown_begun())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Watch {
     /// Started, no agent yet; unhealthy at the deadline.
@@ -204,6 +214,27 @@ mod tests {
             exit_code: code,
             timeout: Duration::from_secs(300),
             detail: None,
+        }
+    }
+
+    #[test]
+    fn only_a_new_process_after_an_unnoticed_shutdown_restarts_the_lifecycle() {
+        use Lifecycle as L;
+        use WorkspaceStatus as W;
+        for status in [W::Starting, W::Running, W::Unhealthy] {
+            for lc in [L::ShuttingDown, L::Off, L::ShutdownError, L::ShutdownTimeout] {
+                assert!(new_process_restarts_lifecycle(status, Some(lc), false), "{status} {lc}");
+                assert!(!new_process_restarts_lifecycle(status, Some(lc), true), "a reconnect keeps it");
+            }
+            for lc in
+                [None, Some(L::Created), Some(L::Starting), Some(L::Ready), Some(L::StartError), Some(L::StartTimeout)]
+            {
+                assert!(!new_process_restarts_lifecycle(status, lc, false), "{status} {lc:?}");
+            }
+        }
+        // A shutdown the coordinator knows of is ended by the new process otherwise (agent_hello).
+        for status in [W::Stopping, W::Stopped, W::Pending, W::Failed, W::Deleting, W::Deleted] {
+            assert!(!new_process_restarts_lifecycle(status, Some(L::ShuttingDown), false), "{status}");
         }
     }
 

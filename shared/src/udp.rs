@@ -199,6 +199,15 @@ mod tests {
         assert_eq!(meta[0].addr, a.local_addr().unwrap());
     }
 
+    /// One `poll_recv` call's worth of datagrams, waiting up to 10 s.
+    async fn recv_some(socket: &dyn AsyncUdpSocket, bufs: &mut [Vec<u8>], meta: &mut [RecvMeta]) -> usize {
+        let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let n = std::future::poll_fn(|cx| socket.poll_recv(cx, &mut slices, meta));
+        tokio::time::timeout(Duration::from_secs(10), n).await.expect("a datagram wakes the receiver").unwrap()
+    }
+
+    /// A regression test for lost wake-ups, not a proof: the window it guards (a datagram landing
+    /// between the kernel finding the queue empty and the clear) cannot be timed from here.
     #[tokio::test]
     async fn a_datagram_after_a_short_batch_still_wakes_the_receiver() {
         let a = Runtime.wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
@@ -215,27 +224,22 @@ mod tests {
         };
         let mut bufs: Vec<Vec<u8>> = (0..quinn::udp::BATCH_SIZE).map(|_| vec![0u8; 1500]).collect();
         let mut meta = vec![RecvMeta::default(); quinn::udp::BATCH_SIZE];
-        for round in 0..3u8 {
-            // The first round finds two datagrams waiting, the others one sent while the receiver
-            // waits with its readiness cleared by the short batch before.
-            let waiting = if round == 0 { 2 } else { 1 };
-            let recv = async {
-                let mut slices: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-                std::future::poll_fn(|cx| b.poll_recv(cx, &mut slices, &mut meta)).await.unwrap()
+        // Two datagrams waiting: however many each call returns, both arrive.
+        send(&[0]);
+        send(&[0]);
+        let mut got = 0;
+        while got < 2 {
+            got += recv_some(&*b, &mut bufs, &mut meta).await;
+        }
+        assert_eq!(got, 2);
+        // Then, twice, one datagram sent while the receiver waits after a short batch.
+        for round in 1..3u8 {
+            let sender = async {
+                tokio::task::yield_now().await;
+                send(&[round]);
             };
-            let n = if round == 0 {
-                send(&[0]);
-                send(&[0]);
-                tokio::time::timeout(Duration::from_secs(10), recv).await.expect("queued datagrams are received")
-            } else {
-                let sender = async {
-                    tokio::task::yield_now().await;
-                    send(&[round]);
-                };
-                let (n, ()) = tokio::join!(tokio::time::timeout(Duration::from_secs(10), recv), sender);
-                n.expect("a datagram after a short batch wakes the receiver")
-            };
-            assert_eq!(n, waiting, "round {round}");
+            let (n, ()) = tokio::join!(recv_some(&*b, &mut bufs, &mut meta), sender);
+            assert_eq!(n, 1, "round {round}");
         }
     }
 

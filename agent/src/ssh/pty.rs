@@ -46,11 +46,6 @@ impl AsyncRead for Reader {
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|fd| rustix::io::read(fd.get_ref(), &mut *unfilled).map_err(io::Error::from)) {
                 Ok(Ok(n)) => {
-                    // A short read emptied the terminal's output buffer: clearing the readiness
-                    // saves the read that would find EAGAIN (see `tether_shared::udp`).
-                    if n > 0 && n < unfilled.len() {
-                        guard.clear_ready();
-                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }

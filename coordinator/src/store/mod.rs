@@ -448,6 +448,15 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets the build's lifecycle: the next one the agent reports is taken as it is.
+    pub async fn restart_lifecycle(&self, id: i64) -> Result<()> {
+        sqlx::query("UPDATE workspaces SET lifecycle = NULL, lifecycle_detail = NULL WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn set_token(&self, id: i64, token_hash: Option<&str>) -> Result<()> {
         sqlx::query("UPDATE workspaces SET token_hash = $1 WHERE id = $2")
             .bind(token_hash)
