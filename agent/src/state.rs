@@ -26,12 +26,11 @@ impl StateFile {
     /// The state after `build` reached `lifecycle`, keeping how the start phase ended from `before`
     /// if that was the same build.
     pub fn next(before: Option<StateFile>, build: u64, lifecycle: Lifecycle) -> StateFile {
-        let start = if !lifecycle.start_finished() {
-            None
-        } else if !lifecycle.shutdown_begun() {
-            Some(lifecycle)
-        } else {
+        let start = if lifecycle.shutdown_begun() {
             before.filter(|b| b.build == build).and_then(|b| b.start_outcome())
+        } else {
+            // Until then the lifecycle itself says it.
+            None
         };
         StateFile { build, lifecycle, start }
     }

@@ -384,7 +384,7 @@ async fn full_life_of_a_build() {
     assert_eq!(stop.status, SpanStatus::Ok);
     assert_eq!(std::fs::read_to_string(work.path().join("flushed")).unwrap(), "bye\n");
     assert!(!work.path().join("cron-ran").exists(), "cron scripts are skipped");
-    assert_eq!(read_state(data.path()), "{\"build\":1,\"lifecycle\":\"off\"}\n");
+    assert_eq!(read_state(data.path()), "{\"build\":1,\"lifecycle\":\"off\",\"start\":\"ready\"}\n");
     let close = timeout(DEADLINE, s.conn.closed()).await.unwrap();
     assert!(matches!(close, quinn::ConnectionError::ApplicationClosed(_)), "{close:?}");
 }
@@ -478,9 +478,9 @@ async fn restarted_agent_does_not_rerun_start_scripts_for_the_same_build() {
     pump(&mut s, &mut rec, true, |r| r.goodbye.is_some()).await;
     assert_eq!(rec.goodbye.as_deref(), Some("test stop"));
     assert_eq!(agent.exit().await, Exit::Stopped);
-    assert_eq!(read_state(data.path()), "{\"build\":7,\"lifecycle\":\"off\"}\n");
-    // Make it "ready" again to model an agent that was killed without a shutdown.
-    std::fs::write(data.path().join("state.json"), "{\"build\":7,\"lifecycle\":\"ready\"}").unwrap();
+    assert_eq!(read_state(data.path()), "{\"build\":7,\"lifecycle\":\"off\",\"start\":\"ready\"}\n");
+    // Started again for the same build (its container restarted, say): a new process is a start,
+    // not the shutdown the one before finished, and reports how the start phase ended.
 
     let mut agent = start_agent(coord.config(data.path(), coord.pin()));
     let mut s = coord.hello().await.serve(welcome(7, 0, 0), m).await;
