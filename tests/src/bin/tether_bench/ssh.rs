@@ -437,6 +437,8 @@ struct Echo {
     /// per-connection processes, or the coordinator and the agent, and the remote `dd`) spent per
     /// round trip, in microseconds; `None` where the kernel keeps no per-task run times.
     server_cpu_us: Option<f64>,
+    /// The same split by process name (`tether`, `tether-agent`, `sshd x2`, `dd`), largest first.
+    by_process: Vec<(String, f64)>,
 }
 
 /// Echo latency on every route at once, interleaved: one session per route, then round after round
@@ -462,6 +464,7 @@ fn echo_interleaved(routes: &[Route], samples: usize, added_rtt: Duration) -> an
         servers.push(pids);
     }
     let started: Vec<_> = servers.iter().map(|pids| procfs::cpu_ns(pids)).collect();
+    let names: Vec<std::collections::BTreeMap<u32, String>> = servers.iter().map(|pids| procfs::names(pids)).collect();
     let mut ended = Vec::new();
     let mut micros: Vec<Vec<f64>> = routes.iter().map(|_| Vec::with_capacity(samples)).collect();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -485,8 +488,12 @@ fn echo_interleaved(routes: &[Route], samples: usize, added_rtt: Duration) -> an
     }
     let echoes = micros
         .into_iter()
-        .zip(started.iter().zip(&ended))
-        .map(|(micros, (start, end))| Echo { micros, server_cpu_us: procfs::spent_us(start, end, total - 1) })
+        .zip(started.iter().zip(&ended).zip(&names))
+        .map(|(micros, ((start, end), names))| Echo {
+            micros,
+            server_cpu_us: procfs::spent_us(start, end, total - 1),
+            by_process: procfs::spent_by_name(start, end, names, total - 1),
+        })
         .collect();
     Ok(echoes)
 }
@@ -551,6 +558,42 @@ mod procfs {
             seen = true;
         }
         seen.then_some(total)
+    }
+
+    /// Each process's name (`comm`), for those still there.
+    pub fn names(pids: &[u32]) -> BTreeMap<u32, String> {
+        pids.iter()
+            .filter_map(|pid| {
+                Some((*pid, std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim().to_string()))
+            })
+            .collect()
+    }
+
+    /// [`spent_us`] summed by process name, largest first.
+    pub fn spent_by_name(
+        start: &BTreeMap<u32, u64>,
+        end: &BTreeMap<u32, u64>,
+        names: &BTreeMap<u32, String>,
+        trips: usize,
+    ) -> Vec<(String, f64)> {
+        // Name -> (processes, nanoseconds).
+        let mut by: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+        for (pid, a) in start {
+            if let (Some(b), Some(name)) = (end.get(pid), names.get(pid)) {
+                let entry = by.entry(name.as_str()).or_default();
+                entry.0 += 1;
+                entry.1 += b.saturating_sub(*a);
+            }
+        }
+        let mut out: Vec<(String, f64)> = by
+            .into_iter()
+            .map(|(n, (count, ns))| {
+                let name = if count > 1 { format!("{n} x{count}") } else { n.to_string() };
+                (name, ns as f64 / 1e3 / trips.max(1) as f64)
+            })
+            .collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out
     }
 
     /// Microseconds per trip the processes present at both ends spent between them.
@@ -963,6 +1006,12 @@ struct Figures {
     setup_ms: Vec<f64>,
     echo_us: Vec<f64>,
     server_cpu_us: Option<f64>,
+    server_cpu_by_process: Vec<(String, f64)>,
+}
+
+/// `tether 85, tether-agent 72, dd 12` (microseconds per trip).
+fn by_process_text(by: &[(String, f64)]) -> String {
+    by.iter().map(|(name, us)| format!("{name} {us:.0}")).collect::<Vec<_>>().join(", ")
 }
 
 fn cpu_text(us: Option<f64>) -> String {
@@ -1026,6 +1075,9 @@ impl Figures {
                 "max": round(echo[echo.len() - 1], 1),
                 "samples": echo.len(),
                 "server_cpu_per_trip_us": self.server_cpu_us.map(|us| round(us, 1)),
+                "server_cpu_per_trip_us_by_process": self.server_cpu_by_process.iter()
+                    .map(|(name, us)| json!({ "process": name, "us": round(*us, 1) }))
+                    .collect::<Vec<_>>(),
             },
         })
     }
@@ -1212,6 +1264,15 @@ pub async fn run(args: &SshArgs, machine: &Value) -> anyhow::Result<Value> {
         "CPU/trip: CPU time the server side spent per echo round trip (sshd's processes for the \
          connection, or the coordinator and the agent, and the remote dd)",
     );
+    for (route, f) in routes.iter().zip(&figures) {
+        if !f.server_cpu_by_process.is_empty() {
+            b.note(format!(
+                "  {:<6} CPU/trip by process (us): {}",
+                route.key,
+                by_process_text(&f.server_cpu_by_process)
+            ));
+        }
+    }
     b.note("");
     for (route, f) in routes.iter().zip(&figures) {
         let names: &[&str] = if f.hops.len() > 1 { &["jump hop", "end to end"] } else { &["end to end"] };
@@ -1314,13 +1375,15 @@ async fn measure(args: &SshArgs, routes: &[Route]) -> anyhow::Result<Vec<Figures
     for ((route, f), echo) in routes.iter().zip(&mut figures).zip(echoes) {
         f.echo_us = echo.micros;
         f.server_cpu_us = echo.server_cpu_us;
+        f.server_cpu_by_process = echo.by_process;
         let s = sorted(&f.echo_us);
         eprintln!(
-            "echo {}: p50 {:.0} us, p99 {:.0} us, server-side CPU {} per trip",
+            "echo {}: p50 {:.0} us, p99 {:.0} us, server-side CPU {} per trip ({})",
             route.key,
             percentile(&s, 0.5),
             percentile(&s, 0.99),
-            cpu_text(f.server_cpu_us)
+            cpu_text(f.server_cpu_us),
+            by_process_text(&f.server_cpu_by_process)
         );
     }
     Ok(figures)
@@ -1361,6 +1424,9 @@ debug1: kex: client->server cipher: aes256-gcm@openssh.com MAC: <implicit> compr
         let end = std::collections::BTreeMap::from([(10, 3_000_000u64), (11, 1_500_000), (13, 9_000_000)]);
         assert_eq!(procfs::spent_us(&start, &end, 1000), Some(3.0));
         assert_eq!(procfs::spent_us(&Default::default(), &end, 1000), None);
+        let names =
+            std::collections::BTreeMap::from([(10, "sshd".to_string()), (11, "sshd".into()), (13, "dd".into())]);
+        assert_eq!(procfs::spent_by_name(&start, &end, &names, 1000), vec![("sshd x2".to_string(), 3.0)]);
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let (me, pid) = (std::process::id(), child.id());
         assert!(procfs::pids().contains(&pid));
