@@ -26,13 +26,21 @@ fn hello(token: &str) -> Hello {
 
 /// Opens a raw tunnel connection the way an agent would, without being one.
 async fn raw_connect(c: &Coordinator) -> (quinn::Endpoint, quinn::Connection) {
+    raw_connect_from(c, "127.0.0.1").await.unwrap()
+}
+
+/// [`raw_connect`] from `local`, any address of 127.0.0.0/8 (all on Linux's loopback).
+async fn raw_connect_from(
+    c: &Coordinator,
+    local: &str,
+) -> Result<(quinn::Endpoint, quinn::Connection), quinn::ConnectionError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let pem = std::fs::read(c.ca_path()).unwrap();
     let config = client_config(CaPin::from_pem(&pem, "ca.pem").unwrap()).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client(format!("{local}:0").parse().unwrap()).unwrap();
     endpoint.set_default_client_config(config);
-    let conn = endpoint.connect(c.agent_addr().parse().unwrap(), SERVER_NAME).unwrap().await.unwrap();
-    (endpoint, conn)
+    let conn = endpoint.connect(c.agent_addr().parse().unwrap(), SERVER_NAME).unwrap().await?;
+    Ok((endpoint, conn))
 }
 
 async fn read_reply(recv: &mut quinn::RecvStream) -> HelloReply {
@@ -328,4 +336,38 @@ fn silent_connections_take_no_agents_place_and_are_closed_at_the_hello_deadline(
         }
     });
     assert_still_running(&c, "real");
+}
+
+/// One address holds at most 256 of the places of connections that have not said hello (a NAT in
+/// front of many agents that reconnect together still gets that many): the 257th from it is
+/// refused, while another address, and a real agent, still get in.
+#[test]
+fn one_address_holds_at_most_256_pre_hello_places_and_others_still_get_in() {
+    let c = Coordinator::start();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let opened = std::time::Instant::now();
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        for i in 0..256 {
+            held.push(raw_connect_from(&c, "127.0.0.2").await.unwrap_or_else(|e| panic!("connection {i}: {e}")));
+        }
+        held
+    });
+    let refused = rt.block_on(raw_connect_from(&c, "127.0.0.2"));
+    // The places are held until the hello deadline, ten seconds from each accept: the refusal
+    // only means something if it came before the first of them ran out.
+    let took = opened.elapsed();
+    assert!(took < std::time::Duration::from_secs(9), "opening 256 connections took {took:?}");
+    assert!(refused.is_err(), "a 257th connection from 127.0.0.2 was accepted");
+    let other = rt.block_on(raw_connect_from(&c, "127.0.0.3"));
+    assert!(other.is_ok(), "another address is refused: {:?}", other.err());
+    let _real = external(&c, "real", HEALTHY);
+    c.wait_for("real", "running", LONG);
+    let log = std::fs::read_to_string(c.data_dir().join("coordinator.log")).unwrap();
+    assert!(
+        log.contains("refusing agent connection: 256 connections from 127.0.0.2 are waiting to say hello"),
+        "{}",
+        c.log_tail()
+    );
+    drop(held);
 }
