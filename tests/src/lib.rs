@@ -381,6 +381,20 @@ pub fn external(coord: &Coordinator, name: &str, template: &str) -> Agent {
 
 pub mod ssh;
 
+/// A TCP connection to `addr` from `local` (any address of 127.0.0.0/8, all on Linux's loopback),
+/// so a test can come from more than one address.
+pub fn tcp_connect_from(local: &str, addr: &str) -> std::io::Result<std::net::TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(format!("{local}:0").parse().map_err(std::io::Error::other)?)?;
+        let stream = socket.connect(addr.parse().map_err(std::io::Error::other)?).await?;
+        let stream = stream.into_std()?;
+        stream.set_nonblocking(false)?;
+        Ok(stream)
+    })
+}
+
 pub fn pid_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }

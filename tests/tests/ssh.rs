@@ -975,6 +975,13 @@ fn idle_connections_cannot_lock_users_out_of_the_front_door() {
     assert!(got.is_empty(), "no version line for a connection over the limit: {}", text(&got));
     let out = alice.run("dev.tether", "true");
     assert!(!out.status.success(), "refused while 64 connections from its address wait");
+    // Another address is not: it gets the version line.
+    let mut other = tether_tests::tcp_connect_from("127.0.0.2", &addr).expect("connect from 127.0.0.2");
+    other.set_read_timeout(Some(LONG)).expect("read timeout");
+    let mut line = [0u8; 14];
+    other.read_exact(&mut line).expect("a version line for another address");
+    assert_eq!(&line, b"SSH-2.0-tether");
+    drop(other);
     // One that sends its version line, then stalls in the key exchange, in a place given back.
     idle.pop();
     let mut stalled = None;
