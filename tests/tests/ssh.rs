@@ -1365,3 +1365,65 @@ fn unix_sockets_are_forwarded_both_ways_and_cleaned_up() {
     let _ = reverse.wait();
     wait_until("the agent to remove its socket", LONG, || !remote.exists());
 }
+
+/// russh's client, for what the OpenSSH client cannot send; it trusts any host key (the host
+/// certificate is checked with OpenSSH elsewhere).
+struct RusshClient;
+
+impl russh::client::Handler for RusshClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, _key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// An SSH `signal` request reaches the remote command, which can trap it. OpenSSH's client has no
+/// way to send one (editors' SSH libraries do), so russh's client sends it, through
+/// `tether ssh --stdio` as its transport and the coordinator's broker to the agent.
+#[test]
+fn a_signal_request_reaches_the_remote_command() {
+    use russh::{ChannelMsg, Sig};
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (out, status) = rt.block_on(async {
+        let mut proxy = tokio::process::Command::from(alice.tether(&coord));
+        proxy.args(["ssh", "--stdio", "dev"]).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true);
+        let mut child = proxy.spawn().expect("tether ssh --stdio");
+        let stream = tokio::io::join(child.stdout.take().expect("stdout"), child.stdin.take().expect("stdin"));
+        let config = std::sync::Arc::new(russh::client::Config::default());
+        let mut session = russh::client::connect_stream(config, stream, RusshClient).await.expect("ssh handshake");
+        let key = russh::keys::load_secret_key(&alice.key, None).expect("alice's key");
+        let key = russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(key), None);
+        assert!(session.authenticate_publickey("alice", key).await.expect("auth").success(), "alice's key is accepted");
+        let mut channel = session.channel_open_session().await.expect("session channel");
+        channel
+            .exec(true, "trap 'echo got-TERM; exit 3' TERM; echo ready; while :; do sleep 0.1; done")
+            .await
+            .expect("exec");
+        let mut out = Vec::new();
+        let mut status = None;
+        let mut signalled = false;
+        let read = async {
+            while let Some(msg) = channel.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        out.extend_from_slice(&data);
+                        if !signalled && String::from_utf8_lossy(&out).contains("ready") {
+                            channel.signal(Sig::TERM).await.expect("signal request");
+                            signalled = true;
+                        }
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(LONG, read).await.expect("the command ends after its signal");
+        (String::from_utf8_lossy(&out).into_owned(), status)
+    });
+    assert!(out.contains("got-TERM"), "the trap ran: {out:?}");
+    assert_eq!(status, Some(3), "{out:?}");
+}
