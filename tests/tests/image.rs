@@ -213,6 +213,8 @@ fn tampering_server(body: &'static [u8]) -> String {
             let mut buf = [0u8; 1024];
             while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
                 match stream.read(&mut buf) {
+                    // A signal to the test process (a child's SIGCHLD) interrupts a read with a timeout.
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Ok(0) | Err(_) => break,
                     Ok(n) => request.extend_from_slice(&buf[..n]),
                 }

@@ -472,6 +472,9 @@ fn upgrade_request(coord: &Coordinator, token: &str, workspace: &str) -> String 
     let mut buf = [0u8; 4096];
     while !text(&reply).contains("\r\n\r\n") || !text(&reply).trim_end().ends_with('}') {
         match s.read(&mut buf) {
+            // A read with a timeout is not restarted after a signal handler runs (signal(7)); one
+            // may be installed in this process by another test's library.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => reply.extend_from_slice(&buf[..n]),
         }
@@ -1366,6 +1369,16 @@ fn unix_sockets_are_forwarded_both_ways_and_cleaned_up() {
     wait_until("the agent to remove its socket", LONG, || !remote.exists());
 }
 
+/// A child process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// russh's client, for what the OpenSSH client cannot send; it trusts any host key (the host
 /// certificate is checked with OpenSSH elsewhere).
 struct RusshClient;
@@ -1389,10 +1402,15 @@ fn a_signal_request_reaches_the_remote_command() {
     let _dev = workspace(&coord, "dev", "alice");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let (out, status) = rt.block_on(async {
-        let mut proxy = tokio::process::Command::from(alice.tether(&coord));
-        proxy.args(["ssh", "--stdio", "dev"]).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true);
+        // Spawned with std: tokio's process support would install a SIGCHLD handler in this test
+        // process, and that signal then interrupts the other tests' reads that have a timeout.
+        let mut proxy = alice.tether(&coord);
+        proxy.args(["ssh", "--stdio", "dev"]).stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut child = proxy.spawn().expect("tether ssh --stdio");
-        let stream = tokio::io::join(child.stdout.take().expect("stdout"), child.stdin.take().expect("stdin"));
+        let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().expect("stdout")).expect("stdout");
+        let stdin = tokio::process::ChildStdin::from_std(child.stdin.take().expect("stdin")).expect("stdin");
+        let _child = KillOnDrop(child);
+        let stream = tokio::io::join(stdout, stdin);
         let config = std::sync::Arc::new(russh::client::Config::default());
         let mut session = russh::client::connect_stream(config, stream, RusshClient).await.expect("ssh handshake");
         let key = russh::keys::load_secret_key(&alice.key, None).expect("alice's key");
