@@ -1227,8 +1227,12 @@ fn stalled_ssh_clients_never_starve_the_agents_tunnel() {
     let bob = SshUser::add(&coord, "bob");
     let _dev = workspace(&coord, "dev", "alice");
     coord.ok(&["workspace", "grant", "dev", "bob"]);
-    // Stopped processes are resumed and killed at the end, pass or fail.
-    struct Held(Vec<Child>);
+    // The sessions wait on a FIFO (each blocks opening it) until the test opens and closes it.
+    let go = alice.dir.join("go");
+    // Stopped processes are resumed and killed at the end, pass or fail, and so are the sessions'
+    // commands: one still blocked opening the FIFO would wait for ever once the test has gone (as
+    // under sshd, a killed server leaves its sessions' processes to themselves).
+    struct Held(Vec<Child>, String);
     impl Drop for Held {
         fn drop(&mut self) {
             for c in &mut self.0 {
@@ -1237,11 +1241,15 @@ fn stalled_ssh_clients_never_starve_the_agents_tunnel() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+                if std::fs::read(p.path().join("cmdline")).is_ok_and(|c| text(&c).contains(&self.1)) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
         }
     }
-    let mut held = Held(Vec::new());
-    // The sessions wait on a FIFO (each blocks opening it) until the test opens and closes it.
-    let go = alice.dir.join("go");
+    let mut held = Held(Vec::new(), go.display().to_string());
     nix::unistd::mkfifo(&go, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let pour = format!("cat {} && exec cat /dev/zero", go.display());
     let waiting = || {
