@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tether_tests::ssh::{keygen, SshUser};
@@ -99,7 +99,7 @@ impl Drop for XServer {
 }
 
 /// Files removed at the end of a test, passed or not.
-struct RemoveOnDrop(Vec<std::path::PathBuf>);
+struct RemoveOnDrop(Vec<PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -1452,4 +1452,65 @@ fn a_signal_request_reaches_the_remote_command() {
     });
     assert!(out.contains("got-TERM"), "the trap ran: {out:?}");
     assert_eq!(status, Some(3), "{out:?}");
+}
+
+/// The file named `name` somewhere under `dir`.
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+/// `TYPE BASE64` of the public half of the OpenSSH private key file at `path`.
+fn public_key_of(path: &Path) -> String {
+    let out = Command::new("ssh-keygen").arg("-y").arg("-f").arg(path).output().expect("ssh-keygen -y");
+    assert!(out.status.success(), "ssh-keygen -y {}: {}", path.display(), text(&out.stderr));
+    text(&out.stdout).split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// A second SSH implementation on the client side: Paramiko (under Ansible and many tools) jumps
+/// through the front door with a direct-tcpip channel, as `ssh -J` does, and logs in to the
+/// workspace over it: it negotiates with both servers (it has no AES-GCM or chacha20, and takes
+/// CTR with an HMAC), sees each one's plain host key (it knows no host certificates), gets a
+/// command's output and exit status, and copies a file up and back with SFTP.
+#[test]
+fn paramiko_jumps_through_the_front_door_to_the_workspace() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+    let local = alice.dir.join("payload.bin");
+    random_file(&local, 300_000, 5);
+    let payload = std::fs::read(&local).unwrap();
+    let (host, port) = coord.ssh_addr().rsplit_once(':').map(|(h, p)| (h.to_string(), p.to_string())).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/paramiko_jump.py");
+    // Debian's interpreter, which python3-paramiko (installed by .ci/run) belongs to.
+    let out = Command::new("/usr/bin/python3")
+        .arg(&script)
+        .args([&host, &port, "alice", alice.key.to_str().unwrap(), "dev", local.to_str().unwrap()])
+        .output()
+        .expect("run /usr/bin/python3 (is python3-paramiko installed?)");
+    assert!(out.status.success(), "paramiko failed ({}): {}{}", out.status, text(&out.stdout), text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("paramiko's report");
+    assert_eq!(report["output"], "from paramiko\n", "{report}");
+    assert_eq!(report["status"], 7, "{report}");
+    assert_eq!(report["uploaded_size"], payload.len(), "{report}");
+    assert_eq!(report["still_listed_after_remove"], false, "{report}");
+    assert_eq!(std::fs::read(local.with_extension("bin.back")).unwrap(), payload, "the file came back unchanged");
+    let front_door = find_file(coord.data_dir(), "ssh-frontdoor.key").expect("the front door's key file");
+    let agent_key = find_file(&coord.data_dir().join("agent-dev"), "ssh_host_ed25519_key").expect("the agent's key");
+    assert_eq!(report["host_keys"]["front_door"], public_key_of(&front_door), "{report}");
+    assert_eq!(report["host_keys"]["workspace"], public_key_of(&agent_key), "{report}");
+    for hop in ["outer", "inner"] {
+        let cipher = report[hop]["cipher"].as_str().unwrap_or_default();
+        assert!(cipher.starts_with("aes") && cipher.contains("ctr"), "{hop}: {report}");
+    }
 }
