@@ -10,7 +10,6 @@
 
 use crate::api::{ApiError, ApiState};
 use crate::client::Client;
-use crate::server::INFO_FILE;
 use crate::store::{self, Store};
 use anyhow::{bail, Context};
 use axum::extract::State;
@@ -370,24 +369,19 @@ pub async fn backup(client: &Client, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The pid in `DIR/coordinator.json`, if that process is alive.
-fn running_coordinator(data_dir: &Path) -> Option<u32> {
-    let info: serde_json::Value = serde_json::from_slice(&fs::read(data_dir.join(INFO_FILE)).ok()?).ok()?;
-    let pid = i32::try_from(info.get("pid")?.as_u64()?).ok()?;
-    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-    (alive && pid as u32 != std::process::id()).then_some(pid as u32)
-}
-
 /// `tether admin restore FILE`: unpacks and checks the backup in a scratch directory beside the data
 /// directory, and only then moves the files in, so a bad backup changes nothing.
 pub async fn restore(file: &Path, data_dir: &Path, force: bool) -> anyhow::Result<()> {
     let data_dir = std::path::absolute(data_dir).context("data directory")?;
-    if let Some(pid) = running_coordinator(&data_dir) {
-        bail!(
-            "a coordinator (pid {pid}) is running on {}; stop it before restoring (or remove a stale {INFO_FILE})",
-            data_dir.display()
-        );
-    }
+    // Held to the end: no coordinator may start on the directory while its files are replaced.
+    let _lock = match data_dir.is_dir().then(|| crate::datalock::lock(&data_dir, "restore")) {
+        None => None,
+        Some(Ok(lock)) => Some(lock.leaving_no_file(&data_dir)),
+        Some(Err(crate::datalock::LockError::Held { holder, .. })) => {
+            bail!("{holder} is running on {}; stop it before restoring", data_dir.display())
+        }
+        Some(Err(e)) => return Err(e.into()),
+    };
     let present: Vec<&str> = std::iter::once(DB_FILE)
         .chain(KEY_FILES.iter().copied())
         .chain(DB_SIDE_FILES.iter().copied())

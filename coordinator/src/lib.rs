@@ -12,6 +12,7 @@ pub mod cli;
 pub mod cli_ssh;
 pub mod client;
 pub mod config;
+pub mod datalock;
 pub mod demo;
 pub mod dist;
 pub mod engine;

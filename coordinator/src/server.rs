@@ -2,6 +2,7 @@
 //! the shutdown future resolves. Takes its settings already parsed; `main` stays thin.
 
 use crate::api::{self, ApiState};
+use crate::datalock::LockError;
 use crate::engine::{Engine, EngineConfig};
 use crate::pki::{self, Pki};
 use crate::store::Store;
@@ -114,6 +115,18 @@ async fn admin_token(store: &Store, data_dir: &Path) -> anyhow::Result<String> {
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let data_dir = std::path::absolute(&config.data_dir).context("data directory")?;
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    // First: a second coordinator must not touch the database, the keys or `coordinator.json`.
+    let lock = match crate::datalock::lock(&data_dir, "serve") {
+        Ok(lock) => Some(lock),
+        Err(e @ LockError::Held { .. }) => {
+            anyhow::bail!("{e}; stop it first, or give this coordinator its own --data-dir")
+        }
+        Err(e @ LockError::Unsupported { .. }) => {
+            warn!(error = %e, "running without the data directory's lock: make sure no other coordinator uses it");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let pki = Pki::load_or_create(&data_dir)?;
     let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir).context("loading the SSH CA")?;
     let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
@@ -256,6 +269,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let task = {
         let engine = engine.clone();
         tokio::spawn(async move {
+            // Owned until the coordinator has stopped, however `Running` is dropped.
+            let _lock = lock;
             let tunnel = tokio::spawn(crate::tunnel::serve(endpoint.clone(), engine.clone(), config.max_agents));
             let front_door = ssh.map(|listener| {
                 let host_names: Vec<String> = ssh_front_door

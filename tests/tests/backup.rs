@@ -209,3 +209,53 @@ fn a_bad_backup_is_refused_by_name_and_changes_nothing() {
     assert_eq!(aside.len(), 1, "{:?}", listing(&held));
     assert_eq!(std::fs::read(held.join(&aside[0].0).join("tether.db")).expect("old db"), b"old");
 }
+
+/// A second `tether serve` on a data directory in use is refused before it touches anything: the
+/// first keeps its `coordinator.json` (the CLI still reaches it), and `admin restore` is refused on
+/// the lock, not on that file's pid.
+#[test]
+fn a_second_coordinator_on_a_data_directory_is_refused_and_changes_nothing() {
+    let c = Coordinator::start();
+    let dir = c.data_dir().to_str().expect("utf-8").to_string();
+    let info = c.data_dir().join("coordinator.json");
+    let before = std::fs::read(&info).expect("coordinator.json");
+    let mut second = Command::new(bin("tether"))
+        .args(["serve", "--data-dir", &dir, "--listen-http", "127.0.0.1:0", "--listen-quic", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tether serve");
+    let deadline = std::time::Instant::now() + LONG;
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second coordinator kept running on {dir}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert!(!status.success());
+    let want = format!(
+        "a coordinator (pid {}) is using {dir}; stop it first, or give this coordinator its own --data-dir",
+        c.pid()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert_eq!(std::fs::read(&info).expect("coordinator.json"), before, "the first coordinator's file is untouched");
+    c.ok(&["workspace", "list"]);
+
+    // A coordinator.json naming some other live process (here the test) does not fool restore either
+    // way: the lock says who is running.
+    let work = tempfile::tempdir().expect("tempdir");
+    let good = work.path().join("good.tar");
+    c.ok(&["admin", "backup", good.to_str().expect("utf-8")]);
+    let mut json: Value = serde_json::from_slice(&before).expect("json");
+    json["pid"] = std::process::id().into();
+    std::fs::write(&info, serde_json::to_vec(&json).expect("json")).expect("write");
+    let out = restore(&good, c.data_dir(), &["--force"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&format!("a coordinator (pid {}) is running on", c.pid())), "{}", stderr(&out));
+}
