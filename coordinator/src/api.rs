@@ -6,6 +6,7 @@
 use crate::api_ssh::Identity;
 use crate::engine::{Engine, OpError};
 use crate::pki;
+use crate::store::WorkspaceRow;
 use crate::view::{CreatedView, LogView, LogsView, ShowView, TransitionView, WorkspaceView};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode};
@@ -321,6 +322,24 @@ struct WaitQuery {
 
 /// Holds the request until the workspace is in one of the given statuses (or the timeout passes),
 /// then returns it. 408 on timeout.
+/// Why waiting on `row` for another status is pointless: it is failed, stopped or deleted with no
+/// operation under way, and only a new one (`start`, or a new workspace of that name) moves it. An
+/// external workspace's agent may be started by hand, which is a start: that one is waited on.
+fn settled_elsewhere(row: &WorkspaceRow) -> Option<String> {
+    use WorkspaceStatus::*;
+    if row.op.is_some() {
+        return None;
+    }
+    let (name, status, reason) = (&row.name, row.status, &row.status_reason);
+    match status {
+        Deleted => Some(format!("workspace '{name}' is deleted ({reason})")),
+        Failed | Stopped if row.provisioner != "external" => Some(format!(
+            "workspace '{name}' is {status} ({reason}); it stays {status} until `tether workspace start {name}`"
+        )),
+        _ => None,
+    }
+}
+
 async fn wait(
     State(s): State<ApiState>,
     Extension(who): Extension<Identity>,
@@ -350,6 +369,9 @@ async fn wait(
         }
         if wanted.contains(&row.status) {
             return Ok(Json(s.engine.view(&row)));
+        }
+        if let Some(message) = settled_elsewhere(&row) {
+            return Err(ApiError(StatusCode::CONFLICT, message));
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError(

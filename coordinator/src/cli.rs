@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tether_shared::limits;
+use tether_shared::{limits, WorkspaceStatus};
 
 #[derive(Parser, Debug)]
 #[command(name = "tether", version, about = "Tether coordinator and command-line interface")]
@@ -272,7 +272,7 @@ pub enum WorkspaceCmd {
     Start {
         /// The workspace's name.
         name: String,
-        /// Wait until it is running, unhealthy or failed.
+        /// Wait until the start has finished; exit 1 unless it is running.
         #[arg(long)]
         wait: bool,
         /// Print the workspace as JSON (once it settles, with --wait).
@@ -283,7 +283,7 @@ pub enum WorkspaceCmd {
     Stop {
         /// The workspace's name.
         name: String,
-        /// Wait until it is stopped, or back in its earlier status if the stop fails.
+        /// Wait until the stop has finished; exit 1 unless it is stopped.
         #[arg(long)]
         wait: bool,
         /// Print the workspace as JSON (once it settles, with --wait).
@@ -294,7 +294,7 @@ pub enum WorkspaceCmd {
     Delete {
         /// The workspace's name.
         name: String,
-        /// Wait until it is deleted, or back in its earlier status if the delete fails.
+        /// Wait until the delete has finished; exit 1 unless it is deleted.
         #[arg(long)]
         wait: bool,
         /// Print the workspace as JSON (once it settles, with --wait).
@@ -305,7 +305,7 @@ pub enum WorkspaceCmd {
     List {
         /// Only workspaces in this status: pending, starting, running, unhealthy, stopping, stopped,
         /// failed, deleting or deleted.
-        #[arg(long)]
+        #[arg(long, value_parser = status_words)]
         status: Option<String>,
         /// Include deleted workspaces.
         #[arg(long)]
@@ -357,8 +357,10 @@ pub enum WorkspaceCmd {
     Wait {
         /// The workspace's name.
         name: String,
-        /// Comma-separated statuses, e.g. `running,unhealthy`.
-        #[arg(long = "for", value_name = "STATUSES")]
+        /// Comma-separated statuses, e.g. `running,unhealthy`. A workspace that is failed, stopped
+        /// or deleted, with nothing under way, is reported at once rather than waited on (except an
+        /// external workspace, whose agent may be started by hand).
+        #[arg(long = "for", value_name = "STATUSES", value_parser = status_words)]
         until: String,
         /// Give up after this long (e.g. 90s, 5m).
         #[arg(long, default_value = "120s")]
@@ -493,7 +495,7 @@ pub fn workspaces_table(list: &[WorkspaceView]) -> String {
 }
 
 fn count_line(list: &[WorkspaceView]) -> String {
-    let parts: Vec<String> = tether_shared::WorkspaceStatus::ALL
+    let parts: Vec<String> = WorkspaceStatus::ALL
         .iter()
         .map(|s| (s, list.iter().filter(|w| w.status == *s).count()))
         .filter(|(_, n)| *n > 0)
@@ -533,17 +535,59 @@ pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Dura
     }
 }
 
-/// After a start, stop or delete: optionally wait for the workspace to settle, then print it.
-async fn settle(client: &Client, name: &str, w: WorkspaceView, until: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let w = match until {
-        Some(statuses) => wait_for(client, name, statuses, Duration::from_secs(3600)).await?,
-        None => w,
+/// A comma-separated list of workspace statuses, checked as the command line is read.
+fn status_words(s: &str) -> Result<String, String> {
+    for word in s.split(',') {
+        word.trim().parse::<WorkspaceStatus>().map_err(|e| e.to_string())?;
+    }
+    Ok(s.to_string())
+}
+
+/// What `--wait` after an operation waits for.
+struct Settle {
+    /// The statuses the operation can end in, the target among them: every status but the
+    /// transitional ones it passes through, since a failed operation leaves the workspace where it
+    /// was (`starting`, say), and another operation may take over.
+    until: &'static str,
+    /// The one that means it worked.
+    target: WorkspaceStatus,
+    /// The operation, for the message when it did not work.
+    op: &'static str,
+}
+
+/// After a start, stop or delete: optionally wait for the workspace to settle, then print it. With
+/// `--wait`, an operation that ended anywhere but its target is an error (exit status 1), with the
+/// operation's error if there is one: `tether workspace start ws --wait && ssh ws.tether` must not
+/// go on after a failed start.
+async fn settle(
+    client: &Client,
+    name: &str,
+    w: WorkspaceView,
+    settle: Option<Settle>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (w, failed) = match settle {
+        Some(Settle { until, target, op }) => {
+            let w = wait_for(client, name, until, Duration::from_secs(3600)).await?;
+            let failed = (w.status != target).then(|| {
+                let why = match &w.last_error {
+                    Some(e) if !e.is_empty() => e.clone(),
+                    _ => w.status_reason.clone(),
+                };
+                format!("the {op} of workspace '{name}' did not finish: it is {} ({why})", w.status)
+            });
+            (w, failed)
+        }
+        None => (w, None),
     };
     if json {
-        print_json(&w)
+        print_json(&w)?;
     } else {
         print_workspace(&w);
-        Ok(())
+    }
+    match failed {
+        Some(message) => Err(anyhow::anyhow!(message)),
+        None => Ok(()),
     }
 }
 
@@ -566,15 +610,30 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
         }
         WorkspaceCmd::Start { name, wait, json } => {
             let w = client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
-            settle(client, &name, w, wait.then_some("running,unhealthy,failed"), json).await?;
+            let until = Settle {
+                until: "running,unhealthy,failed,stopped,deleted",
+                target: WorkspaceStatus::Running,
+                op: "start",
+            };
+            settle(client, &name, w, wait.then_some(until), json).await?;
         }
         WorkspaceCmd::Stop { name, wait, json } => {
             let w = client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
-            settle(client, &name, w, wait.then_some("stopped,failed,running,unhealthy"), json).await?;
+            let until = Settle {
+                until: "stopped,pending,starting,running,unhealthy,failed,deleted",
+                target: WorkspaceStatus::Stopped,
+                op: "stop",
+            };
+            settle(client, &name, w, wait.then_some(until), json).await?;
         }
         WorkspaceCmd::Delete { name, wait, json } => {
             let w = client.delete(&format!("/workspaces/{}", enc(&name))).await?;
-            settle(client, &name, w, wait.then_some("deleted,running,unhealthy,stopped,failed"), json).await?;
+            let until = Settle {
+                until: "deleted,pending,starting,running,unhealthy,stopped,failed",
+                target: WorkspaceStatus::Deleted,
+                op: "delete",
+            };
+            settle(client, &name, w, wait.then_some(until), json).await?;
         }
         WorkspaceCmd::List { status, all, json } => {
             let mut path = format!("/workspaces?all={all}");
@@ -593,7 +652,7 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             if json {
                 return print_json(&counts);
             }
-            let rows: Vec<Vec<String>> = tether_shared::WorkspaceStatus::ALL
+            let rows: Vec<Vec<String>> = WorkspaceStatus::ALL
                 .iter()
                 .filter_map(|s| counts.get(s.as_str()).map(|n| vec![s.to_string(), n.to_string()]))
                 .collect();

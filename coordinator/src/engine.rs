@@ -680,7 +680,10 @@ impl Engine {
                         let live = self.live();
                         let connected = live.agents.contains_key(&id);
                         match previous.0 {
-                            WorkspaceStatus::Starting | WorkspaceStatus::Running => !connected,
+                            // An agent that never connected in this build has not shut down: the
+                            // workspace goes back to waiting for it (its connection timeout runs).
+                            WorkspaceStatus::Starting => !connected && row.lifecycle.is_some(),
+                            WorkspaceStatus::Running => !connected,
                             WorkspaceStatus::Stopping => !connected || live.liveness.is_lost(id),
                             _ => false,
                         }

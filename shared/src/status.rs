@@ -40,11 +40,23 @@ macro_rules! words {
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("unknown {kind} '{word}' (expected one of: {expected})")]
+#[error("unknown {} '{word}' (expected one of: {expected})", in_words(kind))]
 pub struct UnknownWord {
     kind: &'static str,
     word: String,
     expected: String,
+}
+
+/// `WorkspaceStatus` as "workspace status", for messages users read.
+fn in_words(kind: &str) -> String {
+    let mut out = String::with_capacity(kind.len() + 4);
+    for (i, c) in kind.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 words!(
@@ -130,7 +142,10 @@ mod tests {
             assert_eq!(s.as_str().parse::<Lifecycle>().unwrap(), *s);
         }
         let err = "runing".parse::<WorkspaceStatus>().unwrap_err().to_string();
-        assert!(err.contains("unknown WorkspaceStatus 'runing'"), "{err}");
+        assert!(
+            err.starts_with("unknown workspace status 'runing' (expected one of: pending, starting, running,"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A workspace's life end to end: real `tether serve`, real `tether-agent`, the CLI.
 
+use serde_json::Value;
 use std::time::Duration;
 use tether_tests::{external, pid_alive, span, wait_until, Agent, Coordinator, LONG};
 
@@ -223,6 +224,51 @@ start = "head -c 100000 /dev/zero | tr '\\0' x; echo; printf 'bad \\377 byte\\n'
     assert!(logs.contains(&("provision:start".into(), "bad \u{fffd} byte".into())), "{logs:?}");
 }
 
+/// `--wait` after an operation fails (exit status 1) when the operation did not get there, naming
+/// why, so `tether workspace start ws --wait && ssh ws.tether` stops at a failed start; `workspace
+/// wait` reports a failed workspace with nothing under way at once instead of waiting out its
+/// timeout; a status word that does not exist is a usage error.
+#[test]
+fn wait_fails_when_the_operation_did_not_finish_and_does_not_wait_on_a_settled_failure() {
+    let c = Coordinator::start();
+    c.create("cmd", "provisioner = \"command\"\n[command]\nstart = \"echo 'no capacity' >&2; exit 3\"\n", &[]);
+    let reason = "start command exited with code 3: no capacity";
+    let out = c.cli(&["workspace", "start", "cmd", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("cmd: failed ({reason})\n"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("the start of workspace 'cmd' did not finish: it is failed ({reason})")), "{err}");
+    // With --json the workspace is still printed, for scripts that read it.
+    let out = c.cli(&["workspace", "start", "cmd", "--wait", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let w: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(w["status"], "failed");
+
+    // Waiting for `running` on it ends at once with why; waiting for what it is still works.
+    let err = c.fails(&["workspace", "wait", "cmd", "--for", "running", "--timeout", "10m"]);
+    let want = format!("workspace 'cmd' is failed ({reason}); it stays failed until `tether workspace start cmd`");
+    assert!(err.contains(&want), "{err}");
+    assert_eq!(c.wait_for("cmd", "failed", LONG)["status"], "failed");
+
+    let out = c.cli(&["workspace", "wait", "cmd", "--for", "running,bogus"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown workspace status 'bogus' (expected one of: pending, starting, running,"), "{err}");
+    assert_eq!(c.cli(&["workspace", "list", "--status", "Running"]).status.code(), Some(64));
+
+    // A failed stop of a workspace whose agent never connected leaves it waiting for the agent, as
+    // it was: no agent "has shut down".
+    let template = "provisioner = \"command\"\nconnection_timeout = \"10m\"\n[command]\nstart = \"true\"\nstop = \"echo 'no such container' >&2; exit 4\"\n";
+    c.create("never", template, &["--start"]);
+    let before = c.wait_for("never", "starting", LONG);
+    let err = c.fails(&["workspace", "stop", "never", "--wait"]);
+    let failure = "stop failed: stop command exited with code 4: no such container";
+    assert!(err.contains(&format!("did not finish: it is starting ({failure})")), "{err}");
+    let w = c.show("never");
+    assert_eq!((&w["status"], &w["status_reason"]), (&before["status"], &before["status_reason"]), "{w}");
+    assert_eq!(w["last_error"], failure, "{w}");
+}
+
 #[test]
 fn the_printed_agent_command_works_as_given_and_a_clean_exit_stops_the_workspace() {
     let c = Coordinator::start();
@@ -334,9 +380,15 @@ blocks_login = true
 "#;
     c.create("cmdws", template, &["--start"]);
     assert_eq!(c.wait_for("cmdws", "running,unhealthy,failed", LONG)["status"], "running");
-    c.ok(&["workspace", "stop", "cmdws"]);
+    // `stop --wait` fails, with the operation's error.
+    let err = c.fails(&["workspace", "stop", "cmdws", "--wait"]);
+    let failure = "stop failed: stop command exited with code 1: cannot reach the docker daemon";
+    assert!(
+        err.contains(&format!("the stop of workspace 'cmdws' did not finish: it is unhealthy ({failure})")),
+        "{err}"
+    );
     let w = c.wait_for("cmdws", "running,unhealthy,stopped", LONG);
-    assert_eq!(w["last_error"], "stop failed: stop command exited with code 1: cannot reach the docker daemon", "{w}");
+    assert_eq!(w["last_error"], failure, "{w}");
     // The agent ran its stop scripts and left, so the workspace is not shown as running.
     assert_eq!(w["status"], "unhealthy", "{w}");
     assert!(w["status_reason"].as_str().unwrap().ends_with("the agent has shut down"), "{w}");
