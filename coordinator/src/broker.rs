@@ -18,10 +18,13 @@ use std::time::Duration;
 use tether_shared::proto::{SshStreamOpen, StreamOpen};
 use tether_shared::{now_ms, Lifecycle, WorkspaceStatus};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Opening a stream to a connected agent should take one round trip; this bounds a dying one.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an SSH connection waits for a starting workspace (its agent, its login-blocking
+/// scripts) before it is refused with the reason that holds then.
+pub const LOGIN_WAIT: Duration = Duration::from_secs(600);
 /// Copy buffer per direction: large enough for full-speed bulk transfers, small enough that a slow
 /// reader holds at most this much per direction in the coordinator.
 const SPLICE_BUFFER: usize = 256 * 1024;
@@ -172,14 +175,25 @@ fn check_reachable(
         Starting | Unhealthy if !connected => {
             unavailable(format!("workspace '{name}' has no connected agent ({status}: {reason})"))
         }
-        Starting
-            if blocks_login
-                && !matches!(lifecycle, Some(Lifecycle::Ready | Lifecycle::StartError | Lifecycle::StartTimeout)) =>
-        {
+        Starting if scripts_block_login(status, connected, lifecycle, blocks_login) => {
             unavailable(format!("workspace '{name}' is starting: startup scripts that block login are still running"))
         }
         Starting | Running | Unhealthy => Ok(()),
     }
+}
+
+/// Whether only the start scripts that block login stand between the workspace and a login: it is
+/// starting, its agent is connected, and the start phase has not ended.
+fn scripts_block_login(
+    status: WorkspaceStatus,
+    connected: bool,
+    lifecycle: Option<Lifecycle>,
+    blocks_login: bool,
+) -> bool {
+    status == WorkspaceStatus::Starting
+        && connected
+        && blocks_login
+        && !matches!(lifecycle, Some(Lifecycle::Ready | Lifecycle::StartError | Lifecycle::StartTimeout))
 }
 
 /// Checks access and opens a stream to the workspace's agent. Refusals are logged and audited.
@@ -287,11 +301,39 @@ async fn authorize_and_open(
     if !owner && !engine.store.grants(row.id).await.map_err(|e| internal(e.into()))?.contains(&req.user) {
         return Err(refuse(RefusalKind::Forbidden, format!("user '{}' may not access workspace '{name}'", req.user)));
     }
-    let quic = engine.agent_connection(row.id);
     let blocks_login = crate::template::Template::parse(&row.template)
         .map(|t| t.scripts.iter().any(|s| s.blocks_login && s.on == tether_shared::proto::ScriptTrigger::Start))
         .unwrap_or(false);
-    check_reachable(name, row.status, &row.status_reason, quic.is_some(), row.lifecycle, blocks_login)?;
+    // A workspace whose agent is connected and running the start scripts that block login is
+    // waited for, up to `LOGIN_WAIT`: the connection goes through once they are done, or gets the
+    // refusal that applies then (a workspace with no agent yet is refused at once: nothing says
+    // when one will come).
+    let deadline = tokio::time::Instant::now() + LOGIN_WAIT;
+    let mut changes = engine.subscribe_changes();
+    let mut row = row;
+    let mut waited = false;
+    let quic = loop {
+        changes.borrow_and_update();
+        let quic = engine.agent_connection(row.id);
+        match check_reachable(name, row.status, &row.status_reason, quic.is_some(), row.lifecycle, blocks_login) {
+            Ok(()) => break quic,
+            Err(refusal)
+                if scripts_block_login(row.status, quic.is_some(), row.lifecycle, blocks_login)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                if !waited {
+                    debug!(workspace = %name, user = %req.user, %refusal, "ssh waits for the workspace to come up");
+                    waited = true;
+                }
+                // Woken by any workspace's change; a second's poll as well, for what changes none.
+                let until = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+                let _ = tokio::time::timeout_at(until, changes.changed()).await;
+            }
+            Err(refusal) => return Err(refusal),
+        }
+        let id = row.id;
+        row = engine.store.workspace_by_id(id).await.map_err(|e| internal(e.into()))?.ok_or_else(not_found)?;
+    };
     let quic =
         quic.ok_or_else(|| refuse(RefusalKind::Unavailable, format!("workspace '{name}' has no connected agent")))?;
     // The window grows before the agent can send on the stream.

@@ -274,20 +274,23 @@ impl russh::server::Handler for Handler {
             peer: self.peer.to_string(),
             key_fingerprint: Some(fp),
         };
-        match broker::open(&self.engine, request).await {
-            Ok(brokered) => {
-                reply.accept().await;
-                let channels = self.channels.clone();
-                channels.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
+        // In a task of its own: the broker may wait for a starting workspace's login-blocking
+        // scripts, and the connection's loop (its other channels, keepalive replies) must not.
+        let channels = self.channels.clone();
+        channels.fetch_add(1, Ordering::Relaxed);
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            match broker::open(&engine, request).await {
+                Ok(brokered) => {
+                    reply.accept().await;
                     brokered.splice(channel.into_stream()).await;
-                    channels.fetch_sub(1, Ordering::Relaxed);
-                });
+                }
+                Err(refusal) => {
+                    reply.reject(ChannelOpenFailure::Other { code: 1, reason: refusal.message }).await;
+                }
             }
-            Err(refusal) => {
-                reply.reject(ChannelOpenFailure::Other { code: 1, reason: refusal.message }).await;
-            }
-        }
+            channels.fetch_sub(1, Ordering::Relaxed);
+        });
         Ok(())
     }
 

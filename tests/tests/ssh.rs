@@ -1514,3 +1514,39 @@ fn paramiko_jumps_through_the_front_door_to_the_workspace() {
         assert!(cipher.starts_with("aes") && cipher.contains("ctr"), "{hop}: {report}");
     }
 }
+
+/// A connection to a workspace whose agent is still running the start scripts that block login
+/// waits for them (it is not refused) and goes through once they are done; meanwhile the front
+/// door keeps serving the same user's other workspaces.
+#[test]
+fn ssh_waits_for_the_start_scripts_that_block_login() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+    let go = alice.dir.join("go");
+    let template = format!(
+        "{TEMPLATE}\n[[script]]\nname = \"setup\"\nrun = \"while [ ! -e '{}' ]; do sleep 0.1; done; echo set up\"\nblocks_login = true\n",
+        go.display()
+    );
+    let created = coord.create("slow", &template, &["--owner", "alice"]);
+    let token = created["agent_token"].as_str().expect("agent token");
+    let _agent = Agent::start(&coord, token, &coord.data_dir().join("agent-slow"));
+    wait_until("the agent to run its login-blocking script", LONG, || coord.show("slow")["lifecycle"] == "starting");
+    let waiting =
+        alice.ssh().args(["slow.tether", "echo in"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let log = coord.data_dir().join("coordinator.log");
+    wait_until("the connection to wait", LONG, || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("ssh waits for the workspace to come up")
+    });
+    assert_eq!(alice.ok("dev.tether", "echo other").trim(), "other", "other workspaces are served meanwhile");
+    std::fs::write(&go, b"").unwrap();
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "in");
+    assert_eq!(coord.show("slow")["status"], "running");
+    let audit = coord.json(&["audit", "--workspace", "slow"]);
+    assert!(
+        audit.as_array().unwrap().iter().all(|r| !r["outcome"].as_str().unwrap().starts_with("refused")),
+        "{audit}"
+    );
+}
