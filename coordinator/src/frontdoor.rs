@@ -95,6 +95,8 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
     let unauthenticated = Places::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE);
     // Log lines about refused connections: one every 10 s per source address.
     let mut refusals_logged = RateLimiter::new(0.1, 1);
+    // Log lines about failed logins: a burst of 5, then one every 10 s per source address.
+    let failures_logged = Arc::new(std::sync::Mutex::new(RateLimiter::new(0.1, 5)));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -125,9 +127,10 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
         };
         let _ = tcp.set_nodelay(true);
         open.fetch_add(1, Ordering::Relaxed);
-        let (engine, ssh, open) = (engine.clone(), ssh.clone(), open.clone());
+        let (engine, ssh, open, failures_logged) = (engine.clone(), ssh.clone(), open.clone(), failures_logged.clone());
         tokio::spawn(async move {
             let logged_in = LoggedIn::default();
+            let refused = Arc::new(std::sync::Mutex::new(RefusedKeys::default()));
             let handler = Handler {
                 engine: engine.clone(),
                 peer,
@@ -136,6 +139,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
                 channels: Arc::new(AtomicUsize::new(0)),
                 startup: Some(startup),
                 offers: 0,
+                refused: refused.clone(),
             };
             // russh reads each packet's length, then its body: buffered, that is one system call per
             // packet (or fewer) instead of two.
@@ -152,6 +156,28 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
             }
             if !logged_in.get() && tokio::time::Instant::now() >= deadline {
                 engine.metrics.front_door_dropped(FrontDoorDrop::LoginTimeout);
+            }
+            // As sshd's "Connection closed by authenticating user …": a line per failed login,
+            // with the address, for ops and for tools such as fail2ban.
+            let refused = std::mem::take(&mut *refused.lock().unwrap_or_else(|e| e.into_inner()));
+            if !logged_in.get() {
+                if let Some(user) = refused.user {
+                    let source = source_of(peer.ip()).to_string();
+                    let line =
+                        failures_logged.lock().unwrap_or_else(|e| e.into_inner()).log_line(&source, Instant::now());
+                    if let Some(earlier) = line {
+                        let more = match refused.more {
+                            0 => String::new(),
+                            n => format!(" and {n} more"),
+                        };
+                        warn!(
+                            %peer,
+                            user,
+                            "ssh front door: login failed: no key offered is registered to this user (offered: {}{more}){earlier}",
+                            refused.keys.join(", ")
+                        );
+                    }
+                }
             }
             open.fetch_sub(1, Ordering::Relaxed);
         });
@@ -170,6 +196,36 @@ struct Handler {
     startup: Option<Place>,
     /// Public keys offered so far.
     offers: u32,
+    /// The keys refused, for the log line if the connection never logs in.
+    refused: Arc<std::sync::Mutex<RefusedKeys>>,
+}
+
+/// Keys a connection offered that are not registered to the user it named.
+#[derive(Debug, Default)]
+struct RefusedKeys {
+    /// The user name the client gave last.
+    user: Option<String>,
+    /// Fingerprints, the first few.
+    keys: Vec<String>,
+    /// Further keys refused.
+    more: u32,
+}
+
+impl RefusedKeys {
+    /// Fingerprints kept for the log line; the rest are counted.
+    const KEPT: usize = 4;
+
+    fn add(&mut self, user: &str, fingerprint: String) {
+        self.user = Some(user.chars().take(tether_shared::limits::MAX_NAME).collect());
+        if self.keys.contains(&fingerprint) {
+            return;
+        }
+        if self.keys.len() < Self::KEPT {
+            self.keys.push(fingerprint);
+        } else {
+            self.more = self.more.saturating_add(1);
+        }
+    }
 }
 
 impl Handler {
@@ -177,6 +233,10 @@ impl Handler {
     async fn key_matches(&self, user: &str, key: &russh::keys::PublicKey) -> Result<bool, anyhow::Error> {
         let fp = sshca::fingerprint(key);
         Ok(self.engine.store.user_by_key(&fp).await?.as_deref() == Some(user))
+    }
+
+    fn refuse_key(&self, user: &str, key: &russh::keys::PublicKey) {
+        self.refused.lock().unwrap_or_else(|e| e.into_inner()).add(user, sshca::fingerprint(key));
     }
 
     /// What a plain login (no workspace) prints.
@@ -230,6 +290,7 @@ impl russh::server::Handler for Handler {
         if self.key_matches(user, offer.public_key).await? {
             Ok(Auth::Accept)
         } else {
+            self.refuse_key(user, offer.public_key);
             Ok(Auth::reject())
         }
     }
@@ -243,7 +304,8 @@ impl russh::server::Handler for Handler {
             self.startup = None;
             Ok(Auth::Accept)
         } else {
-            warn!(peer = %self.peer, user, key = %fp, "ssh front door: key is not registered to this user");
+            debug!(peer = %self.peer, user, key = %fp, "ssh front door: key is not registered to this user");
+            self.refuse_key(user, key.public_key);
             Ok(Auth::reject())
         }
     }

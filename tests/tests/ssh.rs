@@ -419,6 +419,22 @@ fn refusals_say_why() {
     let out = Command::new("ssh").arg("-F").arg(&stranger_cfg).args(["dev.tether", "true"]).output().unwrap();
     assert_eq!(out.status.code(), Some(255));
     assert!(text(&out.stderr).contains("Permission denied (publickey)"), "{}", text(&out.stderr));
+    // The coordinator logs the failed login with the address, the user and the key, as sshd does.
+    let stranger_fp =
+        text(&Command::new("ssh-keygen").arg("-lf").arg(stranger.with_extension("pub")).output().unwrap().stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string();
+    let log = coord.data_dir().join("coordinator.log");
+    wait_until("the failed login in the log", LONG, || {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().any(|l| {
+            l.contains("ssh front door: login failed: no key offered is registered to this user")
+                && l.contains("peer=127.0.0.1:")
+                && l.contains("user=\"alice\"")
+                && l.contains(&stranger_fp)
+        })
+    });
 
     // A grant lets bob in; a revoke shuts him out again.
     coord.ok(&["workspace", "grant", "dev", "bob"]);
