@@ -249,8 +249,19 @@ async fn stop(
     Ok(Json(s.engine.stop(&name).await?))
 }
 
-async fn delete(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<WorkspaceView> {
-    Ok(Json(s.engine.delete(&name).await?))
+#[derive(Deserialize)]
+struct DeleteQuery {
+    /// Delete even if the provisioner's stop or delete command fails.
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> ApiResult<WorkspaceView> {
+    Ok(Json(s.engine.delete(&name, q.force).await?))
 }
 
 async fn token(State(s): State<ApiState>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {

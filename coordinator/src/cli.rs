@@ -294,6 +294,11 @@ pub enum WorkspaceCmd {
     Delete {
         /// The workspace's name.
         name: String,
+        /// Delete it even if the provisioner's stop or delete command fails (say the container was
+        /// removed by hand): the failures are logged and kept in the status reason, and whatever
+        /// the provisioner could not remove is left behind.
+        #[arg(long)]
+        force: bool,
         /// Wait until the delete has finished; exit 1 unless it is deleted.
         #[arg(long)]
         wait: bool,
@@ -574,7 +579,14 @@ async fn settle(
                     Some(e) if !e.is_empty() => e.clone(),
                     _ => w.status_reason.clone(),
                 };
-                format!("the {op} of workspace '{name}' did not finish: it is {} ({why})", w.status)
+                let hint = match op {
+                    "delete" => format!(
+                        "; `tether workspace delete {name} --force` deletes it anyway, leaving behind what the \
+                         provisioner could not remove"
+                    ),
+                    _ => String::new(),
+                };
+                format!("the {op} of workspace '{name}' did not finish: it is {} ({why}){hint}", w.status)
             });
             (w, failed)
         }
@@ -626,8 +638,8 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }
-        WorkspaceCmd::Delete { name, wait, json } => {
-            let w = client.delete(&format!("/workspaces/{}", enc(&name))).await?;
+        WorkspaceCmd::Delete { name, force, wait, json } => {
+            let w = client.delete(&format!("/workspaces/{}?force={force}", enc(&name))).await?;
             let until = Settle {
                 until: "deleted,pending,starting,running,unhealthy,stopped,failed",
                 target: WorkspaceStatus::Deleted,

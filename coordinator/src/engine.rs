@@ -140,6 +140,18 @@ fn unix_to_instant(at_ms: i64, now: Instant) -> Instant {
     now.checked_sub(ago).unwrap_or(now)
 }
 
+/// The status reason of a forced delete under way; a restart resumes it forced.
+const FORCED_DELETE_REQUESTED: &str = "delete requested (forced)";
+
+/// A deleted workspace's status reason: "deleted", and what a forced delete went past.
+fn deleted_reason(past: &[String]) -> String {
+    if past.is_empty() {
+        "deleted".into()
+    } else {
+        format!("deleted (forced past: {}; what it started may be left behind)", past.join("; "))
+    }
+}
+
 impl Engine {
     pub fn new(store: Store, pki: Pki, ssh_ca: SshCa, config: EngineConfig) -> Arc<Engine> {
         Arc::new(Engine {
@@ -503,11 +515,14 @@ impl Engine {
         self.store.set_op(row.id, Some("stop")).await?;
         self.metrics.transition_begun(row.id, Transition::Stop);
         self.set_status(&mut row, Stopping, "stop requested").await?;
-        self.spawn_stop(row.id, previous, false, None);
+        self.spawn_stop(row.id, previous, None, None);
         Ok(self.view(&row))
     }
 
-    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<WorkspaceView, OpError> {
+    /// Deletes a workspace: its agent shuts down, then the provisioner stops and deletes it. With
+    /// `force`, a failing stop or delete command is logged and recorded in the status reason, and
+    /// the workspace is deleted anyway (what the provisioner could not remove may be left behind).
+    pub async fn delete(self: &Arc<Self>, name: &str, force: bool) -> Result<WorkspaceView, OpError> {
         let row = self.row(name).await?;
         let _guard = self.lock(row.id).await;
         let mut row = self.reload(row.id).await?;
@@ -517,8 +532,9 @@ impl Engine {
         let previous = (row.status, row.status_reason.clone());
         self.store.set_op(row.id, Some("delete")).await?;
         self.metrics.transition_begun(row.id, Transition::Delete);
-        self.set_status(&mut row, WorkspaceStatus::Deleting, "delete requested").await?;
-        self.spawn_stop(row.id, previous, true, None);
+        let requested = if force { FORCED_DELETE_REQUESTED } else { "delete requested" };
+        self.set_status(&mut row, WorkspaceStatus::Deleting, requested).await?;
+        self.spawn_stop(row.id, previous, Some(force), None);
         Ok(self.view(&row))
     }
 
@@ -586,14 +602,15 @@ impl Engine {
     /// registered before this returns, so a delete that takes it over (under the same lock) finds it
     /// and waits for it rather than running the agent shutdown and the provisioner's stop again
     /// beside it.
+    /// `delete` is `Some(force)` for a delete, `None` for a stop.
     fn spawn_stop(
         self: &Arc<Self>,
         id: i64,
         previous: (WorkspaceStatus, String),
-        delete: bool,
+        delete: Option<bool>,
         reason: Option<String>,
     ) {
-        let (after, done) = if delete {
+        let (after, done) = if delete.is_some() {
             (self.live().stops.get(&id).cloned(), None)
         } else {
             let (tx, rx) = watch::channel(None);
@@ -612,11 +629,13 @@ impl Engine {
         self: Arc<Self>,
         id: i64,
         previous: (WorkspaceStatus, String),
-        delete: bool,
+        delete: Option<bool>,
         reason: Option<String>,
         after: Option<watch::Receiver<Option<bool>>>,
         done: Option<watch::Sender<Option<bool>>>,
     ) {
+        let force = delete == Some(true);
+        let delete = delete.is_some();
         let what = if delete { "delete" } else { "stop" };
         // If that stop failed (or its task is gone), its work is done again here.
         let stopped_before = match after {
@@ -625,7 +644,7 @@ impl Engine {
         };
         let mut stopped_now = false;
         let result = self
-            .run_stop_inner(id, delete, stopped_before, &mut stopped_now)
+            .run_stop_inner(id, delete, force, stopped_before, &mut stopped_now)
             .await
             .map(|detail| reason.unwrap_or(detail));
         if let Some(done) = &done {
@@ -652,7 +671,8 @@ impl Engine {
                     self.live().liveness.forget(id);
                     if delete {
                         self.store.set_token(id, None).await?;
-                        self.set_status(&mut row, WorkspaceStatus::Deleted, "deleted").await?;
+                        // "deleted", or what a forced delete went past.
+                        self.set_status(&mut row, WorkspaceStatus::Deleted, &detail).await?;
                     } else {
                         if row.provisioner != "external" {
                             self.store.set_token(id, None).await?;
@@ -708,21 +728,35 @@ impl Engine {
         }
     }
 
+    /// Returns the status reason: what became of the agent after a stop, "deleted" (or what a
+    /// forced delete went past) after a delete.
     async fn run_stop_inner(
         self: &Arc<Self>,
         id: i64,
         delete: bool,
+        force: bool,
         stopped_before: bool,
         stopped_now: &mut bool,
     ) -> Result<String, ProvisionError> {
         let row = self.reload(id).await.map_err(|e| ProvisionError::Other(e.to_string()))?;
         let template = template_of(&row).map_err(|e| ProvisionError::Other(e.to_string()))?;
         let mut detail = "stopped".to_string();
+        // What a forced delete went past.
+        let mut past: Vec<String> = Vec::new();
+        let mut forced = |what: &str, result: Result<(), ProvisionError>| match result {
+            Ok(()) => Ok(()),
+            Err(e) if force => {
+                warn!(workspace = %row.name, error = %e, "forced delete: the provisioner's {what} failed; deleting anyway");
+                past.push(format!("{what} failed: {e}"));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         // A delete that took over a stop which shut the agent down and ran the provisioner's stop:
         // only the delete is left.
         if delete && stopped_before {
-            provision::delete(self, &row, &template).await?;
-            return Ok(detail);
+            forced("delete", provision::delete(self, &row, &template).await)?;
+            return Ok(deleted_reason(&past));
         }
         let commands = self.live().agents.get(&id).map(|a| a.commands.clone());
         if let Some(commands) = commands {
@@ -739,10 +773,11 @@ impl Engine {
                 (true, _) => "stopped".into(),
             };
         }
-        provision::stop(self, &row, &template).await?;
+        forced("stop", provision::stop(self, &row, &template).await)?;
         *stopped_now = true;
         if delete {
-            provision::delete(self, &row, &template).await?;
+            forced("delete", provision::delete(self, &row, &template).await)?;
+            return Ok(deleted_reason(&past));
         }
         Ok(detail)
     }
@@ -760,7 +795,7 @@ impl Engine {
         self.metrics.transition_begun(row.id, Transition::Stop);
         let stopping = format!("{detail}{}", status::PROVISIONER_STOP_SUFFIX);
         self.set_status(row, WorkspaceStatus::Stopping, &stopping).await?;
-        self.spawn_stop(row.id, (WorkspaceStatus::Stopping, stopping), false, Some(detail));
+        self.spawn_stop(row.id, (WorkspaceStatus::Stopping, stopping), None, Some(detail));
         Ok(())
     }
 
@@ -1181,10 +1216,13 @@ impl Engine {
                         .then(|| row.status_reason.strip_suffix(status::PROVISIONER_STOP_SUFFIX))
                         .flatten()
                         .map(str::to_string);
-                    self.spawn_stop(row.id, (WorkspaceStatus::Unhealthy, "stop was interrupted".into()), false, detail);
+                    self.spawn_stop(row.id, (WorkspaceStatus::Unhealthy, "stop was interrupted".into()), None, detail);
                 }
                 (WorkspaceStatus::Deleting, _) => {
-                    self.spawn_stop(row.id, (WorkspaceStatus::Unhealthy, "delete was interrupted".into()), true, None);
+                    // Forced or not, as it was asked for (the reason the request set says).
+                    let forced = row.status_reason == FORCED_DELETE_REQUESTED;
+                    let previous = (WorkspaceStatus::Unhealthy, "delete was interrupted".to_string());
+                    self.spawn_stop(row.id, previous, Some(forced), None);
                 }
                 (WorkspaceStatus::Pending, Some("start")) | (WorkspaceStatus::Starting, Some("start")) => {
                     self.store.set_op(row.id, None).await?;

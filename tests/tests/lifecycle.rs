@@ -394,6 +394,21 @@ blocks_login = true
     assert!(w["status_reason"].as_str().unwrap().ends_with("the agent has shut down"), "{w}");
     let spans = c.timings("cmdws");
     assert_eq!(span(&spans, "provision", "stop command")["exit_code"], 1);
+
+    // A delete fails the same way, and says how to delete it anyway; --force does, keeping what it
+    // went past in the reason.
+    let err = c.fails(&["workspace", "delete", "cmdws", "--wait"]);
+    let want = "the delete of workspace 'cmdws' did not finish: it is unhealthy (delete failed: stop command exited \
+                with code 1: cannot reach the docker daemon); `tether workspace delete cmdws --force` deletes it anyway";
+    assert!(err.contains(want), "{err}");
+    let w = c.json(&["workspace", "delete", "cmdws", "--force", "--wait"]);
+    assert_eq!(w["status"], "deleted", "{w}");
+    assert_eq!(
+        w["status_reason"],
+        "deleted (forced past: stop failed: stop command exited with code 1: cannot reach the docker daemon; what it started may be left behind)",
+        "{w}"
+    );
+    assert!(c.fails(&["workspace", "show", "cmdws"]).contains("no workspace 'cmdws'"));
 }
 
 #[test]
