@@ -234,8 +234,11 @@ async fn ssh_upgrade(
         }
         (Identity::Admin, Some(u)) => u,
         (Identity::Admin, None) => {
-            return ApiError(StatusCode::BAD_REQUEST, "the admin token connects as a user: add ?user=NAME".into())
-                .into_response()
+            return ApiError(
+                StatusCode::BAD_REQUEST,
+                "the admin token connects as a user: name one (`tether ssh --as USER`, or ?user=NAME)".into(),
+            )
+            .into_response()
         }
     };
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {

@@ -325,6 +325,10 @@ pub async fn config_ssh(
 ) -> anyhow::Result<()> {
     let info: SshInfo = client.get("/ssh").await?;
     let user = match (user, &info.user) {
+        // A user's token speaks for that user only: a block for another would not log in.
+        (Some(u), Some(me)) if &u != me => {
+            bail!("--user {u}: this API token is user '{me}''s; config-ssh writes the block for the token's user")
+        }
         (Some(u), _) => u,
         (None, Some(u)) => u.clone(),
         (None, None) => bail!("give --user NAME (the Tether user whose key you log in with)"),
@@ -336,12 +340,23 @@ pub async fn config_ssh(
             let home =
                 std::env::var_os("HOME").filter(|h| !h.is_empty()).context("HOME is not set; pass --ssh-config")?;
             let dir = PathBuf::from(home).join(".ssh");
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            if !dir.exists() {
+                // As ssh and ssh-keygen make it: private to the user.
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
             dir.join("config")
         }
     };
     let config_path = std::path::absolute(&config_path)?;
     let dir = config_path.parent().context("the ssh config path has no directory")?;
+    if !dir.is_dir() {
+        bail!("{} is not a directory: create it first, or give --ssh-config a file in an existing one", dir.display());
+    }
     let known_hosts = dir.join("tether_known_hosts");
     let identity = identity.map(|i| std::path::absolute(&i)).transpose()?;
     if let Some(i) = &identity {

@@ -60,6 +60,9 @@ impl Client {
                 (url, token)
             }
         };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--url '{url}' is not a URL: give it with its scheme, e.g. http://127.0.0.1:7080 or https://tether.example.com:7443");
+        }
         Client::with_ca(url, token, ca)
     }
 

@@ -84,6 +84,17 @@ pub fn parse_public_key(line: &str) -> Result<PublicKey, String> {
     if line.starts_with("-----BEGIN") {
         return Err("this is a private key; give the public key (the .pub file)".into());
     }
+    // `no-pty ssh-ed25519 AAAA…`: an authorized_keys line with options, which Tether has no use for.
+    let is_type = |w: &str| w.starts_with("ssh-") || w.starts_with("ecdsa-") || w.starts_with("sk-");
+    let mut words = line.split_whitespace();
+    if let Some(first) = words.next() {
+        if !is_type(first) && words.any(is_type) {
+            let options: String = first.chars().take(64).collect();
+            return Err(format!(
+                "authorized_keys options ('{options}') are not supported: give the key alone (type, key, comment)"
+            ));
+        }
+    }
     let key = PublicKey::from_openssh(line).map_err(|e| format!("not an OpenSSH public key line: {e}"))?;
     match key.algorithm() {
         Algorithm::Ed25519 | Algorithm::Ecdsa { .. } | Algorithm::Rsa { .. } => Ok(key),
@@ -180,6 +191,10 @@ mod tests {
     fn public_keys_are_checked() {
         assert!(parse_public_key("ssh-ed25519 nonsense").unwrap_err().contains("not an OpenSSH public key"));
         assert!(parse_public_key("-----BEGIN OPENSSH PRIVATE KEY-----").unwrap_err().contains("private key"));
+        let with_options =
+            "no-pty,command=\"x\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAzKDVc8sDliTHRhjiNeKIB8xkcVvq1PlnyDVC4uU19h c";
+        let err = parse_public_key(with_options).unwrap_err();
+        assert!(err.starts_with("authorized_keys options ('no-pty,command=\"x\"') are not supported"), "{err}");
         let key = new_ed25519("alice@laptop");
         let line = key.public_key().to_openssh().unwrap();
         assert_eq!(fingerprint(&parse_public_key(&line).unwrap()), fingerprint(key.public_key()));

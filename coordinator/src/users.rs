@@ -44,6 +44,10 @@ fn store_err(e: StoreError) -> OpError {
 /// Parses public-key lines (one per line, `#` comments and blanks skipped) into `(fingerprint, line)`.
 /// Every bad line is reported, with its number.
 pub fn parse_keys(text: &str) -> Result<Vec<(String, String)>, OpError> {
+    // A private key file: one message, not one per line of it.
+    if text.trim_start().starts_with("-----BEGIN") {
+        return Err(OpError::Invalid("this is a private key; give the public key (the .pub file)".into()));
+    }
     let mut keys = Vec::new();
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -174,5 +178,11 @@ mod tests {
         let err = parse_keys(&format!("{a}\nssh-ed25519 AAAAnope\nhello\n")).unwrap_err().to_string();
         assert!(err.contains("key line 2") && err.contains("key line 3"), "{err}");
         assert!(parse_keys("\n# nothing\n").unwrap_err().to_string().contains("no SSH public key"));
+        let private =
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n";
+        assert_eq!(
+            parse_keys(private).unwrap_err().to_string(),
+            "this is a private key; give the public key (the .pub file)"
+        );
     }
 }

@@ -1566,3 +1566,52 @@ fn ssh_waits_for_the_start_scripts_that_block_login() {
         "{audit}"
     );
 }
+
+/// Mistakes with keys, `config-ssh` and the CLI's URL get a message that names them.
+#[test]
+fn key_and_config_ssh_mistakes_are_named() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _bob = SshUser::add(&coord, "bob");
+    let err = |mut c: Command| {
+        let out = c.output().expect("run tether");
+        assert!(!out.status.success(), "{c:?} should have failed");
+        text(&out.stderr)
+    };
+
+    // A user's token writes the block for that user only.
+    let mut c = alice.tether(&coord);
+    c.args(["config-ssh", "--user", "bob", "--ssh-config", alice.dir.join("other-config").to_str().unwrap()]);
+    let e = err(c);
+    assert!(e.contains("--user bob: this API token is user 'alice''s"), "{e}");
+    // A config file in a directory that does not exist names the directory.
+    let mut c = alice.tether(&coord);
+    c.args(["config-ssh", "--ssh-config", alice.dir.join("nodir/config").to_str().unwrap()]);
+    let e = err(c);
+    assert!(e.contains(&format!("{} is not a directory", alice.dir.join("nodir").display())), "{e}");
+    // Without --ssh-config, a missing ~/.ssh is made private, as ssh makes it.
+    let home = alice.dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let out = alice.tether(&coord).env("HOME", &home).args(["config-ssh"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(home.join(".ssh")).unwrap().permissions()) & 0o777;
+    assert_eq!(mode, 0o700);
+
+    // The private key instead of the public one: one message, not one per line of the file.
+    let e = coord.fails(&["user", "add", "dave", "--ssh-key", alice.key.to_str().unwrap()]);
+    assert!(e.contains("this is a private key; give the public key (the .pub file)"), "{e}");
+    assert!(!e.contains("key line"), "{e}");
+    // An authorized_keys line with options.
+    let public = std::fs::read_to_string(alice.key.with_extension("pub")).unwrap();
+    let with_options = alice.dir.join("options.pub");
+    std::fs::write(&with_options, format!("no-pty {public}")).unwrap();
+    let e = coord.fails(&["user", "add", "dave", "--ssh-key", with_options.to_str().unwrap()]);
+    assert!(e.contains("authorized_keys options ('no-pty') are not supported"), "{e}");
+
+    // A URL without its scheme.
+    let mut c = Command::new(tether_tests::bin("tether"));
+    c.args(["--url", "127.0.0.1:7080", "--token", "x", "workspace", "list"]);
+    let e = err(c);
+    assert!(e.contains("--url '127.0.0.1:7080' is not a URL: give it with its scheme"), "{e}");
+}
