@@ -306,6 +306,27 @@ async fn logs(
 ) -> ApiResult<LogsView> {
     reach(&s, &who, &name).await?;
     let row = s.engine.store.workspace(&name).await.map_err(OpError::from)?.ok_or(OpError::NotFound(name.clone()))?;
+    // A script the template does not have would only ever give nothing: say so.
+    if let Some(source) = q.source.as_deref().filter(|src| !src.starts_with("provision:")) {
+        let scripts: Vec<String> = crate::template::Template::parse(&row.template)
+            .map(|t| t.scripts.into_iter().map(|s| s.name).collect())
+            .unwrap_or_default();
+        if !scripts.iter().any(|n| n == source) {
+            let theirs = if scripts.is_empty() {
+                "it has none".to_string()
+            } else {
+                format!("its scripts: {}", scripts.join(", "))
+            };
+            let source: String = source.chars().take(64).collect();
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "workspace '{name}' has no script '{source}' ({theirs}; the provisioner's logs are provision:start, \
+                     provision:stop and provision:delete)"
+                ),
+            ));
+        }
+    }
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(s.engine.config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
@@ -331,8 +352,6 @@ struct WaitQuery {
     timeout: Option<u64>,
 }
 
-/// Holds the request until the workspace is in one of the given statuses (or the timeout passes),
-/// then returns it. 408 on timeout.
 /// Why waiting on `row` for another status is pointless: it is failed, stopped or deleted with no
 /// operation under way, and only a new one (`start`, or a new workspace of that name) moves it. An
 /// external workspace's agent may be started by hand, which is a start: that one is waited on.
@@ -351,6 +370,8 @@ fn settled_elsewhere(row: &WorkspaceRow) -> Option<String> {
     }
 }
 
+/// Holds the request until the workspace is in one of the given statuses (or the timeout passes),
+/// then returns it. 408 on timeout; 409 at once when waiting is pointless ([`settled_elsewhere`]).
 async fn wait(
     State(s): State<ApiState>,
     Extension(who): Extension<Identity>,

@@ -37,6 +37,11 @@ blocks_login = false
     let show = c.show("web");
     assert_eq!(show["lifecycle"], "start_error");
     assert!(show["last_heartbeat_at"].is_string(), "{show}");
+    // One script's logs; a script the template does not have is named, not an empty answer.
+    let lint = c.ok(&["workspace", "logs", "web", "--script", "lint"]);
+    assert!(lint.contains("lint warnings") && !lint.contains("quick"), "{lint}");
+    let err = c.fails(&["workspace", "logs", "web", "--script", "nope"]);
+    assert!(err.contains("workspace 'web' has no script 'nope' (its scripts: install-deps, quick, lint;"), "{err}");
 
     let spans = c.timings("web");
     let install = span(&spans, "script", "install-deps");
