@@ -89,10 +89,39 @@ fn refuse(kind: RefusalKind, message: String) -> Refusal {
 pub struct Brokered {
     pub workspace: String,
     pub connection_id: i64,
+    /// Who connected, and with which key (none through `tether ssh`).
+    user: String,
+    key: Option<String>,
     engine: Arc<Engine>,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     _window: WindowShare,
+}
+
+/// A brokered SSH connection while it is open, for ending it when its access goes.
+pub struct OpenSsh {
+    user: String,
+    workspace: String,
+    key: Option<String>,
+    end: Arc<tokio::sync::Notify>,
+    /// Set with `end`: why it was ended, for the log and the audit record.
+    why: Option<String>,
+}
+
+impl Engine {
+    /// Ends the open SSH connections that `which` picks, saying `why`; returns how many.
+    pub fn end_ssh(&self, which: impl Fn(&str, &str, Option<&str>) -> bool, why: &str) -> usize {
+        let mut open = self.ssh_open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        for o in open.values_mut() {
+            if o.why.is_none() && which(&o.user, &o.workspace, o.key.as_deref()) {
+                o.why = Some(why.to_string());
+                o.end.notify_one();
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 /// Brokered streams open on each agent connection, by the connection's stable id.
@@ -209,8 +238,16 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
                 .await
                 .map_err(|e| refuse(RefusalKind::Internal, format!("coordinator error: {e}")))?;
             info!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, connection_id, "ssh connection brokered");
-            let mut b =
-                Brokered { workspace: name, connection_id, engine: engine.clone(), send, recv, _window: window };
+            let mut b = Brokered {
+                workspace: name,
+                connection_id,
+                user: req.user.clone(),
+                key: req.key_fingerprint.clone(),
+                engine: engine.clone(),
+                send,
+                recv,
+                _window: window,
+            };
             let open = StreamOpen::Ssh(SshStreamOpen {
                 connection_id: connection_id as u64,
                 user: req.user.clone(),
@@ -354,11 +391,27 @@ impl Brokered {
         let (up_total, down_total) = self.engine.metrics.ssh_bytes();
         let counters = Arc::new(Counters { up: 0.into(), down: 0.into(), up_total, down_total });
         let mut client = Counting { inner: client, counters: counters.clone() };
-        let Brokered { workspace, connection_id, engine, send, recv, _window } = self;
+        let Brokered { workspace, connection_id, user, key, engine, send, recv, _window } = self;
         let _active = engine.metrics.ssh_active();
+        let end = Arc::new(tokio::sync::Notify::new());
+        let open = OpenSsh { user, workspace: workspace.clone(), key, end: end.clone(), why: None };
+        engine.ssh_open.lock().unwrap_or_else(|e| e.into_inner()).insert(connection_id, open);
         let mut agent = tokio::io::join(recv, send);
-        let result =
-            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, SPLICE_BUFFER, SPLICE_BUFFER).await;
+        let result = tokio::select! {
+            r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, SPLICE_BUFFER, SPLICE_BUFFER) => Ok(r),
+            () = end.notified() => Err(()),
+        };
+        let ended = engine.ssh_open.lock().unwrap_or_else(|e| e.into_inner()).remove(&connection_id);
+        let result = match result {
+            Ok(r) => r,
+            // Access was taken away: the agent's side is reset (its session ends), and the
+            // client's is dropped (its connection closes).
+            Err(()) => {
+                let why = ended.and_then(|o| o.why).unwrap_or_else(|| "access removed".into());
+                info!(%workspace, connection_id, %why, "ssh connection ended by the coordinator");
+                Err(std::io::Error::other(why))
+            }
+        };
         let (up, down) = (counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
         let outcome = match &result {
             Ok(_) => "closed".to_string(),

@@ -99,6 +99,8 @@ pub struct Engine {
     shutting_down: std::sync::atomic::AtomicBool,
     /// Refused SSH connections per user that are logged and audited (see `broker::open`).
     pub(crate) ssh_refusals: Mutex<crate::ratelimit::RateLimiter>,
+    /// Brokered SSH connections open now, by audit id: what access changes end.
+    pub(crate) ssh_open: Mutex<HashMap<i64, crate::broker::OpenSsh>>,
 }
 
 /// What an accepted hello gives the tunnel.
@@ -170,6 +172,7 @@ impl Engine {
                 crate::broker::AUDITED_REFUSALS_PER_SEC,
                 crate::broker::AUDITED_REFUSALS_BURST,
             )),
+            ssh_open: Mutex::new(HashMap::new()),
         })
     }
 

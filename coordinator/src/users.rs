@@ -99,6 +99,8 @@ impl Engine {
         if !self.store.remove_user_key(name, fingerprint).await? {
             return Err(OpError::Missing(format!("user '{name}' has no key {fingerprint}")));
         }
+        let ended = self.end_ssh(|u, _, key| u == name && key == Some(fingerprint), "the key was removed");
+        info!(user = name, key = fingerprint, ssh_connections_ended = ended, "ssh key removed");
         self.user(name).await
     }
 
@@ -107,7 +109,8 @@ impl Engine {
         let Some(disowned) = self.store.remove_user(name).await? else {
             return Err(OpError::Missing(format!("no user '{name}'")));
         };
-        info!(user = name, workspaces_without_owner = ?disowned, "user removed");
+        let ended = self.end_ssh(|u, _, _| u == name, "the user was removed");
+        info!(user = name, workspaces_without_owner = ?disowned, ssh_connections_ended = ended, "user removed");
         Ok(disowned)
     }
 
@@ -146,7 +149,9 @@ impl Engine {
         if !self.store.revoke(row.id, user).await? {
             return Err(OpError::Missing(format!("user '{user}' has no grant on workspace '{workspace}'")));
         }
-        info!(workspace, user, "access revoked");
+        let owner = row.owner.as_deref() == Some(user);
+        let ended = if owner { 0 } else { self.end_ssh(|u, w, _| u == user && w == workspace, "access was revoked") };
+        info!(workspace, user, ssh_connections_ended = ended, "access revoked");
         Ok(self.store.grants(row.id).await?)
     }
 

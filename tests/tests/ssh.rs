@@ -1615,3 +1615,55 @@ fn key_and_config_ssh_mistakes_are_named() {
     let e = err(c);
     assert!(e.contains("--url '127.0.0.1:7080' is not a URL: give it with its scheme"), "{e}");
 }
+
+/// Taking access away ends what it let in: a revoked grant ends the user's open sessions on that
+/// workspace (and only theirs), a removed key ends the connections made with it, a removed user
+/// all of theirs. Each is audited with why.
+#[test]
+fn revoking_access_ends_the_sessions_it_let_in() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let bob = SshUser::add(&coord, "bob");
+    let _dev = workspace(&coord, "dev", "alice");
+    coord.ok(&["workspace", "grant", "dev", "bob"]);
+    let session = |user: &SshUser| {
+        let mut child = user
+            .ssh()
+            .args(["dev.tether", "echo started; sleep 600"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "started");
+        KillOnDrop(child)
+    };
+    let ends = |s: &mut KillOnDrop, what: &str| {
+        wait_until(what, LONG, || s.0.try_wait().unwrap().is_some());
+    };
+    let outcomes = |user: &str| -> Vec<String> {
+        let rows = coord.json(&["audit", "--user", user]);
+        rows.as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap().to_string()).collect()
+    };
+
+    let mut bobs = session(&bob);
+    let mut alices = session(&alice);
+    coord.ok(&["workspace", "revoke", "dev", "bob"]);
+    ends(&mut bobs, "bob's session to end after the revoke");
+    assert!(alices.0.try_wait().unwrap().is_none(), "the owner's session goes on");
+    assert!(outcomes("bob").contains(&"ended: access was revoked".to_string()), "{:?}", outcomes("bob"));
+
+    // Alice's key is removed: her connection with it ends.
+    let fingerprint = coord.json(&["user", "show", "alice"])["keys"][0]["fingerprint"].as_str().unwrap().to_string();
+    coord.ok(&["user", "remove-key", "alice", &fingerprint]);
+    ends(&mut alices, "alice's session to end after her key went");
+    assert!(outcomes("alice").contains(&"ended: the key was removed".to_string()), "{:?}", outcomes("alice"));
+
+    // A removed user: all of theirs.
+    coord.ok(&["workspace", "grant", "dev", "bob"]);
+    let mut bobs = session(&bob);
+    coord.ok(&["user", "remove", "bob"]);
+    ends(&mut bobs, "bob's session to end after he was removed");
+    assert!(outcomes("bob").contains(&"ended: the user was removed".to_string()), "{:?}", outcomes("bob"));
+}
