@@ -125,7 +125,7 @@ async fn auth(
             Ok(Some(user)) => ApiError(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "this is user '{user}''s API token, which reaches their own workspaces (list, show, \
+                    "this is the API token of user '{user}', which reaches their own workspaces (list, show, \
                      timings, logs, wait, start, stop, SSH); this needs the admin token (`admin-token` in \
                      the coordinator's data directory)"
                 ),

@@ -171,7 +171,7 @@ fn print_grants(v: &serde_json::Value) {
     println!(
         "{}: owner {owner}; granted: {}",
         v["workspace"].as_str().unwrap_or_default(),
-        if granted.is_empty() { "nobody".to_string() } else { granted.join(", ") }
+        if granted.is_empty() { "(none)".to_string() } else { granted.join(", ") }
     );
 }
 
@@ -327,7 +327,7 @@ pub async fn config_ssh(
     let user = match (user, &info.user) {
         // A user's token speaks for that user only: a block for another would not log in.
         (Some(u), Some(me)) if &u != me => {
-            bail!("--user {u}: this API token is user '{me}''s; config-ssh writes the block for the token's user")
+            bail!("--user {u}: this is the API token of user '{me}'; config-ssh writes the block for the token's user")
         }
         (Some(u), _) => u,
         (None, Some(u)) => u.clone(),

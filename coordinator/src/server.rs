@@ -263,7 +263,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let tmp = data_dir.join("coordinator.json.tmp");
     std::fs::write(&tmp, info_json)?;
     std::fs::rename(&tmp, data_dir.join(INFO_FILE))?;
-    info!(http = %http_addr, https = ?https_addr, quic = %quic_addr, ssh = ?ssh_addr, data_dir = %data_dir.display(), "coordinator listening");
+    let or_off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
+    info!(http = %http_addr, https = %or_off(https_addr), quic = %quic_addr, ssh = %or_off(ssh_addr), data_dir = %data_dir.display(), "coordinator listening");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = {

@@ -595,7 +595,7 @@ fn tether_ssh_goes_through_the_api_port() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("this is user 'alice''s API token"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("this is the API token of user 'alice'"), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -654,7 +654,7 @@ fn users_stop_and_start_their_own_workspaces_with_their_token_and_nothing_else()
     }
     refused(&alice, &["workspace", "wait", "ops", "--for", "running", "--timeout", "1s"], not_hers);
     refused(&alice, &["workspace", "show", "nosuch"], "no workspace 'nosuch'");
-    let admin_only = "this is user 'alice''s API token";
+    let admin_only = "this is the API token of user 'alice'";
     refused(&alice, &["workspace", "delete", "dev"], admin_only);
     refused(&alice, &["workspace", "token", "dev"], admin_only);
     refused(&alice, &["workspace", "grant", "dev", "bob"], admin_only);
@@ -1583,7 +1583,7 @@ fn key_and_config_ssh_mistakes_are_named() {
     let mut c = alice.tether(&coord);
     c.args(["config-ssh", "--user", "bob", "--ssh-config", alice.dir.join("other-config").to_str().unwrap()]);
     let e = err(c);
-    assert!(e.contains("--user bob: this API token is user 'alice''s"), "{e}");
+    assert!(e.contains("--user bob: this is the API token of user 'alice'"), "{e}");
     // A config file in a directory that does not exist names the directory.
     let mut c = alice.tether(&coord);
     c.args(["config-ssh", "--ssh-config", alice.dir.join("nodir/config").to_str().unwrap()]);
