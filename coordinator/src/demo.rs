@@ -49,6 +49,17 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
     std::fs::write(&template_path, TEMPLATE)?;
     let client = Client::discover(None, None, None, &data_dir)?;
     let engine = running.engine.clone();
+    // A directory an earlier demo used: its workspace goes first, so this one starts afresh.
+    if engine.store.workspace("demo").await?.is_some() {
+        println!("\n$ tether workspace delete demo --wait    # the earlier demo's workspace in this directory");
+        let _: WorkspaceView = client.delete("/workspaces/demo").await?;
+        let w =
+            crate::cli::wait_for(&client, "demo", "deleted,running,unhealthy,stopped,failed", Duration::from_secs(120))
+                .await?;
+        if w.status != tether_shared::WorkspaceStatus::Deleted {
+            anyhow::bail!("the earlier demo workspace could not be deleted: {} ({})", w.status, w.status_reason);
+        }
+    }
 
     // Print every status change as it happens, from the recorded transitions.
     let t0 = tether_shared::now_ms();
@@ -56,11 +67,20 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
         let engine = engine.clone();
         tokio::spawn(async move {
             let mut rx = engine.subscribe_changes();
-            let mut printed = 0;
+            let (mut printed, mut id) = (0, None);
             loop {
-                if let Ok(Some(row)) = engine.store.workspace_any("demo").await {
+                // The live workspace (an earlier demo's, deleted, may hold the name too).
+                let row = match engine.store.workspace("demo").await {
+                    Ok(Some(row)) => Some(row),
+                    _ => engine.store.workspace_any("demo").await.ok().flatten(),
+                };
+                if let Some(row) = row {
+                    if id != Some(row.id) {
+                        (printed, id) = (0, Some(row.id));
+                    }
                     if let Ok(history) = engine.store.transitions(row.id, 1000).await {
-                        for t in history.iter().skip(printed) {
+                        // This run's changes only, not an earlier demo's in the same directory.
+                        for t in history.iter().skip(printed).filter(|t| t.at >= t0) {
                             println!("  {:>6.2}s  {:<10} {}", (t.at - t0) as f64 / 1000.0, t.to, t.reason);
                         }
                         printed = printed.max(history.len());
