@@ -6,13 +6,16 @@ use tether_tests::bin;
 #[test]
 fn tether_demo_runs_a_workspace_through_its_life() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(bin("tether"))
-        .args(["demo", "--dir"])
-        .arg(dir.path())
-        .env_remove("TETHER_URL")
-        .env_remove("TETHER_TOKEN")
-        .output()
-        .unwrap();
+    let demo = || {
+        Command::new(bin("tether"))
+            .args(["demo", "--dir"])
+            .arg(dir.path())
+            .env_remove("TETHER_URL")
+            .env_remove("TETHER_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = demo();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let wants = [
@@ -30,13 +33,7 @@ fn tether_demo_runs_a_workspace_through_its_life() {
 
     // Again in the same directory: the earlier workspace goes first, and only this run's changes
     // are shown (none before this run's start, so no negative times).
-    let out = Command::new(bin("tether"))
-        .args(["demo", "--dir"])
-        .arg(dir.path())
-        .env_remove("TETHER_URL")
-        .env_remove("TETHER_TOKEN")
-        .output()
-        .unwrap();
+    let out = demo();
     let again = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "second demo failed:\n{again}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(again.contains("tether workspace delete demo --wait"), "{again}");

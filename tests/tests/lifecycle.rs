@@ -265,7 +265,10 @@ fn wait_fails_when_the_operation_did_not_finish_and_does_not_wait_on_a_settled_f
     // it was: no agent "has shut down".
     let template = "provisioner = \"command\"\nconnection_timeout = \"10m\"\n[command]\nstart = \"true\"\nstop = \"echo 'no such container' >&2; exit 4\"\n";
     c.create("never", template, &["--start"]);
-    let before = c.wait_for("never", "starting", LONG);
+    wait_until("the start command to finish", LONG, || {
+        c.show("never")["status_reason"] == "waiting for the agent to connect"
+    });
+    let before = c.show("never");
     let err = c.fails(&["workspace", "stop", "never", "--wait"]);
     let failure = "stop failed: stop command exited with code 4: no such container";
     assert!(err.contains(&format!("did not finish: it is starting ({failure})")), "{err}");
