@@ -69,7 +69,7 @@ pub enum Command {
         #[arg(long)]
         workspace: Option<String>,
         /// Most connections to show, newest first (1 to 10000).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
         /// Print the connections as a JSON array (adding each one's SSH key fingerprint).
         #[arg(long)]

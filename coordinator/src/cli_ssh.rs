@@ -150,7 +150,14 @@ pub async fn user(client: &Client, cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::RemoveKey { name, fingerprint } => {
             let u: UserView = client.delete(&format!("/users/{}/keys/{}", enc(&name), enc(&fingerprint))).await?;
+            println!("removed key {fingerprint} from user {name}");
             print_user(&u);
+            if u.keys.is_empty() {
+                eprintln!(
+                    "warning: user '{name}' has no SSH key left and cannot log in over SSH; add one with \
+                     `tether user add-key {name} --ssh-key FILE`"
+                );
+            }
         }
         UserCmd::Token { name, json } => {
             let v: serde_json::Value =

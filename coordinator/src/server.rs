@@ -85,7 +85,19 @@ impl Running {
     /// Graceful stop: agents are asked to reconnect later, then the ports close.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
-        self.task.await.context("coordinator task")?
+        let result = self.task.await.context("coordinator task")?;
+        // After a clean stop the CLI says no coordinator runs here, not that it cannot reach one.
+        if let Some(dir) = self.info.admin_token_file.parent() {
+            let path = dir.join(INFO_FILE);
+            let ours = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<CoordinatorInfo>(&b).ok())
+                .is_some_and(|i| i.pid == self.info.pid);
+            if ours {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        result
     }
 }
 

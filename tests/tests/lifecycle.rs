@@ -260,6 +260,7 @@ fn wait_fails_when_the_operation_did_not_finish_and_does_not_wait_on_a_settled_f
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown workspace status 'bogus' (expected one of: pending, starting, running,"), "{err}");
     assert_eq!(c.cli(&["workspace", "list", "--status", "Running"]).status.code(), Some(64));
+    assert_eq!(c.cli(&["audit", "--limit", "0"]).status.code(), Some(64), "the limit is 1 to 10000");
 
     // A failed stop of a workspace whose agent never connected leaves it waiting for the agent, as
     // it was: no agent "has shut down".

@@ -197,6 +197,10 @@ fn a_coordinator_stopped_with_sigterm_sends_agents_away_with_jitter_and_gets_the
 
     let status = c.terminate();
     assert!(status.success(), "tether serve exits 0 on SIGTERM: {status}\n{}", c.log_tail());
+    // A clean stop takes its coordinator.json along: the CLI then says no coordinator runs there.
+    assert!(!c.data_dir().join("coordinator.json").exists());
+    let err = c.fails(&["workspace", "list"]);
+    assert!(err.contains("no coordinator to talk to"), "{err}");
     let log = std::fs::read_to_string(c.data_dir().join("coordinator.log")).unwrap();
     assert!(log.contains("shutting down: asking agents to reconnect later"), "{}", c.log_tail());
     assert!(!log.contains("agents did not hang up in time"), "every agent hung up when asked: {}", c.log_tail());
