@@ -245,7 +245,9 @@ async fn ssh_upgrade(
         return ApiError(StatusCode::BAD_REQUEST, "this connection cannot be upgraded (HTTP/1.1 only)".into())
             .into_response();
     };
-    let request = Request { user, target: name, via: Via::Api, peer: peer.to_string(), key_fingerprint: None };
+    // The HTTP listener's per-address and total connection caps bound the requests that wait.
+    let request =
+        Request { user, target: name, via: Via::Api, peer: peer.to_string(), key_fingerprint: None, client_gone: None };
     let brokered = match broker::open(&s.engine, request).await {
         Ok(b) => b,
         Err(refusal) => {

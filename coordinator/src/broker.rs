@@ -22,8 +22,8 @@ use tracing::{debug, info, warn};
 
 /// Opening a stream to a connected agent should take one round trip; this bounds a dying one.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest an SSH connection waits for a starting workspace (its agent, its login-blocking
-/// scripts) before it is refused with the reason that holds then.
+/// Longest an SSH connection waits for a starting workspace's login-blocking scripts before it is
+/// refused with the reason that holds then.
 pub const LOGIN_WAIT: Duration = Duration::from_secs(600);
 /// Copy buffer per direction: large enough for full-speed bulk transfers, small enough that a slow
 /// reader holds at most this much per direction in the coordinator.
@@ -63,6 +63,9 @@ pub struct Request {
     pub peer: String,
     /// The key the front door authenticated; `None` for API tokens, which allow any of the user's keys.
     pub key_fingerprint: Option<String>,
+    /// Closes (its sender is dropped) when the client's connection ends: a wait for the workspace
+    /// stops there rather than hold its task for `LOGIN_WAIT` after the client has gone.
+    pub client_gone: Option<tokio::sync::watch::Receiver<()>>,
 }
 
 /// A refusal with the sentence the user sees.
@@ -349,6 +352,7 @@ async fn authorize_and_open(
     let mut changes = engine.subscribe_changes();
     let mut row = row;
     let mut waited = false;
+    let mut gone = req.client_gone.clone();
     let quic = loop {
         changes.borrow_and_update();
         let quic = engine.agent_connection(row.id);
@@ -364,7 +368,18 @@ async fn authorize_and_open(
                 }
                 // Woken by any workspace's change; a second's poll as well, for what changes none.
                 let until = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
-                let _ = tokio::time::timeout_at(until, changes.changed()).await;
+                let gone = async {
+                    match &mut gone {
+                        Some(rx) => while rx.changed().await.is_ok() {},
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::timeout_at(until, changes.changed()) => {}
+                    () = gone => {
+                        return Err(refuse(RefusalKind::Unavailable, format!("the client left while '{name}' was starting")));
+                    }
+                }
             }
             Err(refusal) => return Err(refusal),
         }

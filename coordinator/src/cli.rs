@@ -548,12 +548,24 @@ fn status_words(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// Every status but `passing`, comma-separated: what to wait for until an operation that passes
+/// through those has ended, wherever it ended (a failed one leaves the workspace where it was,
+/// `starting` say, and another operation may take over).
+pub fn settled_statuses(passing: &[WorkspaceStatus]) -> String {
+    let rest: Vec<&str> = WorkspaceStatus::ALL.iter().filter(|s| !passing.contains(s)).map(|s| s.as_str()).collect();
+    rest.join(",")
+}
+
+/// What a start passes through (and a stop or delete that takes it over).
+const STARTING: &[WorkspaceStatus] =
+    &[WorkspaceStatus::Pending, WorkspaceStatus::Starting, WorkspaceStatus::Stopping, WorkspaceStatus::Deleting];
+/// What a stop or a delete passes through.
+pub const STOPPING: &[WorkspaceStatus] = &[WorkspaceStatus::Stopping, WorkspaceStatus::Deleting];
+
 /// What `--wait` after an operation waits for.
 struct Settle {
-    /// The statuses the operation can end in, the target among them: every status but the
-    /// transitional ones it passes through, since a failed operation leaves the workspace where it
-    /// was (`starting`, say), and another operation may take over.
-    until: &'static str,
+    /// The statuses the workspace passes through while the operation (or one taking it over) runs.
+    passing: &'static [WorkspaceStatus],
     /// The one that means it worked.
     target: WorkspaceStatus,
     /// The operation, for the message when it did not work.
@@ -572,8 +584,8 @@ async fn settle(
     json: bool,
 ) -> anyhow::Result<()> {
     let (w, failed) = match settle {
-        Some(Settle { until, target, op }) => {
-            let w = wait_for(client, name, until, Duration::from_secs(3600)).await?;
+        Some(Settle { passing, target, op }) => {
+            let w = wait_for(client, name, &settled_statuses(passing), Duration::from_secs(3600)).await?;
             let failed = (w.status != target).then(|| {
                 let why = match &w.last_error {
                     Some(e) if !e.is_empty() => e.clone(),
@@ -622,29 +634,17 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
         }
         WorkspaceCmd::Start { name, wait, json } => {
             let w = client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
-            let until = Settle {
-                until: "running,unhealthy,failed,stopped,deleted",
-                target: WorkspaceStatus::Running,
-                op: "start",
-            };
+            let until = Settle { passing: STARTING, target: WorkspaceStatus::Running, op: "start" };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }
         WorkspaceCmd::Stop { name, wait, json } => {
             let w = client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
-            let until = Settle {
-                until: "stopped,pending,starting,running,unhealthy,failed,deleted",
-                target: WorkspaceStatus::Stopped,
-                op: "stop",
-            };
+            let until = Settle { passing: STOPPING, target: WorkspaceStatus::Stopped, op: "stop" };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }
         WorkspaceCmd::Delete { name, force, wait, json } => {
             let w = client.delete(&format!("/workspaces/{}?force={force}", enc(&name))).await?;
-            let until = Settle {
-                until: "deleted,pending,starting,running,unhealthy,stopped,failed",
-                target: WorkspaceStatus::Deleted,
-                op: "delete",
-            };
+            let until = Settle { passing: STOPPING, target: WorkspaceStatus::Deleted, op: "delete" };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }
         WorkspaceCmd::List { status, all, json } => {
@@ -787,6 +787,12 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_ends_wherever_the_operation_ended() {
+        assert_eq!(settled_statuses(STARTING), "running,unhealthy,stopped,failed,deleted");
+        assert_eq!(settled_statuses(STOPPING), "pending,starting,running,unhealthy,stopped,failed,deleted");
+    }
 
     #[test]
     fn retention_is_a_duration_or_forever_and_says_what_is_wrong() {

@@ -53,9 +53,8 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
     if engine.store.workspace("demo").await?.is_some() {
         println!("\n$ tether workspace delete demo --wait    # the earlier demo's workspace in this directory");
         let _: WorkspaceView = client.delete("/workspaces/demo").await?;
-        let w =
-            crate::cli::wait_for(&client, "demo", "deleted,running,unhealthy,stopped,failed", Duration::from_secs(120))
-                .await?;
+        let until = crate::cli::settled_statuses(crate::cli::STOPPING);
+        let w = crate::cli::wait_for(&client, "demo", &until, Duration::from_secs(120)).await?;
         if w.status != tether_shared::WorkspaceStatus::Deleted {
             anyhow::bail!("the earlier demo workspace could not be deleted: {} ({})", w.status, w.status_reason);
         }

@@ -131,6 +131,8 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
         tokio::spawn(async move {
             let logged_in = LoggedIn::default();
             let refused = Arc::new(std::sync::Mutex::new(RefusedKeys::default()));
+            // Dropped when this connection's task ends, telling its channels' waits.
+            let (_connected, client_gone) = tokio::sync::watch::channel(());
             let handler = Handler {
                 engine: engine.clone(),
                 peer,
@@ -140,6 +142,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoor
                 startup: Some(startup),
                 offers: 0,
                 refused: refused.clone(),
+                client_gone,
             };
             // russh reads each packet's length, then its body: buffered, that is one system call per
             // packet (or fewer) instead of two.
@@ -198,6 +201,8 @@ struct Handler {
     offers: u32,
     /// The keys refused, for the log line if the connection never logs in.
     refused: Arc<std::sync::Mutex<RefusedKeys>>,
+    /// Closes when the connection ends (see `broker::Request::client_gone`).
+    client_gone: tokio::sync::watch::Receiver<()>,
 }
 
 /// Keys a connection offered that are not registered to the user it named.
@@ -335,6 +340,7 @@ impl russh::server::Handler for Handler {
             via: Via::FrontDoor,
             peer: self.peer.to_string(),
             key_fingerprint: Some(fp),
+            client_gone: Some(self.client_gone.clone()),
         };
         // In a task of its own: the broker may wait for a starting workspace's login-blocking
         // scripts, and the connection's loop (its other channels, keepalive replies) must not.

@@ -75,6 +75,9 @@ pub fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
 }
 
+/// What a private key given for a public one gets.
+pub const PRIVATE_KEY_GIVEN: &str = "this is a private key; give the public key (the .pub file)";
+
 /// Parses one OpenSSH public-key line (`ssh-ed25519 AAAA… comment`), with the reason if it is not one.
 pub fn parse_public_key(line: &str) -> Result<PublicKey, String> {
     let line = line.trim();
@@ -82,7 +85,7 @@ pub fn parse_public_key(line: &str) -> Result<PublicKey, String> {
         return Err(format!("key is {} bytes, over the limit of {}", line.len(), limits::MAX_SSH_PUBLIC_KEY));
     }
     if line.starts_with("-----BEGIN") {
-        return Err("this is a private key; give the public key (the .pub file)".into());
+        return Err(PRIVATE_KEY_GIVEN.into());
     }
     // `no-pty ssh-ed25519 AAAA…`: an authorized_keys line with options, which Tether has no use for.
     let is_type = |w: &str| w.starts_with("ssh-") || w.starts_with("ecdsa-") || w.starts_with("sk-");

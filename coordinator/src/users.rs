@@ -46,7 +46,7 @@ fn store_err(e: StoreError) -> OpError {
 pub fn parse_keys(text: &str) -> Result<Vec<(String, String)>, OpError> {
     // A private key file: one message, not one per line of it.
     if text.trim_start().starts_with("-----BEGIN") {
-        return Err(OpError::Invalid("this is a private key; give the public key (the .pub file)".into()));
+        return Err(OpError::Invalid(sshca::PRIVATE_KEY_GIVEN.into()));
     }
     let mut keys = Vec::new();
     let mut errors = Vec::new();

@@ -5,7 +5,7 @@ use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
-use tether_tests::{bin, ssh::keygen, Agent, Coordinator, LONG};
+use tether_tests::{bin, ssh::keygen, wait_until, Agent, Coordinator, LONG};
 
 const TEMPLATE: &str = r#"
 heartbeat_timeout = "15s"
@@ -225,17 +225,12 @@ fn a_second_coordinator_on_a_data_directory_is_refused_and_changes_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn tether serve");
-    let deadline = std::time::Instant::now() + LONG;
-    let status = loop {
-        if let Some(status) = second.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = second.kill();
-            panic!("a second coordinator kept running on {dir}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let mut status = None;
+    wait_until("the second coordinator to give up", LONG, || {
+        status = second.try_wait().expect("wait");
+        status.is_some()
+    });
+    let status = status.expect("exited");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().expect("stderr"), &mut err).expect("stderr");
     assert!(!status.success());
