@@ -264,11 +264,17 @@ pub enum WorkspaceCmd {
         /// Start it right away.
         #[arg(long)]
         start: bool,
-        /// Print the created workspace as JSON (with an external one's agent token and command).
+        /// With --start: wait until the start has finished; exit 1 unless it is running. An
+        /// external workspace's agent token and command are printed first.
+        #[arg(long, requires = "start")]
+        wait: bool,
+        /// Print the created workspace as JSON (with an external one's agent token and command;
+        /// with --wait, once it settles).
         #[arg(long)]
         json: bool,
     },
-    /// Start a workspace (a new build), or bring back a lost `process` agent.
+    /// Start a workspace (a new build), or bring back a lost `process` agent. A workspace that is
+    /// already starting or running is left as it is, and the command succeeds.
     Start {
         /// The workspace's name.
         name: String,
@@ -279,7 +285,8 @@ pub enum WorkspaceCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Stop a workspace: its stop scripts run, then the provisioner stops it.
+    /// Stop a workspace: its stop scripts run, then the provisioner stops it. A workspace that is
+    /// already stopping or stopped is left as it is, and the command succeeds.
     Stop {
         /// The workspace's name.
         name: String,
@@ -584,24 +591,7 @@ async fn settle(
     json: bool,
 ) -> anyhow::Result<()> {
     let (w, failed) = match settle {
-        Some(Settle { passing, target, op }) => {
-            let w = wait_for(client, name, &settled_statuses(passing), Duration::from_secs(3600)).await?;
-            let failed = (w.status != target).then(|| {
-                let why = match &w.last_error {
-                    Some(e) if !e.is_empty() => e.clone(),
-                    _ => w.status_reason.clone(),
-                };
-                let hint = match op {
-                    "delete" => format!(
-                        "; `tether workspace delete {name} --force` deletes it anyway, leaving behind what the \
-                         provisioner could not remove"
-                    ),
-                    _ => String::new(),
-                };
-                format!("the {op} of workspace '{name}' did not finish: it is {} ({why}){hint}", w.status)
-            });
-            (w, failed)
-        }
+        Some(until) => wait_settled(client, name, until).await?,
         None => (w, None),
     };
     if json {
@@ -615,30 +605,80 @@ async fn settle(
     }
 }
 
+/// Says on stderr when a start or stop had nothing to do: the coordinator answers those with the
+/// workspace as it is, already in the status asked for, and the command succeeds.
+fn already(w: &WorkspaceView, target: WorkspaceStatus) {
+    if w.status == target {
+        eprintln!("workspace '{}' is already {target}", w.name);
+    }
+}
+
+/// Waits until the operation has finished; returns the workspace and, unless it got to the
+/// operation's target status, the error to exit with.
+async fn wait_settled(
+    client: &Client,
+    name: &str,
+    Settle { passing, target, op }: Settle,
+) -> anyhow::Result<(WorkspaceView, Option<String>)> {
+    let w = wait_for(client, name, &settled_statuses(passing), Duration::from_secs(3600)).await?;
+    let failed = (w.status != target).then(|| {
+        let why = match &w.last_error {
+            Some(e) if !e.is_empty() => e.clone(),
+            _ => w.status_reason.clone(),
+        };
+        let hint = match op {
+            "delete" => format!(
+                "; `tether workspace delete {name} --force` deletes it anyway, leaving behind what the \
+                 provisioner could not remove"
+            ),
+            _ => String::new(),
+        };
+        format!("the {op} of workspace '{name}' did not finish: it is {} ({why}){hint}", w.status)
+    });
+    Ok((w, failed))
+}
+
 pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()> {
     match cmd {
-        WorkspaceCmd::Create { name, template, owner, start, json } => {
+        WorkspaceCmd::Create { name, template, owner, start, wait, json } => {
             let text = match &template {
                 Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading template {}", p.display()))?,
                 None => String::new(),
             };
             let body = serde_json::json!({ "name": name, "template": text, "owner": owner, "start": start });
-            let created: CreatedView = client.post("/workspaces", &body).await?;
-            if json {
-                return print_json(&created);
+            let mut created: CreatedView = client.post("/workspaces", &body).await?;
+            if !json {
+                print_workspace(&created.workspace);
+                if let (Some(token), Some(cmd)) = (&created.agent_token, &created.agent_command) {
+                    println!("\nagent token (shown once): {token}\n\nstart the agent in the workspace with:\n  {cmd}");
+                }
             }
-            print_workspace(&created.workspace);
-            if let (Some(token), Some(cmd)) = (&created.agent_token, &created.agent_command) {
-                println!("\nagent token (shown once): {token}\n\nstart the agent in the workspace with:\n  {cmd}");
+            if !wait {
+                return if json { print_json(&created) } else { Ok(()) };
+            }
+            let until = Settle { passing: STARTING, target: WorkspaceStatus::Running, op: "start" };
+            let (settled, failed) = wait_settled(client, &name, until).await?;
+            created.workspace = settled;
+            if json {
+                print_json(&created)?;
+            } else {
+                print_workspace(&created.workspace);
+            }
+            if let Some(message) = failed {
+                anyhow::bail!(message);
             }
         }
         WorkspaceCmd::Start { name, wait, json } => {
-            let w = client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
+            let w: WorkspaceView =
+                client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
+            already(&w, WorkspaceStatus::Running);
             let until = Settle { passing: STARTING, target: WorkspaceStatus::Running, op: "start" };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }
         WorkspaceCmd::Stop { name, wait, json } => {
-            let w = client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
+            let w: WorkspaceView =
+                client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
+            already(&w, WorkspaceStatus::Stopped);
             let until = Settle { passing: STOPPING, target: WorkspaceStatus::Stopped, op: "stop" };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }

@@ -9,6 +9,7 @@ use crate::users::UserView;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 #[derive(Subcommand, Debug)]
 pub enum UserCmd {
@@ -453,12 +454,34 @@ pub async fn ssh_stdio(client: &Client, target: &str, as_user: Option<&str>) -> 
     if let Some(u) = as_user {
         path.push_str(&format!("?user={}", enc(u)));
     }
-    let mut stream = client.upgrade(&path, UPGRADE_PROTOCOL).await?;
-    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    tokio::io::copy_bidirectional_with_sizes(&mut stdio, &mut stream, 256 * 1024, 256 * 1024)
-        .await
-        .context("ssh stream")?;
-    Ok(())
+    let stream = client.upgrade(&path, UPGRADE_PROTOCOL).await?;
+    splice_stdio(stream).await.context("ssh stream")
+}
+
+/// Copies stdin to `stream` and `stream` to stdout. Returns when the stream's side ends, as
+/// `ssh -W` does: the process then exits, which closes stdout, and that is how OpenSSH learns
+/// that the connection is gone (shutting down tokio's stdout leaves the descriptor open). Stdin's
+/// end is passed on as a half-close, and the copy the other way goes on until the stream's end.
+async fn splice_stdio<S: AsyncRead + AsyncWrite>(stream: S) -> std::io::Result<()> {
+    const BUFFER: usize = 256 * 1024;
+    let (from_stream, mut to_stream) = tokio::io::split(stream);
+    let mut stdout = tokio::io::stdout();
+    let down = async {
+        tokio::io::copy_buf(&mut BufReader::with_capacity(BUFFER, from_stream), &mut stdout).await?;
+        stdout.flush().await
+    };
+    let up = async {
+        tokio::io::copy_buf(&mut BufReader::with_capacity(BUFFER, tokio::io::stdin()), &mut to_stream).await?;
+        to_stream.shutdown().await
+    };
+    tokio::pin!(down);
+    tokio::select! {
+        r = &mut down => r,
+        r = up => {
+            r?;
+            down.await
+        }
+    }
 }
 
 /// `tether ssh NAME [ARGS…]`: runs OpenSSH with this CLI as its `ProxyCommand` and the coordinator's

@@ -414,6 +414,11 @@ impl Engine {
         };
         use WorkspaceStatus::*;
         match (row.status, template.provisioner) {
+            // Already started, or a start already under way: nothing to do, and the caller (a
+            // script's `start --wait`, say) gets the workspace as it is. A second build must not
+            // begin while the first is being provisioned.
+            (Starting | Running, _) => return Ok(self.view(&row)),
+            (Pending, _) if row.op.as_deref() == Some("start") => return Ok(self.view(&row)),
             (Pending | Stopped | Failed, ProvisionerKind::External) => {
                 let now = now_ms();
                 self.store.begin_build(row.id, None, now).await?;
@@ -443,8 +448,11 @@ impl Engine {
                 let id = row.id;
                 tokio::spawn(async move { engine.provision_start(id, token, true).await });
             }
-            (Starting | Running | Unhealthy, _) => {
-                return Err(OpError::Conflict(format!("workspace '{name}' is already started ({})", row.status)))
+            (Unhealthy, _) => {
+                return Err(OpError::Conflict(format!(
+                    "workspace '{name}' is unhealthy ({}); stop it, then start it again",
+                    row.status_reason
+                )))
             }
             (Stopping | Deleting | Deleted, _) => {
                 return Err(OpError::Conflict(format!("workspace '{name}' is {}; wait for it to finish", row.status)))
@@ -506,7 +514,9 @@ impl Engine {
         use WorkspaceStatus::*;
         match row.status {
             Pending | Starting | Running | Unhealthy | Failed => {}
-            Stopped => return Err(OpError::Conflict(format!("workspace '{name}' is already stopped"))),
+            // Already stopped, or a stop already under way: nothing to do.
+            Stopped => return Ok(self.view(&row)),
+            Stopping if row.op.as_deref() == Some("stop") => return Ok(self.view(&row)),
             // The agent is shutting down on its own: a stop of ours takes over and finishes the job
             // (the provisioner's stop too), whether or not the agent is still there to say goodbye.
             Stopping if row.op.is_none() => {}

@@ -116,7 +116,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing(cli.log_format, cli.log.as_deref(), "warn");
             let client = Client::discover(cli.url, cli.token, cli.ca, &data_dir)?;
             if stdio {
-                cli_ssh::ssh_stdio(&client, &workspace, as_user.as_deref()).await
+                // Exit as soon as the connection ends, so OpenSSH sees stdout close: the runtime
+                // would otherwise wait on its way out for the read of stdin, which cannot be
+                // cancelled, and so for the client, which is waiting for us.
+                let code = match cli_ssh::ssh_stdio(&client, &workspace, as_user.as_deref()).await {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        1
+                    }
+                };
+                std::process::exit(code)
             } else {
                 cli_ssh::ssh_exec(&client, &workspace, as_user.as_deref(), &args).await
             }

@@ -114,12 +114,16 @@ impl Engine {
         Ok(disowned)
     }
 
-    /// Issues a new API token for a user; the old one stops working.
+    /// Issues a new API token for a user; the old one stops working, and the `tether ssh`
+    /// connections made with it end.
     pub async fn rotate_user_token(&self, name: &str) -> Result<String, OpError> {
         let token = pki::new_token("tether_user");
         if !self.store.set_user_token(name, &pki::hash_token(&token)).await? {
             return Err(OpError::Missing(format!("no user '{name}'")));
         }
+        // `tether ssh` connections were let in by the old token (the front door's by a key).
+        let ended = self.end_ssh(|u, _, key| u == name && key.is_none(), "the user's API token was replaced");
+        info!(user = name, ssh_connections_ended = ended, "api token replaced");
         Ok(token)
     }
 

@@ -170,12 +170,21 @@ name = "save"
 run = "sleep 0.5; echo bye > stopped.txt"
 on = "stop"
 "#;
-    c.create("proc", template, &["--start"]);
-    assert_eq!(c.wait_for("proc", "running,unhealthy,failed", LONG)["status"], "running");
+    // --wait prints the workspace once the start has finished.
+    let created = c.create("proc", template, &["--start", "--wait"]);
+    assert_eq!(created["status"], "running", "{created}");
     let home = c.data_dir().join("workspaces/proc/home");
     assert_eq!(std::fs::read_to_string(home.join("started.txt")).unwrap(), "hello\n");
     let pid: i32 =
         std::fs::read_to_string(c.data_dir().join("workspaces/proc/agent.pid")).unwrap().trim().parse().unwrap();
+    let transitions = c.show("proc")["history"].as_array().unwrap().len();
+
+    // Starting a running workspace changes nothing and succeeds, --wait included.
+    let again = c.cli(&["workspace", "start", "proc", "--wait"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("workspace 'proc' is already running"));
+    let shown = c.show("proc");
+    assert_eq!((shown["build"].as_i64(), shown["history"].as_array().unwrap().len()), (Some(1), transitions));
 
     c.ok(&["workspace", "stop", "proc"]);
     let w = c.wait_for("proc", "stopped,running,unhealthy", LONG);
@@ -193,7 +202,14 @@ on = "stop"
     assert!(path.contains(&"starting") && path.contains(&"running") && path.contains(&"stopping"), "{path:?}");
     assert_eq!(path.last(), Some(&"stopped"));
 
-    // Started again: a new build, the scripts run again.
+    // Stopping a stopped workspace changes nothing and succeeds.
+    let again = c.cli(&["workspace", "stop", "proc", "--wait"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("workspace 'proc' is already stopped"));
+
+    // Started again: a new build, the scripts run again. A second start while the first is under
+    // way joins it rather than begin a third build.
+    c.ok(&["workspace", "start", "proc"]);
     c.ok(&["workspace", "start", "proc"]);
     let w = c.wait_for("proc", "running,unhealthy,failed", LONG);
     assert_eq!((w["status"].as_str(), w["build"].as_i64()), (Some("running"), Some(2)));
@@ -248,6 +264,14 @@ fn wait_fails_when_the_operation_did_not_finish_and_does_not_wait_on_a_settled_f
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let w: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(w["status"], "failed");
+    // So does `create --start --wait`, after the line saying it was created.
+    let path = c.data_dir().join("cmd2.toml");
+    std::fs::write(&path, "provisioner = \"command\"\n[command]\nstart = \"echo 'no capacity' >&2; exit 3\"\n")
+        .unwrap();
+    let out = c.cli(&["workspace", "create", "cmd2", "--template", path.to_str().unwrap(), "--start", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(&format!("cmd2: failed ({reason})\n")), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the start of workspace 'cmd2' did not finish"), "{out:?}");
 
     // Waiting for `running` on it ends at once with why; waiting for what it is still works.
     let err = c.fails(&["workspace", "wait", "cmd", "--for", "running", "--timeout", "10m"]);

@@ -1383,13 +1383,15 @@ fn unix_sockets_are_forwarded_both_ways_and_cleaned_up() {
 
 /// `ssh HOST` running a command that lasts ten minutes, once it has started.
 fn long_session(user: &SshUser, host: &str) -> KillOnDrop {
-    let mut child = user
-        .ssh()
-        .args([host, "echo started; sleep 600"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut ssh = user.ssh();
+    ssh.arg(host);
+    started(ssh)
+}
+
+/// Runs `client` (an ssh command line without its remote command) with a remote command that
+/// prints "started" and then sleeps; returns once it has printed it.
+fn started(mut client: Command) -> KillOnDrop {
+    let mut child = client.arg("echo started; sleep 600").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "started");
@@ -1657,6 +1659,17 @@ fn revoking_access_ends_the_sessions_it_let_in() {
     ends(&mut bobs, "bob's session to end after the revoke");
     assert!(alices.0.try_wait().unwrap().is_none(), "the owner's session goes on");
     assert!(outcomes("bob").contains(&"ended: access was revoked".to_string()), "{:?}", outcomes("bob"));
+
+    // Alice's API token is replaced: her `tether ssh` connection, made with it, ends; the one made
+    // with her key goes on.
+    let mut tether_ssh = alice.tether(&coord);
+    tether_ssh.args(["ssh", "dev", "--", "-i", alice.key.to_str().unwrap(), "-o", "BatchMode=yes"]);
+    let mut via_token = started(tether_ssh);
+    coord.ok(&["user", "token", "alice"]);
+    ends(&mut via_token, "alice's tether ssh connection to end after her token was replaced");
+    assert!(alices.0.try_wait().unwrap().is_none(), "the connection made with her key goes on");
+    let ended = "ended: the user's API token was replaced".to_string();
+    assert!(outcomes("alice").contains(&ended), "{:?}", outcomes("alice"));
 
     // Alice's key is removed: her connection with it ends.
     let fingerprint = coord.json(&["user", "show", "alice"])["keys"][0]["fingerprint"].as_str().unwrap().to_string();
