@@ -10,18 +10,22 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tether_shared::{limits, WorkspaceStatus};
 
+/// Where `--help` lists the options of the commands that talk to a coordinator: apart, so that
+/// `serve --help` does not seem to offer them.
+const CLIENT_OPTIONS: &str = "Options of the commands that talk to a coordinator (not serve)";
+
 #[derive(Parser, Debug)]
 #[command(name = "tether", version, about = "Tether coordinator and command-line interface")]
 pub struct Cli {
     /// Coordinator API URL.
-    #[arg(long, env = "TETHER_URL", global = true)]
+    #[arg(long, env = "TETHER_URL", global = true, help_heading = CLIENT_OPTIONS)]
     pub url: Option<String>,
     /// API token: the admin's, or a user's (their own workspaces and SSH only).
-    #[arg(long, env = "TETHER_TOKEN", global = true, hide_env_values = true)]
+    #[arg(long, env = "TETHER_TOKEN", global = true, hide_env_values = true, help_heading = CLIENT_OPTIONS)]
     pub token: Option<String>,
     /// The coordinator's CA certificate (PEM), trusted for an https:// URL besides the system's roots
     /// [default: the ca.pem of the --data-dir coordinator, if any].
-    #[arg(long, env = "TETHER_CA", global = true, value_name = "FILE")]
+    #[arg(long, env = "TETHER_CA", global = true, value_name = "FILE", help_heading = CLIENT_OPTIONS)]
     pub ca: Option<PathBuf>,
     /// The coordinator's data directory (on its own machine, enough to find the URL and token).
     #[arg(long, env = "TETHER_DATA_DIR", global = true)]

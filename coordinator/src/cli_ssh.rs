@@ -385,11 +385,33 @@ pub async fn config_ssh(
     }
     println!("wrote the tether block in {} and the CA in {}", config_path.display(), known_hosts.display());
     let explicit_config = config_given.then_some(config_path.as_path());
-    for warning in overridden(explicit_config, &config_path, &info, &user, &known_hosts) {
-        eprintln!("warning: {warning}");
+    let ssh_home = (!config_given).then(passwd_home).flatten();
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    match ssh_home.filter(|h| !canonical(dir).starts_with(canonical(h))) {
+        // ssh finds `~/.ssh/config` through the password database, not $HOME: with them apart it
+        // never reads the file just written, and comparing what it resolves would blame the wrong
+        // file.
+        Some(home) => eprintln!(
+            "warning: ssh reads {} (your home directory in the password database), not {} ($HOME):              run `tether config-ssh --ssh-config {}`, or `ssh -F {}`",
+            home.join(".ssh/config").display(),
+            config_path.display(),
+            home.join(".ssh/config").display(),
+            config_path.display()
+        ),
+        None => {
+            for warning in overridden(explicit_config, &config_path, &info, &user, &known_hosts) {
+                eprintln!("warning: {warning}");
+            }
+        }
     }
     println!("connect with: ssh WORKSPACE{}", info.host_suffix);
     Ok(())
+}
+
+/// The current user's home directory in the password database, where ssh looks for `~/.ssh`.
+fn passwd_home() -> Option<PathBuf> {
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten()?;
+    std::path::absolute(&user.dir).ok()
 }
 
 /// What ssh would really use for a workspace, as `ssh -G` evaluates the config (the system-wide one

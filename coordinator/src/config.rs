@@ -436,7 +436,12 @@ pub fn report(resolved: &Resolved) -> String {
     }
     let width = resolved.settings.iter().map(|s| s.key.len()).max().unwrap_or(0);
     for s in &resolved.settings {
-        let value = s.value.as_deref().map_or_else(|| "(unset)".to_string(), |v| format!("{v:?}"));
+        let value = match (s.value.as_deref(), s.key.as_str()) {
+            (Some(v), _) => format!("{v:?}"),
+            // Unset, the data directory is still somewhere: say where.
+            (None, "data_dir") => format!("(unset: {})", crate::cli::default_data_dir().display()),
+            (None, _) => "(unset)".to_string(),
+        };
         out.push_str(&format!("  {:<width$} = {:<28} # {}\n", s.key, value, s.source));
     }
     out

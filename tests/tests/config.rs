@@ -163,3 +163,13 @@ log = "warn"
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}: {}", serve_log());
 }
+
+#[test]
+fn config_check_says_where_the_default_data_directory_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tether(dir.path()).args(["config", "check"]).env_remove("XDG_DATA_HOME").output().unwrap();
+    let report = text(&out);
+    assert!(out.status.success(), "{report}");
+    let want = format!("(unset: {}) # default", dir.path().join(".local/share/tether").display());
+    assert!(report.lines().any(|l| l.trim_start().starts_with("data_dir ") && l.contains(&want)), "{report}");
+}

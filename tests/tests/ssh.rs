@@ -1612,6 +1612,15 @@ fn key_and_config_ssh_mistakes_are_named() {
     std::fs::create_dir(&home).unwrap();
     let out = alice.tether(&coord).env("HOME", &home).args(["config-ssh"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // That $HOME is not where ssh looks (the password database's home): the warning says so.
+    let passwd_home = nix::unistd::User::from_uid(nix::unistd::getuid()).unwrap().unwrap().dir;
+    let want = format!(
+        "warning: ssh reads {} (your home directory in the password database), not {} ($HOME)",
+        passwd_home.join(".ssh/config").display(),
+        home.join(".ssh/config").display()
+    );
+    assert!(text(&out.stderr).contains(&want), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("an earlier `Host`"), "{}", text(&out.stderr));
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(home.join(".ssh")).unwrap().permissions()) & 0o777;
     assert_eq!(mode, 0o700);
