@@ -47,7 +47,7 @@ impl Exit {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("creating data directory {}: {source}", path.display())]
+    #[error("creating data directory {}", path.display())]
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("tls client configuration: {0}")]
     Tls(#[from] TlsError),
@@ -55,9 +55,9 @@ pub enum AgentError {
     Tunnel(String),
     #[error("ssh: {0}")]
     Ssh(#[from] crate::ssh::SshError),
-    #[error("listening for ssh on {addr}: {source}")]
+    #[error("listening for ssh on {addr}")]
     SshListen { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("listening for metrics on {addr}: {source}")]
+    #[error("listening for metrics on {addr}")]
     MetricsListen { addr: std::net::SocketAddr, source: std::io::Error },
 }
 

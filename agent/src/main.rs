@@ -1,6 +1,7 @@
 //! `tether-agent`: reads its configuration, sets up logging and runs the agent until it is told to
-//! stop. Exit status: 0 after a shutdown, 1 on a runtime failure, 2 on a configuration error or when
-//! the coordinator rejects the agent (bad token, protocol version). `tether-agent sftp-server` (hidden)
+//! stop. Exit status: 0 after a shutdown, 1 on a runtime failure, 2 on a configuration error (a data
+//! directory it cannot create included) or when the coordinator rejects the agent (bad token,
+//! protocol version). `tether-agent sftp-server` (hidden)
 //! serves SFTP on stdin and stdout instead, for the SSH server.
 
 use anyhow::Context;
@@ -40,7 +41,12 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            // A data directory it cannot make is the configuration's to fix, and a supervisor
+            // restarting the agent would not help: exit as for any other bad setting.
+            match e.downcast_ref::<tether_agent::AgentError>() {
+                Some(tether_agent::AgentError::DataDir { .. }) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

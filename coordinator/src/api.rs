@@ -181,12 +181,20 @@ async fn list(
     Extension(who): Extension<Identity>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Vec<WorkspaceView>> {
-    let status = q.status.as_deref().map(str::parse::<WorkspaceStatus>).transpose().map_err(|e| bad(e.to_string()))?;
+    // One status, or several separated by commas.
+    let statuses = match q.status.as_deref() {
+        Some(words) => words
+            .split(',')
+            .map(|w| w.trim().parse::<WorkspaceStatus>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?,
+        None => Vec::new(),
+    };
     let user = match &who {
         Identity::User(user) => Some(user.as_str()),
         Identity::Admin => None,
     };
-    Ok(Json(s.engine.list_for(user, status, q.all).await?))
+    Ok(Json(s.engine.list_for(user, &statuses, q.all).await?))
 }
 
 async fn counts(State(s): State<ApiState>) -> ApiResult<BTreeMap<String, i64>> {

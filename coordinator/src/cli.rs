@@ -319,8 +319,8 @@ pub enum WorkspaceCmd {
     },
     /// List workspaces, with a count by status.
     List {
-        /// Only workspaces in this status: pending, starting, running, unhealthy, stopping, stopped,
-        /// failed, deleting or deleted.
+        /// Only workspaces in this status, or in any of several separated by commas: pending,
+        /// starting, running, unhealthy, stopping, stopped, failed, deleting or deleted.
         #[arg(long, value_parser = status_words)]
         status: Option<String>,
         /// Include deleted workspaces.

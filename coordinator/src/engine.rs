@@ -279,17 +279,23 @@ impl Engine {
     }
 
     pub async fn list(&self, status: Option<WorkspaceStatus>, all: bool) -> Result<Vec<WorkspaceView>, OpError> {
-        self.list_for(None, status, all).await
+        self.list_for(None, status.as_slice(), all).await
     }
 
     /// The workspaces `user` owns or has been granted; every workspace for `None` (the admin).
+    /// The workspaces `user` may see (all of them for the admin), in any of `statuses` (in any
+    /// status, deleted ones only with `all`, if it is empty).
     pub async fn list_for(
         &self,
         user: Option<&str>,
-        status: Option<WorkspaceStatus>,
+        statuses: &[WorkspaceStatus],
         all: bool,
     ) -> Result<Vec<WorkspaceView>, OpError> {
-        let rows = self.store.list(status, all).await?;
+        let rows = match statuses {
+            [one] => self.store.list(Some(*one), all).await?,
+            [] => self.store.list(None, all).await?,
+            several => self.store.list(None, true).await?.into_iter().filter(|r| several.contains(&r.status)).collect(),
+        };
         let granted = match user {
             Some(user) => self.store.granted_to(user).await?,
             None => Default::default(),
@@ -447,6 +453,13 @@ impl Engine {
                 let engine = self.clone();
                 let id = row.id;
                 tokio::spawn(async move { engine.provision_start(id, token, true).await });
+            }
+            (Unhealthy, ProvisionerKind::External) => {
+                return Err(OpError::Conflict(format!(
+                    "workspace '{name}' is unhealthy ({}); its agent runs outside Tether: restart it where it \
+                     runs (with the new token, if `tether workspace token {name}` replaced it)",
+                    row.status_reason
+                )))
             }
             (Unhealthy, _) => {
                 return Err(OpError::Conflict(format!(
@@ -1123,17 +1136,22 @@ impl Engine {
 
     /// The tunnel closed. `goodbye` is the agent's reason when it left on purpose.
     pub async fn agent_gone(self: &Arc<Self>, id: i64, conn_id: u64, goodbye: Option<String>) {
-        {
+        let last_heartbeat_ms = {
             let mut live = self.live();
-            match live.agents.get(&id) {
-                Some(a) if a.conn_id == conn_id => {
-                    live.agents.remove(&id);
-                }
+            let last = match live.agents.get(&id) {
+                Some(a) if a.conn_id == conn_id => a.last_heartbeat_ms,
                 _ => return,
-            }
+            };
+            live.agents.remove(&id);
             if goodbye.is_some() {
                 live.liveness.forget(id);
             }
+            last
+        };
+        // Last-seen times are otherwise written every 30 s: without this, `list` and `show` would
+        // show the older one once the agent is gone, beside a reason that counts from the real one.
+        if let Err(e) = self.store.touch_heartbeats(&[(id, last_heartbeat_ms)]).await {
+            warn!(workspace = id, error = %e, "persisting the last heartbeat of a disconnected agent");
         }
         self.bump();
         let Some(reason) = goodbye else {
@@ -1208,8 +1226,8 @@ impl Engine {
         }
     }
 
-    /// After a restart: give every workspace that had an agent a full heartbeat timeout to come
-    /// back, and resume operations that were cut off.
+    /// After a restart: give every workspace that had an agent its heartbeat timeout and
+    /// `RESTART_GRACE` to come back, and resume operations that were cut off.
     pub async fn resume(self: &Arc<Self>) -> Result<(), OpError> {
         let now = Instant::now();
         for row in self.store.list(None, false).await? {
@@ -1219,9 +1237,7 @@ impl Engine {
                 // come back after a restart, to finish and say goodbye; its goodbye, a new agent
                 // process, a user's stop or the sweep (once its heartbeats lapse) ends that
                 // shutdown, as without the restart.
-                (WorkspaceStatus::Stopping, None) => {
-                    self.live().liveness.heard(row.id, now, template.heartbeat_timeout + RESTART_GRACE);
-                }
+                (WorkspaceStatus::Stopping, None) => self.await_return(&row, now, template.heartbeat_timeout),
                 (WorkspaceStatus::Stopping, op) => {
                     // A stop of ours was cut off. One that followed the agent's own shutdown ends
                     // with the agent's reason, as it would have.
@@ -1241,7 +1257,8 @@ impl Engine {
                     self.store.set_op(row.id, None).await?;
                     self.live().liveness.await_agent(row.id, now, template.connection_timeout);
                 }
-                (WorkspaceStatus::Starting, None) if row.agent_instance.is_none() => {
+                // Waiting for this build's first agent (an earlier build's may have come and gone).
+                (WorkspaceStatus::Starting, None) if row.waiting_since.is_some() || row.agent_instance.is_none() => {
                     let since = row.waiting_since.map_or(now, |at| unix_to_instant(at, now));
                     let remaining = (since + template.connection_timeout).saturating_duration_since(now);
                     let grace = remaining.max(template.heartbeat_timeout);
@@ -1250,15 +1267,23 @@ impl Engine {
                 (s, _) if status::expects_agent(s) => {
                     let already_gone = s == WorkspaceStatus::Unhealthy && row.status_reason.starts_with("agent has");
                     if !already_gone {
-                        // The restart is the coordinator's doing: agents get extra time on top of
-                        // the heartbeat timeout, as thousands of them cannot all reconnect at once.
-                        self.live().liveness.heard(row.id, now, template.heartbeat_timeout + RESTART_GRACE);
+                        self.await_return(&row, now, template.heartbeat_timeout);
                     }
                 }
                 _ => {}
             }
         }
         Ok(())
+    }
+
+    /// After a restart, waits for a workspace's agent to come back: the restart is the
+    /// coordinator's doing, so the agent gets `RESTART_GRACE` on top of its heartbeat timeout
+    /// (thousands of agents cannot all reconnect at once). Its last heartbeat stays the one it
+    /// really sent, so a reason written later ("last heartbeat 95s ago") counts from there.
+    fn await_return(&self, row: &WorkspaceRow, now: Instant, heartbeat_timeout: Duration) {
+        let last = row.last_heartbeat_at.map_or(now, |at| unix_to_instant(at, now));
+        let timeout = now.duration_since(last) + heartbeat_timeout + RESTART_GRACE;
+        self.live().liveness.heard(row.id, last, timeout);
     }
 
     /// Tells every connected agent to reconnect within `within`, so a restart does not bring all

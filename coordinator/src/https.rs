@@ -59,6 +59,10 @@ pub enum HttpsError {
     Pem { path: PathBuf, message: String },
     #[error("{}: holds no certificate", .0.display())]
     NoCertificate(PathBuf),
+    #[error("the private key in {} is not the key of the certificate in {}", key.display(), cert.display())]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{}, {}: {message}", cert.display(), key.display())]
+    Unusable { cert: PathBuf, key: PathBuf, message: String },
     #[error("tls: {0}")]
     Tls(#[from] rustls::Error),
 }
@@ -74,8 +78,19 @@ pub fn load_pem(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>
     if chain.is_empty() {
         return Err(HttpsError::NoCertificate(cert.to_path_buf()));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
-    Ok((chain, key))
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
+    // The pair must make a server configuration: a key of another certificate (or of a kind
+    // rustls cannot sign with) is found here, when `config check` runs, and not once `serve` has
+    // begun to create its files.
+    match server_config(chain.clone(), key_der.clone_key()) {
+        Ok(_) => Ok((chain, key_der)),
+        Err(HttpsError::Tls(rustls::Error::InconsistentKeys(_))) => {
+            Err(HttpsError::KeyMismatch { cert: cert.to_path_buf(), key: key.to_path_buf() })
+        }
+        Err(e) => {
+            Err(HttpsError::Unusable { cert: cert.to_path_buf(), key: key.to_path_buf(), message: e.to_string() })
+        }
+    }
 }
 
 /// The host part of `HOST:PORT`, `[V6]:PORT` or a URL, for a certificate name.

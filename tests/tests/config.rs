@@ -96,6 +96,25 @@ port = 22
     let out = tether(dir.path()).args(["config", "check", "--tls-cert"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("tls_cert (flag) needs tls_key"), "{}", text(&out));
+    // A certificate with another certificate's key: found by the check, and `serve` creates nothing.
+    for name in ["a", "b"] {
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2"])
+            .args(["-subj", &format!("/CN={name}"), "-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem")])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "openssl: {}", text(&made));
+    }
+    let (cert, key) = (dir.path().join("a.pem"), dir.path().join("b.key"));
+    let want = format!("the private key in {} is not the key of the certificate in {}", key.display(), cert.display());
+    for args in [vec!["config", "check"], vec!["serve", "--data-dir", data.to_str().unwrap()]] {
+        let out =
+            tether(dir.path()).args(&args).arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+        assert!(text(&out).contains(&want), "{}", text(&out));
+    }
+    assert!(!data.exists(), "nothing created");
     // A bad flag is a usage error with the same status.
     let out = tether(dir.path()).args(["serve", "--listen-htp", "127.0.0.1:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
@@ -158,6 +177,8 @@ log = "warn"
     assert_ne!(port("quic_addr"), Some(1), "the environment won: {info}");
     assert_eq!(info["ssh_addr"], Value::Null, "the file turned the front door off: {info}");
     assert!(!serve_log().contains("coordinator listening"), "the file's log filter (warn) applies: {}", serve_log());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions()) & 0o777;
+    assert_eq!(mode, 0o700, "the data directory it made is private");
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = child.wait().unwrap();

@@ -94,6 +94,12 @@ blocks_login = true
     let list = c.json(&["workspace", "list", "--status", "unhealthy"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["name"], "broken");
+    // Several statuses, as `wait --for` takes them.
+    c.create("idle", "provisioner = \"process\"\n", &[]);
+    let list = c.json(&["workspace", "list", "--status", "pending,unhealthy"]);
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["broken", "idle"]);
+    assert!(c.json(&["workspace", "list", "--status", "running,stopped"]).as_array().unwrap().is_empty());
 }
 
 #[test]
@@ -147,11 +153,47 @@ blocks_login = true
     assert!(reason.starts_with("agent has lost connection (last heartbeat "), "{reason}");
     assert_eq!(c.json(&["workspace", "count"])["unhealthy"], 1);
 
-    let _agent = Agent::start(&c, &token, &agent_dir);
+    let mut agent = Agent::start(&c, &token, &agent_dir);
     let w = c.wait_for("dev", "running", LONG);
     assert_eq!(w["status_reason"], "agent connected; startup scripts finished");
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "ran\n", "start scripts ran once");
     assert_eq!(c.timings("dev").len(), spans_before, "no new spans for the same build");
+
+    // The coordinator stops, the agent dies while it is down, and the coordinator is back some
+    // seconds later. Once the restart grace is over, the reason counts from the agent's real last
+    // heartbeat, the one `show` prints, not from the restart.
+    let mut c = c;
+    c.terminate();
+    agent.kill();
+    std::thread::sleep(Duration::from_secs(6)); // the coordinator's downtime, part of the scenario
+    c.start_again();
+    let w = c.wait_for("dev", "unhealthy", Duration::from_secs(120));
+    let reason = w["status_reason"].as_str().unwrap();
+    let ago: u64 = reason
+        .strip_prefix("agent has lost connection (last heartbeat ")
+        .and_then(|r| r.strip_suffix("s ago)"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{reason}"));
+    let history = c.show("dev")["history"].as_array().unwrap().clone();
+    let turned = history.last().unwrap()["at"].as_str().unwrap().to_string();
+    let last = w["last_heartbeat_at"].as_str().unwrap();
+    let shown_ago = (unix_seconds(&turned) - unix_seconds(last)) as u64;
+    assert!(ago.abs_diff(shown_ago) <= 2, "reason {reason}, last heartbeat {last}, unhealthy at {turned}");
+    assert!(ago >= 3 + 30 + 6, "the downtime counts: {reason}");
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time as the API prints it (`2026-11-24T19:22:40.835Z`).
+fn unix_seconds(t: &str) -> f64 {
+    let num = |r: std::ops::Range<usize>| t[r].parse::<i64>().unwrap();
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    // Days from 1970-01-01 (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719468;
+    let secs: f64 = t[17..t.len() - 1].parse().unwrap();
+    (days * 86400 + num(11..13) * 3600 + num(14..16) * 60) as f64 + secs
 }
 
 #[test]

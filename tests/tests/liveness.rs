@@ -131,6 +131,9 @@ blocks_login = true
         ),
         "{w}"
     );
+    // `start` cannot help an external workspace's agent, and says what would.
+    let e = c.fails(&["workspace", "start", "ext"]);
+    assert!(e.contains("its agent runs outside Tether: restart it where it runs (with the new token"), "{e}");
 
     // The new token works.
     let new = Agent::start(&c, &token, &c.data_dir().join("agent-ext-new"));

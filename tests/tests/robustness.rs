@@ -75,6 +75,18 @@ fn bad_tokens_versions_and_frames_are_refused_while_others_keep_running() {
     assert_eq!(before.as_array().unwrap().len(), after.as_array().unwrap().len());
     assert_still_running(&c, "good");
 
+    // A data directory it cannot create is bad configuration too: status 2 (systemd does not
+    // restart it), and the cause said once.
+    let not_a_dir = c.data_dir().join("agent-file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let mut stuck = Agent::command(&c, "tether_agent_0", &c.data_dir().join("agent-cwd"), &[]);
+    let out = stuck.env("TETHER_AGENT_DATA_DIR", &not_a_dir).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    let said = format!("creating data directory {}: ", not_a_dir.display());
+    assert_eq!(log.matches("(os error").count(), 1, "the cause once: {log}");
+    assert!(log.contains(&said), "{log}");
+
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         // A protocol version this coordinator does not speak.
