@@ -200,7 +200,9 @@ impl Tunnel {
                             );
                             delay
                         }
-                        SessionEnd::Lost(e) => next_retry(&mut backoff, &e, "connection to the coordinator lost"),
+                        SessionEnd::Lost(e) => {
+                            next_retry(&mut backoff, &e, &self.config.coordinator, "connection to the coordinator lost")
+                        }
                     }
                 }
                 Err(LinkError::Refused { code, message })
@@ -209,7 +211,7 @@ impl Tunnel {
                     return Err(TunnelError::Rejected { code, message: truncate(message, limits::MAX_TEXT) });
                 }
                 Err(LinkError::ReconnectAsked(within)) => within.mul_f64(rand::random::<f64>()),
-                Err(e) => next_retry(&mut backoff, &e, "cannot connect to the coordinator"),
+                Err(e) => next_retry(&mut backoff, &e, &self.config.coordinator, "cannot connect to the coordinator"),
             };
             // Leaving: what is still unacknowledged (the stop scripts' spans and logs, the final
             // lifecycle) must go out before the drain deadline, so retry soon and stop waiting out a
@@ -547,10 +549,11 @@ async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
 
 /// The delay before the next attempt, logged with its ceiling (which shows how far the backoff has
 /// grown).
-fn next_retry(backoff: &mut Backoff, error: &LinkError, what: &str) -> Duration {
+fn next_retry(backoff: &mut Backoff, error: &LinkError, coordinator: &str, what: &str) -> Duration {
     let ceiling = backoff.ceiling();
     let delay = backoff.next_delay(rand::random::<f64>());
     tracing::warn!(
+        coordinator,
         error = %error,
         retry_ms = delay.as_millis() as u64,
         retry_ceiling_ms = ceiling.as_millis() as u64,
@@ -596,7 +599,10 @@ fn describe_connection_error(e: &ConnectionError) -> String {
             c.error_code,
             truncate(String::from_utf8_lossy(&c.reason).into_owned(), limits::MAX_TEXT)
         ),
-        ConnectionError::TimedOut => "the coordinator did not answer in time (quic idle timeout)".to_string(),
+        ConnectionError::TimedOut => format!(
+            "no answer from the coordinator for {}s (is it running, and does UDP reach it?)",
+            tether_shared::tls::IDLE_TIMEOUT.as_secs()
+        ),
         other => other.to_string(),
     }
 }
@@ -618,7 +624,7 @@ mod tests {
         );
         assert_eq!(
             describe_connection_error(&ConnectionError::TimedOut),
-            "the coordinator did not answer in time (quic idle timeout)"
+            "no answer from the coordinator for 10s (is it running, and does UDP reach it?)"
         );
     }
 

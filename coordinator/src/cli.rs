@@ -138,7 +138,7 @@ pub struct ServeArgs {
     pub agent_binary: Option<PathBuf>,
     /// Most agent connections held at once, once welcomed. Connections that have not said hello yet
     /// have places of their own (4096, at most 256 from one address) and 10 seconds to say it.
-    #[arg(long, env = "TETHER_MAX_AGENTS", default_value_t = 50_000)]
+    #[arg(long, env = "TETHER_MAX_AGENTS", default_value_t = 50_000, value_parser = parse_max_agents)]
     pub max_agents: usize,
     /// SSH front door (TCP) address, or `off`.
     #[arg(long, env = "TETHER_LISTEN_SSH", default_value = "0.0.0.0:2222", value_parser = parse_listen)]
@@ -216,6 +216,15 @@ fn parse_grace(s: &str) -> Result<Duration, String> {
 /// An address to listen on, or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listen(pub Option<SocketAddr>);
+
+/// At least one: 0 would turn every agent away.
+fn parse_max_agents(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("0 would turn every agent away; give at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("'{s}' is not a number of agents ({e})")),
+    }
+}
 
 fn parse_filter(s: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::builder()

@@ -118,6 +118,10 @@ port = 22
     // A bad flag is a usage error with the same status.
     let out = tether(dir.path()).args(["serve", "--listen-htp", "127.0.0.1:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    // So is a limit that would turn every agent away.
+    let out = tether(dir.path()).args(["config", "check", "--max-agents", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("0 would turn every agent away"), "{}", text(&out));
 }
 
 #[test]
