@@ -256,7 +256,7 @@ pub fn resolve(argv: &[OsString], env: &dyn Fn(&str) -> Option<String>) -> Resul
         let value = arg.get_default_values().first().map(|v| v.to_string_lossy().into_owned());
         settings.push(Setting { key, value, source: Source::Default });
     }
-    problems.extend(cross_checks(&settings));
+    problems.extend(cross_checks(&settings, &shown));
     if !problems.is_empty() {
         // The file's problems in the order of its lines (messages start `FILE:LINE:`).
         let line = |p: &String| -> usize {
@@ -280,19 +280,24 @@ pub fn resolve(argv: &[OsString], env: &dyn Fn(&str) -> Option<String>) -> Resul
 
 /// Settings that are only wrong together, or name files that must be readable: checked here so
 /// that `config check` finds them too, before anything is bound.
-fn cross_checks(settings: &[Setting]) -> Vec<String> {
+fn cross_checks(settings: &[Setting], file: &str) -> Vec<String> {
     let get = |key: &str| settings.iter().find(|s| s.key == key).and_then(|s| s.value.clone().map(|v| (v, s)));
+    // Where a setting came from, as the file's own problems are given: `FILE:LINE: key`, or
+    // `key (flag)`, `key (environment TETHER_…)`.
+    let at = |s: &Setting, what: &str| match &s.source {
+        Source::File { line } if !file.is_empty() => format!("{file}:{line}: {what}"),
+        other => format!("{what} ({other})"),
+    };
     let mut problems = Vec::new();
     match (get("tls_cert"), get("tls_key")) {
-        (Some((cert, _)), Some((key, _))) => {
+        (Some((cert, s)), Some((key, _))) => {
             if let Err(e) = crate::https::load_pem(Path::new(&cert), Path::new(&key)) {
-                problems.push(format!("tls_cert and tls_key: {e}"));
+                problems.push(format!("{}: {e}", at(s, "tls_cert and tls_key")));
             }
         }
         (Some((_, s)), None) | (None, Some((_, s))) => problems.push(format!(
-            "{} ({}) needs {}: set both tls_cert and tls_key, or neither for a certificate from the coordinator's own CA",
-            s.key,
-            s.source,
+            "{} needs {}: set both tls_cert and tls_key, or neither for a certificate from the coordinator's own CA",
+            at(s, &s.key),
             if s.key == "tls_cert" { "tls_key" } else { "tls_cert" }
         )),
         (None, None) => {}

@@ -96,6 +96,12 @@ port = 22
     let out = tether(dir.path()).args(["config", "check", "--tls-cert"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("tls_cert (flag) needs tls_key"), "{}", text(&out));
+    // From the file, it is given as the file's other problems are, at its line.
+    let lone = dir.path().join("lone.toml");
+    std::fs::write(&lone, "# HTTPS\ntls_cert = \"/etc/ssl/x.pem\"\n").unwrap();
+    let out = tether(dir.path()).args(["config", "check", "--config"]).arg(&lone).output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains(&format!("{}:2: tls_cert needs tls_key", lone.display())), "{}", text(&out));
     // A certificate with another certificate's key: found by the check, and `serve` creates nothing.
     for name in ["a", "b"] {
         let made = Command::new("openssl")
