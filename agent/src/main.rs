@@ -1,6 +1,6 @@
 //! `tether-agent`: reads its configuration, sets up logging and runs the agent until it is told to
 //! stop. Exit status: 0 after a shutdown, 1 on a runtime failure, 2 on a configuration error (a data
-//! directory it cannot create included) or when the coordinator rejects the agent (bad token,
+//! directory it may not create included) or when the coordinator rejects the agent (bad token,
 //! protocol version). `tether-agent sftp-server` (hidden)
 //! serves SFTP on stdin and stdout instead, for the SSH server.
 
@@ -41,10 +41,20 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             tracing::error!("{e:#}");
-            // A data directory it cannot make is the configuration's to fix, and a supervisor
-            // restarting the agent would not help: exit as for any other bad setting.
+            // A data directory it may not make (no permission, a file in the way, a read-only
+            // file system) is the configuration's to fix, and a supervisor restarting the agent
+            // would not help: exit as for any other bad setting. Other failures (a full disk, a
+            // volume not mounted yet) may pass, and a restart is worth it.
+            use std::io::ErrorKind::*;
             match e.downcast_ref::<tether_agent::AgentError>() {
-                Some(tether_agent::AgentError::DataDir { .. }) => ExitCode::from(2),
+                Some(tether_agent::AgentError::DataDir { source, .. })
+                    if matches!(
+                        source.kind(),
+                        PermissionDenied | AlreadyExists | NotADirectory | ReadOnlyFilesystem
+                    ) =>
+                {
+                    ExitCode::from(2)
+                }
                 _ => ExitCode::FAILURE,
             }
         }

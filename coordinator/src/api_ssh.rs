@@ -226,6 +226,7 @@ async fn ssh_upgrade(
         )
         .into_response();
     }
+    let as_admin = matches!(id, Identity::Admin);
     let user = match (id, q.user) {
         (Identity::User(u), None) => u,
         (Identity::User(u), Some(other)) if u == other => u,
@@ -246,8 +247,15 @@ async fn ssh_upgrade(
             .into_response();
     };
     // The HTTP listener's per-address and total connection caps bound the requests that wait.
-    let request =
-        Request { user, target: name, via: Via::Api, peer: peer.to_string(), key_fingerprint: None, client_gone: None };
+    let request = Request {
+        user,
+        target: name,
+        via: Via::Api,
+        peer: peer.to_string(),
+        key_fingerprint: None,
+        as_admin,
+        client_gone: None,
+    };
     let brokered = match broker::open(&s.engine, request).await {
         Ok(b) => b,
         Err(refusal) => {

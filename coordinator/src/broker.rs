@@ -63,6 +63,8 @@ pub struct Request {
     pub peer: String,
     /// The key the front door authenticated; `None` for API tokens, which allow any of the user's keys.
     pub key_fingerprint: Option<String>,
+    /// Through the API with the admin's token, connecting as `user` (`tether ssh --as`).
+    pub as_admin: bool,
     /// Closes (its sender is dropped) when the client's connection ends: a wait for the workspace
     /// stops there rather than hold its task for `LOGIN_WAIT` after the client has gone.
     pub client_gone: Option<tokio::sync::watch::Receiver<()>>,
@@ -92,20 +94,31 @@ fn refuse(kind: RefusalKind, message: String) -> Refusal {
 pub struct Brokered {
     pub workspace: String,
     pub connection_id: i64,
-    /// Who connected, and with which key (none through `tether ssh`).
+    /// Who connected, and with what.
     user: String,
-    key: Option<String>,
+    credential: Credential,
     engine: Arc<Engine>,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     _window: WindowShare,
 }
 
+/// What let a brokered connection in: ending the access ends the connections it let in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// The front door, with this key (its fingerprint).
+    Key(String),
+    /// `tether ssh` with the user's own API token.
+    UserToken,
+    /// `tether ssh --as USER` with the admin's token.
+    AdminToken,
+}
+
 /// A brokered SSH connection while it is open, for ending it when its access goes.
 pub struct OpenSsh {
     user: String,
     workspace: String,
-    key: Option<String>,
+    credential: Credential,
     end: Arc<tokio::sync::Notify>,
     /// Set with `end`: why it was ended, for the log and the audit record.
     why: Option<String>,
@@ -113,11 +126,11 @@ pub struct OpenSsh {
 
 impl Engine {
     /// Ends the open SSH connections that `which` picks, saying `why`; returns how many.
-    pub fn end_ssh(&self, which: impl Fn(&str, &str, Option<&str>) -> bool, why: &str) -> usize {
+    pub fn end_ssh(&self, which: impl Fn(&str, &str, &Credential) -> bool, why: &str) -> usize {
         let mut open = self.ssh_open.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
         for o in open.values_mut() {
-            if o.why.is_none() && which(&o.user, &o.workspace, o.key.as_deref()) {
+            if o.why.is_none() && which(&o.user, &o.workspace, &o.credential) {
                 o.why = Some(why.to_string());
                 o.end.notify_one();
                 n += 1;
@@ -245,7 +258,11 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
                 workspace: name,
                 connection_id,
                 user: req.user.clone(),
-                key: req.key_fingerprint.clone(),
+                credential: match (&req.key_fingerprint, req.as_admin) {
+                    (Some(fp), _) => Credential::Key(fp.clone()),
+                    (None, false) => Credential::UserToken,
+                    (None, true) => Credential::AdminToken,
+                },
                 engine: engine.clone(),
                 send,
                 recv,
@@ -406,10 +423,10 @@ impl Brokered {
         let (up_total, down_total) = self.engine.metrics.ssh_bytes();
         let counters = Arc::new(Counters { up: 0.into(), down: 0.into(), up_total, down_total });
         let mut client = Counting { inner: client, counters: counters.clone() };
-        let Brokered { workspace, connection_id, user, key, engine, send, recv, _window } = self;
+        let Brokered { workspace, connection_id, user, credential, engine, send, recv, _window } = self;
         let _active = engine.metrics.ssh_active();
         let end = Arc::new(tokio::sync::Notify::new());
-        let open = OpenSsh { user, workspace: workspace.clone(), key, end: end.clone(), why: None };
+        let open = OpenSsh { user, workspace: workspace.clone(), credential, end: end.clone(), why: None };
         engine.ssh_open.lock().unwrap_or_else(|e| e.into_inner()).insert(connection_id, open);
         let mut agent = tokio::io::join(recv, send);
         let result = tokio::select! {

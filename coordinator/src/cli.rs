@@ -277,8 +277,8 @@ pub enum WorkspaceCmd {
         /// Start it right away.
         #[arg(long)]
         start: bool,
-        /// With --start: wait until the start has finished; exit 1 unless it is running. An
-        /// external workspace's agent token and command are printed first.
+        /// With --start and a template: wait until the start has finished; exit 1 unless it is
+        /// running.
         #[arg(long, requires = "start")]
         wait: bool,
         /// Print the created workspace as JSON (with an external one's agent token and command;
@@ -654,6 +654,13 @@ async fn wait_settled(
 pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()> {
     match cmd {
         WorkspaceCmd::Create { name, template, owner, start, wait, json } => {
+            if wait && template.is_none() {
+                // It would wait for an agent that needs the token this command has yet to print.
+                anyhow::bail!(
+                    "--wait: an external workspace starts when you run its agent with the token this \
+                     prints; create it without --wait, start the agent, then `tether workspace wait {name} --for running`"
+                );
+            }
             let text = match &template {
                 Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading template {}", p.display()))?,
                 None => String::new(),

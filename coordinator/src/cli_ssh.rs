@@ -387,12 +387,13 @@ pub async fn config_ssh(
     let explicit_config = config_given.then_some(config_path.as_path());
     let ssh_home = (!config_given).then(passwd_home).flatten();
     let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    match ssh_home.filter(|h| !canonical(dir).starts_with(canonical(h))) {
+    match ssh_home.filter(|h| canonical(dir) != canonical(h).join(".ssh")) {
         // ssh finds `~/.ssh/config` through the password database, not $HOME: with them apart it
         // never reads the file just written, and comparing what it resolves would blame the wrong
         // file.
         Some(home) => eprintln!(
-            "warning: ssh reads {} (your home directory in the password database), not {} ($HOME):              run `tether config-ssh --ssh-config {}`, or `ssh -F {}`",
+            "warning: ssh reads {} (your home directory in the password database), not {} ($HOME): \
+             run `tether config-ssh --ssh-config {}`, or `ssh -F {}`",
             home.join(".ssh/config").display(),
             config_path.display(),
             home.join(".ssh/config").display(),

@@ -80,6 +80,9 @@ struct Live {
     /// Stops in flight, each with its outcome once its agent shutdown and provisioner stop are
     /// done (true when they succeeded): a delete that takes over a stop waits for it.
     stops: HashMap<i64, watch::Receiver<Option<bool>>>,
+    /// The last heartbeat of agents whose connection ended since last-seen times were last
+    /// written: shown until then, written with the others (one transaction, however many went).
+    gone_last_seen: HashMap<i64, i64>,
 }
 
 pub struct Engine {
@@ -268,7 +271,10 @@ impl Engine {
                 hostname: a.hostname.clone(),
                 stats: a.stats.clone(),
             }),
-            agent.map(|a| a.last_heartbeat_ms).or(row.last_heartbeat_at),
+            agent
+                .map(|a| a.last_heartbeat_ms)
+                .or_else(|| live.gone_last_seen.get(&row.id).copied())
+                .or(row.last_heartbeat_at),
         )
     }
 
@@ -282,7 +288,6 @@ impl Engine {
         self.list_for(None, status.as_slice(), all).await
     }
 
-    /// The workspaces `user` owns or has been granted; every workspace for `None` (the admin).
     /// The workspaces `user` may see (all of them for the admin), in any of `statuses` (in any
     /// status, deleted ones only with `all`, if it is empty).
     pub async fn list_for(
@@ -291,11 +296,7 @@ impl Engine {
         statuses: &[WorkspaceStatus],
         all: bool,
     ) -> Result<Vec<WorkspaceView>, OpError> {
-        let rows = match statuses {
-            [one] => self.store.list(Some(*one), all).await?,
-            [] => self.store.list(None, all).await?,
-            several => self.store.list(None, true).await?.into_iter().filter(|r| several.contains(&r.status)).collect(),
-        };
+        let rows = self.store.list(statuses, all).await?;
         let granted = match user {
             Some(user) => self.store.granted_to(user).await?,
             None => Default::default(),
@@ -434,6 +435,9 @@ impl Engine {
                 self.set_status(&mut row, Starting, "waiting for the agent to connect").await?;
             }
             (Pending | Stopped | Failed, _) => {
+                // A wait for an agent left from before (a restart's) must not expire while this
+                // build is provisioned: provisioning sets its own.
+                self.live().liveness.forget(row.id);
                 let token = pki::new_token("tether_agent");
                 self.store.begin_build(row.id, Some(&pki::hash_token(&token)), now_ms()).await?;
                 self.store.set_op(row.id, Some("start")).await?;
@@ -593,6 +597,9 @@ impl Engine {
         let evicted = {
             let mut live = self.live();
             let evicted = live.agents.remove(&row.id);
+            if let Some(a) = &evicted {
+                live.gone_last_seen.insert(row.id, a.last_heartbeat_ms);
+            }
             if evicted.is_some() {
                 // The status says why the agent is gone; the liveness clock must not replace it.
                 live.liveness.forget(row.id);
@@ -1136,23 +1143,20 @@ impl Engine {
 
     /// The tunnel closed. `goodbye` is the agent's reason when it left on purpose.
     pub async fn agent_gone(self: &Arc<Self>, id: i64, conn_id: u64, goodbye: Option<String>) {
-        let last_heartbeat_ms = {
+        {
             let mut live = self.live();
             let last = match live.agents.get(&id) {
                 Some(a) if a.conn_id == conn_id => a.last_heartbeat_ms,
                 _ => return,
             };
             live.agents.remove(&id);
+            // Shown from here until last-seen times are next written: without it `list` and `show`
+            // would fall back to the stored time, up to 30 s older than the one a reason counts from.
+            live.gone_last_seen.insert(id, last);
             if goodbye.is_some() {
                 live.liveness.forget(id);
             }
-            last
         };
-        // Last-seen times are otherwise written every 30 s: without this, `list` and `show` would
-        // show the older one once the agent is gone, beside a reason that counts from the real one.
-        if let Err(e) = self.store.touch_heartbeats(&[(id, last_heartbeat_ms)]).await {
-            warn!(workspace = id, error = %e, "persisting the last heartbeat of a disconnected agent");
-        }
         self.bump();
         let Some(reason) = goodbye else {
             // Silence, not a goodbye: the heartbeat timeout decides, so a quick reconnect never flaps.
@@ -1220,7 +1224,11 @@ impl Engine {
 
     /// Persists last-seen times of connected agents (periodically, never per heartbeat).
     pub async fn persist_last_seen(&self) {
-        let seen: Vec<(i64, i64)> = self.live().agents.iter().map(|(id, a)| (*id, a.last_heartbeat_ms)).collect();
+        let seen: Vec<(i64, i64)> = {
+            let mut live = self.live();
+            let gone: Vec<(i64, i64)> = live.gone_last_seen.drain().collect();
+            live.agents.iter().map(|(id, a)| (*id, a.last_heartbeat_ms)).chain(gone).collect()
+        };
         if let Err(e) = self.store.touch_heartbeats(&seen).await {
             warn!(error = %e, "persisting last-seen times");
         }
@@ -1230,7 +1238,7 @@ impl Engine {
     /// `RESTART_GRACE` to come back, and resume operations that were cut off.
     pub async fn resume(self: &Arc<Self>) -> Result<(), OpError> {
         let now = Instant::now();
-        for row in self.store.list(None, false).await? {
+        for row in self.store.list(&[], false).await? {
             let Ok(template) = template_of(&row) else { continue };
             match (row.status, row.op.as_deref()) {
                 // The agent was running its stop scripts on its own: it gets the time agents get to
@@ -1259,10 +1267,12 @@ impl Engine {
                 }
                 // Waiting for this build's first agent (an earlier build's may have come and gone).
                 (WorkspaceStatus::Starting, None) if row.waiting_since.is_some() || row.agent_instance.is_none() => {
+                    // Counted from when the wait began, so the reason says how long it has been;
+                    // at least a heartbeat timeout from now.
                     let since = row.waiting_since.map_or(now, |at| unix_to_instant(at, now));
-                    let remaining = (since + template.connection_timeout).saturating_duration_since(now);
-                    let grace = remaining.max(template.heartbeat_timeout);
-                    self.live().liveness.await_agent(row.id, now, grace);
+                    let timeout =
+                        template.connection_timeout.max(now.duration_since(since) + template.heartbeat_timeout);
+                    self.live().liveness.await_agent(row.id, since, timeout);
                 }
                 (s, _) if status::expects_agent(s) => {
                     let already_gone = s == WorkspaceStatus::Unhealthy && row.status_reason.starts_with("agent has");

@@ -1,6 +1,7 @@
 //! Users, their SSH keys and API tokens, workspace grants, and the audit log: the engine's
 //! operations behind `tether user`, `tether workspace grant` and `tether audit`.
 
+use crate::broker::Credential;
 use crate::engine::{Engine, OpError};
 use crate::pki;
 use crate::sshca;
@@ -99,7 +100,10 @@ impl Engine {
         if !self.store.remove_user_key(name, fingerprint).await? {
             return Err(OpError::Missing(format!("user '{name}' has no key {fingerprint}")));
         }
-        let ended = self.end_ssh(|u, _, key| u == name && key == Some(fingerprint), "the key was removed");
+        let ended = self.end_ssh(
+            |u, _, with| u == name && matches!(with, Credential::Key(k) if k == fingerprint),
+            "the key was removed",
+        );
         info!(user = name, key = fingerprint, ssh_connections_ended = ended, "ssh key removed");
         self.user(name).await
     }
@@ -122,7 +126,8 @@ impl Engine {
             return Err(OpError::Missing(format!("no user '{name}'")));
         }
         // `tether ssh` connections were let in by the old token (the front door's by a key).
-        let ended = self.end_ssh(|u, _, key| u == name && key.is_none(), "the user's API token was replaced");
+        let ended =
+            self.end_ssh(|u, _, with| u == name && *with == Credential::UserToken, "the user's API token was replaced");
         info!(user = name, ssh_connections_ended = ended, "api token replaced");
         Ok(token)
     }

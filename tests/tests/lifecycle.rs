@@ -146,12 +146,19 @@ blocks_login = true
     let mut agent = Agent::start(&c, &token, &agent_dir);
     assert_eq!(c.wait_for("dev", "running,unhealthy", LONG)["status"], "running");
     let spans_before = c.timings("dev").len();
+    // Heartbeats for a while, so the last one is well after the hello (the stored last-seen time).
+    let hello = unix_seconds(c.show("dev")["last_heartbeat_at"].as_str().unwrap());
+    wait_until("heartbeats 4 s after the hello", LONG, || {
+        unix_seconds(c.show("dev")["last_heartbeat_at"].as_str().unwrap()) - hello >= 4.0
+    });
 
     agent.kill();
     let w = c.wait_for("dev", "unhealthy", LONG);
     let reason = w["status_reason"].as_str().unwrap();
     assert!(reason.starts_with("agent has lost connection (last heartbeat "), "{reason}");
     assert_eq!(c.json(&["workspace", "count"])["unhealthy"], 1);
+    // `show` gives the same last heartbeat as the reason counts from, not the stored hello.
+    assert_reason_agrees_with_show(&c, 0);
 
     let mut agent = Agent::start(&c, &token, &agent_dir);
     let w = c.wait_for("dev", "running", LONG);
@@ -167,19 +174,26 @@ blocks_login = true
     agent.kill();
     std::thread::sleep(Duration::from_secs(6)); // the coordinator's downtime, part of the scenario
     c.start_again();
-    let w = c.wait_for("dev", "unhealthy", Duration::from_secs(120));
-    let reason = w["status_reason"].as_str().unwrap();
+    c.wait_for("dev", "unhealthy", Duration::from_secs(120));
+    assert_reason_agrees_with_show(&c, 3 + 30 + 6);
+}
+
+/// The lost-agent reason of workspace `dev` counts at least `at_least` seconds, from the last
+/// heartbeat `show` prints (to the second, as of the transition).
+fn assert_reason_agrees_with_show(c: &Coordinator, at_least: u64) {
+    let shown = c.show("dev");
+    let reason = shown["status_reason"].as_str().unwrap();
     let ago: u64 = reason
         .strip_prefix("agent has lost connection (last heartbeat ")
         .and_then(|r| r.strip_suffix("s ago)"))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{reason}"));
-    let history = c.show("dev")["history"].as_array().unwrap().clone();
-    let turned = history.last().unwrap()["at"].as_str().unwrap().to_string();
-    let last = w["last_heartbeat_at"].as_str().unwrap();
-    let shown_ago = (unix_seconds(&turned) - unix_seconds(last)) as u64;
+    let history = shown["history"].as_array().unwrap();
+    let turned = history.last().unwrap()["at"].as_str().unwrap();
+    let last = shown["last_heartbeat_at"].as_str().unwrap();
+    let shown_ago = (unix_seconds(turned) - unix_seconds(last)).max(0.0) as u64;
     assert!(ago.abs_diff(shown_ago) <= 2, "reason {reason}, last heartbeat {last}, unhealthy at {turned}");
-    assert!(ago >= 3 + 30 + 6, "the downtime counts: {reason}");
+    assert!(ago >= at_least, "{reason}");
 }
 
 /// Seconds since the epoch of an RFC 3339 UTC time as the API prints it (`2026-11-24T19:22:40.835Z`).
@@ -314,6 +328,10 @@ fn wait_fails_when_the_operation_did_not_finish_and_does_not_wait_on_a_settled_f
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).ends_with(&format!("cmd2: failed ({reason})\n")), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("the start of workspace 'cmd2' did not finish"), "{out:?}");
+    // An external workspace (no template) is not waited for: its agent needs the token printed.
+    let e = c.fails(&["workspace", "create", "ext", "--start", "--wait"]);
+    assert!(e.contains("--wait: an external workspace starts when you run its agent"), "{e}");
+    assert!(c.fails(&["workspace", "show", "ext"]).contains("no workspace 'ext'"), "nothing was created");
 
     // Waiting for `running` on it ends at once with why; waiting for what it is still works.
     let err = c.fails(&["workspace", "wait", "cmd", "--for", "running", "--timeout", "10m"]);

@@ -1615,7 +1615,10 @@ fn key_and_config_ssh_mistakes_are_named() {
     // That $HOME is not where ssh looks (the password database's home): the warning says so.
     let passwd_home = nix::unistd::User::from_uid(nix::unistd::getuid()).unwrap().unwrap().dir;
     let want = format!(
-        "warning: ssh reads {} (your home directory in the password database), not {} ($HOME)",
+        "warning: ssh reads {} (your home directory in the password database), not {} ($HOME): run `tether \
+         config-ssh --ssh-config {}`, or `ssh -F {}`\n",
+        passwd_home.join(".ssh/config").display(),
+        home.join(".ssh/config").display(),
         passwd_home.join(".ssh/config").display(),
         home.join(".ssh/config").display()
     );
@@ -1674,9 +1677,15 @@ fn revoking_access_ends_the_sessions_it_let_in() {
     let mut tether_ssh = alice.tether(&coord);
     tether_ssh.args(["ssh", "dev", "--", "-i", alice.key.to_str().unwrap(), "-o", "BatchMode=yes"]);
     let mut via_token = started(tether_ssh);
+    // The admin's `tether ssh --as alice` was let in by the admin's token, not hers.
+    let mut as_alice = Command::new(tether_tests::bin("tether"));
+    as_alice.arg("--data-dir").arg(coord.data_dir()).env("HOME", &alice.dir);
+    as_alice.args(["ssh", "dev", "--as", "alice", "--", "-i", alice.key.to_str().unwrap(), "-o", "BatchMode=yes"]);
+    let mut by_admin = started(as_alice);
     coord.ok(&["user", "token", "alice"]);
     ends(&mut via_token, "alice's tether ssh connection to end after her token was replaced");
     assert!(alices.0.try_wait().unwrap().is_none(), "the connection made with her key goes on");
+    assert!(by_admin.0.try_wait().unwrap().is_none(), "the admin's connection as alice goes on");
     let ended = "ended: the user's API token was replaced".to_string();
     assert!(outcomes("alice").contains(&ended), "{:?}", outcomes("alice"));
 

@@ -335,21 +335,28 @@ impl Store {
         row.as_ref().map(workspace).transpose()
     }
 
-    pub async fn list(&self, status: Option<WorkspaceStatus>, include_deleted: bool) -> Result<Vec<WorkspaceRow>> {
-        let rows = match status {
-            Some(s) => {
-                sqlx::query("SELECT * FROM workspaces WHERE status = $1 ORDER BY name, id")
-                    .bind(s.as_str())
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            None if include_deleted => {
+    /// The workspaces in any of `statuses`; with none, in any status (deleted ones only with
+    /// `include_deleted`).
+    pub async fn list(&self, statuses: &[WorkspaceStatus], include_deleted: bool) -> Result<Vec<WorkspaceRow>> {
+        let rows = match statuses {
+            [] if include_deleted => {
                 sqlx::query("SELECT * FROM workspaces ORDER BY name, id").fetch_all(&self.pool).await?
             }
-            None => {
+            [] => {
                 sqlx::query("SELECT * FROM workspaces WHERE status <> 'deleted' ORDER BY name, id")
                     .fetch_all(&self.pool)
                     .await?
+            }
+            some => {
+                // At most the nine statuses: one placeholder each.
+                let marks: Vec<String> = (1..=some.len()).map(|i| format!("${i}")).collect();
+                let sql = format!("SELECT * FROM workspaces WHERE status IN ({}) ORDER BY name, id", marks.join(", "));
+                // Only placeholders go into the text; the statuses are bound.
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for s in some {
+                    q = q.bind(s.as_str());
+                }
+                q.fetch_all(&self.pool).await?
             }
         };
         rows.iter().map(workspace).collect()
@@ -860,11 +867,14 @@ impl Store {
         }
         let mut tx = self.write_tx().await?;
         for (id, at) in seen {
-            sqlx::query("UPDATE workspaces SET last_heartbeat_at = $1 WHERE id = $2")
-                .bind(at)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            // Never backwards: a reconnected agent's hello may have written a newer time already.
+            sqlx::query(
+                "UPDATE workspaces SET last_heartbeat_at = MAX(COALESCE(last_heartbeat_at, 0), $1) WHERE id = $2",
+            )
+            .bind(at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
