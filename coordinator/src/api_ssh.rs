@@ -226,7 +226,11 @@ async fn ssh_upgrade(
         )
         .into_response();
     }
-    let as_admin = matches!(id, Identity::Admin);
+    // What let it in, so that replacing the token ends the connection.
+    let token_hash = match id {
+        Identity::User(_) => crate::api::bearer(req.headers()).map(crate::pki::hash_token),
+        Identity::Admin => None,
+    };
     let user = match (id, q.user) {
         (Identity::User(u), None) => u,
         (Identity::User(u), Some(other)) if u == other => u,
@@ -253,7 +257,7 @@ async fn ssh_upgrade(
         via: Via::Api,
         peer: peer.to_string(),
         key_fingerprint: None,
-        as_admin,
+        token_hash,
         client_gone: None,
     };
     let brokered = match broker::open(&s.engine, request).await {

@@ -63,8 +63,9 @@ pub struct Request {
     pub peer: String,
     /// The key the front door authenticated; `None` for API tokens, which allow any of the user's keys.
     pub key_fingerprint: Option<String>,
-    /// Through the API with the admin's token, connecting as `user` (`tether ssh --as`).
-    pub as_admin: bool,
+    /// Through the API: the hash of the user's own token, or `None` for the admin's (connecting as
+    /// `user` with `tether ssh --as`). Unused through the front door.
+    pub token_hash: Option<String>,
     /// Closes (its sender is dropped) when the client's connection ends: a wait for the workspace
     /// stops there rather than hold its task for `LOGIN_WAIT` after the client has gone.
     pub client_gone: Option<tokio::sync::watch::Receiver<()>>,
@@ -108,8 +109,8 @@ pub struct Brokered {
 pub enum Credential {
     /// The front door, with this key (its fingerprint).
     Key(String),
-    /// `tether ssh` with the user's own API token.
-    UserToken,
+    /// `tether ssh` with the user's own API token (its hash).
+    UserToken(String),
     /// `tether ssh --as USER` with the admin's token.
     AdminToken,
 }
@@ -258,10 +259,10 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
                 workspace: name,
                 connection_id,
                 user: req.user.clone(),
-                credential: match (&req.key_fingerprint, req.as_admin) {
+                credential: match (&req.key_fingerprint, &req.token_hash) {
                     (Some(fp), _) => Credential::Key(fp.clone()),
-                    (None, false) => Credential::UserToken,
-                    (None, true) => Credential::AdminToken,
+                    (None, Some(hash)) => Credential::UserToken(hash.clone()),
+                    (None, None) => Credential::AdminToken,
                 },
                 engine: engine.clone(),
                 send,
@@ -316,6 +317,40 @@ async fn audit_start(
 ) -> Result<i64, crate::store::StoreError> {
     let fp = req.key_fingerprint.as_deref();
     engine.store.audit_start(&req.user, name, req.via.as_str(), &req.peer, fp, outcome, now_ms()).await
+}
+
+/// Why `user` may no longer use this connection to `workspace`, if that is so: the words
+/// `end_ssh`'s callers use. A store error counts as still allowed (it is logged), so that a
+/// database hiccup does not end sessions.
+async fn access_gone(engine: &Engine, user: &str, workspace: &str, credential: &Credential) -> Option<&'static str> {
+    let check = async {
+        let db = |e: crate::store::StoreError| e.to_string();
+        let by = match credential {
+            Credential::Key(fp) => engine.store.user_by_key(fp).await.map_err(db)?,
+            Credential::UserToken(hash) => engine.store.user_by_token(hash).await.map_err(db)?,
+            Credential::AdminToken => engine.store.user(user).await.map_err(db)?.map(|u| u.name),
+        };
+        if by.as_deref() != Some(user) {
+            return Ok(Some(match credential {
+                Credential::Key(_) => "the key was removed",
+                Credential::UserToken(_) => "the user's API token was replaced",
+                Credential::AdminToken => "the user was removed",
+            }));
+        }
+        let row = match engine.workspace_row(workspace).await {
+            Ok(row) => row,
+            Err(OpError::NotFound(_)) => return Ok(Some("the workspace was deleted")),
+            Err(e) => return Err(e.to_string()),
+        };
+        let granted = engine.store.grants(row.id).await.map_err(db)?;
+        let allowed = row.owner.as_deref() == Some(user) || granted.iter().any(|g| g == user);
+        Ok((!allowed).then_some("access was revoked"))
+    };
+    let result: Result<Option<&'static str>, String> = check.await;
+    result.unwrap_or_else(|e| {
+        warn!(user, workspace, error = %e, "ssh: could not check access again; the connection goes on");
+        None
+    })
 }
 
 async fn user_keys(engine: &Engine, user: &str) -> Result<Vec<String>, Refusal> {
@@ -426,8 +461,23 @@ impl Brokered {
         let Brokered { workspace, connection_id, user, credential, engine, send, recv, _window } = self;
         let _active = engine.metrics.ssh_active();
         let end = Arc::new(tokio::sync::Notify::new());
-        let open = OpenSsh { user, workspace: workspace.clone(), credential, end: end.clone(), why: None };
+        let open = OpenSsh {
+            user: user.clone(),
+            workspace: workspace.clone(),
+            credential: credential.clone(),
+            end: end.clone(),
+            why: None,
+        };
         engine.ssh_open.lock().unwrap_or_else(|e| e.into_inner()).insert(connection_id, open);
+        // Access checked before this connection was registered may have gone since (while it
+        // waited for login-blocking scripts, say), and taking it away ended only the connections
+        // registered then: check again now that a removal would find it.
+        if let Some(why) = access_gone(&engine, &user, &workspace, &credential).await {
+            if let Some(o) = engine.ssh_open.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&connection_id) {
+                o.why.get_or_insert(why.to_string());
+                o.end.notify_one();
+            }
+        }
         let mut agent = tokio::io::join(recv, send);
         let result = tokio::select! {
             r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, SPLICE_BUFFER, SPLICE_BUFFER) => Ok(r),

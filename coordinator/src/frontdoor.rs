@@ -340,7 +340,7 @@ impl russh::server::Handler for Handler {
             via: Via::FrontDoor,
             peer: self.peer.to_string(),
             key_fingerprint: Some(fp),
-            as_admin: false,
+            token_hash: None,
             client_gone: Some(self.client_gone.clone()),
         };
         // In a task of its own: the broker may wait for a starting workspace's login-blocking

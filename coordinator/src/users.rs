@@ -126,8 +126,10 @@ impl Engine {
             return Err(OpError::Missing(format!("no user '{name}'")));
         }
         // `tether ssh` connections were let in by the old token (the front door's by a key).
-        let ended =
-            self.end_ssh(|u, _, with| u == name && *with == Credential::UserToken, "the user's API token was replaced");
+        let ended = self.end_ssh(
+            |u, _, with| u == name && matches!(with, Credential::UserToken(_)),
+            "the user's API token was replaced",
+        );
         info!(user = name, ssh_connections_ended = ended, "api token replaced");
         Ok(token)
     }

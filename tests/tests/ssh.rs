@@ -1573,16 +1573,32 @@ fn ssh_waits_for_the_start_scripts_that_block_login() {
     wait_until("the coordinator to stop waiting for it", LONG, || {
         log_text().contains("the client left while 'slow' was starting")
     });
+    // A `tether ssh` connection waits too, and its token is replaced meanwhile: it is ended as it
+    // gets through, though it was not open yet when the token went.
+    let via_token = alice
+        .tether(&coord)
+        .args(["ssh", "slow", "--", "-i", alice.key.to_str().unwrap(), "-o", "BatchMode=yes", "echo in too"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("a third connection to wait", LONG, || log_text().matches("ssh waits for the workspace").count() >= 3);
+    coord.ok(&["user", "token", "alice"]);
     std::fs::write(&go, b"").unwrap();
     let out = waiting.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "in");
     assert_eq!(coord.show("slow")["status"], "running");
+    let out = via_token.wait_with_output().unwrap();
+    assert!(!out.status.success() && text(&out.stdout).is_empty(), "{out:?}");
     let audit = coord.json(&["audit", "--workspace", "slow"]);
     let mut outcomes: Vec<&str> = audit.as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap()).collect();
     outcomes.sort();
-    // The waited connection went through; only the one that left was refused.
-    assert_eq!(outcomes, ["closed", "refused: the client left while 'slow' was starting"], "{audit}");
+    // The waited connection went through; the one that left was refused, and the one whose
+    // token went was ended.
+    let want =
+        ["closed", "ended: the user's API token was replaced", "refused: the client left while 'slow' was starting"];
+    assert_eq!(outcomes, want, "{audit}");
 }
 
 /// Mistakes with keys, `config-ssh` and the CLI's URL get a message that names them.
