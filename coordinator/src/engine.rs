@@ -1261,8 +1261,23 @@ impl Engine {
                     let previous = (WorkspaceStatus::Unhealthy, "delete was interrupted".to_string());
                     self.spawn_stop(row.id, previous, Some(forced), None);
                 }
-                (WorkspaceStatus::Pending, Some("start")) | (WorkspaceStatus::Starting, Some("start")) => {
+                // A start cut off before its provisioning began: begin it now, with a new agent
+                // token (the first one's text went with the old process).
+                (WorkspaceStatus::Pending, Some("start")) => {
+                    let token = pki::new_token("tether_agent");
+                    self.store.set_token(row.id, Some(&pki::hash_token(&token))).await?;
+                    info!(workspace = %row.name, "resuming a start that a restart cut off before provisioning");
+                    let engine = self.clone();
+                    let id = row.id;
+                    tokio::spawn(async move { engine.provision_start(id, token, false).await });
+                }
+                // Cut off while provisioning: what the provisioner did is unknown, so it is not run
+                // again; the agent it may have started has the connection timeout to come.
+                (WorkspaceStatus::Starting, Some("start")) => {
                     self.store.set_op(row.id, None).await?;
+                    let mut row = row;
+                    let reason = "provisioning was cut off by a coordinator restart; waiting for the agent to connect";
+                    self.set_status(&mut row, WorkspaceStatus::Starting, reason).await?;
                     self.live().liveness.await_agent(row.id, now, template.connection_timeout);
                 }
                 // Waiting for this build's first agent (an earlier build's may have come and gone).

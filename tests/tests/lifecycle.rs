@@ -1,6 +1,7 @@
 //! A workspace's life end to end: real `tether serve`, real `tether-agent`, the CLI.
 
 use serde_json::Value;
+use std::process::Command;
 use std::time::Duration;
 use tether_tests::{external, pid_alive, span, wait_until, Agent, Coordinator, LONG};
 
@@ -1049,4 +1050,39 @@ fn an_agent_restarted_after_a_kill_at_the_start_of_its_shutdown_reports_its_star
     assert_eq!(w["status"], "running", "{w}");
     assert_eq!(w["lifecycle"], "ready", "{w}");
     assert_eq!(runs(), 1);
+}
+
+/// A coordinator that went down between a start request and its provisioning begins that
+/// provisioning when it is back; one that went down during provisioning (whose outcome it cannot
+/// know) says so and waits for the agent. The database is set to what each moment leaves behind.
+#[test]
+fn a_start_cut_off_by_a_restart_is_resumed_or_says_so() {
+    let mut c = Coordinator::start();
+    for name in ["cut", "mid"] {
+        c.create(name, "provisioner = \"process\"\n", &["--start", "--wait"]);
+        c.ok(&["workspace", "stop", name, "--wait"]);
+    }
+    c.terminate();
+    let db = c.data_dir().join("tether.db");
+    let sql = |statement: &str| {
+        let script = "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nc.execute(sys.argv[2])\nc.commit()";
+        let out = Command::new("/usr/bin/python3").args(["-c", script]).arg(&db).arg(statement).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    sql("UPDATE workspaces SET status = 'pending', status_reason = 'start requested', op = 'start' WHERE name = 'cut'");
+    sql("UPDATE workspaces SET status = 'starting', status_reason = 'provisioning', op = 'start' WHERE name = 'mid'");
+    c.start_again();
+
+    let w = c.wait_for("cut", "running,unhealthy,failed", LONG);
+    assert_eq!(
+        (w["status"].as_str(), w["status_reason"].as_str()),
+        (Some("running"), Some("agent connected; startup scripts finished"))
+    );
+    let w = c.show("mid");
+    let reason = "provisioning was cut off by a coordinator restart; waiting for the agent to connect";
+    assert_eq!((w["status"].as_str(), w["status_reason"].as_str()), (Some("starting"), Some(reason)), "{w}");
+    // Starting it again changes nothing, and shows why it is starting.
+    let out = c.cli(&["workspace", "start", "mid"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("mid: starting ({reason})\n"));
 }
