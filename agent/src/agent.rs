@@ -15,7 +15,6 @@ use crate::tunnel::{
     DrainRequest, FetchedManifest, Tunnel, TunnelConfig, TunnelError, TunnelLinks, CLOSE_TIMEOUT, DRAIN_TIMEOUT,
 };
 use std::future::Future;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,10 +99,7 @@ pub async fn run(
 ) -> Result<Exit, AgentError> {
     let data_dir = config.data_dir.clone();
     // Script logs may hold secrets a script printed: keep the directory to the workspace user.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&data_dir)
+    tether_shared::fs::create_private_dir(&data_dir)
         .map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
     let saved = match state::load(&data_dir) {
         Ok(saved) => saved,

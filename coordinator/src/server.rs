@@ -126,17 +126,10 @@ async fn admin_token(store: &Store, data_dir: &Path) -> anyhow::Result<String> {
 /// Binds and starts a coordinator in this process.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let data_dir = std::path::absolute(&config.data_dir).context("data directory")?;
-    // Private to the coordinator's user, as `admin restore` makes it: the database holds the
-    // audit log and users' keys, and the CA's private key is beside it. One that exists is left as
-    // ops made it.
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&data_dir)
-            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    }
+    // Private, as `admin restore` makes it: the database holds the audit log and users' keys, and
+    // the CA's private key is beside it.
+    tether_shared::fs::create_private_dir(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     // First: a second coordinator must not touch the database, the keys or `coordinator.json`.
     let lock = match crate::datalock::lock(&data_dir, "serve") {
         Ok(lock) => Some(lock),

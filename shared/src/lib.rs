@@ -8,6 +8,7 @@
 
 pub mod backoff;
 pub mod frame;
+pub mod fs;
 pub mod io;
 pub mod limits;
 pub mod lines;

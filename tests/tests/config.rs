@@ -133,7 +133,8 @@ port = 22
 #[test]
 fn a_good_file_is_used_and_the_environment_and_flags_override_it() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+    // Under a parent that does not exist yet either.
+    let data = dir.path().join("srv").join("data");
     let file = dir.path().join("tether.toml");
     std::fs::write(
         &file,
@@ -189,6 +190,9 @@ log = "warn"
     assert!(!serve_log().contains("coordinator listening"), "the file's log filter (warn) applies: {}", serve_log());
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions()) & 0o777;
     assert_eq!(mode, 0o700, "the data directory it made is private");
+    let parent =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("srv")).unwrap().permissions());
+    assert_eq!(parent & 0o077, 0o755 & !umask() & 0o077, "a parent it made has the usual mode, as mkdir -p gives it");
 
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = child.wait().unwrap();
@@ -203,4 +207,12 @@ fn config_check_says_where_the_default_data_directory_is() {
     assert!(out.status.success(), "{report}");
     let want = format!("(unset: {}) # default", dir.path().join(".local/share/tether").display());
     assert!(report.lines().any(|l| l.trim_start().starts_with("data_dir ") && l.contains(&want)), "{report}");
+}
+
+/// This process's file mode creation mask, as Linux shows it (setting it to read it would race
+/// with the other tests' files).
+fn umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:")).expect("Umask in /proc/self/status");
+    u32::from_str_radix(line.trim(), 8).unwrap()
 }

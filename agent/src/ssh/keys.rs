@@ -5,7 +5,7 @@ use russh::keys::ssh_key::private::{Ed25519Keypair, KeypairData};
 use russh::keys::ssh_key::{AuthorizedKeys, LineEnding};
 use russh::keys::{Algorithm, Certificate, HashAlg, PrivateKey, PublicKey};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The host key's file name in the agent's data directory (OpenSSH's own name for it).
@@ -44,11 +44,7 @@ pub fn load_or_create_host_key(data_dir: &Path) -> Result<PrivateKey, KeyError> 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(KeyError::Read { path, source }),
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .map_err(|source| KeyError::Write { path: path.clone(), source })?;
+    tether_shared::fs::create_private_dir(data_dir).map_err(|source| KeyError::Write { path: path.clone(), source })?;
     let seed: [u8; 32] = rand::random();
     let key = PrivateKey::new(KeypairData::from(Ed25519Keypair::from_seed(&seed)), "tether-agent")
         .map_err(|e| KeyError::Invalid { path: path.clone(), reason: e.to_string() })?;
