@@ -22,6 +22,13 @@ use tracing::{debug, info, warn};
 
 /// Opening a stream to a connected agent should take one round trip; this bounds a dying one.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an agent has to answer a new stream with its SSH server's version line. It takes one
+/// round trip, as an OpenSSH jump host's connect to its target does; an agent that died or lost its
+/// network moments ago still looks connected until QUIC's idle timeout, and a user asking for it
+/// meanwhile is told so after this, instead of waiting on a channel that never speaks.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most of the agent's first bytes taken before the splice (its version line is at most 255).
+const ANSWER_MAX: usize = 1024;
 /// Longest an SSH connection waits for a starting workspace's login-blocking scripts before it is
 /// refused with the reason that holds then.
 pub const LOGIN_WAIT: Duration = Duration::from_secs(600);
@@ -101,6 +108,8 @@ pub struct Brokered {
     engine: Arc<Engine>,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
+    /// What the agent sent before the connection was confirmed, for the client first.
+    answer: Vec<u8>,
     _window: WindowShare,
 }
 
@@ -267,6 +276,7 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
                 engine: engine.clone(),
                 send,
                 recv,
+                answer: Vec::new(),
                 _window: window,
             };
             let open = StreamOpen::Ssh(SshStreamOpen {
@@ -280,6 +290,28 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
                 b.finish(0, 0, &format!("agent stream failed: {e}")).await;
                 engine.metrics.ssh_connection(SshOutcome::Refused);
                 return Err(refuse(RefusalKind::Unavailable, message));
+            }
+            // Confirmed to the client only once the agent answers: a refusal can still say why.
+            match tokio::time::timeout(ANSWER_TIMEOUT, read_answer(&mut b.recv)).await {
+                Ok(Ok(answer)) => b.answer = answer,
+                failed => {
+                    let why = match failed {
+                        Ok(Err(why)) => why,
+                        _ => format!(
+                            "its agent did not answer within {}s: it may have stopped or lost its network \
+                             (`tether workspace show {}` tells once its connection times out)",
+                            ANSWER_TIMEOUT.as_secs(),
+                            b.workspace
+                        ),
+                    };
+                    let message = format!("workspace '{}': {why}", b.workspace);
+                    warn!(user = %req.user, workspace = %b.workspace, connection_id = b.connection_id, "ssh refused: {message}");
+                    let _ = b.send.reset(0u32.into());
+                    let _ = b.recv.stop(0u32.into());
+                    b.finish(0, 0, &format!("refused: {message}")).await;
+                    engine.metrics.ssh_connection(SshOutcome::Refused);
+                    return Err(refuse(RefusalKind::Unavailable, message));
+                }
             }
             engine.metrics.ssh_connection(SshOutcome::Accepted);
             Ok(b)
@@ -305,6 +337,31 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
             }
             Err(refusal)
         }
+    }
+}
+
+/// The agent's first bytes on a new stream (its SSH server's version line), or why none came.
+async fn read_answer(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
+    use tether_shared::proto::stream_refused;
+    let mut buf = vec![0u8; ANSWER_MAX];
+    match recv.read(&mut buf).await {
+        Ok(Some(n)) => {
+            buf.truncate(n);
+            Ok(buf)
+        }
+        Ok(None) => Err("its agent closed the connection before SSH began".into()),
+        Err(quinn::ReadError::Reset(code)) => Err(match u32::try_from(code.into_inner()) {
+            Ok(stream_refused::FULL) => format!(
+                "its agent refused the connection: it serves {} SSH connections already, as many as it takes",
+                tether_shared::limits::MAX_SSH_CONNECTIONS
+            ),
+            Ok(stream_refused::BAD_OPEN) => {
+                "its agent could not read the connection request (is it a different version of Tether?)".into()
+            }
+            _ => format!("its agent refused the connection (code {code})"),
+        }),
+        Err(quinn::ReadError::ConnectionLost(e)) => Err(format!("its agent went away ({e})")),
+        Err(e) => Err(format!("its agent's stream failed ({e})")),
     }
 }
 
@@ -458,7 +515,7 @@ impl Brokered {
         let (up_total, down_total) = self.engine.metrics.ssh_bytes();
         let counters = Arc::new(Counters { up: 0.into(), down: 0.into(), up_total, down_total });
         let mut client = Counting { inner: client, counters: counters.clone() };
-        let Brokered { workspace, connection_id, user, credential, engine, send, recv, _window } = self;
+        let Brokered { workspace, connection_id, user, credential, engine, send, recv, answer, _window } = self;
         let _active = engine.metrics.ssh_active();
         let end = Arc::new(tokio::sync::Notify::new());
         let open = OpenSsh {
@@ -479,8 +536,12 @@ impl Brokered {
             }
         }
         let mut agent = tokio::io::join(recv, send);
+        let copy = async {
+            tokio::io::AsyncWriteExt::write_all(&mut client, &answer).await?;
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, SPLICE_BUFFER, SPLICE_BUFFER).await
+        };
         let result = tokio::select! {
-            r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, SPLICE_BUFFER, SPLICE_BUFFER) => Ok(r),
+            r = copy => Ok(r),
             () = end.notified() => Err(()),
         };
         let ended = engine.ssh_open.lock().unwrap_or_else(|e| e.into_inner()).remove(&connection_id);

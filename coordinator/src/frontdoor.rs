@@ -355,7 +355,13 @@ impl russh::server::Handler for Handler {
                     brokered.splice(channel.into_stream()).await;
                 }
                 Err(refusal) => {
-                    reply.reject(ChannelOpenFailure::Other { code: 1, reason: refusal.message }).await;
+                    // As OpenSSH's client shows them: "administratively prohibited" for a name or an
+                    // access it may not have, "connect failed" for a workspace that cannot take it.
+                    let code = match refusal.kind {
+                        broker::RefusalKind::NotFound | broker::RefusalKind::Forbidden => 1,
+                        broker::RefusalKind::Unavailable | broker::RefusalKind::Internal => 2,
+                    };
+                    reply.reject(ChannelOpenFailure::Other { code, reason: refusal.message }).await;
                 }
             }
             channels.fetch_sub(1, Ordering::Relaxed);

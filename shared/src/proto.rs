@@ -217,6 +217,15 @@ pub struct SshStreamOpen {
     pub peer: String,
 }
 
+/// Agent → coordinator: why the agent reset a stream the coordinator opened instead of serving it
+/// (the QUIC reset's error code). Its SSH server otherwise speaks first, with its version line.
+pub mod stream_refused {
+    /// It serves as many SSH connections as it takes ([`crate::limits::MAX_SSH_CONNECTIONS`]).
+    pub const FULL: u32 = 1;
+    /// The stream's [`super::StreamOpen`] did not come in time, or could not be read or was invalid.
+    pub const BAD_OPEN: u32 = 2;
+}
+
 /// Lifecycle changes and spans, each with a sequence number, kept by the agent until acknowledged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventBatch {

@@ -507,6 +507,21 @@ fn a_killed_agent_ends_its_sessions_and_a_rebuilt_one_keeps_trust() {
 
     let mut session = long_session(&alice, "dev.tether");
     dev.kill();
+    // Right after: the coordinator does not know yet (nothing told it; QUIC's idle timeout will),
+    // and a new connection is refused with the reason rather than left hanging without one.
+    let out = alice.run("dev.tether", "true");
+    assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+    let said = text(&out.stderr);
+    assert!(
+        [
+            "workspace 'dev': its agent did not answer within 5s",
+            "workspace 'dev': its agent went away",
+            "workspace 'dev' has no connected agent"
+        ]
+        .iter()
+        .any(|why| said.contains(&format!("open failed: connect failed: {why}"))),
+        "{said}"
+    );
     let mut status = None;
     wait_until("the ssh client to end after its agent died", LONG, || {
         status = session.0.try_wait().unwrap();

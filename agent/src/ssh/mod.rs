@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tether_shared::login::{LoggedIn, LoginDeadline};
-use tether_shared::proto::{Manifest, StreamOpen};
+use tether_shared::proto::{stream_refused, Manifest, StreamOpen};
 use tether_shared::{io, limits};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
@@ -256,8 +256,8 @@ impl SshServer {
             };
             let Some(permit) = self.try_permit() else {
                 tracing::warn!(max = MAX_CONNECTIONS, "too many ssh connections; refusing a brokered stream");
-                let _ = send.reset(1u32.into());
-                let _ = recv.stop(1u32.into());
+                let _ = send.reset(stream_refused::FULL.into());
+                let _ = recv.stop(stream_refused::FULL.into());
                 continue;
             };
             let server = self.clone();
@@ -270,7 +270,7 @@ impl SshServer {
                     Ok(Ok(None)) => return,
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "bad brokered stream header; closing the stream");
-                        let _ = send.reset(2u32.into());
+                        let _ = send.reset(stream_refused::BAD_OPEN.into());
                         return;
                     }
                     Err(_) => {
@@ -278,13 +278,13 @@ impl SshServer {
                             secs = STREAM_OPEN_TIMEOUT.as_secs(),
                             "no brokered stream header in time; closing the stream"
                         );
-                        let _ = send.reset(2u32.into());
+                        let _ = send.reset(stream_refused::BAD_OPEN.into());
                         return;
                     }
                 };
                 if let Err(e) = open.validate() {
                     tracing::warn!(error = %e, "invalid brokered stream header; closing the stream");
-                    let _ = send.reset(2u32.into());
+                    let _ = send.reset(stream_refused::BAD_OPEN.into());
                     return;
                 }
                 let StreamOpen::Ssh(open) = open;
