@@ -130,6 +130,10 @@ fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        // A log line that cannot be written is dropped: tracing's default then reports it with
+        // `eprintln!`, which panics when stderr is gone (a log pipe whose reader died), and the
+        // panic took down whatever task was logging (an API request, a workspace's start).
+        .log_internal_errors(false)
         // Colour only for a person at a terminal; journald and log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {

@@ -9,6 +9,10 @@ fn init_tracing(format: LogFormat, filter: Option<&str>, default: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written is dropped: tracing's default then reports it with
+        // `eprintln!`, which panics when stderr is gone (a log pipe whose reader died), and the
+        // panic took down whatever task was logging (an API request, a workspace's start).
+        .log_internal_errors(false)
         // Colour only for a person at a terminal; journald and log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
@@ -34,6 +38,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let data_dir = cli.data_dir.clone().unwrap_or_else(cli::default_data_dir);
     match cli.command {
         Command::Serve(args) => {
+            sigpipe(false);
             init_tracing(cli.log_format, cli.log.as_deref(), "info");
             let config = server::ServeConfig {
                 data_dir,
@@ -56,6 +61,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server::run(config, terminated()).await
         }
         Command::Demo(args) => {
+            sigpipe(false);
             init_tracing(cli.log_format, cli.log.as_deref(), "warn");
             let serve = cli::ServeArgs {
                 listen_http: "127.0.0.1:0".parse()?,
@@ -145,9 +151,21 @@ fn usage_error(e: clap::Error) -> ! {
     std::process::exit(config::EXIT_CONFIG)
 }
 
+/// How a write to a closed pipe ends this process. The CLI, like other Unix tools, ends quietly
+/// (`tether workspace list | head`), where Rust's default made every print panic with a backtrace.
+/// The coordinator's servers keep Rust's default, an error on the write, so a client or a log
+/// reader that goes away ends nothing else.
+fn sigpipe(quiet_exit: bool) {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    let handler = if quiet_exit { SigHandler::SigDfl } else { SigHandler::SigIgn };
+    // SAFETY: a default or ignored disposition runs no code of ours in the handler.
+    let _ = unsafe { signal(Signal::SIGPIPE, handler) };
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    sigpipe(true);
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // `serve` and `config check`: the file and the environment folded into the flags, every
     // problem reported before anything starts.

@@ -44,6 +44,8 @@ pub struct Coordinator {
     https_port: u16,
     /// More `tether serve` flags, kept across restarts.
     extra_args: Vec<String>,
+    /// Its stdout and stderr are a pipe nobody reads (closed), not the log file.
+    lost_log: bool,
 }
 
 impl Coordinator {
@@ -56,6 +58,16 @@ impl Coordinator {
         let dir = tempfile::Builder::new().prefix("tether-e2e-").tempdir().expect("tempdir");
         let mut c = Coordinator::unstarted(dir);
         c.extra_args = args.iter().map(|a| a.to_string()).collect();
+        c.spawn();
+        c
+    }
+
+    /// Starts a coordinator whose stdout and stderr are a pipe whose reader has gone, as when the
+    /// process it logged to (`tee`, a log shipper) died: every log line fails to be written.
+    pub fn start_with_lost_log() -> Coordinator {
+        let dir = tempfile::Builder::new().prefix("tether-e2e-").tempdir().expect("tempdir");
+        let mut c = Coordinator::unstarted(dir);
+        c.lost_log = true;
         c.spawn();
         c
     }
@@ -77,6 +89,7 @@ impl Coordinator {
             ssh_port: 0,
             https_port: 0,
             extra_args: Vec::new(),
+            lost_log: false,
         }
     }
 
@@ -92,7 +105,8 @@ impl Coordinator {
             .append(true)
             .open(self.data_dir().join("coordinator.log"))
             .expect("coordinator log");
-        let child = Command::new(bin("tether"))
+        let mut serve = Command::new(bin("tether"));
+        serve
             .arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -108,9 +122,13 @@ impl Coordinator {
             .env("TETHER_LOG", "info,tether_coordinator=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn tether serve");
+            .stderr(log);
+        if self.lost_log {
+            serve.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let mut child = serve.spawn().expect("spawn tether serve");
+        // Dropped: the pipes' read ends close.
+        drop((child.stdout.take(), child.stderr.take()));
         self.child = Some(child);
         let child = self.child.as_mut().expect("child");
         wait_until("coordinator.json", Duration::from_secs(60), || {

@@ -387,3 +387,48 @@ fn one_address_holds_at_most_256_pre_hello_places_and_others_still_get_in() {
     );
     drop(held);
 }
+
+#[test]
+fn a_coordinator_whose_log_reader_died_keeps_working_and_the_cli_ends_quietly_on_a_closed_pipe() {
+    // Every log line now fails to be written. It used to panic the task that logged: API requests
+    // ended with no answer, and a start stayed `pending` for ever, while /readyz said ready.
+    let mut c = Coordinator::start_with_lost_log();
+    let created = c.create(
+        "dev",
+        "provisioner = \"process\"\n[[script]]\nname = \"setup\"\nrun = \"echo ready\"\n",
+        &["--start"],
+    );
+    assert_eq!(created["name"], "dev");
+    c.wait_for("dev", "running", LONG);
+    let external = c.json(&["workspace", "create", "ext"]);
+    assert!(external["agent_token"].as_str().is_some_and(|t| t.starts_with("tether_agent_")), "{external}");
+    c.ok(&["workspace", "stop", "dev", "--wait"]);
+    assert_eq!(c.show("dev")["status"], "stopped");
+
+    // The CLI's output going to a reader that left (`| head`): it ends quietly, as Unix tools do,
+    // instead of panicking with a backtrace.
+    let mut list = std::process::Command::new(tether_tests::bin("tether"))
+        .arg("--data-dir")
+        .arg(c.data_dir())
+        .args(["workspace", "list"])
+        .env_remove("TETHER_URL")
+        .env_remove("TETHER_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(list.stdout.take());
+    let out = list.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("panicked"), "{said}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.success() || out.status.signal() == Some(13),
+        "SIGPIPE or a clean exit: {:?} {said}",
+        out.status
+    );
+
+    // SIGTERM: a clean exit, which removes coordinator.json.
+    assert!(c.terminate().success());
+    assert!(!c.data_dir().join("coordinator.json").exists());
+}
