@@ -1181,6 +1181,30 @@ impl Engine {
         }
     }
 
+    /// A `process` agent this coordinator spawned died (killed, crashed): the workspace turns
+    /// unhealthy now, saying how, instead of showing `running` until the heartbeat timeout and then
+    /// "lost connection". Its tunnel, which QUIC would keep until its idle timeout, is closed, and
+    /// with it the SSH connections through it. A stop or delete in progress ended it on purpose.
+    pub async fn agent_process_died(self: &Arc<Self>, id: i64, reason: String) {
+        let _guard = self.lock(id).await;
+        let Ok(mut row) = self.reload(id).await else { return };
+        if row.op.is_some() || !status::expects_agent(row.status) {
+            return;
+        }
+        let quic = {
+            let mut live = self.live();
+            live.liveness.forget(id);
+            live.agents.get(&id).and_then(|a| a.quic.clone())
+        };
+        if let Some(quic) = quic {
+            quic.close(0u32.into(), b"agent process died");
+        }
+        info!(workspace = %row.name, %reason, "agent process died");
+        if let Err(e) = self.set_status(&mut row, WorkspaceStatus::Unhealthy, &reason).await {
+            warn!(workspace = %row.name, error = %e, "recording a dead agent");
+        }
+    }
+
     /// One tick of the liveness clock: silent agents and agents that never came turn unhealthy, and
     /// a workspace whose agent went silent while it shut down on its own is stopped.
     pub async fn sweep(self: &Arc<Self>) {

@@ -2,12 +2,15 @@
 //! in a per-workspace directory; `command` runs ops' own commands; `external` does nothing.
 
 use crate::engine::Engine;
+use crate::status;
 use crate::store::WorkspaceRow;
 use crate::template::{ProvisionerKind, Template};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_shared::lines::LineCutter;
 use tether_shared::proto::Span;
@@ -48,7 +51,7 @@ fn other(e: impl std::fmt::Display) -> ProvisionError {
 }
 
 pub async fn start(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     row: &WorkspaceRow,
     template: &Template,
     token: &str,
@@ -104,7 +107,12 @@ fn span(stage: &str, name: &str, started: i64, status: SpanStatus, exit_code: Op
     Span { stage: stage.into(), name: name.into(), started_at_ms: started, ended_at_ms: now_ms(), exit_code, status }
 }
 
-async fn spawn_agent(engine: &Engine, row: &WorkspaceRow, token: &str, restart: bool) -> Result<(), ProvisionError> {
+async fn spawn_agent(
+    engine: &Arc<Engine>,
+    row: &WorkspaceRow,
+    token: &str,
+    restart: bool,
+) -> Result<(), ProvisionError> {
     let started = now_ms();
     let dir = workspace_dir(engine, &row.name);
     if restart {
@@ -124,6 +132,10 @@ async fn spawn_agent(engine: &Engine, row: &WorkspaceRow, token: &str, restart: 
     let log2 = log.try_clone().map_err(other)?;
     let binary = &engine.config.agent_binary;
     let mut cmd = Command::new(binary);
+    // Not the coordinator's environment: it may hold ops' secrets (a database password, cloud
+    // credentials), and the agent hands its environment to every SSH session. What a process
+    // needs to run, and the log settings, pass.
+    cmd.env_clear().envs(std::env::vars_os().filter(|(k, _)| passed_to_agent(k)));
     cmd.env("TETHER_COORDINATOR", &engine.config.agent_coordinator_addr)
         .env("TETHER_CA", &engine.pki.ca_path)
         .env("TETHER_AGENT_TOKEN", token)
@@ -143,10 +155,17 @@ async fn spawn_agent(engine: &Engine, row: &WorkspaceRow, token: &str, restart: 
     })?;
     let pid = child.id().unwrap_or(0);
     tokio::fs::write(pid_file(engine, &row.name), pid.to_string()).await.map_err(other)?;
-    let name = row.name.clone();
+    let (name, id, weak) = (row.name.clone(), row.id, Arc::downgrade(engine));
     tokio::spawn(async move {
         match child.wait().await {
-            Ok(status) => info!(workspace = %name, pid, %status, "agent process exited"),
+            Ok(exit) => {
+                info!(workspace = %name, pid, status = %exit, "agent process exited");
+                let ours = ENDED_HERE.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+                let died = status::agent_death_reason(exit.signal(), exit.code(), &log_path);
+                if let (false, Some(reason), Some(engine)) = (ours, died, weak.upgrade()) {
+                    engine.agent_process_died(id, reason).await;
+                }
+            }
             Err(e) => warn!(workspace = %name, pid, error = %e, "waiting for agent process"),
         }
     });
@@ -156,6 +175,25 @@ async fn spawn_agent(engine: &Engine, row: &WorkspaceRow, token: &str, restart: 
     }
     info!(workspace = %row.name, pid, "agent spawned");
     Ok(())
+}
+
+/// The coordinator's variables a `process` agent gets.
+fn passed_to_agent(key: &std::ffi::OsStr) -> bool {
+    const PASSED: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "TETHER_LOG",
+        "TETHER_LOG_FORMAT",
+        "RUST_BACKTRACE",
+    ];
+    key.to_str().is_some_and(|k| PASSED.contains(&k) || k.starts_with("LC_"))
 }
 
 /// The workspace's agent from its pid file, if that process is still this workspace's agent (a pid
@@ -189,8 +227,19 @@ async fn wait_gone(pid: Pid, timeout: Duration) -> bool {
 
 /// Ends a `process` workspace's agent: it has usually left already after a shutdown request; if
 /// not, SIGTERM lets it run its stop scripts, and SIGKILL of its group ends a hung one.
+/// Agent processes this coordinator is ending itself (a stop, a replacement): their exit is no news.
+static ENDED_HERE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<u32>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn ending_here(pid: Pid) {
+    if let Ok(pid) = u32::try_from(pid.as_raw()) {
+        ENDED_HERE.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+    }
+}
+
 async fn stop_agent_process(engine: &Engine, name: &str, grace: Duration) {
     let Some(pid) = read_pid(engine, name) else { return };
+    ending_here(pid);
     if wait_gone(pid, Duration::from_secs(2)).await {
         let _ = std::fs::remove_file(pid_file(engine, name));
         return;
@@ -207,6 +256,7 @@ async fn stop_agent_process(engine: &Engine, name: &str, grace: Duration) {
 /// Ends a lost agent that is to be replaced, without its stop phase: SIGKILL to its process group.
 async fn kill_agent_process(engine: &Engine, name: &str) {
     let Some(pid) = read_pid(engine, name) else { return };
+    ending_here(pid);
     if !wait_gone(pid, Duration::ZERO).await {
         info!(workspace = %name, pid = pid.as_raw(), "replacing the agent: killing the old one's process group");
         let _ = killpg(pid, Signal::SIGKILL);

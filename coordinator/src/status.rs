@@ -76,6 +76,19 @@ pub fn lost_reason(since_heartbeat: Duration) -> String {
     format!("agent has lost connection (last heartbeat {}s ago)", since_heartbeat.as_secs())
 }
 
+/// Why a workspace whose `process` agent ended without a goodbye it could have said, from how its
+/// process ended: killed by a signal, or a crash (Rust's exit status after a panic). `None` for an
+/// exit of its own, which its goodbye or its rejection explains. It starts with "agent has", as the
+/// other reasons of an agent that is gone do (see `TOKEN_REPLACED_REASON`).
+pub fn agent_death_reason(signal: Option<i32>, code: Option<i32>, log: &std::path::Path) -> Option<String> {
+    if let Some(sig) = signal {
+        let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown");
+        return Some(format!("agent has died: its process was killed by signal {sig} ({name})"));
+    }
+    (code == Some(101))
+        .then(|| format!("agent has crashed: its process exited with status 101 (its log: {})", log.display()))
+}
+
 /// Why a workspace whose agent was running its stop scripts on its own (a signal in the workspace)
 /// is stopped without the agent's goodbye; `how` says how the coordinator learned the agent was gone.
 pub fn lost_in_shutdown_reason(how: &str) -> String {
@@ -214,6 +227,27 @@ mod tests {
             exit_code: code,
             timeout: Duration::from_secs(300),
             detail: None,
+        }
+    }
+
+    #[test]
+    fn an_agent_process_that_died_says_how() {
+        let log = std::path::Path::new("/w/agent.log");
+        assert_eq!(
+            agent_death_reason(Some(9), None, log).as_deref(),
+            Some("agent has died: its process was killed by signal 9 (SIGKILL)")
+        );
+        assert_eq!(
+            agent_death_reason(Some(11), None, log).as_deref(),
+            Some("agent has died: its process was killed by signal 11 (SIGSEGV)")
+        );
+        assert_eq!(
+            agent_death_reason(None, Some(101), log).as_deref(),
+            Some("agent has crashed: its process exited with status 101 (its log: /w/agent.log)")
+        );
+        // Its own exits: a goodbye, or a rejection (a replaced token, a bad configuration), said why.
+        for code in [0, 1, 2] {
+            assert_eq!(agent_death_reason(None, Some(code), log), None);
         }
     }
 

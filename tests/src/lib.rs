@@ -46,6 +46,8 @@ pub struct Coordinator {
     extra_args: Vec<String>,
     /// Its stdout and stderr are a pipe nobody reads (closed), not the log file.
     lost_log: bool,
+    /// More environment variables for `tether serve`.
+    extra_env: Vec<(String, String)>,
 }
 
 impl Coordinator {
@@ -72,6 +74,15 @@ impl Coordinator {
         c
     }
 
+    /// Starts a coordinator with these environment variables besides the test's own.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Coordinator {
+        let dir = tempfile::Builder::new().prefix("tether-e2e-").tempdir().expect("tempdir");
+        let mut c = Coordinator::unstarted(dir);
+        c.extra_env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        c.spawn();
+        c
+    }
+
     /// Starts a coordinator on a data directory that already holds its state (a restored backup).
     pub fn start_in(dir: tempfile::TempDir) -> Coordinator {
         let mut c = Coordinator::unstarted(dir);
@@ -90,6 +101,7 @@ impl Coordinator {
             https_port: 0,
             extra_args: Vec::new(),
             lost_log: false,
+            extra_env: Vec::new(),
         }
     }
 
@@ -120,6 +132,7 @@ impl Coordinator {
             .arg(format!("127.0.0.1:{}", self.https_port))
             .args(&self.extra_args)
             .env("TETHER_LOG", "info,tether_coordinator=debug")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

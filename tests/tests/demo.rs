@@ -23,7 +23,7 @@ fn tether_demo_runs_a_workspace_through_its_life() {
         "running    agent connected; startup scripts finished",
         "STAGE",
         "install-deps",
-        "unhealthy  agent has lost connection",
+        "unhealthy  agent has died: its process was killed by signal 9 (SIGKILL)",
         "script runs recorded: 3 before the restart, 3 after",
         "stopped    stopped; stop scripts finished",
     ];

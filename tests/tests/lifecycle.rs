@@ -1086,3 +1086,15 @@ fn a_start_cut_off_by_a_restart_is_resumed_or_says_so() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("mid: starting ({reason})\n"));
 }
+
+#[test]
+fn a_process_workspace_gets_none_of_the_coordinators_environment_but_what_it_needs() {
+    // Ops' secrets in the coordinator's environment stay there: the agent hands its environment
+    // to scripts and SSH sessions, and a `process` agent's would be the coordinator's.
+    let c = Coordinator::start_with_env(&[("TETHER_E2E_SECRET", "hunter2"), ("LC_E2E", "passed")]);
+    let template = "provisioner = \"process\"\n[[script]]\nname = \"env\"\nrun = \"echo secret=${TETHER_E2E_SECRET:-absent} lc=${LC_E2E:-absent} path=${PATH:+set}\"\n";
+    c.create("dev", template, &["--start"]);
+    assert_eq!(c.wait_for("dev", "running,unhealthy,failed", LONG)["status"], "running");
+    let lines: Vec<String> = c.logs("dev").into_iter().filter(|(s, _)| s == "env").map(|(_, l)| l).collect();
+    assert_eq!(lines, ["secret=absent lc=passed path=set"]);
+}

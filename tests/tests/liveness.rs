@@ -142,3 +142,38 @@ blocks_login = true
     assert_eq!(c.show("ext")["agent"]["connected"], true);
     drop(new);
 }
+
+#[test]
+fn a_process_agent_that_dies_turns_its_workspace_unhealthy_at_once_saying_how() {
+    let c = Coordinator::start();
+    // A heartbeat timeout longer than the test: only the agent's death can turn it unhealthy.
+    let template =
+        "provisioner = \"process\"\nheartbeat_timeout = \"10m\"\n[[script]]\nname = \"setup\"\nrun = \"echo up\"\n";
+    c.create("dev", template, &["--start"]);
+    assert_eq!(c.wait_for("dev", "running,unhealthy,failed", LONG)["status"], "running");
+    kill(agent_pid(&c, "dev"), Signal::SIGKILL).expect("SIGKILL the agent");
+    let w = c.wait_for("dev", "unhealthy", LONG);
+    assert_eq!(w["status_reason"], "agent has died: its process was killed by signal 9 (SIGKILL)", "{w}");
+    wait_until("the dead agent's tunnel to close", LONG, || c.show("dev")["agent"].is_null());
+    // Brought back: a new agent, and the start scripts do not run again.
+    c.ok(&["workspace", "start", "dev"]);
+    let w = c.wait_for("dev", "running,failed", LONG);
+    assert_eq!(w["status_reason"], "agent connected; startup scripts finished", "{w}");
+
+    // An agent the coordinator replaces itself is no news: a frozen one (its heartbeats stop) is
+    // lost, and `start` kills it and starts another; its death is not reported.
+    let template = "provisioner = \"process\"\nheartbeat_timeout = \"3s\"\n";
+    c.create("frozen", template, &["--start"]);
+    assert_eq!(c.wait_for("frozen", "running,unhealthy,failed", LONG)["status"], "running");
+    let old = agent_pid(&c, "frozen");
+    kill(old, Signal::SIGSTOP).expect("SIGSTOP the agent");
+    let w = c.wait_for("frozen", "unhealthy", LONG);
+    assert!(w["status_reason"].as_str().unwrap().starts_with("agent has lost connection"), "{w}");
+    c.ok(&["workspace", "start", "frozen"]);
+    let w = c.wait_for("frozen", "running,failed", LONG);
+    assert_eq!(w["status"], "running", "{w}");
+    assert_ne!(agent_pid(&c, "frozen"), old);
+    let history = c.show("frozen")["history"].as_array().unwrap().clone();
+    assert!(!history.iter().any(|t| t["reason"].as_str().is_some_and(|r| r.contains("has died"))), "{history:?}");
+    assert_eq!(c.show("frozen")["status"], "running");
+}
