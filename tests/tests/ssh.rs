@@ -1733,3 +1733,35 @@ fn revoking_access_ends_the_sessions_it_let_in() {
     ends(&mut bobs, "bob's session to end after he was removed");
     assert!(outcomes("bob").contains(&"ended: the user was removed".to_string()), "{:?}", outcomes("bob"));
 }
+
+#[test]
+fn a_client_that_takes_no_more_output_ends_the_remote_command() {
+    // `ssh dev.tether cmd | head`: once head has its lines, ssh's output closes and OpenSSH says
+    // so (eow@openssh.com). The command must then end, as under sshd, not run for ever with its
+    // output thrown away.
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+    let marker = "tether-eow-test";
+    let mut ssh = alice
+        .ssh()
+        .args(["dev.tether", &format!("exec yes {marker}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = ssh.stdout.take().unwrap();
+    let mut first = [0u8; 64];
+    out.read_exact(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first).starts_with(marker));
+    drop(out);
+    let mut status = None;
+    wait_until("ssh to end once its output closed", LONG, || {
+        status = ssh.try_wait().unwrap();
+        status.is_some()
+    });
+    wait_until("the remote command to end", LONG, || {
+        !Command::new("pgrep").args(["-f", &format!("^yes {marker}")]).status().unwrap().success()
+    });
+}

@@ -585,6 +585,17 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 
+    /// The client takes no more output (OpenSSH's `eow@openssh.com`, after `ssh … | head`): the
+    /// program's output is no longer read, so its next write ends it with SIGPIPE, as under sshd.
+    async fn channel_eow(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(s) = self.sessions.get(&channel) {
+            if s.started {
+                let _ = s.control.try_send(Control::Eow);
+            }
+        }
+        Ok(())
+    }
+
     async fn agent_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<bool, Self::Error> {
         if !self.sessions.contains_key(&channel) {
             return Ok(false);

@@ -64,7 +64,11 @@ pub use tether_shared::ssh_algorithms::preferred;
 /// A russh server configuration with Tether's settings and the given host keys and certificates.
 pub fn server_config(keys: Vec<PrivateKey>, certificates: Vec<Certificate>) -> russh::server::Config {
     russh::server::Config {
-        server_id: russh::SshId::Standard(format!("SSH-2.0-Tether_{}", env!("CARGO_PKG_VERSION")).into()),
+        // "OpenSSH" first: OpenSSH's client keeps its extensions for servers whose version starts
+        // so, and one of them matters here: `eow@openssh.com`, its word that it takes no more
+        // output (`ssh dev.tether cmd | head`), which ends the command (see `channel_eow`).
+        // Without it the command ran for ever. No bug workarounds apply to this name.
+        server_id: russh::SshId::Standard(format!("SSH-2.0-OpenSSH_Tether_{}", env!("CARGO_PKG_VERSION")).into()),
         methods: russh::MethodSet::from(&[russh::MethodKind::PublicKey][..]),
         // Public-key checks reveal nothing a delay would hide, and OpenSSH's "none" probe would pay it.
         auth_rejection_time: Duration::ZERO,

@@ -66,6 +66,8 @@ pub enum Control {
     Start(Box<Launching>),
     Resize(pty_process::Size),
     Signal(Signal),
+    /// The client takes no more output: stop reading the program's.
+    Eow,
 }
 
 /// A session's program, for its channel's task to start.
@@ -309,7 +311,7 @@ pub async fn serve(
             activity.sent(banner.len());
         }
     }
-    let (mut sink, mut stdout, stderr): (Sink, Box<dyn AsyncRead + Send + Unpin>, _) = match io {
+    let (mut sink, stdout, stderr): (Sink, Box<dyn AsyncRead + Send + Unpin>, _) = match io {
         ChildIo::Pty(pty) => {
             let (r, w) = pty.into_split();
             // The window changed while the program was starting.
@@ -321,15 +323,18 @@ pub async fn serve(
         ChildIo::Pipes { stdin, stdout, stderr } => (Sink::Pipe(Some(stdin)), stdout, stderr),
     };
     let (out_state, err_state) = (PumpState::default(), PumpState::default());
-    let out = pump_out(&mut stdout, &mut stdout_writer, &activity, &out_state);
+    // Each pump owns its reader: dropping the pump (at the client's end of write) closes it.
+    let mut out = Some(Box::pin(async {
+        let mut stdout = stdout;
+        pump_out(&mut stdout, &mut stdout_writer, &activity, &out_state).await
+    }));
     let mut err_done = stderr.is_none();
-    let err = async {
+    let mut err = Some(Box::pin(async {
         match stderr {
             Some(mut e) => pump_out(&mut e, &mut stderr_writer, &activity, &err_state).await,
             None => Ok(0),
         }
-    };
-    tokio::pin!(out, err);
+    }));
     let mut out_done = false;
     let mut status: Option<ExitStatus> = None;
     let mut tick = tokio::time::interval(GRACE_TICK);
@@ -359,6 +364,12 @@ pub async fn serve(
                         let _ = kill(pid, sig);
                     }
                 }
+                Some(Control::Eow) => {
+                    // As sshd does: its output is no longer read, so the program's next write
+                    // fails (SIGPIPE, for a pipe; a terminal's output just stops).
+                    (out, err) = (None, None);
+                    (out_done, err_done) = (true, true);
+                }
                 Some(Control::Start(_)) => {}
                 None => control_open = false,
             },
@@ -380,13 +391,13 @@ pub async fn serve(
             st = child.wait(), if status.is_none() => {
                 status = Some(st.unwrap_or_else(|_| ExitStatus::from_raw(255 << 8)));
             }
-            r = &mut out, if !out_done => {
+            r = while_some(&mut out), if !out_done => {
                 out_done = true;
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "session output ended");
                 }
             }
-            _ = &mut err, if !err_done => err_done = true,
+            _ = while_some(&mut err), if !err_done => err_done = true,
             now = tick.tick(), if status.is_some() => {
                 let silent = quiet.observe(now, &[(&out_state, out_done), (&err_state, err_done)]);
                 if silent >= OUTPUT_GRACE {
@@ -420,6 +431,14 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+/// Awaits the future in `f`, or never once it is gone.
+async fn while_some<F: std::future::Future + Unpin>(f: &mut Option<F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 
