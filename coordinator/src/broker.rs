@@ -225,7 +225,7 @@ fn check_reachable(
         // Still `running`: its agent's connection dropped moments ago (a coordinator restart sends
         // agents away for a few seconds) and the heartbeat timeout has not passed.
         Running if !connected => unavailable(format!(
-            "workspace '{name}' has no connected agent right now (it is reconnecting); try again in a few seconds"
+            "workspace '{name}' has no connected agent right now (its connection dropped; it is marked unhealthy unless it is back within its heartbeat timeout); try again in a few seconds"
         )),
         Starting | Unhealthy if !connected => {
             unavailable(format!("workspace '{name}' has no connected agent ({status}: {reason})"))
@@ -654,7 +654,7 @@ mod tests {
         assert!(r(Unhealthy, false, None, false).unwrap_err().contains("has no connected agent (unhealthy: why)"));
         assert_eq!(
             r(Running, false, Some(Lifecycle::Ready), false).unwrap_err(),
-            "workspace 'x' has no connected agent right now (it is reconnecting); try again in a few seconds"
+            "workspace 'x' has no connected agent right now (its connection dropped; it is marked unhealthy unless it is back within its heartbeat timeout); try again in a few seconds"
         );
         assert!(r(Starting, true, Some(Lifecycle::Starting), true).unwrap_err().contains("block login"));
         assert!(r(Starting, true, Some(Lifecycle::Starting), false).is_ok());

@@ -1235,7 +1235,7 @@ impl Engine {
                 // without the agent.
                 (WorkspaceStatus::Stopping, Some(since)) if row.op.is_none() => {
                     self.live().liveness.forget(id);
-                    let how = format!("last heartbeat {}s ago", since.as_secs());
+                    let how = format!("no heartbeat for {}s", since.as_secs());
                     self.stopped_by_agent(&mut row, status::lost_in_shutdown_reason(&how)).await
                 }
                 _ => Ok(()),

@@ -73,7 +73,9 @@ pub fn connected_status(lifecycle: Option<Lifecycle>, problems: &[ScriptProblem]
 }
 
 pub fn lost_reason(since_heartbeat: Duration) -> String {
-    format!("agent has lost connection (last heartbeat {}s ago)", since_heartbeat.as_secs())
+    // A fact about the moment it was lost, which stays true as the reason ages ("last heartbeat
+    // 15s ago" read as counting from now); `show` has the time of the last heartbeat.
+    format!("agent has lost connection (no heartbeat for {}s)", since_heartbeat.as_secs())
 }
 
 /// Why a workspace whose `process` agent ended without a goodbye it could have said, from how its
@@ -343,10 +345,10 @@ mod tests {
             vec![Expiry::NeverConnected { workspace: 1, after: Duration::from_secs(120) }]
         );
         assert_eq!(not_connected_reason(Duration::from_secs(120)), "agent has not connected after 120s");
-        assert_eq!(lost_reason(Duration::from_secs(17)), "agent has lost connection (last heartbeat 17s ago)");
+        assert_eq!(lost_reason(Duration::from_secs(17)), "agent has lost connection (no heartbeat for 17s)");
         assert_eq!(
-            lost_in_shutdown_reason("last heartbeat 6s ago"),
-            "agent was lost during its own shutdown (no goodbye; last heartbeat 6s ago)"
+            lost_in_shutdown_reason("no heartbeat for 6s"),
+            "agent was lost during its own shutdown (no goodbye; no heartbeat for 6s)"
         );
     }
 }

@@ -55,7 +55,7 @@ fn a_workspace_whose_agent_dies_during_its_own_shutdown_is_stopped_when_its_hear
     assert_eq!(w["status"], "stopped", "{w}");
     let reason = w["status_reason"].as_str().expect("a reason");
     assert!(
-        reason.starts_with("agent was lost during its own shutdown (no goodbye; last heartbeat "),
+        reason.starts_with("agent was lost during its own shutdown (no goodbye; no heartbeat for "),
         "the reason says what happened: {reason}"
     );
     assert_eq!(w["lifecycle"], "shutting_down", "{w}");
