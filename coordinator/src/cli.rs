@@ -704,6 +704,7 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
         }
         WorkspaceCmd::Delete { name, force, wait, json } => {
             let w = client.delete(&format!("/workspaces/{}?force={force}", enc(&name))).await?;
+            already(&w, WorkspaceStatus::Deleted);
             let until = Settle { passing: STOPPING, target: WorkspaceStatus::Deleted, op: "delete" };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }

@@ -556,8 +556,10 @@ impl Engine {
         let row = self.row(name).await?;
         let _guard = self.lock(row.id).await;
         let mut row = self.reload(row.id).await?;
-        if matches!(row.status, WorkspaceStatus::Deleting) {
-            return Err(OpError::Conflict(format!("workspace '{name}' is already being deleted")));
+        // Safe to repeat, as start and stop are: a delete under way is joined (`--wait` waits for
+        // it), and a deleted workspace is answered as it is.
+        if matches!(row.status, WorkspaceStatus::Deleting | WorkspaceStatus::Deleted) {
+            return Ok(self.view(&row));
         }
         let previous = (row.status, row.status_reason.clone());
         self.store.set_op(row.id, Some("delete")).await?;

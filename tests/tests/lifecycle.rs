@@ -224,7 +224,7 @@ blocks_login = true
 
 [[script]]
 name = "save"
-run = "sleep 0.5; echo bye > stopped.txt"
+run = "sleep 2; echo bye > stopped.txt"
 on = "stop"
 "#;
     // --wait prints the workspace once the start has finished.
@@ -271,7 +271,10 @@ on = "stop"
     let w = c.wait_for("proc", "running,unhealthy,failed", LONG);
     assert_eq!((w["status"].as_str(), w["build"].as_i64()), (Some("running"), Some(2)));
     c.ok(&["workspace", "delete", "proc"]);
-    c.wait_for("proc", "deleted", LONG);
+    // A second delete while the first runs the stop script joins it; its --wait waits for it.
+    let again = c.cli(&["workspace", "delete", "proc", "--wait"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("deleted"), "{}", String::from_utf8_lossy(&again.stdout));
     assert!(!c.data_dir().join("workspaces/proc").exists(), "delete removes the workspace directory");
     assert!(c.fails(&["workspace", "show", "proc"]).contains("no workspace 'proc'"));
 }
