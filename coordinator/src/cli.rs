@@ -540,6 +540,7 @@ pub fn print_workspace(w: &WorkspaceView) {
 
 pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Duration) -> anyhow::Result<WorkspaceView> {
     let deadline = std::time::Instant::now() + timeout;
+    let mut lost = false;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let chunk = left.as_secs().clamp(1, 60);
@@ -548,6 +549,18 @@ pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Dura
             .await
         {
             Ok(w) => return Ok(w),
+            // A coordinator restart (an upgrade, say) must not fail the scripts waiting on it:
+            // the wait goes on once it is back, within the same deadline.
+            Err(e)
+                if e.downcast_ref::<crate::client::Unreachable>().is_some_and(|u| u.transient)
+                    && std::time::Instant::now() + RECONNECT_PAUSE < deadline =>
+            {
+                if !lost {
+                    eprintln!("{e}; waiting for it to come back");
+                    lost = true;
+                }
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
             Err(e) if e.to_string().contains(" is still ") => {
                 if std::time::Instant::now() >= deadline {
                     let msg = e.to_string();
@@ -559,6 +572,9 @@ pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Dura
         }
     }
 }
+
+/// How often a wait tries the coordinator again while it is unreachable.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 /// A comma-separated list of workspace statuses, checked as the command line is read.
 fn status_words(s: &str) -> Result<String, String> {

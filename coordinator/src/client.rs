@@ -98,13 +98,16 @@ impl Client {
     }
 
     fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        let builder = e.is_builder();
         let why = chain(&e.without_url());
-        let hint = if why.contains("certificate") && self.base.starts_with("https://") {
+        let tls = why.contains("certificate") || why.contains("tls") || why.contains("TLS");
+        let hint = if tls && self.base.starts_with("https://") {
             "; pass the coordinator's CA with --ca FILE (TETHER_CA) if its certificate is its own"
         } else {
             ""
         };
-        anyhow!("cannot reach the coordinator at {}: {why}{hint}", self.base)
+        let message = format!("cannot reach the coordinator at {}: {why}{hint}", self.base);
+        anyhow::Error::new(Unreachable { message, transient: !tls && !builder })
     }
 
     pub fn base(&self) -> &str {
@@ -174,6 +177,15 @@ impl Client {
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.delete(self.url(path))).await
     }
+}
+
+/// The coordinator did not answer: not running, restarting, or not reachable from here.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Unreachable {
+    message: String,
+    /// Worth trying again (it may be restarting), as a certificate problem is not.
+    pub transient: bool,
 }
 
 /// An error and its causes, `a: b: c` (reqwest's own message leaves out why a request failed).

@@ -432,3 +432,62 @@ fn a_coordinator_whose_log_reader_died_keeps_working_and_the_cli_ends_quietly_on
     assert!(c.terminate().success());
     assert!(!c.data_dir().join("coordinator.json").exists());
 }
+
+#[test]
+fn a_wait_goes_on_across_a_coordinator_restart() {
+    // `start --wait` and `workspace wait` in scripts must not fail because ops restarted the
+    // coordinator (an upgrade) meanwhile: the wait goes on once it is back.
+    use std::io::BufRead;
+    let mut c = Coordinator::start();
+    let token = c.create("ext", HEALTHY, &[])["agent_token"].as_str().unwrap().to_string();
+    let mut wait = std::process::Command::new(tether_tests::bin("tether"))
+        .arg("--data-dir")
+        .arg(c.data_dir())
+        .args(["workspace", "wait", "ext", "--for", "running", "--timeout", "180s"])
+        .env_remove("TETHER_URL")
+        .env_remove("TETHER_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(wait.stderr.take().unwrap());
+    let (said_tx, said_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = said_tx.send(line);
+        }
+    });
+    // Its long poll is open (a TCP connection of its own is established), then the coordinator goes.
+    tether_tests::wait_until("the wait's request to be open", LONG, || established_tcp(wait.id()));
+    assert!(c.terminate().success());
+    // Down until the wait says it noticed, whether its request was cut off or refused.
+    let said = said_rx.recv_timeout(LONG).expect("the wait says the coordinator is gone");
+    assert!(said.contains("cannot reach the coordinator") && said.ends_with("waiting for it to come back"), "{said}");
+    c.start_again();
+    let _agent = Agent::start(&c, &token, &c.data_dir().join("agent-ext"));
+    let mut status = None;
+    tether_tests::wait_until("the wait to end", LONG, || {
+        status = wait.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "{:?}", said_rx.try_iter().collect::<Vec<_>>());
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut wait.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.contains("running"), "{out}");
+}
+
+/// Whether process `pid` holds an established TCP connection (from /proc: its sockets' inodes
+/// against the kernel's table).
+fn established_tcp(pid: u32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    let inodes: Vec<String> = fds
+        .filter_map(|f| std::fs::read_link(f.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).unwrap_or_default().lines().skip(1).any(|row| {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            cols.len() > 9 && cols[3] == "01" && inodes.iter().any(|i| i == cols[9])
+        })
+    })
+}
