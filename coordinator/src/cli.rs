@@ -541,6 +541,8 @@ pub fn print_workspace(w: &WorkspaceView) {
 pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Duration) -> anyhow::Result<WorkspaceView> {
     let deadline = std::time::Instant::now() + timeout;
     let mut lost = false;
+    // Retried only once this wait has reached the coordinator: a wrong address fails at once.
+    let mut reached = false;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let chunk = left.as_secs().clamp(1, 60);
@@ -552,9 +554,11 @@ pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Dura
             // A coordinator restart (an upgrade, say) must not fail the scripts waiting on it:
             // the wait goes on once it is back, within the same deadline.
             Err(e)
-                if e.downcast_ref::<crate::client::Unreachable>().is_some_and(|u| u.transient)
+                if e.downcast_ref::<crate::client::Unreachable>()
+                    .is_some_and(|u| u.transient && (reached || !u.connect))
                     && std::time::Instant::now() + RECONNECT_PAUSE < deadline =>
             {
+                reached = true;
                 if !lost {
                     eprintln!("{e}; waiting for it to come back");
                     lost = true;
@@ -562,6 +566,7 @@ pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Dura
                 tokio::time::sleep(RECONNECT_PAUSE).await;
             }
             Err(e) if e.to_string().contains(" is still ") => {
+                reached = true;
                 if std::time::Instant::now() >= deadline {
                     let msg = e.to_string();
                     let what = msg.rsplit_once(" after ").map_or(msg.as_str(), |(w, _)| w);

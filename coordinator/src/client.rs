@@ -98,7 +98,7 @@ impl Client {
     }
 
     fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
-        let builder = e.is_builder();
+        let (builder, connect) = (e.is_builder(), e.is_connect());
         let why = chain(&e.without_url());
         let tls = why.contains("certificate") || why.contains("tls") || why.contains("TLS");
         let hint = if tls && self.base.starts_with("https://") {
@@ -107,7 +107,7 @@ impl Client {
             ""
         };
         let message = format!("cannot reach the coordinator at {}: {why}{hint}", self.base);
-        anyhow::Error::new(Unreachable { message, transient: !tls && !builder })
+        anyhow::Error::new(Unreachable { message, transient: !tls && !builder, connect })
     }
 
     pub fn base(&self) -> &str {
@@ -186,6 +186,8 @@ pub struct Unreachable {
     message: String,
     /// Worth trying again (it may be restarting), as a certificate problem is not.
     pub transient: bool,
+    /// No connection was made (refused, no route), as opposed to one cut off.
+    pub connect: bool,
 }
 
 /// An error and its causes, `a: b: c` (reqwest's own message leaves out why a request failed).
