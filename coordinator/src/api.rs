@@ -75,7 +75,9 @@ pub fn router(state: ApiState, extra: Router) -> Router {
             crate::api_ssh::user_routes()
                 .layer(axum::middleware::from_fn_with_state(state.clone(), crate::api_ssh::user_auth)),
         )
-        .layer(DefaultBodyLimit::max(crate::template::MAX_TEMPLATE + 16 * 1024));
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route".into()) })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(json_errors));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(crate::metrics::routes())
@@ -84,6 +86,45 @@ pub fn router(state: ApiState, extra: Router) -> Router {
         .merge(extra)
         // Last, so it times every route above; it sees the matched route template.
         .layer(axum::middleware::from_fn_with_state(state, crate::metrics::track_requests))
+}
+
+/// Largest request body the API reads: a template and the rest of its request.
+const BODY_LIMIT: usize = crate::template::MAX_TEMPLATE + 16 * 1024;
+
+/// Every API error as `{"error": "…"}`, as scripts read them: axum's own rejections (a body that is
+/// not JSON, an unknown field, a query that does not parse, a body over the limit) are plain text,
+/// and an unknown route or method has no body at all.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is over the API's limit of {BODY_LIMIT} bytes (a template may have at most {} bytes)",
+            crate::template::MAX_TEMPLATE
+        ),
+        StatusCode::NOT_FOUND if text.is_empty() => "no such API route".to_string(),
+        StatusCode::METHOD_NOT_ALLOWED if text.is_empty() => "this API route does not take that method".to_string(),
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_string(),
+        _ => text,
+    };
+    let mut out = ApiError(status, message).into_response();
+    // What a 405 allows, a 401's challenge.
+    for name in [axum::http::header::ALLOW, axum::http::header::WWW_AUTHENTICATE] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
 }
 
 /// Whether a user's token may use this route (the handler then checks the workspace is theirs):
@@ -145,8 +186,9 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        // The scheme's case does not matter (RFC 9110).
+        .and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")))
+        .map(|(_, token)| token.trim())
 }
 
 #[derive(Deserialize)]

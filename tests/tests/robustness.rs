@@ -491,3 +491,55 @@ fn established_tcp(pid: u32) -> bool {
         })
     })
 }
+
+#[test]
+fn every_api_error_is_json_with_a_sentence() {
+    let c = Coordinator::start();
+    let token = std::fs::read_to_string(c.data_dir().join("admin-token")).unwrap().trim().to_string();
+    let curl = |args: &[&str]| -> (u16, serde_json::Value) {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-H", &format!("authorization: bearer {token}")])
+            .args(args)
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?} for {args:?}"));
+        (code.parse().unwrap(), json)
+    };
+    let url = |p: &str| format!("{}/api/v1{p}", c.api_url());
+    // The scheme's case does not matter: this lowercase `bearer` works.
+    let (code, list) = curl(&[&url("/workspaces")]);
+    assert_eq!((code, list.is_array()), (200, true), "{list}");
+    let cases: [(&[&str], u16, &str); 5] = [
+        (&["-X", "POST", "-H", "content-type: text/plain", "-d", "x"], 415, "Content-Type"),
+        (
+            &["-X", "POST", "-H", "content-type: application/json", "-d", r#"{"name":"a","bogus":1}"#],
+            422,
+            "unknown field",
+        ),
+        (&["-X", "DELETE"], 405, "does not take that method"),
+        (&["-X", "POST", "-H", "content-type: application/json", "--data-binary", "@BIG"], 413, "over the API's limit"),
+        (&["-X", "GET", "--path-as-is"], 404, "no such API route"),
+    ];
+    let big = c.data_dir().join("big.json");
+    std::fs::write(&big, format!(r#"{{"name":"big","template":"{}"}}"#, "x".repeat(300 * 1024))).unwrap();
+    for (args, want, says) in cases {
+        let path = match want {
+            405 => url("/status-counts"),
+            404 => url("/no/such/route"),
+            _ => url("/workspaces"),
+        };
+        let big_arg = format!("@{}", big.display());
+        let args: Vec<&str> = args.iter().map(|a| if *a == "@BIG" { big_arg.as_str() } else { a }).collect();
+        let mut all = args.clone();
+        all.push(&path);
+        let (code, body) = curl(&all);
+        assert_eq!(code, want, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains(says)), "{want}: {body}");
+    }
+    // The CLI shows the sentence, not a bare status.
+    std::fs::write(c.data_dir().join("big.toml"), format!("# {}\n", "x".repeat(300 * 1024))).unwrap();
+    let said = c.fails(&["workspace", "create", "big", "--template", c.data_dir().join("big.toml").to_str().unwrap()]);
+    assert!(said.contains("over the API's limit"), "{said}");
+}
