@@ -162,8 +162,26 @@ fn sigpipe(quiet_exit: bool) {
     let _ = unsafe { signal(Signal::SIGPIPE, handler) };
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // An empty TETHER_… variable means unset, as `serve` and `config check` read them; clap would
+    // take it as a flag given no value ("a value is required for '--data-dir'"). Done before any
+    // other thread exists.
+    for (key, value) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| k.starts_with("TETHER_")) && value.is_empty() {
+            std::env::remove_var(key);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(async_main());
+}
+
+async fn async_main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     sigpipe(true);
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();

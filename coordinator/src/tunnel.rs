@@ -130,6 +130,8 @@ async fn handle(conn: quinn::Connection, remote: SocketAddr, engine: Arc<Engine>
     match session(&conn, remote, &engine, pending).await {
         Ok(()) => {}
         Err(TunnelError::Connection(e)) => debug!(%remote, error = %e, "agent connection ended"),
+        // The coordinator is stopping and closed its connections: their streams fail, as expected.
+        Err(e) if engine.is_shutting_down() => debug!(%remote, error = %e, "agent connection ended at shutdown"),
         Err(e) => {
             warn!(%remote, error = %e, "closing agent connection");
             conn.close(CLOSE_PROTOCOL.into(), truncate_reason(&e.to_string()));
@@ -318,6 +320,10 @@ async fn log_stream(
     }
     .await;
     if let Err(e) = result {
+        if engine.is_shutting_down() {
+            debug!(workspace = id, error = %e, "log stream ended at shutdown");
+            return;
+        }
         warn!(workspace = id, error = %e, "closing agent connection (log stream)");
         conn.close(CLOSE_PROTOCOL.into(), truncate_reason(&e.to_string()));
     }

@@ -216,3 +216,19 @@ fn umask() -> u32 {
     let line = status.lines().find_map(|l| l.strip_prefix("Umask:")).expect("Umask in /proc/self/status");
     u32::from_str_radix(line.trim(), 8).unwrap()
 }
+
+#[test]
+fn an_empty_variable_counts_as_unset_for_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    // As `serve` and `config check` read them: TETHER_DATA_DIR= is no data directory, not a
+    // `--data-dir` given no value.
+    let out = tether(dir.path())
+        .args(["--url", "http://127.0.0.1:1", "--token", "x", "workspace", "count"])
+        .env("TETHER_DATA_DIR", "")
+        .env("TETHER_LOG", "")
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("cannot reach the coordinator at http://127.0.0.1:1"), "{said}");
+}
