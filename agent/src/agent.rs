@@ -101,6 +101,11 @@ pub async fn run(
     // Script logs may hold secrets a script printed: keep the directory to the workspace user.
     tether_shared::fs::create_private_dir(&data_dir)
         .map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
+    // Scripts an earlier agent process was running when it died: the start phase runs them again.
+    let ended = tether_shared::leftovers::end_all(&data_dir.join(tether_shared::leftovers::DIR));
+    if !ended.is_empty() {
+        tracing::info!(groups = ?ended, "ended the scripts an earlier agent process left running");
+    }
     let saved = match state::load(&data_dir) {
         Ok(saved) => saved,
         Err(e) => {
@@ -162,7 +167,14 @@ pub async fn run(
         drain: drain_rx,
     }));
     let agent = Agent {
-        env: Arc::new(PhaseEnv { outboxes, clock: boot, user, logs_dir: data_dir.join("logs"), metrics }),
+        env: Arc::new(PhaseEnv {
+            outboxes,
+            clock: boot,
+            user,
+            logs_dir: data_dir.join("logs"),
+            running_dir: data_dir.join(tether_shared::leftovers::DIR),
+            metrics,
+        }),
         data_dir,
         saved,
         handled: None,

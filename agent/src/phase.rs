@@ -25,6 +25,8 @@ pub struct PhaseEnv {
     pub user: LocalUser,
     /// `DATA/logs`.
     pub logs_dir: PathBuf,
+    /// `DATA/running`: the process groups of the scripts running now (`tether_shared::leftovers`).
+    pub running_dir: PathBuf,
     pub metrics: Arc<AgentMetrics>,
 }
 
@@ -136,6 +138,7 @@ async fn run_one(
         env_remove: HIDDEN_ENV.iter().map(|s| s.to_string()).collect(),
         working_dir,
         timeout,
+        record_in: Some(env.running_dir.clone()),
     };
     let mut sink = ScriptLog::open(env, build, &script.name);
     tracing::info!(build, script = %script.name, stage = kind.stage(), "script started");
@@ -467,6 +470,7 @@ mod tests {
             clock: WallClock::start(),
             user: LocalUser { shell: "/bin/sh".into(), home: dir.path().to_path_buf() },
             logs_dir: dir.path().join("logs"),
+            running_dir: dir.path().join("running"),
             metrics: Default::default(),
         });
         // a and b each wait for the other's file: they only finish if they run at the same time.

@@ -65,6 +65,9 @@ pub struct ScriptCommand {
     pub working_dir: PathBuf,
     /// `None`: no time limit.
     pub timeout: Option<Duration>,
+    /// Where the script's process group is recorded while it runs, so that a next agent process
+    /// can end it if this one dies first (`tether_shared::leftovers`).
+    pub record_in: Option<PathBuf>,
 }
 
 /// How a script run ended.
@@ -179,6 +182,14 @@ pub async fn run<S: OutputSink + Send>(
     };
     // The child is its own group leader, so its pid is the group id. A pid always fits an i32.
     let group = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    // Removed when this returns: the script's group has ended or been killed by then.
+    let _running = match (group, &cmd.record_in) {
+        (Some(g), Some(dir)) => tether_shared::leftovers::record(dir, g.as_raw())
+            .inspect_err(|e| tracing::warn!(error = %e, "could not record a running script's process group"))
+            .ok()
+            .flatten(),
+        _ => None,
+    };
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut output = ScriptOutput::default();
@@ -359,6 +370,7 @@ mod tests {
             env_remove: vec!["HOME".into()],
             working_dir: std::env::temp_dir(),
             timeout,
+            record_in: None,
         }
     }
 

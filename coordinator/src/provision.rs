@@ -238,10 +238,14 @@ fn ending_here(pid: Pid) {
 }
 
 async fn stop_agent_process(engine: &Engine, name: &str, grace: Duration) {
-    let Some(pid) = read_pid(engine, name) else { return };
+    let Some(pid) = read_pid(engine, name) else {
+        end_leftover_scripts(engine, name);
+        return;
+    };
     ending_here(pid);
     if wait_gone(pid, Duration::from_secs(2)).await {
         let _ = std::fs::remove_file(pid_file(engine, name));
+        end_leftover_scripts(engine, name);
         return;
     }
     let _ = kill(pid, Signal::SIGTERM);
@@ -251,11 +255,25 @@ async fn stop_agent_process(engine: &Engine, name: &str, grace: Duration) {
         wait_gone(pid, Duration::from_secs(5)).await;
     }
     let _ = std::fs::remove_file(pid_file(engine, name));
+    end_leftover_scripts(engine, name);
+}
+
+/// Scripts in their own process groups outlive an agent that was killed: end those it was still
+/// running, which the next agent would run again or a delete would leave behind.
+fn end_leftover_scripts(engine: &Engine, name: &str) {
+    let dir = workspace_dir(engine, name).join("agent").join(tether_shared::leftovers::DIR);
+    let ended = tether_shared::leftovers::end_all(&dir);
+    if !ended.is_empty() {
+        info!(workspace = %name, groups = ?ended, "ended the scripts a dead agent left running");
+    }
 }
 
 /// Ends a lost agent that is to be replaced, without its stop phase: SIGKILL to its process group.
 async fn kill_agent_process(engine: &Engine, name: &str) {
-    let Some(pid) = read_pid(engine, name) else { return };
+    let Some(pid) = read_pid(engine, name) else {
+        end_leftover_scripts(engine, name);
+        return;
+    };
     ending_here(pid);
     if !wait_gone(pid, Duration::ZERO).await {
         info!(workspace = %name, pid = pid.as_raw(), "replacing the agent: killing the old one's process group");
@@ -263,6 +281,7 @@ async fn kill_agent_process(engine: &Engine, name: &str) {
         wait_gone(pid, Duration::from_secs(5)).await;
     }
     let _ = std::fs::remove_file(pid_file(engine, name));
+    end_leftover_scripts(engine, name);
 }
 
 /// Runs one of ops' provisioning commands with the workspace's details in its environment,

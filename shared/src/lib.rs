@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod frame;
 pub mod fs;
 pub mod io;
+pub mod leftovers;
 pub mod limits;
 pub mod lines;
 pub mod login;

@@ -177,3 +177,35 @@ fn a_process_agent_that_dies_turns_its_workspace_unhealthy_at_once_saying_how() 
     assert!(!history.iter().any(|t| t["reason"].as_str().is_some_and(|r| r.contains("has died"))), "{history:?}");
     assert_eq!(c.show("frozen")["status"], "running");
 }
+
+/// Pids of processes whose command line is exactly `cmd`.
+fn pids_of(cmd: &str) -> Vec<i32> {
+    let out = std::process::Command::new("pgrep").args(["-x", "-f", cmd]).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[test]
+fn scripts_a_killed_agent_left_running_are_ended_not_run_twice_nor_left_behind() {
+    let c = Coordinator::start();
+    // A command line no other run of this test shares.
+    let cmd = &format!("sleep {}", 100_000 + std::process::id());
+    let template = format!("provisioner = \"process\"\n[[script]]\nname = \"long\"\nrun = \"exec {cmd}\"\n");
+    c.create("dev", &template, &["--start"]);
+    wait_until("the start script to run", LONG, || pids_of(cmd).len() == 1);
+    let first = pids_of(cmd)[0];
+    kill(agent_pid(&c, "dev"), Signal::SIGKILL).expect("SIGKILL the agent");
+    c.wait_for("dev", "unhealthy", LONG);
+    assert_eq!(pids_of(cmd), [first], "the script outlives its agent, as sshd's sessions do");
+
+    // The agent is brought back and runs the unfinished script again: the first run is ended.
+    c.ok(&["workspace", "start", "dev"]);
+    // One run, the new one: the first is gone (a zombie left to whoever reaps it has no command
+    // line for pgrep to match).
+    wait_until("the script to run once again, and only once", LONG, || {
+        let now = pids_of(cmd);
+        now.len() == 1 && now[0] != first
+    });
+
+    c.ok(&["workspace", "delete", "dev", "--wait"]);
+    wait_until("nothing left of the workspace", LONG, || pids_of(cmd).is_empty());
+}
