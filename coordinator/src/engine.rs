@@ -906,8 +906,9 @@ impl Engine {
         }
         match row.status {
             Starting | Running | Unhealthy => {}
-            // The agent shutting down comes back (its connection dropped) to finish and say goodbye.
-            Stopping if reconnect => {}
+            // The agent shutting down comes back (its connection dropped, or the coordinator
+            // restarted during a stop or delete) to finish its stop scripts and say goodbye.
+            Stopping | Deleting if reconnect => {}
             // Another agent process while a stop or delete runs: it would be left running, its
             // token cleared, unseen by the stop that already looked for the agent. Or, for an
             // external workspace, while the agent is still in its own shutdown (above).
@@ -928,7 +929,13 @@ impl Engine {
                 self.metrics.transition_begun(row.id, Transition::Start);
                 self.set_status(&mut row, Starting, "agent connected").await.map_err(internal)?;
             }
-            Deleting | Deleted => {
+            Deleting => {
+                return Err(Rejected {
+                    code: RejectCode::WorkspaceNotRunnable,
+                    message: format!("workspace '{}' is being deleted", row.name),
+                })
+            }
+            Deleted => {
                 return Err(Rejected {
                     code: RejectCode::WorkspaceNotRunnable,
                     message: format!("workspace '{}' is deleted", row.name),

@@ -1101,3 +1101,25 @@ fn a_process_workspace_gets_none_of_the_coordinators_environment_but_what_it_nee
     let lines: Vec<String> = c.logs("dev").into_iter().filter(|(s, _)| s == "env").map(|(_, l)| l).collect();
     assert_eq!(lines, ["secret=absent lc=passed path=set"]);
 }
+
+#[test]
+fn a_delete_cut_off_by_a_coordinator_restart_lets_the_agent_finish_its_stop_scripts() {
+    let mut c = Coordinator::start();
+    let ran = c.data_dir().join("stop-ran");
+    let template = format!(
+        "provisioner = \"process\"\n[[script]]\nname = \"save\"\non = \"stop\"\nrun = \"sleep 3; echo saved > {}\"\n",
+        ran.display()
+    );
+    c.create("dev", &template, &["--start"]);
+    assert_eq!(c.wait_for("dev", "running,unhealthy,failed", LONG)["status"], "running");
+    c.ok(&["workspace", "delete", "dev"]);
+    wait_until("the stop script to run", LONG, || c.show("dev")["lifecycle"] == "shutting_down");
+    c.kill();
+    c.start_again();
+    // The agent comes back to the restarted coordinator, finishes its stop script and says
+    // goodbye; the delete then ends. It used to be turned away ("workspace 'dev' is deleted") and
+    // killed.
+    wait_until("the delete to end", LONG, || !c.cli(&["workspace", "show", "dev"]).status.success());
+    assert_eq!(std::fs::read_to_string(&ran).unwrap_or_default(), "saved\n", "the stop script finished");
+    assert!(!c.log_tail().contains("workspace 'dev' is deleted"), "{}", c.log_tail());
+}
