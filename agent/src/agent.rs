@@ -118,7 +118,8 @@ pub async fn run(
     let outboxes = Arc::new(Outboxes::default());
     let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "unknown".to_string());
     let (manifests_tx, manifests) = watch::channel(None);
-    let ssh = SshServer::new(&data_dir, manifests_tx.subscribe(), Account::discover())?;
+    let (notice, notice_rx) = watch::channel(None);
+    let ssh = SshServer::new(&data_dir, manifests_tx.subscribe(), notice_rx, Account::discover())?;
     if let Some(listen) = &config.ssh_listen {
         let listener = tokio::net::TcpListener::bind(listen.addr)
             .await
@@ -181,6 +182,7 @@ pub async fn run(
         manifest: None,
         seen_manifest: false,
         start: None,
+        notice,
     };
     agent.serve(shutdown, manifests, coordinator_shutdown, drain, tunnel).await
 }
@@ -213,6 +215,8 @@ struct Agent {
     handled: Option<u64>,
     /// The newest manifest, for the stop scripts.
     manifest: Option<Arc<Manifest>>,
+    /// What interactive SSH logins are told first: why this build's start phase failed.
+    notice: watch::Sender<Option<String>>,
     seen_manifest: bool,
     start: Option<StartPhase>,
 }
@@ -303,6 +307,7 @@ impl Agent {
         // The boot that starts a build measures "ready" from process start; a later build from its manifest.
         let ready_from = if first { clock.origin() } else { Instant::now() };
         self.start = Some(StartPhase { build, ready_from, cancel, task });
+        self.notice.send_replace(None);
         self.handled = Some(build);
     }
 
@@ -328,6 +333,13 @@ impl Agent {
             None => tracing::info!(build = phase.build, lifecycle = %lifecycle, "start phase finished"),
             Some(d) => tracing::warn!(build = phase.build, lifecycle = %lifecycle, detail = %d, "start phase finished"),
         }
+        // A login lets the user in (a failure of scripts that do not block login, or a workspace
+        // `unhealthy` since its login-blocking one failed): say why things may be missing.
+        self.notice.send_replace(match (lifecycle, &detail) {
+            (Lifecycle::Ready, _) => None,
+            (_, Some(d)) => Some(format!("tether: {d}; this workspace may not be fully set up")),
+            (_, None) => Some("tether: this workspace's startup scripts failed".to_string()),
+        });
         // The span first: whoever sees the final lifecycle stored can already see the whole timeline.
         self.span(phase.build, "agent", "ready", phase.ready_from, now, status);
         self.lifecycle(phase.build, lifecycle, detail);

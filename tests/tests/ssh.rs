@@ -1765,3 +1765,28 @@ fn a_client_that_takes_no_more_output_ends_the_remote_command() {
         !Command::new("pgrep").args(["-f", &format!("^yes {marker}")]).status().unwrap().success()
     });
 }
+
+#[test]
+fn an_interactive_login_says_when_the_startup_scripts_failed() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    // A script that does not block login fails: the workspace runs, and a login says so first.
+    let template = format!("{TEMPLATE}\n[[script]]\nname = \"warm\"\nrun = \"exit 3\"\n");
+    let created = coord.create("dev", &template, &["--owner", "alice"]);
+    let token = created["agent_token"].as_str().unwrap().to_string();
+    let _agent = Agent::start(&coord, &token, &coord.data_dir().join("agent-dev"));
+    let w = coord.wait_for("dev", "running", LONG);
+    assert!(w["status_reason"].as_str().unwrap().contains("'warm' exited with code 3"), "{w}");
+    let mut ssh = alice.ssh().args(["-tt", "dev.tether"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    ssh.stdin.take().unwrap().write_all(b"exit\n").unwrap();
+    let out = ssh.wait_with_output().unwrap();
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains(
+            "tether: startup script 'warm' exited with code 3; this workspace may not be fully set up\r\nWelcome"
+        ),
+        "{shown}"
+    );
+    // A command gets none of it.
+    assert_eq!(alice.ok("dev.tether", "echo plain").trim(), "plain");
+}

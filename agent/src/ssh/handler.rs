@@ -189,9 +189,15 @@ impl Connection {
         };
         let launch = self.launch(program, state);
         let banner = interactive
-            .then(|| self.server.manifest().and_then(|m| m.ssh.motd.clone()))
+            .then(|| {
+                let motd = self.server.manifest().and_then(|m| m.ssh.motd.clone()).filter(|m| !m.is_empty());
+                // The notice first: a failed startup explains what the MOTD may promise.
+                match (self.server.notice(), motd) {
+                    (Some(n), Some(m)) => Some(format!("{n}\n{m}")),
+                    (n, m) => n.or(m),
+                }
+            })
             .flatten()
-            .filter(|m| !m.is_empty())
             .map(|m| motd_bytes(&m));
         let launching = session::Launching {
             launch,

@@ -170,6 +170,8 @@ pub struct SshServer {
     host_key_line: String,
     certificate: RwLock<Option<Certificate>>,
     manifests: watch::Receiver<Option<FetchedManifest>>,
+    /// A line for interactive logins: why the start phase failed, if it did.
+    notice: watch::Receiver<Option<String>>,
     account: Account,
     activity: Arc<Activity>,
     permits: Arc<Semaphore>,
@@ -183,6 +185,7 @@ impl SshServer {
     pub fn new(
         data_dir: &Path,
         manifests: watch::Receiver<Option<FetchedManifest>>,
+        notice: watch::Receiver<Option<String>>,
         account: Account,
     ) -> Result<Arc<Self>, SshError> {
         let host_key = keys::load_or_create_host_key(data_dir)?;
@@ -192,11 +195,17 @@ impl SshServer {
             host_key_line,
             certificate: RwLock::new(None),
             manifests,
+            notice,
             account,
             activity: Arc::new(Activity::default()),
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             runtime_dir: std::env::temp_dir(),
         }))
+    }
+
+    /// What interactive logins are told first, if anything.
+    pub fn notice(&self) -> Option<String> {
+        self.notice.borrow().clone()
     }
 
     /// The host key as one OpenSSH public-key line, for the hello.
