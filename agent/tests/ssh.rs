@@ -653,7 +653,8 @@ mod brokered {
         let home = dir.join("home");
         std::fs::create_dir_all(&home).unwrap();
         let account = Account { name: "dev".into(), home, shell: "/bin/bash".into() };
-        (SshServer::new(&dir.join("data"), rx, account).unwrap(), tx)
+        let (_, notice) = tokio::sync::watch::channel(None);
+        (SshServer::new(&dir.join("data"), rx, notice, account).unwrap(), tx)
     }
 }
 
