@@ -281,6 +281,9 @@ pub enum WorkspaceCmd {
         /// running.
         #[arg(long, requires = "start")]
         wait: bool,
+        /// With --wait: give up after this long (e.g. 10m; exit 1). Default 1h.
+        #[arg(long, requires = "wait", value_name = "DURATION")]
+        timeout: Option<humantime::Duration>,
         /// Print the created workspace as JSON (with an external one's agent token and command;
         /// with --wait, once it settles).
         #[arg(long)]
@@ -294,6 +297,9 @@ pub enum WorkspaceCmd {
         /// Wait until the start has finished; exit 1 unless it is running.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (e.g. 10m; exit 1). Default 1h.
+        #[arg(long, requires = "wait", value_name = "DURATION")]
+        timeout: Option<humantime::Duration>,
         /// Print the workspace as JSON (once it settles, with --wait).
         #[arg(long)]
         json: bool,
@@ -306,6 +312,9 @@ pub enum WorkspaceCmd {
         /// Wait until the stop has finished; exit 1 unless it is stopped.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (e.g. 10m; exit 1). Default 1h.
+        #[arg(long, requires = "wait", value_name = "DURATION")]
+        timeout: Option<humantime::Duration>,
         /// Print the workspace as JSON (once it settles, with --wait).
         #[arg(long)]
         json: bool,
@@ -322,6 +331,9 @@ pub enum WorkspaceCmd {
         /// Wait until the delete has finished; exit 1 unless it is deleted.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (e.g. 10m; exit 1). Default 1h.
+        #[arg(long, requires = "wait", value_name = "DURATION")]
+        timeout: Option<humantime::Duration>,
         /// Print the workspace as JSON (once it settles, with --wait).
         #[arg(long)]
         json: bool,
@@ -611,6 +623,13 @@ struct Settle {
     target: WorkspaceStatus,
     /// The operation, for the message when it did not work.
     op: &'static str,
+    /// How long `--wait` waits.
+    timeout: Duration,
+}
+
+/// A `--wait`'s limit: `--timeout`, or an hour.
+fn limit(timeout: Option<humantime::Duration>) -> Duration {
+    timeout.map_or(Duration::from_secs(3600), Into::into)
 }
 
 /// After a start, stop or delete: optionally wait for the workspace to settle, then print it. With
@@ -652,9 +671,9 @@ fn already(w: &WorkspaceView, target: WorkspaceStatus) {
 async fn wait_settled(
     client: &Client,
     name: &str,
-    Settle { passing, target, op }: Settle,
+    Settle { passing, target, op, timeout }: Settle,
 ) -> anyhow::Result<(WorkspaceView, Option<String>)> {
-    let w = wait_for(client, name, &settled_statuses(passing), Duration::from_secs(3600)).await?;
+    let w = wait_for(client, name, &settled_statuses(passing), timeout).await?;
     let failed = (w.status != target).then(|| {
         let why = match &w.last_error {
             Some(e) if !e.is_empty() => e.clone(),
@@ -674,7 +693,7 @@ async fn wait_settled(
 
 pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()> {
     match cmd {
-        WorkspaceCmd::Create { name, template, owner, start, wait, json } => {
+        WorkspaceCmd::Create { name, template, owner, start, wait, timeout, json } => {
             if wait && template.is_none() {
                 // It would wait for an agent that needs the token this command has yet to print.
                 anyhow::bail!(
@@ -697,7 +716,8 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             if !wait {
                 return if json { print_json(&created) } else { Ok(()) };
             }
-            let until = Settle { passing: STARTING, target: WorkspaceStatus::Running, op: "start" };
+            let until =
+                Settle { passing: STARTING, target: WorkspaceStatus::Running, op: "start", timeout: limit(timeout) };
             let (settled, failed) = wait_settled(client, &name, until).await?;
             created.workspace = settled;
             if json {
@@ -709,24 +729,27 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                 anyhow::bail!(message);
             }
         }
-        WorkspaceCmd::Start { name, wait, json } => {
+        WorkspaceCmd::Start { name, wait, timeout, json } => {
             let w: WorkspaceView =
                 client.post(&format!("/workspaces/{}/start", enc(&name)), &serde_json::json!({})).await?;
             already(&w, WorkspaceStatus::Running);
-            let until = Settle { passing: STARTING, target: WorkspaceStatus::Running, op: "start" };
+            let until =
+                Settle { passing: STARTING, target: WorkspaceStatus::Running, op: "start", timeout: limit(timeout) };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }
-        WorkspaceCmd::Stop { name, wait, json } => {
+        WorkspaceCmd::Stop { name, wait, timeout, json } => {
             let w: WorkspaceView =
                 client.post(&format!("/workspaces/{}/stop", enc(&name)), &serde_json::json!({})).await?;
             already(&w, WorkspaceStatus::Stopped);
-            let until = Settle { passing: STOPPING, target: WorkspaceStatus::Stopped, op: "stop" };
+            let until =
+                Settle { passing: STOPPING, target: WorkspaceStatus::Stopped, op: "stop", timeout: limit(timeout) };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }
-        WorkspaceCmd::Delete { name, force, wait, json } => {
+        WorkspaceCmd::Delete { name, force, wait, timeout, json } => {
             let w = client.delete(&format!("/workspaces/{}?force={force}", enc(&name))).await?;
             already(&w, WorkspaceStatus::Deleted);
-            let until = Settle { passing: STOPPING, target: WorkspaceStatus::Deleted, op: "delete" };
+            let until =
+                Settle { passing: STOPPING, target: WorkspaceStatus::Deleted, op: "delete", timeout: limit(timeout) };
             settle(client, &name, w, wait.then_some(until), json).await?;
         }
         WorkspaceCmd::List { status, all, json } => {

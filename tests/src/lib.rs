@@ -328,6 +328,8 @@ impl Drop for Coordinator {
             if pid > 1 && ours {
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
+            // And the scripts they were running, in process groups of their own.
+            tether_shared::leftovers::end_all(&ws.path().join("agent").join(tether_shared::leftovers::DIR));
         }
     }
 }

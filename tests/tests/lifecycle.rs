@@ -1123,3 +1123,18 @@ fn a_delete_cut_off_by_a_coordinator_restart_lets_the_agent_finish_its_stop_scri
     assert_eq!(std::fs::read_to_string(&ran).unwrap_or_default(), "saved\n", "the stop script finished");
     assert!(!c.log_tail().contains("workspace 'dev' is deleted"), "{}", c.log_tail());
 }
+
+#[test]
+fn a_wait_gives_up_at_its_timeout() {
+    let c = Coordinator::start();
+    let template = "provisioner = \"process\"\n[[script]]\nname = \"slow\"\nrun = \"sleep 30\"\nblocks_login = true\n";
+    let path = c.data_dir().join("slow.toml");
+    std::fs::write(&path, template).unwrap();
+    c.ok(&["workspace", "create", "dev", "--template", path.to_str().unwrap()]);
+    let out = c.cli(&["workspace", "start", "dev", "--wait", "--timeout", "2s"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("is still starting") && said.trim_end().ends_with("after 2s"), "{said}");
+    // Only with --wait.
+    assert_eq!(c.cli(&["workspace", "stop", "dev", "--timeout", "2s"]).status.code(), Some(64));
+}
