@@ -167,7 +167,12 @@ struct AuditQuery {
 }
 
 async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditRow>> {
-    Ok(Json(s.engine.audit(q.user.as_deref(), q.workspace.as_deref(), q.limit.unwrap_or(100)).await?))
+    let limit = q.limit.unwrap_or(100);
+    // As the CLI checks it: a limit out of range is refused, not quietly clamped.
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("limit {limit}: it must be between 1 and 10000")));
+    }
+    Ok(Json(s.engine.audit(q.user.as_deref(), q.workspace.as_deref(), limit).await?))
 }
 
 /// What a client needs to reach workspaces over SSH.

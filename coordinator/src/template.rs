@@ -167,6 +167,13 @@ impl Template {
         }
         let shutdown_timeout =
             duration("shutdown_timeout", raw.shutdown_timeout.as_deref(), DEFAULT_SHUTDOWN_TIMEOUT, &mut errors);
+        // Under a second is a typo ("1ms" for "1m"): the agent would have no time to connect, or
+        // the stop scripts none to run.
+        for (name, d) in [("connection_timeout", connection_timeout), ("shutdown_timeout", shutdown_timeout)] {
+            if d < Duration::from_secs(1) {
+                errors.push(format!("{name} must be at least 1s (is it a typo for minutes?)"));
+            }
+        }
         let command = match (provisioner, raw.command) {
             (ProvisionerKind::Command, Some(c)) => Some(CommandSpec {
                 timeout: duration("command.timeout", c.timeout.as_deref(), DEFAULT_COMMAND_TIMEOUT, &mut errors),
@@ -341,6 +348,15 @@ mod tests {
         let long_allowed = format!("[ssh]\nallowed_env = [\"{}\"]\n", "B".repeat(2000));
         let err = Template::parse(&long_allowed).unwrap_err().to_string();
         assert!(err.contains("ssh.allowed_env entry"), "{err}");
+    }
+
+    #[test]
+    fn timeouts_under_a_second_are_refused_as_typos() {
+        let err =
+            Template::parse("shutdown_timeout = \"1ms\"\nconnection_timeout = \"500ms\"\n").unwrap_err().to_string();
+        assert!(err.contains("shutdown_timeout must be at least 1s"), "{err}");
+        assert!(err.contains("connection_timeout must be at least 1s"), "{err}");
+        assert!(Template::parse("shutdown_timeout = \"1s\"\n").is_ok());
     }
 
     #[test]

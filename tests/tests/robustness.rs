@@ -538,6 +538,10 @@ fn every_api_error_is_json_with_a_sentence() {
         assert_eq!(code, want, "{body}");
         assert!(body["error"].as_str().is_some_and(|e| e.contains(says)), "{want}: {body}");
     }
+    // Values out of range are refused, as the CLI refuses them, not quietly clamped.
+    let (code, body) = curl(&[&url("/audit?limit=0")]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("between 1 and 10000"), "{body}");
     // The CLI shows the sentence, not a bare status.
     std::fs::write(c.data_dir().join("big.toml"), format!("# {}\n", "x".repeat(300 * 1024))).unwrap();
     let said = c.fails(&["workspace", "create", "big", "--template", c.data_dir().join("big.toml").to_str().unwrap()]);
