@@ -273,11 +273,29 @@ impl Handler {
         text
     }
 
-    async fn say_and_close(&self, channel: ChannelId, session: &mut Session) -> Result<(), anyhow::Error> {
-        let text = self.greeting().await;
+    /// The greeting, on a shell or a command. A command is not run (the front door runs nothing):
+    /// it gets the greeting on stderr and exit status 1, so a script that meant a workspace fails.
+    async fn say_and_close(
+        &self,
+        channel: ChannelId,
+        command: Option<&[u8]>,
+        session: &mut Session,
+    ) -> Result<(), anyhow::Error> {
+        let mut text = self.greeting().await;
         session.channel_success(channel)?;
-        session.data(channel, text.into_bytes())?;
-        session.exit_status_request(channel, 0)?;
+        let status = match command {
+            None => {
+                session.data(channel, text.into_bytes())?;
+                0
+            }
+            Some(cmd) => {
+                let cmd: String = String::from_utf8_lossy(cmd).chars().take(80).collect();
+                text = format!("the front door runs no commands (not `{cmd}`): `ssh NAME.tether …` runs them in a workspace\r\n{text}");
+                session.extended_data(channel, 1, text.into_bytes())?;
+                1
+            }
+        };
+        session.exit_status_request(channel, status)?;
         session.eof(channel)?;
         session.close(channel)?;
         Ok(())
@@ -380,16 +398,16 @@ impl russh::server::Handler for Handler {
     }
 
     async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
-        self.say_and_close(channel, session).await
+        self.say_and_close(channel, None, session).await
     }
 
     async fn exec_request(
         &mut self,
         channel: ChannelId,
-        _data: &[u8],
+        data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.say_and_close(channel, session).await
+        self.say_and_close(channel, Some(data), session).await
     }
 
     async fn pty_request(

@@ -1790,3 +1790,20 @@ fn an_interactive_login_says_when_the_startup_scripts_failed() {
     // A command gets none of it.
     assert_eq!(alice.ok("dev.tether", "echo plain").trim(), "plain");
 }
+
+#[test]
+fn the_front_door_greets_lists_and_runs_no_commands() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+    // A shell: the greeting and alice's workspaces.
+    let out = alice.ssh().args(["-T", "tether-frontdoor"]).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(said.contains("Hi alice") && said.contains("dev.tether  running"), "{said}");
+    // A command is not run, and fails, so a script that meant a workspace notices.
+    let out = alice.ssh().args(["tether-frontdoor", "ls"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("the front door runs no commands (not `ls`)"), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).is_empty());
+}
