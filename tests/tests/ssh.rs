@@ -1406,20 +1406,30 @@ fn long_session(user: &SshUser, host: &str) -> KillOnDrop {
 /// Runs `client` (an ssh command line without its remote command) with a remote command that
 /// prints "started" and then sleeps; returns once it has printed it.
 fn started(mut client: Command) -> KillOnDrop {
-    let mut child = client.arg("echo started; sleep 600").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    // A remote command line of its own: a session whose agent was killed goes on (as under sshd),
+    // and is ended by that name when the test is done with it.
+    static SESSIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let remote = format!("sleep 600.{}{n:03}", std::process::id());
+    let mut child =
+        client.arg(format!("echo started; {remote}")).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "started");
-    KillOnDrop(child)
+    KillOnDrop(child, Some(remote))
 }
 
-/// A child process killed (and reaped) when dropped.
-struct KillOnDrop(std::process::Child);
+/// A child process killed (and reaped) when dropped, with the remote command of its SSH session
+/// if it has one.
+struct KillOnDrop(std::process::Child, Option<String>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if let Some(remote) = &self.1 {
+            let _ = Command::new("pkill").args(["-x", "-f", remote]).status();
+        }
     }
 }
 
@@ -1453,7 +1463,7 @@ fn a_signal_request_reaches_the_remote_command() {
         let mut child = proxy.spawn().expect("tether ssh --stdio");
         let stdout = tokio::process::ChildStdout::from_std(child.stdout.take().expect("stdout")).expect("stdout");
         let stdin = tokio::process::ChildStdin::from_std(child.stdin.take().expect("stdin")).expect("stdin");
-        let _child = KillOnDrop(child);
+        let _child = KillOnDrop(child, None);
         let stream = tokio::io::join(stdout, stdin);
         let config = std::sync::Arc::new(russh::client::Config::default());
         let mut session = russh::client::connect_stream(config, stream, RusshClient).await.expect("ssh handshake");
@@ -1580,7 +1590,7 @@ fn ssh_waits_for_the_start_scripts_that_block_login() {
     // Its own process group, so that its ProxyJump `ssh -W` goes with it.
     let mut quitter = alice.ssh();
     std::os::unix::process::CommandExt::process_group(quitter.args(["slow.tether", "true"]).stderr(Stdio::null()), 0);
-    let mut quitter = KillOnDrop(quitter.spawn().unwrap());
+    let mut quitter = KillOnDrop(quitter.spawn().unwrap(), None);
     wait_until("a second connection to wait", LONG, || log_text().matches("ssh waits for the workspace").count() >= 2);
     let group = nix::unistd::Pid::from_raw(-(quitter.0.id() as i32));
     nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL).unwrap();
