@@ -156,11 +156,12 @@ async fn spawn_agent(
     let pid = child.id().unwrap_or(0);
     tokio::fs::write(pid_file(engine, &row.name), pid.to_string()).await.map_err(other)?;
     let (name, id, weak) = (row.name.clone(), row.id, Arc::downgrade(engine));
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).insert(pid, false);
     tokio::spawn(async move {
         match child.wait().await {
             Ok(exit) => {
                 info!(workspace = %name, pid, status = %exit, "agent process exited");
-                let ours = ENDED_HERE.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+                let ours = CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid).unwrap_or(false);
                 let died = status::agent_death_reason(exit.signal(), exit.code(), &log_path);
                 if let (false, Some(reason), Some(engine)) = (ours, died, weak.upgrade()) {
                     engine.agent_process_died(id, reason).await;
@@ -225,18 +226,22 @@ async fn wait_gone(pid: Pid, timeout: Duration) -> bool {
     true
 }
 
-/// Ends a `process` workspace's agent: it has usually left already after a shutdown request; if
-/// not, SIGTERM lets it run its stop scripts, and SIGKILL of its group ends a hung one.
-/// Agent processes this coordinator is ending itself (a stop, a replacement): their exit is no news.
-static ENDED_HERE: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<u32>>> =
+/// The agent processes this coordinator spawned and still waits for, each with whether it is
+/// ending that agent itself (a stop, a replacement), which makes its exit no news. Agents left from
+/// before a coordinator restart are not its children and are not here, so nothing stays behind.
+static CHILDREN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u32, bool>>> =
     std::sync::LazyLock::new(Default::default);
 
 fn ending_here(pid: Pid) {
     if let Ok(pid) = u32::try_from(pid.as_raw()) {
-        ENDED_HERE.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+        if let Some(ending) = CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&pid) {
+            *ending = true;
+        }
     }
 }
 
+/// Ends a `process` workspace's agent: it has usually left already after a shutdown request; if
+/// not, SIGTERM lets it run its stop scripts, and SIGKILL of its group ends a hung one.
 async fn stop_agent_process(engine: &Engine, name: &str, grace: Duration) {
     let Some(pid) = read_pid(engine, name) else {
         end_leftover_scripts(engine, name);

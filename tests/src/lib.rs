@@ -221,16 +221,16 @@ impl Coordinator {
         self.spawn();
     }
 
+    /// `tether ARGS` against this coordinator, to run as the caller likes.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("tether"));
+        c.arg("--data-dir").arg(self.data_dir()).args(args).env_remove("TETHER_URL").env_remove("TETHER_TOKEN");
+        c
+    }
+
     /// Runs `tether ARGS` against this coordinator.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("tether"))
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .args(args)
-            .env_remove("TETHER_URL")
-            .env_remove("TETHER_TOKEN")
-            .output()
-            .expect("run tether")
+        self.cli_command(args).output().expect("run tether")
     }
 
     /// Runs the CLI and expects success; returns stdout.

@@ -407,12 +407,8 @@ fn a_coordinator_whose_log_reader_died_keeps_working_and_the_cli_ends_quietly_on
 
     // The CLI's output going to a reader that left (`| head`): it ends quietly, as Unix tools do,
     // instead of panicking with a backtrace.
-    let mut list = std::process::Command::new(tether_tests::bin("tether"))
-        .arg("--data-dir")
-        .arg(c.data_dir())
-        .args(["workspace", "list"])
-        .env_remove("TETHER_URL")
-        .env_remove("TETHER_TOKEN")
+    let mut list = c
+        .cli_command(&["workspace", "list"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -440,12 +436,8 @@ fn a_wait_goes_on_across_a_coordinator_restart() {
     use std::io::BufRead;
     let mut c = Coordinator::start();
     let token = c.create("ext", HEALTHY, &[])["agent_token"].as_str().unwrap().to_string();
-    let mut wait = std::process::Command::new(tether_tests::bin("tether"))
-        .arg("--data-dir")
-        .arg(c.data_dir())
-        .args(["workspace", "wait", "ext", "--for", "running", "--timeout", "180s"])
-        .env_remove("TETHER_URL")
-        .env_remove("TETHER_TOKEN")
+    let mut wait = c
+        .cli_command(&["workspace", "wait", "ext", "--for", "running", "--timeout", "180s"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

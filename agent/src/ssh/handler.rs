@@ -596,7 +596,11 @@ impl russh::server::Handler for Connection {
     async fn channel_eow(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
         if let Some(s) = self.sessions.get(&channel) {
             if s.started {
-                let _ = s.control.try_send(Control::Eow);
+                // Once per channel, and never lost: behind a burst of window changes it waits its turn.
+                if let Err(mpsc::error::TrySendError::Full(eow)) = s.control.try_send(Control::Eow) {
+                    let control = s.control.clone();
+                    tokio::spawn(async move { control.send(eow).await });
+                }
             }
         }
         Ok(())
