@@ -381,15 +381,31 @@ async fn logs(
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(s.engine.config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let mut rx = s.engine.subscribe_logs();
+    let mut changes = s.engine.subscribe_changes();
+    let id = row.id;
+    let mut row = row;
     loop {
         rx.borrow_and_update();
-        let rows = s.engine.store.logs(row.id, q.after, limit, q.source.as_deref()).await.map_err(OpError::from)?;
-        if !rows.is_empty() || tokio::time::Instant::now() >= deadline {
+        changes.borrow_and_update();
+        // The status before the lines: a line stored before the workspace ended is in this answer.
+        let ended = match row.status {
+            WorkspaceStatus::Stopped | WorkspaceStatus::Deleted => true,
+            WorkspaceStatus::Failed => s.engine.agent_connection(id).is_none(),
+            _ => false,
+        };
+        let rows = s.engine.store.logs(id, q.after, limit, q.source.as_deref()).await.map_err(OpError::from)?;
+        if !rows.is_empty() || ended || tokio::time::Instant::now() >= deadline {
             let next = rows.last().map_or(q.after, |r| r.id);
-            return Ok(Json(LogsView { lines: rows.iter().map(LogView::from).collect(), next }));
+            // More lines may follow those of a full page.
+            let ended = ended && rows.len() < limit as usize;
+            return Ok(Json(LogsView { lines: rows.iter().map(LogView::from).collect(), next, ended }));
         }
-        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-            continue;
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = rx.changed() => {}
+            _ = changes.changed() => {
+                row = s.engine.store.workspace_by_id(id).await.map_err(OpError::from)?.ok_or(OpError::NotFound(name.clone()))?;
+            }
         }
     }
 }

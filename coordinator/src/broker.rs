@@ -510,8 +510,9 @@ async fn authorize_and_open(
 
 impl Brokered {
     /// Copies bytes both ways until both sides are done or one fails, then records the end.
-    /// Returns the bytes sent up (client → agent) and down.
-    pub async fn splice<S: AsyncRead + AsyncWrite + Unpin>(self, client: S) -> (u64, u64) {
+    /// Returns why it ended, for its client, unless one of its ends closed it.
+    pub async fn splice<S: AsyncRead + AsyncWrite + Unpin>(self, client: S) -> Option<String> {
+        let _splicing = Splicing::new(&self.engine);
         let (up_total, down_total) = self.engine.metrics.ssh_bytes();
         let counters = Arc::new(Counters { up: 0.into(), down: 0.into(), up_total, down_total });
         let mut client = Counting { inner: client, counters: counters.clone() };
@@ -545,6 +546,7 @@ impl Brokered {
             () = end.notified() => Err(()),
         };
         let ended = engine.ssh_open.lock().unwrap_or_else(|e| e.into_inner()).remove(&connection_id);
+        let mut ended_by_us = false;
         let result = match result {
             Ok(r) => r,
             // Access was taken away: the agent's side is reset (its session ends), and the
@@ -552,24 +554,31 @@ impl Brokered {
             Err(()) => {
                 let why = ended.and_then(|o| o.why).unwrap_or_else(|| "access removed".into());
                 info!(%workspace, connection_id, %why, "ssh connection ended by the coordinator");
+                ended_by_us = true;
                 Err(std::io::Error::other(why))
             }
         };
         let (up, down) = (counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
-        let outcome = match &result {
-            Ok(_) => "closed".to_string(),
+        let (outcome, why) = match &result {
+            Ok(_) => ("closed".to_string(), None),
             // The client closed its channel while the agent still had bytes for it: a normal end.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => "closed".to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ("closed".to_string(), None),
             Err(e) => {
                 let (mut recv, mut send) = agent.into_inner();
                 let _ = send.reset(0u32.into());
                 let _ = recv.stop(0u32.into());
-                format!("ended: {e}")
+                let why = match ended_by_us {
+                    true => Some(format!("workspace '{workspace}': {e}")),
+                    false if from_agent(e) => Some(agent_gone(&engine, &workspace).await),
+                    // The client's side failed: nobody to tell.
+                    false => None,
+                };
+                (format!("ended: {e}"), why)
             }
         };
         info!(%workspace, connection_id, up, down, %outcome, "ssh connection ended");
         record_end(&engine, &workspace, connection_id, up, down, &outcome).await;
-        (up, down)
+        why
     }
 
     /// Records the end of a connection that never carried bytes.
@@ -579,6 +588,40 @@ impl Brokered {
 
     async fn finish(self, up: u64, down: u64, outcome: &str) {
         record_end(&self.engine, &self.workspace, self.connection_id, up, down, outcome).await;
+    }
+}
+
+/// Whether a splice's error came from the agent's side: its stream or its connection.
+fn from_agent(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<quinn::ReadError>() || inner.is::<quinn::WriteError>())
+}
+
+/// What the client of a connection whose agent side failed is told: the workspace's status when it
+/// says more (stopping, unhealthy with the reason).
+async fn agent_gone(engine: &Engine, workspace: &str) -> String {
+    let said = format!("workspace '{workspace}': the connection to its agent ended");
+    match engine.store.workspace(workspace).await {
+        Ok(Some(row)) if row.status != WorkspaceStatus::Running => match row.status_reason.as_str() {
+            "" => format!("{said} (the workspace is {})", row.status),
+            reason => format!("{said} (the workspace is {}: {reason})", row.status),
+        },
+        _ => said,
+    }
+}
+
+/// Counts a splice while it runs, for a shutdown that waits for them to say why they end.
+struct Splicing(Arc<Engine>);
+
+impl Splicing {
+    fn new(engine: &Arc<Engine>) -> Self {
+        engine.ssh_splicing.fetch_add(1, Ordering::Relaxed);
+        Splicing(engine.clone())
+    }
+}
+
+impl Drop for Splicing {
+    fn drop(&mut self) {
+        self.0.ssh_splicing.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -380,7 +380,8 @@ pub enum WorkspaceCmd {
     Logs {
         /// The workspace's name.
         name: String,
-        /// Keep printing new lines as they arrive.
+        /// Keep printing new lines as they arrive, until the workspace is stopped, deleted, or
+        /// failed with no agent.
         #[arg(long, short)]
         follow: bool,
         /// Only this script (or `provision:start` etc.).
@@ -854,7 +855,8 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                     }
                 }
                 after = logs.next;
-                if !follow && logs.lines.is_empty() {
+                // Following ends with the workspace: stopped, deleted, or failed with no agent.
+                if (!follow && logs.lines.is_empty()) || (follow && logs.ended) {
                     break;
                 }
             }

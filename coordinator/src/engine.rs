@@ -104,6 +104,8 @@ pub struct Engine {
     pub(crate) ssh_refusals: Mutex<crate::ratelimit::RateLimiter>,
     /// Brokered SSH connections open now, by audit id: what access changes end.
     pub(crate) ssh_open: Mutex<HashMap<i64, crate::broker::OpenSsh>>,
+    /// Brokered SSH connections being spliced now, until their end is recorded.
+    pub(crate) ssh_splicing: std::sync::atomic::AtomicUsize,
 }
 
 /// What an accepted hello gives the tunnel.
@@ -176,6 +178,7 @@ impl Engine {
                 crate::broker::AUDITED_REFUSALS_BURST,
             )),
             ssh_open: Mutex::new(HashMap::new()),
+            ssh_splicing: 0.into(),
         })
     }
 

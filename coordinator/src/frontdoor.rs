@@ -341,7 +341,7 @@ impl russh::server::Handler for Handler {
         _originator_address: &str,
         _originator_port: u32,
         reply: russh::server::ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some((user, fp)) = self.user.clone() else {
             reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
@@ -366,11 +366,19 @@ impl russh::server::Handler for Handler {
         let channels = self.channels.clone();
         channels.fetch_add(1, Ordering::Relaxed);
         let engine = self.engine.clone();
+        let handle = session.handle();
         tokio::spawn(async move {
             match broker::open(&engine, request).await {
                 Ok(brokered) => {
                     reply.accept().await;
-                    brokered.splice(channel.into_stream()).await;
+                    let why = brokered.splice(channel.into_stream()).await;
+                    // The coordinator or the agent ended it: say why, as OpenSSH's client shows a
+                    // disconnect ("Received disconnect from …: 11: workspace 'dev': access was
+                    // revoked"); a closed channel alone shows nothing. Only on a connection with no
+                    // other workspace connections on it, which would go too.
+                    if let Some(why) = why.filter(|_| channels.load(Ordering::Relaxed) == 1) {
+                        let _ = handle.disconnect(russh::Disconnect::ByApplication, why, String::new()).await;
+                    }
                 }
                 Err(refusal) => {
                     // As OpenSSH's client shows them: "administratively prohibited" for a name or an

@@ -335,6 +335,18 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             let http_task = tokio::spawn(crate::https::serve(http, None, router, http_stop_rx, "http", drops));
             let _ = stop_rx.await;
             engine.begin_shutdown();
+            // SSH connections first, while their agents are still there: each client is told why
+            // (the agents' own hang-up below would end them as lost), and its audit record closed.
+            let ssh = engine.end_ssh(|_, _, _| true, "the coordinator is shutting down");
+            if ssh > 0 {
+                info!(connections = ssh, "shutting down: ending ssh connections");
+                let ended = async {
+                    while engine.ssh_splicing.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), ended).await;
+            }
             info!("shutting down: asking agents to reconnect later");
             engine.ask_agents_to_reconnect(Duration::from_secs(10));
             // Let the reconnect requests reach the agents, which then hang up, before the endpoint

@@ -425,6 +425,11 @@ fn logs_follow_prints_lines_as_the_script_writes_them() {
 [[script]]
 name = "build"
 run = "for i in 1 2 3 4 5; do echo step $i; sleep 0.3; done; echo build finished"
+
+[[script]]
+name = "goodbye"
+run = "echo going"
+on = "stop"
 "#,
         &[],
     );
@@ -436,7 +441,7 @@ run = "for i in 1 2 3 4 5; do echo step $i; sleep 0.3; done; echo build finished
         .spawn()
         .unwrap();
     let token = created["agent_token"].as_str().unwrap();
-    let _agent = Agent::start(&c, token, &c.data_dir().join("agent-tail"));
+    let mut agent = Agent::start(&c, token, &c.data_dir().join("agent-tail"));
     let stdout = follow.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -454,10 +459,27 @@ run = "for i in 1 2 3 4 5; do echo step $i; sleep 0.3; done; echo build finished
             Err(e) => panic!("no more lines from logs --follow ({e}); got {seen:?}"),
         }
     }
-    let _ = follow.kill();
-    let _ = follow.wait();
     let steps: Vec<&String> = seen.iter().filter(|l| l.contains("[build] step")).collect();
     assert_eq!(steps.len(), 5, "{seen:?}");
+
+    // The workspace stops (its agent shuts down, running its stop script): the follower prints
+    // the stop script's lines and ends by itself, as `kubectl logs -f` does with its container.
+    assert!(agent.terminate().success());
+    loop {
+        match rx.recv_timeout(LONG) {
+            Ok(line) => seen.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(e) => panic!("logs --follow did not end with the workspace ({e}); got {seen:?}"),
+        }
+    }
+    let mut status = None;
+    wait_until("logs --follow to exit", LONG, || {
+        status = follow.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success());
+    assert!(seen.iter().any(|l| l.ends_with("[goodbye] going")), "{seen:?}");
+    assert_eq!(c.show("tail")["status"], "stopped");
 }
 
 #[test]

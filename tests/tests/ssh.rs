@@ -528,6 +528,8 @@ fn a_killed_agent_ends_its_sessions_and_a_rebuilt_one_keeps_trust() {
         status.is_some()
     });
     assert!(!status.unwrap().success(), "the session ended with a failure status");
+    let said = session.said();
+    assert!(said.contains(": workspace 'dev': the connection to its agent ended"), "{said}");
     // The front door keeps serving other workspaces.
     assert_eq!(alice.ok("other.tether", "echo fine").trim(), "fine");
 
@@ -1412,7 +1414,7 @@ fn started(mut client: Command) -> KillOnDrop {
     let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let remote = format!("sleep 600.{}{n:03}", std::process::id());
     let mut child =
-        client.arg(format!("echo started; {remote}")).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        client.arg(format!("echo started; {remote}")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "started");
@@ -1422,6 +1424,17 @@ fn started(mut client: Command) -> KillOnDrop {
 /// A child process killed (and reaped) when dropped, with the remote command of its SSH session
 /// if it has one.
 struct KillOnDrop(std::process::Child, Option<String>);
+
+impl KillOnDrop {
+    /// What the client wrote to stderr, once it has ended (and the ProxyJump hop with it).
+    fn said(&mut self) -> String {
+        let mut said = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = e.read_to_string(&mut said);
+        }
+        said
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -1710,6 +1723,11 @@ fn revoking_access_ends_the_sessions_it_let_in() {
     let mut alices = session(&alice);
     coord.ok(&["workspace", "revoke", "dev", "bob"]);
     ends(&mut bobs, "bob's session to end after the revoke");
+    // The ProxyJump hop shows the front door's disconnect: the user sees why, not only the outer
+    // connection's "Broken pipe".
+    let said = bobs.said();
+    assert!(said.contains("Received disconnect from 127.0.0.1 port"), "{said}");
+    assert!(said.contains(": workspace 'dev': access was revoked"), "{said}");
     assert!(alices.0.try_wait().unwrap().is_none(), "the owner's session goes on");
     assert!(outcomes("bob").contains(&"ended: access was revoked".to_string()), "{:?}", outcomes("bob"));
 
@@ -1734,6 +1752,8 @@ fn revoking_access_ends_the_sessions_it_let_in() {
     let fingerprint = coord.json(&["user", "show", "alice"])["keys"][0]["fingerprint"].as_str().unwrap().to_string();
     coord.ok(&["user", "remove-key", "alice", &fingerprint]);
     ends(&mut alices, "alice's session to end after her key went");
+    let said = alices.said();
+    assert!(said.contains(": workspace 'dev': the key was removed"), "{said}");
     assert!(outcomes("alice").contains(&"ended: the key was removed".to_string()), "{:?}", outcomes("alice"));
 
     // A removed user: all of theirs.
@@ -1741,7 +1761,27 @@ fn revoking_access_ends_the_sessions_it_let_in() {
     let mut bobs = session(&bob);
     coord.ok(&["user", "remove", "bob"]);
     ends(&mut bobs, "bob's session to end after he was removed");
+    let said = bobs.said();
+    assert!(said.contains(": workspace 'dev': the user was removed"), "{said}");
     assert!(outcomes("bob").contains(&"ended: the user was removed".to_string()), "{:?}", outcomes("bob"));
+}
+
+/// A coordinator stopped with SIGTERM (a restart, an upgrade) tells each SSH client why its
+/// session ended, and closes each connection's audit record, before it exits.
+#[test]
+fn a_coordinator_shutting_down_tells_ssh_clients_why() {
+    let mut coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _dev = workspace(&coord, "dev", "alice");
+    let mut session = long_session(&alice, "dev.tether");
+    assert!(coord.terminate().success());
+    wait_until("the session to end with its coordinator", LONG, || session.0.try_wait().unwrap().is_some());
+    let said = session.said();
+    assert!(said.contains(": workspace 'dev': the coordinator is shutting down"), "{said}");
+    coord.start_again();
+    let rows = coord.json(&["audit", "--user", "alice"]);
+    let outcomes: Vec<_> = rows.as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap_or("")).collect();
+    assert!(outcomes.contains(&"ended: the coordinator is shutting down"), "{rows}");
 }
 
 #[test]
