@@ -432,6 +432,52 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// Variables the product sets or reads that are not `tether` flags: the agent's own, and those given
+/// to provisioner commands and scripts. Any `TETHER_AGENT_…` is the agent's.
+const OTHER_VARIABLES: &[&str] = &[
+    "TETHER_CONFIG",
+    "TETHER_COORDINATOR",
+    "TETHER_CA_SHA256",
+    "TETHER_WORKSPACE",
+    "TETHER_BUILD",
+    "TETHER_TRANSITION",
+];
+
+/// Warnings for `TETHER_…` variables in `names` that no flag and no part of Tether reads (mistyped,
+/// usually), each with the nearest setting's variable when one is near. They are ignored, as
+/// before; `serve` logs these and `config check` prints them.
+pub fn unknown_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    fn collect(c: &clap::Command, into: &mut Vec<String>) {
+        into.extend(c.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()));
+        for sub in c.get_subcommands() {
+            collect(sub, into);
+        }
+    }
+    let mut known = Vec::new();
+    collect(&Cli::command(), &mut known);
+    known.sort();
+    known.dedup();
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.starts_with("TETHER_") && !n.starts_with("TETHER_AGENT_"))
+        .filter(|n| !known.contains(n) && !OTHER_VARIABLES.contains(&n.as_str()))
+        .collect();
+    unknown.sort();
+    unknown
+        .into_iter()
+        .map(|name| {
+            // Compared as the keys are, without the prefix: a typo there is a typo in a few letters.
+            let stems: Vec<String> =
+                known.iter().map(|k| k.trim_start_matches("TETHER_").to_ascii_lowercase()).collect();
+            let hint = suggest(name.trim_start_matches("TETHER_"), &stems)
+                .map(|k| format!(" (did you mean TETHER_{}?)", k.to_ascii_uppercase()))
+                .unwrap_or_default();
+            let name: String = name.chars().take(64).collect();
+            format!("environment variable {name} is not a Tether setting and is ignored{hint}")
+        })
+        .collect()
+}
+
 /// `tether config check`'s report: the file, then each setting with its value and source.
 pub fn report(resolved: &Resolved) -> String {
     let mut out = String::new();

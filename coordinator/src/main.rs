@@ -34,12 +34,16 @@ async fn terminated() {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// `warnings`: about the configuration, for `serve` to log once its log is set up.
+async fn run(cli: Cli, warnings: Vec<String>) -> anyhow::Result<()> {
     let data_dir = cli.data_dir.clone().unwrap_or_else(cli::default_data_dir);
     match cli.command {
         Command::Serve(args) => {
             sigpipe(false);
             init_tracing(cli.log_format, cli.log.as_deref(), "info");
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
             let config = server::ServeConfig {
                 data_dir,
                 listen_http: args.listen_http,
@@ -187,12 +191,18 @@ async fn async_main() {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // `serve` and `config check`: the file and the environment folded into the flags, every
     // problem reported before anything starts.
+    let unknown = || config::unknown_variables(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()));
+    let mut warnings = Vec::new();
     let cli = match config::resolve(&argv, &|k| std::env::var(k).ok()) {
         Ok(Some(resolved)) => {
             if let Command::Config(cli::ConfigCmd::Check(_)) = resolved.cli.command {
                 print!("{}", config::report(&resolved));
+                for w in unknown() {
+                    println!("warning: {w}");
+                }
                 return;
             }
+            warnings = unknown();
             resolved.cli
         }
         Ok(None) => Cli::try_parse_from(&argv).unwrap_or_else(|e| usage_error(e)),
@@ -202,7 +212,7 @@ async fn async_main() {
             std::process::exit(config::EXIT_CONFIG);
         }
     };
-    if let Err(e) = run(cli).await {
+    if let Err(e) = run(cli, warnings).await {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -153,6 +153,9 @@ log = "warn"
     .unwrap();
     let configure = |c: &mut Command| {
         c.arg("--config").arg(&file).arg("--listen-http").arg("127.0.0.1:0").env("TETHER_LISTEN_QUIC", "127.0.0.1:0");
+        // A mistyped variable is ignored, with a warning; the agent's own and the scripts' are not
+        // warned about.
+        c.env("TETHER_KEEP_AUDT", "7d").env("TETHER_AGENT_DATA_DIR", "/x").env("TETHER_WORKSPACE", "dev");
     };
 
     let mut check = tether(dir.path());
@@ -167,6 +170,11 @@ log = "warn"
     assert!(line("max_agents").contains("\"12\"") && line("max_agents").ends_with("# file, line 6"), "{report}");
     assert!(line("listen_ssh").ends_with("# file, line 4"), "{report}");
     assert!(line("log_format").ends_with("# default"), "{report}");
+    let warning = "environment variable TETHER_KEEP_AUDT is not a Tether setting and is ignored (did you mean \
+                   TETHER_KEEP_AUDIT?)";
+    assert!(report.contains(&format!("\nwarning: {warning}\n")), "{report}");
+    assert_eq!(report.matches("warning:").count(), 1, "{report}");
+    assert!(line("keep_audit").ends_with("# default"), "{report}");
     assert!(!data.exists(), "config check starts nothing");
 
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
@@ -188,6 +196,7 @@ log = "warn"
     assert_ne!(port("quic_addr"), Some(1), "the environment won: {info}");
     assert_eq!(info["ssh_addr"], Value::Null, "the file turned the front door off: {info}");
     assert!(!serve_log().contains("coordinator listening"), "the file's log filter (warn) applies: {}", serve_log());
+    assert!(serve_log().contains(warning), "serve logs the warning: {}", serve_log());
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions()) & 0o777;
     assert_eq!(mode, 0o700, "the data directory it made is private");
     let parent =
