@@ -8,7 +8,7 @@ use crate::metrics::{AgentMetrics, Scrape};
 use crate::outbox::Outboxes;
 use crate::phase::{self, PhaseEnv, PhaseKind, ScriptResult};
 use crate::scripts::LocalUser;
-use crate::ssh::{Account, SshServer};
+use crate::ssh::{Account, LoginGate, SshServer};
 use crate::state::{self, StateFile};
 use crate::stats::Stats;
 use crate::tunnel::{
@@ -119,7 +119,8 @@ pub async fn run(
     let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "unknown".to_string());
     let (manifests_tx, manifests) = watch::channel(None);
     let (notice, notice_rx) = watch::channel(None);
-    let ssh = SshServer::new(&data_dir, manifests_tx.subscribe(), notice_rx, Account::discover())?;
+    let (gate, gate_rx) = watch::channel(LoginGate::Open);
+    let ssh = SshServer::new(&data_dir, manifests_tx.subscribe(), notice_rx, gate_rx, Account::discover())?;
     if let Some(listen) = &config.ssh_listen {
         let listener = tokio::net::TcpListener::bind(listen.addr)
             .await
@@ -183,6 +184,7 @@ pub async fn run(
         seen_manifest: false,
         start: None,
         notice,
+        gate,
     };
     agent.serve(shutdown, manifests, coordinator_shutdown, drain, tunnel).await
 }
@@ -217,6 +219,8 @@ struct Agent {
     manifest: Option<Arc<Manifest>>,
     /// What interactive SSH logins are told first: why this build's start phase failed.
     notice: watch::Sender<Option<String>>,
+    /// Closed while this process runs start scripts that block login: SSH sessions wait.
+    gate: watch::Sender<LoginGate>,
     seen_manifest: bool,
     start: Option<StartPhase>,
 }
@@ -293,6 +297,18 @@ impl Agent {
             self.span(build, "agent", "connect", clock.origin(), fetched.first_welcome, SpanStatus::Ok);
         }
         self.span(build, "agent", "manifest", fetched.fetch_started, fetched.fetch_ended, SpanStatus::Ok);
+        // Closed before `starting` is reported: the coordinator lets SSH connections through to
+        // this agent from then on, and their sessions wait here.
+        let blocking: Vec<String> = manifest
+            .scripts
+            .iter()
+            .filter(|s| s.on == tether_shared::proto::ScriptTrigger::Start && s.blocks_login)
+            .map(|s| s.name.clone())
+            .collect();
+        self.gate.send_replace(match blocking.is_empty() {
+            true => LoginGate::Open,
+            false => LoginGate::Closed { workspace: manifest.workspace.clone(), scripts: blocking },
+        });
         self.lifecycle(build, Lifecycle::Created, None);
         self.lifecycle(build, Lifecycle::Starting, None);
         self.save(build, Lifecycle::Starting);
@@ -340,6 +356,8 @@ impl Agent {
             (_, Some(d)) => Some(format!("tether: {d}; this workspace may not be fully set up")),
             (_, None) => Some("tether: this workspace's startup scripts failed".to_string()),
         });
+        // After the notice: the sessions that waited read it as they start.
+        self.gate.send_replace(LoginGate::Open);
         // The span first: whoever sees the final lifecycle stored can already see the whole timeline.
         self.span(phase.build, "agent", "ready", phase.ready_from, now, status);
         self.lifecycle(phase.build, lifecycle, detail);

@@ -654,7 +654,8 @@ mod brokered {
         std::fs::create_dir_all(&home).unwrap();
         let account = Account { name: "dev".into(), home, shell: "/bin/bash".into() };
         let (_, notice) = tokio::sync::watch::channel(None);
-        (SshServer::new(&dir.join("data"), rx, notice, account).unwrap(), tx)
+        let (_, gate) = tokio::sync::watch::channel(tether_agent::ssh::LoginGate::Open);
+        (SshServer::new(&dir.join("data"), rx, notice, gate, account).unwrap(), tx)
     }
 }
 

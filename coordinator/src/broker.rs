@@ -29,8 +29,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most of the agent's first bytes taken before the splice (its version line is at most 255).
 const ANSWER_MAX: usize = 1024;
-/// Longest an SSH connection waits for a starting workspace's login-blocking scripts before it is
-/// refused with the reason that holds then.
+/// Longest an SSH connection waits for a starting workspace's agent to begin its login-blocking
+/// scripts before it is refused with the reason that holds then.
 pub const LOGIN_WAIT: Duration = Duration::from_secs(600);
 /// Copy buffer per direction: large enough for full-speed bulk transfers, small enough that a slow
 /// reader holds at most this much per direction in the coordinator.
@@ -231,14 +231,16 @@ fn check_reachable(
             unavailable(format!("workspace '{name}' has no connected agent ({status}: {reason})"))
         }
         Starting if scripts_block_login(status, connected, lifecycle, blocks_login) => {
-            unavailable(format!("workspace '{name}' is starting: startup scripts that block login are still running"))
+            unavailable(format!("workspace '{name}' is starting: its agent has not begun the startup scripts that block login"))
         }
         Starting | Running | Unhealthy => Ok(()),
     }
 }
 
-/// Whether only the start scripts that block login stand between the workspace and a login: it is
-/// starting, its agent is connected, and the start phase has not ended.
+/// Whether a connection waits here for a starting workspace: its agent is connected, but has not
+/// begun the start phase, whose scripts block login. Once it has (`starting`), the agent holds its
+/// sessions itself until they are done, and tells their users so; it can, as the coordinator
+/// cannot, since OpenSSH shows nothing a jump host says while a channel opens.
 fn scripts_block_login(
     status: WorkspaceStatus,
     connected: bool,
@@ -248,7 +250,10 @@ fn scripts_block_login(
     status == WorkspaceStatus::Starting
         && connected
         && blocks_login
-        && !matches!(lifecycle, Some(Lifecycle::Ready | Lifecycle::StartError | Lifecycle::StartTimeout))
+        && !matches!(
+            lifecycle,
+            Some(Lifecycle::Starting | Lifecycle::Ready | Lifecycle::StartError | Lifecycle::StartTimeout)
+        )
 }
 
 /// Checks access and opens a stream to the workspace's agent. Refusals are logged and audited.
@@ -453,10 +458,10 @@ async fn authorize_and_open(
     let blocks_login = crate::template::Template::parse(&row.template)
         .map(|t| t.scripts.iter().any(|s| s.blocks_login && s.on == tether_shared::proto::ScriptTrigger::Start))
         .unwrap_or(false);
-    // A workspace whose agent is connected and running the start scripts that block login is
-    // waited for, up to `LOGIN_WAIT`: the connection goes through once they are done, or gets the
-    // refusal that applies then (a workspace with no agent yet is refused at once: nothing says
-    // when one will come).
+    // A workspace whose agent is connected but has not begun the start scripts that block login
+    // is waited for (a moment, usually), up to `LOGIN_WAIT`: the connection goes through once the
+    // agent has begun them, or gets the refusal that applies then (a workspace with no agent yet is
+    // refused at once: nothing says when one will come).
     let deadline = tokio::time::Instant::now() + LOGIN_WAIT;
     let mut changes = engine.subscribe_changes();
     let mut row = row;
@@ -699,7 +704,11 @@ mod tests {
             r(Running, false, Some(Lifecycle::Ready), false).unwrap_err(),
             "workspace 'x' has no connected agent right now (its connection dropped; it is marked unhealthy unless it is back within its heartbeat timeout); try again in a few seconds"
         );
-        assert!(r(Starting, true, Some(Lifecycle::Starting), true).unwrap_err().contains("block login"));
+        // The agent has not begun the scripts that block login: the connection waits for that.
+        assert!(r(Starting, true, None, true).unwrap_err().contains("has not begun the startup scripts"));
+        assert!(r(Starting, true, Some(Lifecycle::Created), true).is_err());
+        // It has: its sessions wait there.
+        assert!(r(Starting, true, Some(Lifecycle::Starting), true).is_ok());
         assert!(r(Starting, true, Some(Lifecycle::Starting), false).is_ok());
         assert!(r(Unhealthy, true, Some(Lifecycle::StartError), true).is_ok());
         assert!(r(Running, true, Some(Lifecycle::Ready), true).is_ok());

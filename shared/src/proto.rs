@@ -20,8 +20,10 @@ use crate::limits;
 use crate::status::{Lifecycle, SpanStatus};
 use serde::{Deserialize, Serialize};
 
-/// The one protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The one protocol version this build speaks. 3: the agent holds SSH sessions while its start
+/// scripts that block login run (the coordinator no longer waits for them), so an agent that does
+/// not must not be let in.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// TLS application protocol name on the tunnel. Carries no version: version mismatches must reach the
 /// hello, where they get a readable answer, rather than fail the handshake.

@@ -188,20 +188,10 @@ impl Connection {
             Program::Subsystem { path, .. } => format!("subsystem {}", path.display()),
         };
         let launch = self.launch(program, state);
-        let banner = interactive
-            .then(|| {
-                let motd = self.server.manifest().and_then(|m| m.ssh.motd.clone()).filter(|m| !m.is_empty());
-                // The notice first: a failed startup explains what the MOTD may promise.
-                match (self.server.notice(), motd) {
-                    (Some(n), Some(m)) => Some(format!("{n}\n{m}")),
-                    (n, m) => n.or(m),
-                }
-            })
-            .flatten()
-            .map(|m| motd_bytes(&m));
         let launching = session::Launching {
             launch,
-            banner,
+            server: self.server.clone(),
+            interactive,
             what,
             client: self.peer.client.to_string(),
             login: self.login.to_string(),
@@ -225,7 +215,7 @@ impl Connection {
 }
 
 /// The MOTD as a terminal wants it: CRLF line ends, ending with one.
-fn motd_bytes(motd: &str) -> Vec<u8> {
+pub fn motd_bytes(motd: &str) -> Vec<u8> {
     let mut text = motd.replace("\r\n", "\n").replace('\n', "\r\n");
     if !text.ends_with("\r\n") {
         text.push_str("\r\n");

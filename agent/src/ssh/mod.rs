@@ -57,6 +57,21 @@ pub const CHANNEL_BUFFER: usize = 256;
 /// Keep-alives find dead clients; there is no inactivity timeout (an idle shell is fine).
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_MAX: usize = 4;
+/// How long a session waits for the start scripts that block login before its program starts
+/// anyway (a hung script must not lock its users out of the workspace they would debug it in).
+pub const LOGIN_WAIT: Duration = Duration::from_secs(600);
+
+/// Whether sessions may start their programs now: not while the start scripts that block login
+/// run. Sessions opened meanwhile are told so and wait; port forwards do not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginGate {
+    Open,
+    /// The workspace's name, and the start scripts that block login.
+    Closed {
+        workspace: String,
+        scripts: Vec<String>,
+    },
+}
 
 /// Algorithm preferences for Tether's SSH servers (the agent's and the coordinator's front door).
 pub use tether_shared::ssh_algorithms::preferred;
@@ -172,6 +187,7 @@ pub struct SshServer {
     manifests: watch::Receiver<Option<FetchedManifest>>,
     /// A line for interactive logins: why the start phase failed, if it did.
     notice: watch::Receiver<Option<String>>,
+    gate: watch::Receiver<LoginGate>,
     account: Account,
     activity: Arc<Activity>,
     permits: Arc<Semaphore>,
@@ -186,6 +202,7 @@ impl SshServer {
         data_dir: &Path,
         manifests: watch::Receiver<Option<FetchedManifest>>,
         notice: watch::Receiver<Option<String>>,
+        gate: watch::Receiver<LoginGate>,
         account: Account,
     ) -> Result<Arc<Self>, SshError> {
         let host_key = keys::load_or_create_host_key(data_dir)?;
@@ -196,6 +213,7 @@ impl SshServer {
             certificate: RwLock::new(None),
             manifests,
             notice,
+            gate,
             account,
             activity: Arc::new(Activity::default()),
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
@@ -206,6 +224,22 @@ impl SshServer {
     /// What interactive logins are told first, if anything.
     pub fn notice(&self) -> Option<String> {
         self.notice.borrow().clone()
+    }
+
+    /// What an interactive login is shown before its shell: why the start phase failed, if it did,
+    /// then the template's MOTD.
+    pub fn login_banner(&self) -> Option<String> {
+        let motd = self.manifest().and_then(|m| m.ssh.motd.clone()).filter(|m| !m.is_empty());
+        // The notice first: a failed startup explains what the MOTD may promise.
+        match (self.notice(), motd) {
+            (Some(n), Some(m)) => Some(format!("{n}\n{m}")),
+            (n, m) => n.or(m),
+        }
+    }
+
+    /// Whether sessions may start their programs, and when that changes.
+    pub fn gate(&self) -> watch::Receiver<LoginGate> {
+        self.gate.clone()
     }
 
     /// The host key as one OpenSSH public-key line, for the hello.

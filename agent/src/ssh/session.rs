@@ -5,6 +5,7 @@
 use super::activity::{Activity, Gauge};
 use super::inbound::Queue;
 use super::splice::{pump_out, PumpState};
+use super::{LoginGate, LOGIN_WAIT};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use russh::server::{Handle, Msg};
@@ -73,8 +74,10 @@ pub enum Control {
 /// A session's program, for its channel's task to start.
 pub struct Launching {
     pub launch: Launch,
-    /// Written to the client before any output (the MOTD).
-    pub banner: Option<Vec<u8>>,
+    /// For the login gate and, once it is open, the banner (why the start phase failed, the MOTD).
+    pub server: Arc<super::SshServer>,
+    /// A shell on a pty: shown the banner.
+    pub interactive: bool,
     /// For the log: what runs (`shell`, `exec`, `subsystem PATH`) and for whom.
     pub what: String,
     pub client: String,
@@ -249,14 +252,57 @@ pub async fn serve(
             }
         }
     };
-    let Launching { launch, banner, what, client, login } = launching;
+    let Launching { launch, server, interactive, what, client, login } = launching;
     let pty = launch.pty.is_some();
+    let mut resize = None;
+    // The start scripts that block login are running: say so, and wait for them (or the client's
+    // leaving) before the program starts.
+    let mut gate = server.gate();
+    let closed = gate.borrow_and_update().clone();
+    if let LoginGate::Closed { workspace, scripts } = closed {
+        let end = if pty { "\r\n" } else { "\n" };
+        let said = format!(
+            "tether: workspace '{workspace}' is starting; waiting for its startup scripts to finish ({}){end}",
+            scripts.join(", ")
+        );
+        // On a pty, as the MOTD is; otherwise on stderr, out of the command's output.
+        let _ = tx.make_writer_ext(if pty { None } else { Some(1) }).write_all(said.as_bytes()).await;
+        tracing::info!(client = %client, login = %login, what = %what, "ssh session waits for the startup scripts");
+        let waited = tokio::time::sleep(LOGIN_WAIT);
+        tokio::pin!(waited);
+        loop {
+            tokio::select! {
+                // Open, or the agent is going (its sender dropped): the program starts.
+                () = async { drop(gate.wait_for(|g| *g == LoginGate::Open).await) } => break,
+                _ = &mut waited => {
+                    let said = format!(
+                        "tether: the startup scripts are still running after {} minutes; going ahead{end}",
+                        LOGIN_WAIT.as_secs() / 60
+                    );
+                    let _ = tx.make_writer_ext(if pty { None } else { Some(1) }).write_all(said.as_bytes()).await;
+                    break;
+                }
+                ctl = control.recv() => match ctl {
+                    Some(Control::Resize(size)) => resize = Some(size),
+                    // Nothing runs yet to signal.
+                    Some(_) => {}
+                    None => return,
+                },
+                msg = rx.wait(), if queue.has_room() => {
+                    if !take_input(msg, &mut queue, &mut client_eof, &activity) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    // Read now, after the wait: why the start phase failed, if it did.
+    let banner = interactive.then(|| server.login_banner()).flatten().map(|m| super::handler::motd_bytes(&m));
     let spawn_activity = activity.clone();
     let mut spawning = tokio::task::spawn_blocking(move || spawn(&launch, banner, &spawn_activity));
     let deadline = tokio::time::sleep(SPAWN_TIMEOUT);
     tokio::pin!(deadline);
     let mut control_open = true;
-    let mut resize = None;
     let spawned = loop {
         tokio::select! {
             r = &mut spawning => break r.map_err(std::io::Error::other).and_then(|r| r),
