@@ -346,6 +346,8 @@ struct LogsQuery {
     /// Seconds to wait for new lines when there are none yet.
     wait: Option<u64>,
     source: Option<String>,
+    /// The build whose lines to give (default: the current one).
+    build: Option<i64>,
 }
 
 async fn logs(
@@ -377,6 +379,17 @@ async fn logs(
             ));
         }
     }
+    let build = q.build.unwrap_or(row.build);
+    if build != row.build && s.engine.store.build_started_at(row.id, build).await.map_err(OpError::from)?.is_none() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "workspace '{name}' has no build {build} (its current build is {}; the coordinator keeps earlier \
+                 builds' logs and timings for --keep-builds)",
+                row.build
+            ),
+        ));
+    }
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(s.engine.config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
@@ -388,17 +401,19 @@ async fn logs(
         rx.borrow_and_update();
         changes.borrow_and_update();
         // The status before the lines: a line stored before the workspace ended is in this answer.
-        let ended = match row.status {
-            WorkspaceStatus::Stopped | WorkspaceStatus::Deleted => true,
-            WorkspaceStatus::Failed => s.engine.agent_connection(id).is_none(),
-            _ => false,
-        };
-        let rows = s.engine.store.logs(id, q.after, limit, q.source.as_deref()).await.map_err(OpError::from)?;
+        // An earlier build than the current one gets no more lines either.
+        let ended = build != row.build
+            || match row.status {
+                WorkspaceStatus::Stopped | WorkspaceStatus::Deleted => true,
+                WorkspaceStatus::Failed => s.engine.agent_connection(id).is_none(),
+                _ => false,
+            };
+        let rows = s.engine.store.logs(id, build, q.after, limit, q.source.as_deref()).await.map_err(OpError::from)?;
         if !rows.is_empty() || ended || tokio::time::Instant::now() >= deadline {
             let next = rows.last().map_or(q.after, |r| r.id);
             // More lines may follow those of a full page.
             let ended = ended && rows.len() < limit as usize;
-            return Ok(Json(LogsView { lines: rows.iter().map(LogView::from).collect(), next, ended }));
+            return Ok(Json(LogsView { lines: rows.iter().map(LogView::from).collect(), next, build, ended }));
         }
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {}

@@ -387,6 +387,9 @@ pub enum WorkspaceCmd {
         /// Only this script (or `provision:start` etc.).
         #[arg(long)]
         script: Option<String>,
+        /// Build number (default: the current one).
+        #[arg(long)]
+        build: Option<i64>,
         /// Print each log line as a JSON object, one per line.
         #[arg(long)]
         json: bool,
@@ -838,15 +841,21 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             }
             print!("{}", timings_table(&spans));
         }
-        WorkspaceCmd::Logs { name, follow, script, json } => {
+        WorkspaceCmd::Logs { name, follow, script, build, json } => {
             let mut after = 0;
+            // The current build's, pinned by the first answer: a restart does not mix in the next.
+            let mut build = build;
             loop {
                 let mut path =
                     format!("/workspaces/{}/logs?after={after}&wait={}", enc(&name), if follow { 30 } else { 0 });
                 if let Some(s) = &script {
                     path.push_str(&format!("&source={}", enc(s)));
                 }
+                if let Some(b) = build {
+                    path.push_str(&format!("&build={b}"));
+                }
                 let logs: LogsView = client.get(&path).await?;
+                build = Some(logs.build);
                 for l in &logs.lines {
                     if json {
                         println!("{}", serde_json::to_string(l)?);

@@ -170,6 +170,9 @@ pub struct LogsView {
     pub lines: Vec<LogView>,
     /// Pass as `after` to get what comes next.
     pub next: i64,
+    /// The build these lines are from: pass it as `build` to follow that build.
+    #[serde(default)]
+    pub build: i64,
     /// No more lines will come unless the workspace is started again: it is stopped, deleted, or
     /// failed with no agent connected. A follower stops here.
     #[serde(default)]

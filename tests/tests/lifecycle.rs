@@ -574,6 +574,14 @@ fn a_coordinator_restart_during_the_provisioner_stop_after_the_agents_own_shutdo
     assert!(reason.starts_with("agent shut down") && !reason.contains("provisioner"), "{w}");
 }
 
+/// The builds of `logs --json` lines, each once.
+fn builds_in(out: &str) -> Vec<i64> {
+    let mut builds: Vec<i64> =
+        out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["build"].as_i64().unwrap()).collect();
+    builds.dedup();
+    builds
+}
+
 #[test]
 fn earlier_builds_lose_their_logs_and_timings_after_keep_builds_and_the_current_one_keeps_them() {
     let c = Coordinator::start_with(&["--keep-builds", "2s"]);
@@ -593,6 +601,10 @@ run = "echo hello"
         let w = c.wait_for(name, "running,unhealthy,failed", LONG);
         assert_eq!((w["status"].as_str(), w["build"].as_i64()), (Some("running"), Some(2)));
         assert!(!c.json(&["workspace", "timings", name, "--build", "1"]).as_array().unwrap().is_empty());
+        // `logs` gives the current build's lines, `--build` an earlier one's.
+        wait_until("build 2's script output", LONG, || c.logs(name).iter().any(|(s, _)| s == "hello"));
+        assert_eq!(builds_in(&c.ok(&["workspace", "logs", name, "--json"])), [2]);
+        assert_eq!(builds_in(&c.ok(&["workspace", "logs", name, "--json", "--build", "1"])), [1]);
     };
     rebuild("proc");
 
@@ -602,13 +614,10 @@ run = "echo hello"
     });
     let err = c.fails(&["workspace", "timings", "proc", "--build", "1"]);
     assert!(err.contains("workspace 'proc' has no build 1 (its current build is 2"), "{err}");
-    let builds = || -> Vec<i64> {
-        let out = c.ok(&["workspace", "logs", "proc", "--json"]);
-        out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["build"].as_i64().unwrap()).collect()
-    };
     // Logs go before the build's record, so they are gone already.
-    let left = builds();
-    assert!(left.contains(&2) && !left.contains(&1), "{left:?}");
+    let err = c.fails(&["workspace", "logs", "proc", "--build", "1"]);
+    assert!(err.contains("workspace 'proc' has no build 1 (its current build is 2"), "{err}");
+    assert_eq!(builds_in(&c.ok(&["workspace", "logs", "proc", "--json"])), [2]);
     // The current build keeps everything, however old it gets. A second workspace's build 1 starts
     // after proc's build 2 did, so the purge that takes it finds proc's build 2 past the retention
     // too, and leaves it.

@@ -813,15 +813,17 @@ impl Store {
             .await?)
     }
 
-    pub async fn logs(&self, id: i64, after: i64, limit: i64, source: Option<&str>) -> Result<Vec<LogRow>> {
+    /// Log lines of one build after `after`, oldest first.
+    pub async fn logs(&self, id: i64, build: i64, after: i64, limit: i64, source: Option<&str>) -> Result<Vec<LogRow>> {
         let rows = sqlx::query(
             "SELECT id, build, source, stream, at, line FROM logs
-             WHERE workspace_id = $1 AND id > $2 AND ($3 IS NULL OR source = $3) ORDER BY id LIMIT $4",
+             WHERE workspace_id = $1 AND build = $5 AND id > $2 AND ($3 IS NULL OR source = $3) ORDER BY id LIMIT $4",
         )
         .bind(id)
         .bind(after)
         .bind(source)
         .bind(limit)
+        .bind(build)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -961,7 +963,8 @@ mod tests {
         // A resent batch is not stored twice.
         let applied = store.apply_logs(w.id, 7, &batch, 0, cap).await.unwrap();
         assert_eq!(applied.acked, 5);
-        let kept: Vec<String> = store.logs(w.id, 0, 100, None).await.unwrap().into_iter().map(|l| l.line).collect();
+        let kept: Vec<String> =
+            store.logs(w.id, build as i64, 0, 100, None).await.unwrap().into_iter().map(|l| l.line).collect();
         assert_eq!(kept, ["abcd", "efghij", &build_log_marker(cap)]);
         assert_eq!(
             build_log_marker(64 << 20),
