@@ -9,8 +9,7 @@ use crate::api::{ApiError, ApiState};
 use crate::broker::{self, RefusalKind, Request, Via};
 use crate::pki;
 use crate::sshca::{FRONT_DOOR_ALIAS, HOST_SUFFIX};
-use crate::store::AuditRow;
-use crate::users::UserView;
+use crate::users::{AuditView, UserView};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -166,13 +165,14 @@ struct AuditQuery {
     limit: Option<i64>,
 }
 
-async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditRow>> {
+async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditView>> {
     let limit = q.limit.unwrap_or(100);
     // As the CLI checks it: a limit out of range is refused, not quietly clamped.
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("limit {limit}: it must be between 1 and 10000")));
     }
-    Ok(Json(s.engine.audit(q.user.as_deref(), q.workspace.as_deref(), limit).await?))
+    let rows = s.engine.audit(q.user.as_deref(), q.workspace.as_deref(), limit).await?;
+    Ok(Json(rows.into_iter().map(AuditView::from).collect()))
 }
 
 /// What a client needs to reach workspaces over SSH.

@@ -4,8 +4,7 @@
 use crate::api_ssh::{SshInfo, UPGRADE_PROTOCOL};
 use crate::cli::table;
 use crate::client::{enc, Client};
-use crate::store::AuditRow;
-use crate::users::UserView;
+use crate::users::{AuditView, UserView};
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
@@ -223,12 +222,13 @@ pub async fn audit(
     if let Some(w) = &workspace {
         path.push_str(&format!("&workspace={}", enc(w)));
     }
-    let rows: Vec<AuditRow> = client.get(&path).await?;
+    let rows: Vec<AuditView> = client.get(&path).await?;
     if json {
         return print_json(&rows);
     }
     let rows: Vec<Vec<String>> = rows
         .iter()
+        .map(|a| &a.row)
         .map(|a| {
             vec![
                 a.id.to_string(),

@@ -14,6 +14,9 @@ use tracing::info;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserView {
     pub name: String,
+    /// RFC 3339, as every time in the API; `created_at_ms` is the same in Unix milliseconds.
+    #[serde(default)]
+    pub created_at: String,
     pub created_at_ms: i64,
     pub keys: Vec<KeyView>,
 }
@@ -28,9 +31,30 @@ impl From<UserRow> for UserView {
     fn from(u: UserRow) -> Self {
         UserView {
             name: u.name,
+            created_at: crate::view::rfc3339(u.created_at),
             created_at_ms: u.created_at,
             keys: u.keys.into_iter().map(|(fingerprint, public_key)| KeyView { fingerprint, public_key }).collect(),
         }
+    }
+}
+
+/// One brokered SSH connection or refusal from the audit log, with its times in RFC 3339 as well
+/// (`started_at`, `ended_at`), as every time in the API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditView {
+    #[serde(flatten)]
+    pub row: AuditRow,
+    #[serde(default)]
+    pub started_at: String,
+    #[serde(default)]
+    pub ended_at: Option<String>,
+}
+
+impl From<AuditRow> for AuditView {
+    fn from(row: AuditRow) -> Self {
+        let started_at = crate::view::rfc3339(row.started_at);
+        let ended_at = row.ended_at.map(crate::view::rfc3339);
+        AuditView { row, started_at, ended_at }
     }
 }
 

@@ -137,14 +137,20 @@ impl From<&LogRow> for LogView {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TransitionView {
     pub at: String,
-    pub from: String,
+    /// `None` for the first: the workspace was created.
+    pub from: Option<String>,
     pub to: String,
     pub reason: String,
 }
 
 impl From<&TransitionRow> for TransitionView {
     fn from(t: &TransitionRow) -> Self {
-        TransitionView { at: rfc3339(t.at), from: t.from.clone(), to: t.to.clone(), reason: t.reason.clone() }
+        TransitionView {
+            at: rfc3339(t.at),
+            from: Some(t.from.clone()).filter(|f| !f.is_empty()),
+            to: t.to.clone(),
+            reason: t.reason.clone(),
+        }
     }
 }
 

@@ -190,6 +190,9 @@ fn assert_reason_agrees_with_show(c: &Coordinator, at_least: u64) {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{reason}"));
     let history = shown["history"].as_array().unwrap();
+    // The first entry is the creation: it comes from no status.
+    assert_eq!(history[0]["from"], Value::Null, "{shown}");
+    assert!(history[1..].iter().all(|t| t["from"].is_string()), "{shown}");
     let turned = history.last().unwrap()["at"].as_str().unwrap();
     let last = shown["last_heartbeat_at"].as_str().unwrap();
     let shown_ago = (unix_seconds(turned) - unix_seconds(last)).max(0.0) as u64;

@@ -1729,8 +1729,15 @@ fn revoking_access_ends_the_sessions_it_let_in() {
     };
     let outcomes = |user: &str| -> Vec<String> {
         let rows = coord.json(&["audit", "--user", user]);
+        // Times as everywhere in the API (RFC 3339), and in Unix milliseconds.
+        for r in rows.as_array().unwrap() {
+            assert!(r["started_at"].as_str().is_some_and(|t| t.ends_with('Z')) && r["started_at_ms"].is_i64(), "{r}");
+            assert_eq!(r["ended_at"].is_null(), r["ended_at_ms"].is_null(), "{r}");
+        }
         rows.as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap().to_string()).collect()
     };
+    let user = coord.json(&["user", "show", "bob"]);
+    assert!(user["created_at"].as_str().is_some_and(|t| t.ends_with('Z')) && user["created_at_ms"].is_i64(), "{user}");
 
     let mut bobs = session(&bob);
     let mut alices = session(&alice);
