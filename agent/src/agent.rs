@@ -275,6 +275,14 @@ impl Agent {
             Decision::Keep => {}
             Decision::Report(lifecycle) => {
                 tracing::info!(build, lifecycle = %lifecycle, "this build was started by an earlier agent run; not running its start scripts again");
+                // The earlier run's words are not kept; logins still hear that something failed.
+                if matches!(lifecycle, Lifecycle::StartError | Lifecycle::StartTimeout) {
+                    self.notice.send_replace(Some(format!(
+                        "tether: this workspace's startup scripts failed (`tether workspace logs {}` shows how); it \
+                         may not be fully set up",
+                        manifest.workspace
+                    )));
+                }
                 self.lifecycle(build, lifecycle, None);
                 self.handled = Some(build);
             }

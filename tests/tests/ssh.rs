@@ -1844,7 +1844,7 @@ fn an_interactive_login_says_when_the_startup_scripts_failed() {
     let template = format!("{TEMPLATE}\n[[script]]\nname = \"warm\"\nrun = \"exit 3\"\n");
     let created = coord.create("dev", &template, &["--owner", "alice"]);
     let token = created["agent_token"].as_str().unwrap().to_string();
-    let _agent = Agent::start(&coord, &token, &coord.data_dir().join("agent-dev"));
+    let agent = Agent::start(&coord, &token, &coord.data_dir().join("agent-dev"));
     let w = coord.wait_for("dev", "running", LONG);
     assert!(w["status_reason"].as_str().unwrap().contains("'warm' exited with code 3"), "{w}");
     let mut ssh = alice.ssh().args(["-tt", "dev.tether"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
@@ -1859,6 +1859,20 @@ fn an_interactive_login_says_when_the_startup_scripts_failed() {
     );
     // A command gets none of it.
     assert_eq!(alice.ok("dev.tether", "echo plain").trim(), "plain");
+    // An agent restarted after a kill does not run the scripts again, and still says they failed.
+    let mut agent = agent;
+    agent.kill();
+    let _agent = Agent::start(&coord, &token, &coord.data_dir().join("agent-dev"));
+    let log = coord.data_dir().join("agent-dev.log");
+    wait_until("the restarted agent to take its build", LONG, || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("this build was started by an earlier agent run")
+    });
+    let mut ssh = alice.ssh().args(["-tt", "dev.tether"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    ssh.stdin.take().unwrap().write_all(b"exit\n").unwrap();
+    let shown = text(&ssh.wait_with_output().unwrap().stdout);
+    let notice = "tether: this workspace's startup scripts failed (`tether workspace logs dev` shows how); it may not \
+                  be fully set up\r\nWelcome";
+    assert!(shown.contains(notice), "{shown}");
 
     // A login that waited for a script that blocks login hears how it ended.
     let go = alice.dir.join("go");
