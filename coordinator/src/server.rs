@@ -142,23 +142,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         }
         Err(e) => return Err(e.into()),
     };
-    let pki = Pki::load_or_create(&data_dir)?;
-    let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir).context("loading the SSH CA")?;
-    let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
-    let admin_hash = admin_token(&store, &data_dir).await?;
-    match store.end_stale_audit(tether_shared::now_ms()).await {
-        Ok(0) => {}
-        Ok(n) => info!(connections = n, "ssh audit: ended the connections the last run left open"),
-        Err(e) => warn!(error = %e, "ssh audit: could not end the connections the last run left open"),
-    }
-    let own_tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::https::load_pem(cert, key).context("loading --tls-cert and --tls-key")?),
-        (None, None) => None,
-        _ => anyhow::bail!(
-            "--tls-cert and --tls-key go together: set both, or neither for a certificate from the coordinator's own CA"
-        ),
-    };
-
+    // The ports first: one in use must not leave a new CA and admin token behind.
     let http = tokio::net::TcpListener::bind(config.listen_http)
         .await
         .with_context(|| format!("binding the HTTP API on {}", config.listen_http))?;
@@ -179,14 +163,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         }
         Err(e) => warn!(error = %e, "could not size the UDP receive buffer"),
     }
-    let endpoint = quinn::Endpoint::new(
-        pki.endpoint_config(),
-        Some(pki.server_config(8)?),
-        udp,
-        Arc::new(tether_shared::udp::Runtime),
-    )
-    .context("starting the QUIC endpoint")?;
-
     let ssh = match config.listen_ssh {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -203,6 +179,31 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         None => None,
     };
     let https_addr = https.as_ref().map(|l| l.local_addr()).transpose()?;
+    let pki = Pki::load_or_create(&data_dir)?;
+    let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir).context("loading the SSH CA")?;
+    let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
+    let admin_hash = admin_token(&store, &data_dir).await?;
+    match store.end_stale_audit(tether_shared::now_ms()).await {
+        Ok(0) => {}
+        Ok(n) => info!(connections = n, "ssh audit: ended the connections the last run left open"),
+        Err(e) => warn!(error = %e, "ssh audit: could not end the connections the last run left open"),
+    }
+    let own_tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::https::load_pem(cert, key).context("loading --tls-cert and --tls-key")?),
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "--tls-cert and --tls-key go together: set both, or neither for a certificate from the coordinator's own CA"
+        ),
+    };
+
+    let endpoint = quinn::Endpoint::new(
+        pki.endpoint_config(),
+        Some(pki.server_config(8)?),
+        udp,
+        Arc::new(tether_shared::udp::Runtime),
+    )
+    .context("starting the QUIC endpoint")?;
+
     let reachable = |a: SocketAddr| -> SocketAddr {
         if a.ip().is_unspecified() {
             SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())

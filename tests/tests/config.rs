@@ -241,3 +241,28 @@ fn an_empty_variable_counts_as_unset_for_every_command() {
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("cannot reach the coordinator at http://127.0.0.1:1"), "{said}");
 }
+
+#[test]
+fn a_port_in_use_stops_serve_before_it_makes_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = tether(dir.path())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen-http", &addr, "--listen-quic", "127.0.0.1:0", "--listen-ssh", "off"])
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains(&format!("binding the HTTP API on {addr}")), "{said}");
+    // A first start that failed there leaves no CA, host keys, database or admin token behind.
+    let left: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".pem") || n.contains("token") || n.ends_with(".db") || n.contains("ssh"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
