@@ -119,7 +119,14 @@ pub async fn run(
     let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "unknown".to_string());
     let (manifests_tx, manifests) = watch::channel(None);
     let (notice, notice_rx) = watch::channel(None);
-    let (gate, gate_rx) = watch::channel(LoginGate::Open);
+    // A start phase an earlier process of this agent began and never finished (it was killed)
+    // runs again once the manifest comes: until then, sessions wait, as the coordinator, which
+    // still has this build `starting`, lets them through.
+    let cut_off = saved.is_some_and(|s| s.lifecycle == Lifecycle::Starting);
+    let (gate, gate_rx) = watch::channel(match cut_off {
+        true => LoginGate::Closed { workspace: None, scripts: Vec::new() },
+        false => LoginGate::Open,
+    });
     let ssh = SshServer::new(&data_dir, manifests_tx.subscribe(), notice_rx, gate_rx, Account::discover())?;
     if let Some(listen) = &config.ssh_listen {
         let listener = tokio::net::TcpListener::bind(listen.addr)
@@ -275,6 +282,7 @@ impl Agent {
             Decision::Keep => {}
             Decision::Report(lifecycle) => {
                 tracing::info!(build, lifecycle = %lifecycle, "this build was started by an earlier agent run; not running its start scripts again");
+                self.gate.send_replace(LoginGate::Open);
                 // The earlier run's words are not kept; logins still hear that something failed.
                 if matches!(lifecycle, Lifecycle::StartError | Lifecycle::StartTimeout) {
                     self.notice.send_replace(Some(format!(
@@ -315,7 +323,7 @@ impl Agent {
             .collect();
         self.gate.send_replace(match blocking.is_empty() {
             true => LoginGate::Open,
-            false => LoginGate::Closed { workspace: manifest.workspace.clone(), scripts: blocking },
+            false => LoginGate::Closed { workspace: Some(manifest.workspace.clone()), scripts: blocking },
         });
         self.lifecycle(build, Lifecycle::Created, None);
         self.lifecycle(build, Lifecycle::Starting, None);
@@ -393,6 +401,8 @@ impl Agent {
         mut tunnel: JoinHandle<Result<(), TunnelError>>,
     ) -> Result<Exit, AgentError> {
         tracing::info!(reason = %reason, "shutting down");
+        // Sessions waiting for the start scripts end, saying so; new ones are not let in.
+        self.gate.send_replace(LoginGate::Stopping);
         if let Some(phase) = self.start.take() {
             cancel_phase(phase).await;
         }

@@ -356,6 +356,9 @@ async fn logs(
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<LogsView> {
+    // Before the row is read: a change just after it still wakes the wait below.
+    let mut rx = s.engine.subscribe_logs();
+    let mut changes = s.engine.subscribe_changes();
     reach(&s, &who, &name).await?;
     let row = s.engine.store.workspace(&name).await.map_err(OpError::from)?.ok_or(OpError::NotFound(name.clone()))?;
     // A script the template does not have would only ever give nothing: say so.
@@ -393,13 +396,21 @@ async fn logs(
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(s.engine.config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
-    let mut rx = s.engine.subscribe_logs();
-    let mut changes = s.engine.subscribe_changes();
     let id = row.id;
     let mut row = row;
     loop {
+        // Marked seen before the status and the lines are read: a change after that wakes us.
         rx.borrow_and_update();
-        changes.borrow_and_update();
+        if changes.has_changed().unwrap_or(false) {
+            changes.borrow_and_update();
+            row = s
+                .engine
+                .store
+                .workspace_by_id(id)
+                .await
+                .map_err(OpError::from)?
+                .ok_or(OpError::NotFound(name.clone()))?;
+        }
         // The status before the lines: a line stored before the workspace ended is in this answer.
         // An earlier build than the current one gets no more lines either.
         let ended = build != row.build
@@ -418,9 +429,7 @@ async fn logs(
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {}
             _ = rx.changed() => {}
-            _ = changes.changed() => {
-                row = s.engine.store.workspace_by_id(id).await.map_err(OpError::from)?.ok_or(OpError::NotFound(name.clone()))?;
-            }
+            _ = changes.changed() => {}
         }
     }
 }

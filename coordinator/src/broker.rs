@@ -615,10 +615,10 @@ async fn agent_gone(engine: &Engine, workspace: &str) -> String {
 }
 
 /// Counts a splice while it runs, for a shutdown that waits for them to say why they end.
-struct Splicing(Arc<Engine>);
+pub struct Splicing(Arc<Engine>);
 
 impl Splicing {
-    fn new(engine: &Arc<Engine>) -> Self {
+    pub fn new(engine: &Arc<Engine>) -> Self {
         engine.ssh_splicing.fetch_add(1, Ordering::Relaxed);
         Splicing(engine.clone())
     }

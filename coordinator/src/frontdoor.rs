@@ -370,15 +370,20 @@ impl russh::server::Handler for Handler {
         tokio::spawn(async move {
             match broker::open(&engine, request).await {
                 Ok(brokered) => {
+                    // Counted until the reason is sent: a shutdown waits for it.
+                    let _splicing = broker::Splicing::new(&engine);
                     reply.accept().await;
                     let why = brokered.splice(channel.into_stream()).await;
                     // The coordinator or the agent ended it: say why, as OpenSSH's client shows a
                     // disconnect ("Received disconnect from …: 11: workspace 'dev': access was
-                    // revoked"); a closed channel alone shows nothing. Only on a connection with no
-                    // other workspace connections on it, which would go too.
-                    if let Some(why) = why.filter(|_| channels.load(Ordering::Relaxed) == 1) {
+                    // revoked"); a closed channel alone shows nothing. Only once the connection's
+                    // last workspace connection has ended (several may end together), since the
+                    // others would go too.
+                    let last = channels.fetch_sub(1, Ordering::Relaxed) == 1;
+                    if let Some(why) = why.filter(|_| last) {
                         let _ = handle.disconnect(russh::Disconnect::ByApplication, why, String::new()).await;
                     }
+                    return;
                 }
                 Err(refusal) => {
                     // As OpenSSH's client shows them: "administratively prohibited" for a name or an

@@ -1421,6 +1421,19 @@ fn started(mut client: Command) -> KillOnDrop {
     KillOnDrop(child, Some(remote))
 }
 
+/// Reads `from` until `want` has come; returns what was read.
+fn read_until(from: &mut dyn Read, want: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    while !text(&got).contains(want) {
+        let mut buf = [0u8; 256];
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => panic!("ended before {want:?}: {}", text(&got)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got
+}
+
 /// A child process killed (and reaped) when dropped, with the remote command of its SSH session
 /// if it has one.
 struct KillOnDrop(std::process::Child, Option<String>);
@@ -1650,6 +1663,48 @@ fn ssh_waits_for_the_start_scripts_that_block_login() {
     let mut all = outcomes();
     all.sort();
     assert_eq!(all, ["closed", "closed", "ended: the user's API token was replaced"]);
+}
+
+/// A session waiting for the start scripts that block login ends when its user presses Ctrl-C on
+/// the (raw) terminal, or when the agent stops meanwhile, saying which; it never starts its program.
+#[test]
+fn a_waiting_session_ends_on_ctrl_c_or_when_the_agent_stops() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let template = format!("{TEMPLATE}\n[[script]]\nname = \"setup\"\nrun = \"sleep 600\"\nblocks_login = true\n");
+    let created = coord.create("slow", &template, &["--owner", "alice"]);
+    let token = created["agent_token"].as_str().unwrap().to_string();
+    let mut agent = Agent::start(&coord, &token, &coord.data_dir().join("agent-slow"));
+    wait_until("the agent to run its login-blocking script", LONG, || coord.show("slow")["lifecycle"] == "starting");
+    let waiting = "waiting for its startup scripts to finish (setup)";
+
+    // Ctrl-C on an interactive login.
+    let mut ssh =
+        alice.ssh().args(["-tt", "slow.tether"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdout = ssh.stdout.take().unwrap();
+    read_until(&mut stdout, waiting);
+    ssh.stdin.as_mut().unwrap().write_all(b"\x03").unwrap();
+    read_until(&mut stdout, "tether: stopped waiting\r\n");
+    assert_eq!(ssh.wait().unwrap().code(), Some(130));
+
+    // A command waits; the agent stops (SIGTERM in the workspace): it ends, saying so.
+    let mut ssh = alice
+        .ssh()
+        .args(["slow.tether", "echo never"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = ssh.stderr.take().unwrap();
+    read_until(&mut stderr, waiting);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    read_until(&mut stderr, "tether: the workspace is stopping\n");
+    let out = ssh.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).is_empty(), "{out:?}");
+    assert!(agent.child.wait().unwrap().success());
 }
 
 /// Mistakes with keys, `config-ssh` and the CLI's URL get a message that names them.
@@ -1887,15 +1942,8 @@ fn an_interactive_login_says_when_the_startup_scripts_failed() {
     let mut ssh =
         alice.ssh().args(["-tt", "slow.tether"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut stdout = ssh.stdout.take().unwrap();
-    let mut shown = Vec::new();
     let waiting = "tether: workspace 'slow' is starting; waiting for its startup scripts to finish (setup)\r\n";
-    while !text(&shown).contains(waiting) {
-        let mut buf = [0u8; 256];
-        match stdout.read(&mut buf) {
-            Ok(0) | Err(_) => panic!("the session ended before it said it waits: {}", text(&shown)),
-            Ok(n) => shown.extend_from_slice(&buf[..n]),
-        }
-    }
+    let mut shown = read_until(&mut stdout, waiting);
     std::fs::write(&go, b"").unwrap();
     ssh.stdin.take().unwrap().write_all(b"exit\n").unwrap();
     stdout.read_to_end(&mut shown).unwrap();

@@ -66,11 +66,13 @@ pub const LOGIN_WAIT: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoginGate {
     Open,
-    /// The workspace's name, and the start scripts that block login.
+    /// The workspace's name and the start scripts that block login, once the manifest says.
     Closed {
-        workspace: String,
+        workspace: Option<String>,
         scripts: Vec<String>,
     },
+    /// The agent is stopping: sessions that waited end, saying so.
+    Stopping,
 }
 
 /// Algorithm preferences for Tether's SSH servers (the agent's and the coordinator's front door).

@@ -256,31 +256,41 @@ pub async fn serve(
     let pty = launch.pty.is_some();
     let mut resize = None;
     // The start scripts that block login are running: say so, and wait for them (or the client's
-    // leaving) before the program starts.
+    // leaving, or a Ctrl-C on its terminal) before the program starts.
     let mut gate = server.gate();
     let closed = gate.borrow_and_update().clone();
     if let LoginGate::Closed { workspace, scripts } = closed {
         let end = if pty { "\r\n" } else { "\n" };
-        let said = format!(
-            "tether: workspace '{workspace}' is starting; waiting for its startup scripts to finish ({}){end}",
-            scripts.join(", ")
-        );
         // On a pty, as the MOTD is; otherwise on stderr, out of the command's output.
-        let _ = tx.make_writer_ext(if pty { None } else { Some(1) }).write_all(said.as_bytes()).await;
+        let out = if pty { None } else { Some(1) };
+        let said = match workspace {
+            Some(w) => format!(
+                "tether: workspace '{w}' is starting; waiting for its startup scripts to finish ({}){end}",
+                scripts.join(", ")
+            ),
+            None => format!("tether: this workspace is starting; waiting for its startup scripts to finish{end}"),
+        };
+        let _ = tx.make_writer_ext(out).write_all(said.as_bytes()).await;
         tracing::info!(client = %client, login = %login, what = %what, "ssh session waits for the startup scripts");
         let waited = tokio::time::sleep(LOGIN_WAIT);
         tokio::pin!(waited);
-        loop {
+        // Why the session ends without its program, and the exit status the client gets.
+        let gave_up = loop {
             tokio::select! {
-                // Open, or the agent is going (its sender dropped): the program starts.
-                () = async { drop(gate.wait_for(|g| *g == LoginGate::Open).await) } => break,
+                // The scripts are done, or the agent is stopping (or going: its sender dropped).
+                g = async { gate.wait_for(|g| !matches!(g, LoginGate::Closed { .. })).await.map(|g| g.clone()) } => {
+                    match g {
+                        Ok(LoginGate::Open) => break None,
+                        _ => break Some((format!("tether: the workspace is stopping{end}"), 1)),
+                    }
+                }
                 _ = &mut waited => {
                     let said = format!(
                         "tether: the startup scripts are still running after {} minutes; going ahead{end}",
                         LOGIN_WAIT.as_secs() / 60
                     );
-                    let _ = tx.make_writer_ext(if pty { None } else { Some(1) }).write_all(said.as_bytes()).await;
-                    break;
+                    let _ = tx.make_writer_ext(out).write_all(said.as_bytes()).await;
+                    break None;
                 }
                 ctl = control.recv() => match ctl {
                     Some(Control::Resize(size)) => resize = Some(size),
@@ -289,11 +299,25 @@ pub async fn serve(
                     None => return,
                 },
                 msg = rx.wait(), if queue.has_room() => {
+                    // The terminal is raw: its Ctrl-C arrives as a byte, which would otherwise wait
+                    // for the shell. It means: stop waiting.
+                    if pty && matches!(&msg, Some(ChannelMsg::Data { data }) if data.contains(&0x03)) {
+                        break Some((format!("tether: stopped waiting{end}"), 130));
+                    }
                     if !take_input(msg, &mut queue, &mut client_eof, &activity) {
                         return;
                     }
                 }
             }
+        };
+        if let Some((said, status)) = gave_up {
+            tracing::info!(client = %client, login = %login, what = %what, said = said.trim_end(), "ssh session ended while it waited");
+            let _ = tx.make_writer_ext(out).write_all(said.as_bytes()).await;
+            let _ = tx.exit_status(status).await;
+            let _ = tx.eof().await;
+            let _ = tx.close().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut rx)).await;
+            return;
         }
     }
     // Read now, after the wait: why the start phase failed, if it did.

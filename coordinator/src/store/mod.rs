@@ -38,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003_build_log_bytes.sql"),
     include_str!("../../migrations/0004_lifecycle_detail.sql"),
     include_str!("../../migrations/0005_owners_are_users.sql"),
+    include_str!("../../migrations/0006_logs_by_build.sql"),
 ];
 
 #[derive(Debug, Clone)]
