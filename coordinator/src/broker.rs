@@ -551,7 +551,8 @@ impl Brokered {
             () = end.notified() => Err(()),
         };
         let ended = engine.ssh_open.lock().unwrap_or_else(|e| e.into_inner()).remove(&connection_id);
-        let mut ended_by_us = false;
+        // Why the coordinator ended it, for its client.
+        let mut ended_by_us = None;
         let result = match result {
             Ok(r) => r,
             // Access was taken away: the agent's side is reset (its session ends), and the
@@ -559,7 +560,7 @@ impl Brokered {
             Err(()) => {
                 let why = ended.and_then(|o| o.why).unwrap_or_else(|| "access removed".into());
                 info!(%workspace, connection_id, %why, "ssh connection ended by the coordinator");
-                ended_by_us = true;
+                ended_by_us = Some(format!("workspace '{workspace}': {why}"));
                 Err(std::io::Error::other(why))
             }
         };
@@ -573,10 +574,10 @@ impl Brokered {
                 let _ = send.reset(0u32.into());
                 let _ = recv.stop(0u32.into());
                 let why = match ended_by_us {
-                    true => Some(format!("workspace '{workspace}': {e}")),
-                    false if from_agent(e) => Some(agent_gone(&engine, &workspace).await),
+                    Some(why) => Some(why),
+                    None if from_agent(e) => Some(agent_gone(&engine, &workspace).await),
                     // The client's side failed: nobody to tell.
-                    false => None,
+                    None => None,
                 };
                 (format!("ended: {e}"), why)
             }

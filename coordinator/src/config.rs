@@ -463,12 +463,11 @@ pub fn unknown_variables(names: impl IntoIterator<Item = String>) -> Vec<String>
         .filter(|n| !known.contains(n) && !OTHER_VARIABLES.contains(&n.as_str()))
         .collect();
     unknown.sort();
+    // Compared as the keys are, without the prefix: a typo there is a typo in a few letters.
+    let stems: Vec<String> = known.iter().map(|k| k.trim_start_matches("TETHER_").to_ascii_lowercase()).collect();
     unknown
         .into_iter()
         .map(|name| {
-            // Compared as the keys are, without the prefix: a typo there is a typo in a few letters.
-            let stems: Vec<String> =
-                known.iter().map(|k| k.trim_start_matches("TETHER_").to_ascii_lowercase()).collect();
             let hint = suggest(name.trim_start_matches("TETHER_"), &stems)
                 .map(|k| format!(" (did you mean TETHER_{}?)", k.to_ascii_uppercase()))
                 .unwrap_or_default();

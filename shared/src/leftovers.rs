@@ -79,8 +79,9 @@ mod tests {
             std::process::Command::new("sh").args(["-c", "sleep 300 & sleep 300"]).process_group(0).spawn().unwrap();
         let pgid = script.id() as i32;
         let left = record(&running, pgid).unwrap().expect("running");
-        std::mem::forget(left); // the agent was killed: its record stays
-                                // A finished script whose record was left: its pid may be anyone's now.
+        // The agent was killed: its record stays.
+        std::mem::forget(left);
+        // A finished script whose record was left: its pid may be anyone's now.
         std::fs::write(running.join("999999"), "1").unwrap();
         assert_eq!(end_all(&running), vec![pgid]);
         let status = script.wait().unwrap();

@@ -9,7 +9,7 @@ use super::{LoginGate, LOGIN_WAIT};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use russh::server::{Handle, Msg};
-use russh::{Channel, ChannelMsg, ChannelReadHalf, Sig};
+use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig};
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -312,11 +312,7 @@ pub async fn serve(
         };
         if let Some((said, status)) = gave_up {
             tracing::info!(client = %client, login = %login, what = %what, said = said.trim_end(), "ssh session ended while it waited");
-            let _ = tx.make_writer_ext(out).write_all(said.as_bytes()).await;
-            let _ = tx.exit_status(status).await;
-            let _ = tx.eof().await;
-            let _ = tx.close().await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut rx)).await;
+            end_without_program(&tx, &mut rx, out, &said, status).await;
             return;
         }
     }
@@ -364,11 +360,7 @@ pub async fn serve(
             tracing::warn!(client = %client, what = %what, error = %e, "could not start an ssh session");
             let end = if pty { "\r\n" } else { "\n" };
             let said = format!("tether-agent: could not start the {what}: {e}{end}");
-            let _ = tx.make_writer_ext(Some(1)).write_all(said.as_bytes()).await;
-            let _ = tx.exit_status(1).await;
-            let _ = tx.eof().await;
-            let _ = tx.close().await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut rx)).await;
+            end_without_program(&tx, &mut rx, Some(1), &said, 1).await;
             return;
         }
     };
@@ -502,6 +494,22 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// Ends a session whose program never ran: `said` on stdout (`out` None) or stderr, then the exit
+/// status and the close, and the client's own close is waited for briefly so it is consumed.
+async fn end_without_program(
+    tx: &ChannelWriteHalf<Msg>,
+    rx: &mut ChannelReadHalf,
+    out: Option<u32>,
+    said: &str,
+    status: u32,
+) {
+    let _ = tx.make_writer_ext(out).write_all(said.as_bytes()).await;
+    let _ = tx.exit_status(status).await;
+    let _ = tx.eof().await;
+    let _ = tx.close().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain(rx)).await;
 }
 
 /// Awaits the future in `f`, or never once it is gone.
