@@ -23,6 +23,8 @@ use tether_shared::WorkspaceStatus;
 pub struct ApiState {
     pub engine: Arc<Engine>,
     pub admin_token_hash: Arc<String>,
+    /// Why the coordinator ended SSH connections made over the API, for their clients.
+    pub ssh_ends: Arc<crate::api_ssh::EndNotes>,
 }
 
 pub struct ApiError(pub StatusCode, pub String);
@@ -75,6 +77,7 @@ pub fn router(state: ApiState, extra: Router) -> Router {
             crate::api_ssh::user_routes()
                 .layer(axum::middleware::from_fn_with_state(state.clone(), crate::api_ssh::user_auth)),
         )
+        .merge(crate::api_ssh::ticket_routes())
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route".into()) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(json_errors));

@@ -4,6 +4,13 @@
 //! token): `GET /ssh` tells `tether config-ssh` where the front door is and which CA to trust, and
 //! `GET /workspaces/{name}/ssh` with `Upgrade: tether-ssh` turns the HTTP connection into a raw
 //! byte stream to the workspace's agent, for `ProxyCommand tether ssh --stdio %h`.
+//!
+//! That stream has no room for a message of the coordinator's own, so the answer that opens it
+//! carries a ticket (`Tether-Ssh-Ticket`), and a connection the coordinator ends (its access was
+//! taken away, its agent was lost, the coordinator is shutting down) leaves its reason under that
+//! ticket for a minute before the stream closes: `GET /ssh/ended/{ticket}` gives it to the CLI,
+//! which prints it, as the front door's SSH disconnect message does for `ssh -J`. The ticket is the
+//! only credential it needs, so a client whose token was just replaced still learns why.
 
 use crate::api::{ApiError, ApiState};
 use crate::broker::{self, RefusalKind, Request, Via};
@@ -16,10 +23,86 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The `Upgrade` protocol name for SSH over the API.
 pub const UPGRADE_PROTOCOL: &str = "tether-ssh";
+
+/// The header of the upgrade's answer that names where the connection's end reason will be.
+pub const TICKET_HEADER: &str = "tether-ssh-ticket";
+
+/// Why the coordinator ended connections made over the API, by ticket, while their clients may
+/// still ask: a minute each, the newest [`EndNotes::CAPACITY`] at most.
+#[derive(Debug, Default)]
+pub struct EndNotes(Mutex<VecDeque<EndNote>>);
+
+#[derive(Debug)]
+struct EndNote {
+    at: Instant,
+    ticket: String,
+    reason: String,
+}
+
+impl EndNotes {
+    /// More ended connections at once than any client still reading its reason would meet.
+    const CAPACITY: usize = 1024;
+    const KEEP: Duration = Duration::from_secs(60);
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<EndNote>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, ticket: String, reason: String, now: Instant) {
+        let mut notes = self.lock();
+        while notes.front().is_some_and(|n| now.duration_since(n.at) > Self::KEEP) || notes.len() >= Self::CAPACITY {
+            notes.pop_front();
+        }
+        notes.push_back(EndNote { at: now, ticket, reason });
+    }
+
+    pub fn get(&self, ticket: &str, now: Instant) -> Option<String> {
+        self.lock()
+            .iter()
+            .find(|n| n.ticket == ticket && now.duration_since(n.at) <= Self::KEEP)
+            .map(|n| n.reason.clone())
+    }
+}
+
+/// What `GET /ssh/ended/{ticket}` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EndedView {
+    /// Why the coordinator ended the connection, as its client should be told.
+    pub reason: String,
+}
+
+/// The routes that need no token: a ticket is its own credential.
+pub fn ticket_routes() -> Router<ApiState> {
+    Router::new().route("/ssh/ended/{ticket}", get(ssh_ended))
+}
+
+/// A ticket as the coordinator makes them: `pki::new_token`'s prefix and 64 hex digits.
+const TICKET_PREFIX: &str = "tether_ssh_end";
+
+async fn ssh_ended(State(s): State<ApiState>, Path(ticket): Path<String>) -> ApiResult<EndedView> {
+    let well_formed = ticket
+        .strip_prefix(TICKET_PREFIX)
+        .and_then(|t| t.strip_prefix('_'))
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !well_formed {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "that is not an SSH connection's ticket".into()));
+    }
+    match s.ssh_ends.get(&ticket, Instant::now()) {
+        Some(reason) => Ok(Json(EndedView { reason })),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "no reason is kept for that connection: it is open, it ended on its own, or it ended over a minute ago"
+                .into(),
+        )),
+    }
+}
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
@@ -282,10 +365,18 @@ async fn ssh_upgrade(
     if let Some(upgrading) = req.extensions().get::<crate::https::Upgrading>() {
         upgrading.set();
     }
+    let ticket = pki::new_token(TICKET_PREFIX);
+    let ends = s.ssh_ends.clone();
+    let kept = ticket.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                brokered.splice(hyper_util::rt::TokioIo::new(upgraded)).await;
+                let mut stream = hyper_util::rt::TokioIo::new(upgraded);
+                // The reason is kept before the stream closes, so the client finds it when it asks.
+                if let Some(why) = brokered.splice(&mut stream).await {
+                    ends.insert(kept, why, Instant::now());
+                }
+                drop(stream);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "ssh upgrade did not complete");
@@ -296,5 +387,35 @@ async fn ssh_upgrade(
     let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
     resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    if let Ok(v) = HeaderValue::from_str(&ticket) {
+        resp.headers_mut().insert(TICKET_HEADER, v);
+    }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_notes_keep_a_minute_and_the_newest_at_most() {
+        let notes = EndNotes::default();
+        let t0 = Instant::now();
+        notes.insert("a".into(), "why a".into(), t0);
+        assert_eq!(notes.get("a", t0 + Duration::from_secs(59)).as_deref(), Some("why a"));
+        assert_eq!(notes.get("b", t0), None);
+        assert_eq!(notes.get("a", t0 + Duration::from_secs(61)), None, "expired");
+        for i in 0..EndNotes::CAPACITY + 10 {
+            notes.insert(format!("n{i}"), format!("why {i}"), t0);
+        }
+        assert_eq!(notes.lock().len(), EndNotes::CAPACITY);
+        assert_eq!(notes.get("n0", t0), None, "the oldest made room");
+        assert_eq!(
+            notes.get(&format!("n{}", EndNotes::CAPACITY + 9), t0).as_deref(),
+            Some(&*format!("why {}", EndNotes::CAPACITY + 9))
+        );
+        // A later insert drops the expired ones first.
+        notes.insert("late".into(), "why late".into(), t0 + Duration::from_secs(120));
+        assert_eq!(notes.lock().len(), 1);
+    }
 }

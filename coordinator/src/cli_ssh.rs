@@ -1,7 +1,7 @@
 //! The SSH side of the CLI: `tether user`, `tether workspace grant|revoke|access`, `tether audit`,
 //! `tether config-ssh` and `tether ssh`.
 
-use crate::api_ssh::{SshInfo, UPGRADE_PROTOCOL};
+use crate::api_ssh::{EndedView, SshInfo, TICKET_HEADER, UPGRADE_PROTOCOL};
 use crate::cli::table;
 use crate::client::{enc, Client};
 use crate::users::{AuditView, UserView};
@@ -470,22 +470,49 @@ fn overridden(
 }
 
 /// `tether ssh --stdio NAME`: joins stdin/stdout to the workspace's agent over the API (for
-/// `ProxyCommand`).
+/// `ProxyCommand`). A connection the coordinator ended fails with its reason (access taken away,
+/// the agent lost, the coordinator shutting down), which OpenSSH shows above its own "Connection
+/// closed".
 pub async fn ssh_stdio(client: &Client, target: &str, as_user: Option<&str>) -> anyhow::Result<()> {
     let name = crate::broker::workspace_name(target);
     let mut path = format!("/workspaces/{}/ssh", enc(&name));
     if let Some(u) = as_user {
         path.push_str(&format!("?user={}", enc(u)));
     }
-    let stream = client.upgrade(&path, UPGRADE_PROTOCOL).await?;
-    splice_stdio(stream).await.context("ssh stream")
+    let (stream, headers) = client.upgrade(&path, UPGRADE_PROTOCOL).await?;
+    let ticket = headers.get(TICKET_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let ended = splice_stdio(stream).await;
+    if matches!(ended, Ok(Ended::ByClient)) {
+        return Ok(());
+    }
+    // The coordinator's side ended first: ask it why, briefly (it may be gone).
+    if let Some(ticket) = ticket {
+        let path = format!("/ssh/ended/{}", enc(&ticket));
+        let ask = client.get::<EndedView>(&path);
+        if let Ok(Ok(view)) = tokio::time::timeout(END_REASON_WAIT, ask).await {
+            bail!("{}", view.reason);
+        }
+    }
+    ended.map(|_| ()).context("ssh stream")
+}
+
+/// How long `tether ssh --stdio` waits to learn why the coordinator ended its connection.
+const END_REASON_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Which side of a spliced connection ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Stdin ended first (OpenSSH closed its side); the stream's end followed.
+    ByClient,
+    /// The stream ended while stdin was still open.
+    ByStream,
 }
 
 /// Copies stdin to `stream` and `stream` to stdout. Returns when the stream's side ends, as
 /// `ssh -W` does: the process then exits, which closes stdout, and that is how OpenSSH learns
 /// that the connection is gone (shutting down tokio's stdout leaves the descriptor open). Stdin's
 /// end is passed on as a half-close, and the copy the other way goes on until the stream's end.
-async fn splice_stdio<S: AsyncRead + AsyncWrite>(stream: S) -> std::io::Result<()> {
+async fn splice_stdio<S: AsyncRead + AsyncWrite>(stream: S) -> std::io::Result<Ended> {
     const BUFFER: usize = 256 * 1024;
     let (from_stream, mut to_stream) = tokio::io::split(stream);
     let mut stdout = tokio::io::stdout();
@@ -499,10 +526,10 @@ async fn splice_stdio<S: AsyncRead + AsyncWrite>(stream: S) -> std::io::Result<(
     };
     tokio::pin!(down);
     tokio::select! {
-        r = &mut down => r,
+        r = &mut down => r.map(|()| Ended::ByStream),
         r = up => {
             r?;
-            down.await
+            down.await.map(|()| Ended::ByClient)
         }
     }
 }

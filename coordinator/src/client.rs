@@ -119,7 +119,12 @@ impl Client {
     }
 
     /// An HTTP/1.1 upgrade to `protocol`: the raw byte stream after a 101, or the API's error.
-    pub async fn upgrade(&self, path: &str, protocol: &str) -> anyhow::Result<reqwest::Upgraded> {
+    /// Turns the connection into `protocol`'s byte stream; returns it with the answer's headers.
+    pub async fn upgrade(
+        &self,
+        path: &str,
+        protocol: &str,
+    ) -> anyhow::Result<(reqwest::Upgraded, reqwest::header::HeaderMap)> {
         let resp = self
             .http
             .get(self.url(path))
@@ -134,7 +139,9 @@ impl Client {
             let body = resp.bytes().await.unwrap_or_default();
             bail!("{}", api_error(status, &body));
         }
-        resp.upgrade().await.map_err(|e| anyhow!("upgrading the connection: {e}"))
+        let headers = resp.headers().clone();
+        let stream = resp.upgrade().await.map_err(|e| anyhow!("upgrading the connection: {e}"))?;
+        Ok((stream, headers))
     }
 
     fn url(&self, path: &str) -> String {

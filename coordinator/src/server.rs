@@ -322,7 +322,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             });
             let purge = tokio::spawn(crate::retention::run(engine.clone(), config.keep_audit, config.keep_builds));
             let router = api::router(
-                ApiState { engine: engine.clone(), admin_token_hash: Arc::new(admin_hash) },
+                ApiState { engine: engine.clone(), admin_token_hash: Arc::new(admin_hash), ssh_ends: Arc::default() },
                 crate::dist::router(dist.clone()),
             );
             tokio::spawn(async move { dist.prepare().await });

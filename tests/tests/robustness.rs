@@ -530,6 +530,14 @@ fn every_api_error_is_json_with_a_sentence() {
         assert_eq!(code, want, "{body}");
         assert!(body["error"].as_str().is_some_and(|e| e.contains(says)), "{want}: {body}");
     }
+    // An SSH connection's end reason is asked for by its ticket alone: one that is not a ticket is
+    // refused as such, one unknown (or whose connection ended on its own) is a 404 that says so.
+    let (code, body) = curl(&[&url(&format!("/ssh/ended/{}", "x".repeat(5000)))]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("not an SSH connection's ticket"), "{body}");
+    let (code, body) = curl(&[&url(&format!("/ssh/ended/tether_ssh_end_{}", "ab".repeat(32)))]);
+    assert_eq!(code, 404, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("no reason is kept for that connection"), "{body}");
     // Values out of range are refused, as the CLI refuses them, not quietly clamped.
     let (code, body) = curl(&[&url("/audit?limit=0")]);
     assert_eq!(code, 400, "{body}");

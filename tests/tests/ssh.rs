@@ -1818,6 +1818,9 @@ fn revoking_access_ends_the_sessions_it_let_in() {
     let mut by_admin = started(as_alice);
     coord.ok(&["user", "token", "alice"]);
     ends(&mut via_token, "alice's tether ssh connection to end after her token was replaced");
+    // Its ProxyCommand, `tether ssh --stdio`, says why, though the token it holds is no longer valid.
+    let said = via_token.said();
+    assert!(said.contains("error: workspace 'dev': the user's API token was replaced"), "{said}");
     assert!(alices.0.try_wait().unwrap().is_none(), "the connection made with her key goes on");
     assert!(by_admin.0.try_wait().unwrap().is_none(), "the admin's connection as alice goes on");
     let ended = "ended: the user's API token was replaced".to_string();
@@ -1849,10 +1852,17 @@ fn a_coordinator_shutting_down_tells_ssh_clients_why() {
     let alice = SshUser::add(&coord, "alice");
     let _dev = workspace(&coord, "dev", "alice");
     let mut session = long_session(&alice, "dev.tether");
+    // And one through the API port, `tether ssh`.
+    let mut tether_ssh = alice.tether(&coord);
+    tether_ssh.args(["ssh", "dev", "--", "-i", alice.key.to_str().unwrap(), "-o", "BatchMode=yes"]);
+    let mut via_api = started(tether_ssh);
     assert!(coord.terminate().success());
     wait_until("the session to end with its coordinator", LONG, || session.0.try_wait().unwrap().is_some());
     let said = session.said();
     assert!(said.contains(": workspace 'dev': the coordinator is shutting down"), "{said}");
+    wait_until("the tether ssh session to end with its coordinator", LONG, || via_api.0.try_wait().unwrap().is_some());
+    let said = via_api.said();
+    assert!(said.contains("error: workspace 'dev': the coordinator is shutting down"), "{said}");
     coord.start_again();
     let rows = coord.json(&["audit", "--user", "alice"]);
     let outcomes: Vec<_> = rows.as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap_or("")).collect();

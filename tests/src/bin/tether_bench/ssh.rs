@@ -997,6 +997,9 @@ fn sorted(values: &[f64]) -> Vec<f64> {
     v
 }
 
+/// Where the JSON report samples each route's echo distribution.
+const ECHO_PERCENTILES: [f64; 9] = [0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999];
+
 /// What was measured on one route.
 #[derive(Debug, Default)]
 struct Figures {
@@ -1071,6 +1074,12 @@ impl Figures {
             "echo_us": {
                 "p50": round(s.echo_p50, 1),
                 "p99": round(s.echo_p99, 1),
+                // The shape of the distribution: a tail that only one route has (a timer, a
+                // periodic task) shows here, where a shift of the whole curve shows at every point.
+                "percentiles": ECHO_PERCENTILES
+                    .iter()
+                    .map(|q| json!({ "q": q, "us": round(percentile(&echo, *q), 1) }))
+                    .collect::<Vec<_>>(),
                 "min": round(echo[0], 1),
                 "max": round(echo[echo.len() - 1], 1),
                 "samples": echo.len(),
