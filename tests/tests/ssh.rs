@@ -506,6 +506,9 @@ fn a_killed_agent_ends_its_sessions_and_a_rebuilt_one_keeps_trust() {
     let _other = workspace(&coord, "other", "alice");
 
     let mut session = long_session(&alice, "dev.tether");
+    let mut tether_ssh = alice.tether(&coord);
+    tether_ssh.args(["ssh", "dev", "--", "-i", alice.key.to_str().unwrap(), "-o", "BatchMode=yes"]);
+    let mut via_api = started(tether_ssh);
     dev.kill();
     // Right after: the coordinator does not know yet (nothing told it; QUIC's idle timeout will),
     // and a new connection is refused with the reason rather than left hanging without one.
@@ -530,6 +533,9 @@ fn a_killed_agent_ends_its_sessions_and_a_rebuilt_one_keeps_trust() {
     assert!(!status.unwrap().success(), "the session ended with a failure status");
     let said = session.said();
     assert!(said.contains(": workspace 'dev': the connection to its agent ended"), "{said}");
+    wait_until("the tether ssh session to end after its agent died", LONG, || via_api.0.try_wait().unwrap().is_some());
+    let said = via_api.said();
+    assert!(said.contains("error: workspace 'dev': the connection to its agent ended"), "{said}");
     // The front door keeps serving other workspaces.
     assert_eq!(alice.ok("other.tether", "echo fine").trim(), "fine");
 
