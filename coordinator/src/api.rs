@@ -401,10 +401,14 @@ async fn logs(
     let deadline = tokio::time::Instant::now() + wait;
     let id = row.id;
     let mut row = row;
+    // A workspace changed since the row was read: `changed()` below marks the change seen as it
+    // wakes us, so that wake-up must be remembered here, or the row would never be read again and
+    // an end with no new lines (a stop without stop scripts) would wait out the whole poll.
+    let mut stale = false;
     loop {
         // Marked seen before the status and the lines are read: a change after that wakes us.
         rx.borrow_and_update();
-        if changes.has_changed().unwrap_or(false) {
+        if std::mem::take(&mut stale) || changes.has_changed().unwrap_or(false) {
             changes.borrow_and_update();
             row = s
                 .engine
@@ -432,7 +436,7 @@ async fn logs(
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {}
             _ = rx.changed() => {}
-            _ = changes.changed() => {}
+            _ = changes.changed() => stale = true,
         }
     }
 }

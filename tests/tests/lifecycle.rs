@@ -485,6 +485,34 @@ on = "stop"
     assert_eq!(c.show("tail")["status"], "stopped");
 }
 
+/// A logs poll waiting for lines ends as soon as its workspace stops, even when the stop writes no
+/// line (no stop scripts, no agent): it does not wait out its whole `wait`.
+#[test]
+fn a_logs_poll_ends_with_a_stop_that_writes_nothing() {
+    let c = Coordinator::start();
+    c.create("quiet", "[[script]]\nname = \"build\"\nrun = \"true\"\n", &[]);
+    let token = std::fs::read_to_string(c.data_dir().join("admin-token")).unwrap().trim().to_string();
+    // Longer than any deadline below: only the stop can end it in time.
+    let url = format!("{}/api/v1/workspaces/quiet/logs?wait=300", c.api_url());
+    let poll = Command::new("curl")
+        .args(["-sS", "--max-time", "400", "-H", &format!("authorization: Bearer {token}"), &url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    // Something else first, so that the poll is most likely waiting by the time of the stop (if not,
+    // it sees the stopped workspace at once, and this passes as it should).
+    assert_eq!(c.show("quiet")["status"], "starting");
+    c.ok(&["workspace", "stop", "quiet", "--wait"]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(poll.wait_with_output());
+    });
+    let out = rx.recv_timeout(LONG).expect("the logs poll to end with the stop").unwrap();
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["ended"], true, "{body}");
+    assert_eq!(body["lines"], serde_json::json!([]), "{body}");
+}
+
 #[test]
 fn a_failed_stop_is_recorded_and_never_leaves_a_false_running() {
     let c = Coordinator::start();
