@@ -281,8 +281,10 @@ impl Engine {
         )
     }
 
+    /// The workspace of that name, or, once it is deleted and until the name is used again, the
+    /// deleted one, with its history (why a forced delete went ahead, say).
     pub async fn show(&self, name: &str) -> Result<(WorkspaceView, Vec<crate::store::TransitionRow>), OpError> {
-        let row = self.row(name).await?;
+        let row = self.store.workspace_any(name).await?.ok_or_else(|| OpError::NotFound(name.to_string()))?;
         let history = self.store.transitions(row.id, 20).await?;
         Ok((self.view(&row), history))
     }
@@ -556,7 +558,8 @@ impl Engine {
     /// `force`, a failing stop or delete command is logged and recorded in the status reason, and
     /// the workspace is deleted anyway (what the provisioner could not remove may be left behind).
     pub async fn delete(self: &Arc<Self>, name: &str, force: bool) -> Result<WorkspaceView, OpError> {
-        let row = self.row(name).await?;
+        // The newest of that name: a deleted one is answered as it is, below.
+        let row = self.store.workspace_any(name).await?.ok_or_else(|| OpError::NotFound(name.to_string()))?;
         let _guard = self.lock(row.id).await;
         let mut row = self.reload(row.id).await?;
         // Safe to repeat, as start and stop are: a delete under way is joined (`--wait` waits for

@@ -279,7 +279,14 @@ on = "stop"
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     assert!(String::from_utf8_lossy(&again.stdout).contains("deleted"), "{}", String::from_utf8_lossy(&again.stdout));
     assert!(!c.data_dir().join("workspaces/proc").exists(), "delete removes the workspace directory");
-    assert!(c.fails(&["workspace", "show", "proc"]).contains("no workspace 'proc'"));
+    // Deleted, it is still shown, with its history, until its name is used again; deleting it
+    // again changes nothing and succeeds, as the README promises cleanup scripts.
+    let shown = c.show("proc");
+    assert_eq!(shown["status"], "deleted", "{shown}");
+    let again = c.cli(&["workspace", "delete", "proc", "--wait"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("deleted"), "{}", String::from_utf8_lossy(&again.stdout));
+    assert!(c.fails(&["workspace", "start", "proc"]).contains("no workspace 'proc'"));
 }
 
 #[test]
@@ -558,7 +565,10 @@ blocks_login = true
         "deleted (forced past: stop failed: stop command exited with code 1: cannot reach the docker daemon; what it started may be left behind)",
         "{w}"
     );
-    assert!(c.fails(&["workspace", "show", "cmdws"]).contains("no workspace 'cmdws'"));
+    // Shown deleted, with why the delete was forced, until the name is used again.
+    let shown = c.show("cmdws");
+    assert_eq!(shown["status"], "deleted", "{shown}");
+    assert!(shown["status_reason"].as_str().unwrap().contains("what it started may be left behind"), "{shown}");
 }
 
 #[test]
@@ -1181,7 +1191,7 @@ fn a_delete_cut_off_by_a_coordinator_restart_lets_the_agent_finish_its_stop_scri
     // The agent comes back to the restarted coordinator, finishes its stop script and says
     // goodbye; the delete then ends. It used to be turned away ("workspace 'dev' is deleted") and
     // killed.
-    wait_until("the delete to end", LONG, || !c.cli(&["workspace", "show", "dev"]).status.success());
+    wait_until("the delete to end", LONG, || c.show("dev")["status"] == "deleted");
     assert_eq!(std::fs::read_to_string(&ran).unwrap_or_default(), "saved\n", "the stop script finished");
     assert!(!c.log_tail().contains("workspace 'dev' is deleted"), "{}", c.log_tail());
 }
