@@ -567,8 +567,10 @@ impl Brokered {
         let (up, down) = (counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
         let (outcome, why) = match &result {
             Ok(_) => ("closed".to_string(), None),
-            // The client closed its channel while the agent still had bytes for it: a normal end.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ("closed".to_string(), None),
+            // The client hung up: it closed its channel while the agent still had bytes for it, or
+            // (`tether ssh`, whose ProxyCommand OpenSSH ends with SIGHUP) its TLS connection went
+            // without a close_notify, or was reset. That is how these clients leave: a normal end.
+            Err(e) if client_hung_up(e, ended_by_us.is_some()) => ("closed".to_string(), None),
             Err(e) => {
                 let (mut recv, mut send) = agent.into_inner();
                 let _ = send.reset(0u32.into());
@@ -595,6 +597,12 @@ impl Brokered {
     async fn finish(self, up: u64, down: u64, outcome: &str) {
         record_end(&self.engine, &self.workspace, self.connection_id, up, down, outcome).await;
     }
+}
+
+/// Whether a splice's error is the client's leaving, not a failure worth recording.
+fn client_hung_up(e: &std::io::Error, ended_by_us: bool) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    !ended_by_us && !from_agent(e) && matches!(e.kind(), BrokenPipe | ConnectionReset | UnexpectedEof)
 }
 
 /// Whether a splice's error came from the agent's side: its stream or its connection.
