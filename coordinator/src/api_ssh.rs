@@ -325,7 +325,17 @@ async fn ssh_upgrade(
         (Identity::User(u), Some(other)) => {
             return ApiError(StatusCode::FORBIDDEN, format!("user '{u}' may not connect as '{other}'")).into_response()
         }
-        (Identity::Admin, Some(u)) => u,
+        (Identity::Admin, Some(u)) => {
+            // Not a refusal to audit under a user nobody registered.
+            match s.engine.store.user(&u).await {
+                Ok(Some(_)) => u,
+                Ok(None) => return ApiError(StatusCode::NOT_FOUND, format!("no user '{u}'")).into_response(),
+                Err(e) => {
+                    return ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("coordinator error: {e}"))
+                        .into_response()
+                }
+            }
+        }
         (Identity::Admin, None) => {
             return ApiError(
                 StatusCode::BAD_REQUEST,

@@ -574,6 +574,17 @@ fn tether_ssh_goes_through_the_api_port() {
     assert!(out.status.success(), "tether ssh over https: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "via-https");
 
+    // The admin's `--as` names a user that does not exist: said so, not "may not access".
+    let out = Command::new(tether_tests::bin("tether"))
+        .arg("--data-dir")
+        .arg(coord.data_dir())
+        .env("HOME", &alice.dir)
+        .args(["ssh", "dev", "--as", "nosuch", "--", "-o", "BatchMode=yes", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("error: no user 'nosuch'"), "{}", text(&out.stderr));
+
     // The same as a ProxyCommand in a plain ssh config.
     let known = alice.dir.join("tether_known_hosts");
     let cfg = alice.dir.join("proxycommand-config");
