@@ -302,6 +302,27 @@ fn cross_checks(settings: &[Setting], file: &str) -> Vec<String> {
         )),
         (None, None) => {}
     }
+    // The TCP listeners: two on one port would only fail at bind time, after the data directory
+    // was made. (The QUIC tunnel is UDP: it shares HTTPS's port number by default.)
+    let tcp: Vec<(std::net::SocketAddr, &Setting)> = ["listen_http", "listen_https", "listen_ssh"]
+        .iter()
+        .filter_map(|k| get(k))
+        .filter_map(|(v, s)| v.parse::<std::net::SocketAddr>().ok().map(|a| (a, s)))
+        .filter(|(a, _)| a.port() != 0)
+        .collect();
+    for (i, (a, sa)) in tcp.iter().enumerate() {
+        for (b, sb) in &tcp[i + 1..] {
+            let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+            if a.port() == b.port() && overlap {
+                problems.push(format!(
+                    "{} and {} both listen on TCP port {}: give each its own port (or `off`)",
+                    at(sa, &sa.key),
+                    at(sb, &sb.key),
+                    a.port()
+                ));
+            }
+        }
+    }
     problems
 }
 
@@ -610,6 +631,24 @@ mod tests {
         assert!(all.contains(&format!("{file}:4: unknown key 'lisen_quic' (did you mean 'listen_quic'?)")), "{all}");
         assert!(all.contains(&format!("{file}:5: unknown key 'ssh'")), "{all}");
         assert_eq!(err.len(), 4, "{all}");
+    }
+
+    #[test]
+    fn two_tcp_listeners_on_one_port_are_refused_before_anything_binds() {
+        let (_d, file) = with_file("listen_https = \"0.0.0.0:7443\"\n");
+        match resolve(&argv(&["serve", "--config", &file, "--listen-ssh", "127.0.0.1:7443"]), &|_| None) {
+            Err(ConfigError::Invalid(p)) => assert_eq!(
+                p,
+                [format!(
+                    "{file}:1: listen_https and listen_ssh (flag) both listen on TCP port 7443: give each its own \
+                     port (or `off`)"
+                )]
+            ),
+            other => panic!("accepted: {:?}", other.is_ok()),
+        }
+        // The QUIC tunnel is UDP: sharing HTTPS's port number is the default. Port 0 picks a free one.
+        let ok = argv(&["serve", "--listen-http", "127.0.0.1:0", "--listen-https", "127.0.0.1:0"]);
+        assert!(resolve(&ok, &|_| None).is_ok());
     }
 
     #[test]
