@@ -460,7 +460,9 @@ fn settled_elsewhere(row: &WorkspaceRow) -> Option<String> {
     let (name, status, reason) = (&row.name, row.status, &row.status_reason);
     match status {
         Deleted => Some(format!("workspace '{name}' is deleted ({reason})")),
-        Failed | Stopped if row.provisioner != "external" => Some(format!(
+        // Created and never started (or its start was cut off before provisioning, which has an
+        // op): only a start moves it. An external one's agent starts it by connecting.
+        Pending | Failed | Stopped if row.provisioner != "external" => Some(format!(
             "workspace '{name}' is {status} ({reason}); it stays {status} until `tether workspace start {name}`"
         )),
         _ => None,

@@ -352,6 +352,10 @@ fn wait_fails_when_the_operation_did_not_finish_and_does_not_wait_on_a_settled_f
     let want = format!("workspace 'cmd' is failed ({reason}); it stays failed until `tether workspace start cmd`");
     assert!(err.contains(&want), "{err}");
     assert_eq!(c.wait_for("cmd", "failed", LONG)["status"], "failed");
+    // So does one on a workspace created and never started: only a start moves it.
+    c.create("idle", "provisioner = \"command\"\n[command]\nstart = \"true\"\n", &[]);
+    let err = c.fails(&["workspace", "wait", "idle", "--for", "running", "--timeout", "10m"]);
+    assert!(err.contains("workspace 'idle' is pending (created; not started); it stays pending until"), "{err}");
 
     let out = c.cli(&["workspace", "wait", "cmd", "--for", "running,bogus"]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
