@@ -359,6 +359,11 @@ async fn logs(
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<LogsView> {
+    // Refused out of range, as the audit's is, not quietly clamped.
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(bad(format!("limit {limit}: it must be between 1 and 10000")));
+    }
     // Before the row is read: a change just after it still wakes the wait below.
     let mut rx = s.engine.subscribe_logs();
     let mut changes = s.engine.subscribe_changes();
@@ -396,7 +401,6 @@ async fn logs(
             ),
         ));
     }
-    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(s.engine.config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
     let id = row.id;

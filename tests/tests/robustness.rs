@@ -542,6 +542,9 @@ fn every_api_error_is_json_with_a_sentence() {
     let (code, body) = curl(&[&url("/audit?limit=0")]);
     assert_eq!(code, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("between 1 and 10000"), "{body}");
+    let (code, body) = curl(&[&url("/workspaces/any/logs?limit=0")]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("limit 0: it must be between 1 and 10000"), "{body}");
     // The CLI shows the sentence, not a bare status.
     std::fs::write(c.data_dir().join("big.toml"), format!("# {}\n", "x".repeat(300 * 1024))).unwrap();
     let said = c.fails(&["workspace", "create", "big", "--template", c.data_dir().join("big.toml").to_str().unwrap()]);
