@@ -219,7 +219,13 @@ fn check_reachable(
     let unavailable = |m: String| Err(refuse(RefusalKind::Unavailable, m));
     match status {
         Stopped => unavailable(format!("workspace '{name}' is stopped; start it with `tether workspace start {name}`")),
-        Pending | Failed | Stopping | Deleting | Deleted => {
+        Pending if reason == crate::status::CREATED_NOT_STARTED => unavailable(format!(
+            "workspace '{name}' was created and never started; start it with `tether workspace start {name}`"
+        )),
+        Failed => unavailable(format!(
+            "workspace '{name}' is failed: {reason}; start it again with `tether workspace start {name}`"
+        )),
+        Pending | Stopping | Deleting | Deleted => {
             unavailable(format!("workspace '{name}' is {status}: {reason}"))
         }
         // Still `running`: its agent's connection dropped moments ago (a coordinator restart sends

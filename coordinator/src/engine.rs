@@ -401,7 +401,7 @@ impl Engine {
                 template_text,
                 template.provisioner.as_str(),
                 WorkspaceStatus::Pending,
-                "created; not started",
+                status::CREATED_NOT_STARTED,
                 None,
                 now,
             )

@@ -97,6 +97,9 @@ pub fn lost_in_shutdown_reason(how: &str) -> String {
     format!("agent was lost during its own shutdown (no goodbye; {how})")
 }
 
+/// The reason of a workspace created and not started.
+pub const CREATED_NOT_STARTED: &str = "created; not started";
+
 /// Added to the reason of a workspace whose agent ended it on its own while the coordinator stops
 /// what the provisioner started; the part before it is the reason the workspace will be stopped with.
 pub const PROVISIONER_STOP_SUFFIX: &str = "; stopping what the provisioner started";

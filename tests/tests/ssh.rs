@@ -408,6 +408,13 @@ fn refusals_say_why() {
     refused(&alice, "nosuch.tether", "no workspace 'nosuch'");
     // The external workspace `idle` has no agent yet.
     refused(&alice, "idle.tether", "workspace 'idle' has no connected agent");
+    // One created and never started says what to do.
+    coord.create("later", "provisioner = \"command\"\n[command]\nstart = \"true\"\n", &["--owner", "alice"]);
+    refused(
+        &alice,
+        "later.tether",
+        "workspace 'later' was created and never started; start it with `tether workspace start later`",
+    );
 
     // A key that is not registered gets nowhere, and neither does a registered key under another name.
     let stranger = alice.dir.join("stranger");
