@@ -157,8 +157,26 @@ pub async fn user_auth(
 #[serde(deny_unknown_fields)]
 struct AddUserBody {
     name: String,
-    /// Public-key lines, as in an authorized_keys file.
+    /// Public-key lines, as in an authorized_keys file: one string, or a list of them.
+    #[serde(deserialize_with = "key_lines")]
     ssh_keys: String,
+}
+
+/// `"ssh_keys"` as authorized_keys text, or as a list of lines (which JSON clients tend to send).
+fn key_lines<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Keys {
+        Text(String),
+        Lines(Vec<String>),
+    }
+    match Keys::deserialize(d) {
+        Ok(Keys::Text(t)) => Ok(t),
+        Ok(Keys::Lines(lines)) => Ok(lines.join("\n")),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected public-key lines: a string (authorized_keys text) or a list of strings",
+        )),
+    }
 }
 
 #[derive(Serialize)]
@@ -192,6 +210,7 @@ async fn remove_user(State(s): State<ApiState>, Path(name): Path<String>) -> Api
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeysBody {
+    #[serde(deserialize_with = "key_lines")]
     ssh_keys: String,
 }
 

@@ -542,6 +542,19 @@ fn every_api_error_is_json_with_a_sentence() {
     let (code, body) = curl(&[&url("/audit?limit=0")]);
     assert_eq!(code, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("between 1 and 10000"), "{body}");
+    // A user's keys as authorized_keys text or, as JSON clients tend to send them, a list of lines;
+    // anything else is refused with what is expected.
+    let key = c.data_dir().join("listed");
+    tether_tests::ssh::keygen(&key, "listed");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let listed = serde_json::json!({ "name": "listed", "ssh_keys": [public.trim()] }).to_string();
+    let post = |body: &str| curl(&["-X", "POST", "-H", "content-type: application/json", "-d", body, &url("/users")]);
+    let (code, body) = post(&listed);
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["user"]["keys"].as_array().map(Vec::len), Some(1), "{body}");
+    let (code, body) = post(r#"{"name": "numbered", "ssh_keys": 7}"#);
+    assert_eq!(code, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("a string (authorized_keys text) or a list of strings"), "{body}");
     let (code, body) = curl(&[&url("/workspaces/any/logs?limit=0")]);
     assert_eq!(code, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("limit 0: it must be between 1 and 10000"), "{body}");
