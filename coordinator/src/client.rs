@@ -101,13 +101,21 @@ impl Client {
         let (builder, connect) = (e.is_builder(), e.is_connect());
         let why = chain(&e.without_url());
         let tls = why.contains("certificate") || why.contains("tls") || why.contains("TLS");
-        let hint = if tls && self.base.starts_with("https://") {
+        // The scheme that does not match the port: TLS bytes read as HTTP, or HTTP read as TLS.
+        let tls_port = self.base.starts_with("http://") && why.contains("invalid HTTP version");
+        let plain_port = self.base.starts_with("https://")
+            && (why.contains("InvalidContentType") || why.contains("corrupt message"));
+        let hint = if tls_port {
+            "; that port speaks HTTPS: give the URL as https://"
+        } else if plain_port {
+            "; that port speaks plain HTTP: give the URL as http://"
+        } else if tls && self.base.starts_with("https://") {
             "; pass the coordinator's CA with --ca FILE (TETHER_CA) if its certificate is its own"
         } else {
             ""
         };
         let message = format!("cannot reach the coordinator at {}: {why}{hint}", self.base);
-        anyhow::Error::new(Unreachable { message, transient: !tls && !builder, connect })
+        anyhow::Error::new(Unreachable { message, transient: !tls && !builder && !tls_port && !plain_port, connect })
     }
 
     pub fn base(&self) -> &str {

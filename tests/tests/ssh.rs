@@ -1809,6 +1809,16 @@ fn key_and_config_ssh_mistakes_are_named() {
     c.args(["--url", "127.0.0.1:7080", "--token", "x", "workspace", "list"]);
     let e = err(c);
     assert!(e.contains("--url '127.0.0.1:7080' is not a URL: give it with its scheme"), "{e}");
+    // A URL whose scheme is not the port's.
+    for (url, says) in [
+        (coord.https_url().replacen("https://", "http://", 1), "that port speaks HTTPS: give the URL as https://"),
+        (coord.api_url().replacen("http://", "https://", 1), "that port speaks plain HTTP: give the URL as http://"),
+    ] {
+        let mut c = Command::new(tether_tests::bin("tether"));
+        c.args(["--url", &url, "--token", "x", "workspace", "list"]);
+        let e = err(c);
+        assert!(e.contains(says), "{url}: {e}");
+    }
 }
 
 /// Taking access away ends what it let in: a revoked grant ends the user's open sessions on that
