@@ -199,8 +199,18 @@ impl Template {
         }
         for (k, v) in &raw.env {
             let shown: String = k.chars().take(80).collect();
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                errors.push(format!("env variable '{shown}' is not a valid name or value"));
+            // A name a shell can use: `$BAD NAME` or `$1X` never reach a script as meant.
+            let name_ok = k.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !name_ok {
+                errors.push(format!(
+                    "env variable name '{shown}' is not a variable name (letters, digits and '_', not starting with a digit)"
+                ));
+            } else if k == "TETHER_WORKSPACE" {
+                errors.push("env variable TETHER_WORKSPACE is set by Tether itself (the workspace's name)".to_string());
+            }
+            if v.contains('\0') {
+                errors.push(format!("env variable '{shown}' has a NUL byte in its value"));
             }
             if k.len() > limits::MAX_TEXT {
                 errors.push(format!(
@@ -345,6 +355,16 @@ mod tests {
         let long_name = format!("provisioner = \"process\"\n[env]\n{} = \"x\"\n", "A".repeat(2000));
         let err = Template::parse(&long_name).unwrap_err().to_string();
         assert!(err.contains("is 2000 bytes, over the limit of 1024"), "{err}");
+        for (name, says) in [
+            ("\"BAD NAME\"", "env variable name 'BAD NAME' is not a variable name"),
+            ("1X", "env variable name '1X' is not a variable name"),
+            ("\"A=B\"", "env variable name 'A=B' is not a variable name"),
+            ("TETHER_WORKSPACE", "env variable TETHER_WORKSPACE is set by Tether itself"),
+        ] {
+            let err = Template::parse(&format!("[env]\n{name} = \"x\"\n")).unwrap_err().to_string();
+            assert!(err.contains(says), "{name}: {err}");
+        }
+        assert!(Template::parse("[env]\n_GOOD_1 = \"x\"\n").is_ok());
         let long_allowed = format!("[ssh]\nallowed_env = [\"{}\"]\n", "B".repeat(2000));
         let err = Template::parse(&long_allowed).unwrap_err().to_string();
         assert!(err.contains("ssh.allowed_env entry"), "{err}");
