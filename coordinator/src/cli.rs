@@ -706,11 +706,29 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                 );
             }
             let text = match &template {
-                Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading template {}", p.display()))?,
+                Some(p) => {
+                    let text =
+                        std::fs::read_to_string(p).with_context(|| format!("reading template {}", p.display()))?;
+                    if text.len() > crate::template::MAX_TEMPLATE {
+                        anyhow::bail!(
+                            "template {} is {} bytes, over the limit of {} (256 KiB)",
+                            p.display(),
+                            text.len(),
+                            crate::template::MAX_TEMPLATE
+                        );
+                    }
+                    text
+                }
                 None => String::new(),
             };
             let body = serde_json::json!({ "name": name, "template": text, "owner": owner, "start": start });
-            let mut created: CreatedView = client.post("/workspaces", &body).await?;
+            // The coordinator's "template: …" errors, with the file they are about.
+            let mut created: CreatedView = client.post("/workspaces", &body).await.map_err(|e| {
+                match (&template, e.to_string().strip_prefix("template: ")) {
+                    (Some(p), Some(rest)) => anyhow::anyhow!("template {}: {rest}", p.display()),
+                    _ => e,
+                }
+            })?;
             if !json {
                 print_workspace(&created.workspace);
                 if let (Some(token), Some(cmd)) = (&created.agent_token, &created.agent_command) {

@@ -561,5 +561,9 @@ fn every_api_error_is_json_with_a_sentence() {
     // The CLI shows the sentence, not a bare status.
     std::fs::write(c.data_dir().join("big.toml"), format!("# {}\n", "x".repeat(300 * 1024))).unwrap();
     let said = c.fails(&["workspace", "create", "big", "--template", c.data_dir().join("big.toml").to_str().unwrap()]);
-    assert!(said.contains("over the API's limit"), "{said}");
+    assert!(said.contains("big.toml is 307203 bytes, over the limit of 262144 (256 KiB)"), "{said}");
+    // A template the coordinator refuses: the error names the file.
+    std::fs::write(c.data_dir().join("bad.toml"), "x = \n").unwrap();
+    let said = c.fails(&["workspace", "create", "bad", "--template", c.data_dir().join("bad.toml").to_str().unwrap()]);
+    assert!(said.contains("bad.toml: TOML parse error at line 1"), "{said}");
 }
