@@ -110,10 +110,9 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
     let spans: Vec<SpanView> = client.get("/workspaces/demo/timings").await?;
     print!("{}", timings_table(&spans));
     let chatty: LogsView = client.get("/workspaces/demo/logs?source=chatty&limit=10000").await?;
-    println!(
-        "\n(script 'chatty' printed {} lines; see them with `tether workspace logs demo --script chatty`)",
-        chatty.lines.len()
-    );
+    // The command works only while the demo's coordinator runs.
+    let see = if keep_running { "; see them with `tether workspace logs demo --script chatty`" } else { "" };
+    println!("\n(script 'chatty' printed {} lines{see})", chatty.lines.len());
 
     let pid_path = data_dir.join("workspaces/demo/agent.pid");
     let pid: i32 = std::fs::read_to_string(&pid_path)

@@ -85,6 +85,13 @@ async fn run(cli: Cli, warnings: Vec<String>) -> anyhow::Result<()> {
                 keep_builds: cli::Keep(None),
                 max_build_log_mib: tether_shared::limits::DEFAULT_MAX_BUILD_LOG_MIB,
             };
+            if cli.data_dir.is_some() && args.dir.is_none() {
+                // Never the data of a real coordinator (TETHER_DATA_DIR may name one): say so.
+                eprintln!(
+                    "note: the demo does not use --data-dir (TETHER_DATA_DIR), which names a coordinator's data; \
+                     keep the demo's with --dir DIR"
+                );
+            }
             demo::run(args.dir, args.keep_running, &serve).await
         }
         Command::Workspace(cmd) => {
