@@ -372,6 +372,27 @@ pub async fn config_ssh(
             bail!("identity file {} does not exist", i.display());
         }
     }
+    if info.user.is_none() {
+        // The admin's token writes a block for any name: check it is a user, and that the identity
+        // is one of theirs, or the block would never log in.
+        let registered: UserView = client.get(&format!("/users/{}", enc(&user))).await?;
+        if let Some(i) = &identity {
+            let mut public = i.clone().into_os_string();
+            public.push(".pub");
+            if let Ok(text) = std::fs::read_to_string(&public) {
+                if let Ok(keys) = crate::users::parse_keys(&text) {
+                    if !keys.iter().any(|(fp, _)| registered.keys.iter().any(|k| &k.fingerprint == fp)) {
+                        eprintln!(
+                            "warning: {} is not one of user '{user}''s registered keys: the front door will refuse it \
+                             (add it with `tether user add-key {user} --ssh-key {}`)",
+                            i.display(),
+                            Path::new(&public).display()
+                        );
+                    }
+                }
+            }
+        }
+    }
     let block = config_block(&info, &user, identity.as_deref(), &known_hosts)?;
     write_atomic(&known_hosts, &format!("# managed by `tether config-ssh`\n{}\n", info.known_hosts), 0o644)?;
     let old = match std::fs::read_to_string(&config_path) {

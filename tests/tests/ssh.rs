@@ -1767,6 +1767,24 @@ fn key_and_config_ssh_mistakes_are_named() {
     c.args(["config-ssh", "--user", "bob", "--ssh-config", alice.dir.join("other-config").to_str().unwrap()]);
     let e = err(c);
     assert!(e.contains("--user bob: this is the API token of user 'alice'"), "{e}");
+    // The admin's token: --user must name a user, and an --identity not theirs is warned about.
+    let admin = || {
+        let mut c = Command::new(tether_tests::bin("tether"));
+        c.arg("--data-dir").arg(coord.data_dir()).env("HOME", &alice.dir);
+        c
+    };
+    let mut c = admin();
+    c.args(["config-ssh", "--user", "nosuch", "--ssh-config", alice.dir.join("admin-config").to_str().unwrap()]);
+    let e = err(c);
+    assert!(e.contains("no user 'nosuch'"), "{e}");
+    let out = admin()
+        .args(["config-ssh", "--user", "bob", "--identity", alice.key.to_str().unwrap()])
+        .args(["--ssh-config", alice.dir.join("admin-config").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let want = format!("warning: {} is not one of user 'bob''s registered keys", alice.key.display());
+    assert!(text(&out.stderr).contains(&want), "{}", text(&out.stderr));
     // A config file in a directory that does not exist names the directory.
     let mut c = alice.tether(&coord);
     c.args(["config-ssh", "--ssh-config", alice.dir.join("nodir/config").to_str().unwrap()]);
