@@ -53,6 +53,16 @@ impl From<OpError> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// A `limit` query value, `default` when absent: out of 1..=10000 it is refused, as the CLI refuses
+/// it, not quietly clamped.
+pub fn page_limit(limit: Option<i64>, default: i64) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=10_000).contains(&limit) {
+        return Err(bad(format!("limit {limit}: it must be between 1 and 10000")));
+    }
+    Ok(limit)
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
@@ -359,11 +369,7 @@ async fn logs(
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<LogsView> {
-    // Refused out of range, as the audit's is, not quietly clamped.
-    let limit = q.limit.unwrap_or(1000);
-    if !(1..=10_000).contains(&limit) {
-        return Err(bad(format!("limit {limit}: it must be between 1 and 10000")));
-    }
+    let limit = page_limit(q.limit, 1000)?;
     // Before the row is read: a change just after it still wakes the wait below.
     let mut rx = s.engine.subscribe_logs();
     let mut changes = s.engine.subscribe_changes();

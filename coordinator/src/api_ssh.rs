@@ -268,11 +268,7 @@ struct AuditQuery {
 }
 
 async fn audit(State(s): State<ApiState>, Query(q): Query<AuditQuery>) -> ApiResult<Vec<AuditView>> {
-    let limit = q.limit.unwrap_or(100);
-    // As the CLI checks it: a limit out of range is refused, not quietly clamped.
-    if !(1..=10_000).contains(&limit) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("limit {limit}: it must be between 1 and 10000")));
-    }
+    let limit = crate::api::page_limit(q.limit, 100)?;
     let rows = s.engine.audit(q.user.as_deref(), q.workspace.as_deref(), limit).await?;
     Ok(Json(rows.into_iter().map(AuditView::from).collect()))
 }

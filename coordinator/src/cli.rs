@@ -711,10 +711,11 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                         std::fs::read_to_string(p).with_context(|| format!("reading template {}", p.display()))?;
                     if text.len() > crate::template::MAX_TEMPLATE {
                         anyhow::bail!(
-                            "template {} is {} bytes, over the limit of {} (256 KiB)",
+                            "template {} is {} bytes, over the limit of {} ({} KiB)",
                             p.display(),
                             text.len(),
-                            crate::template::MAX_TEMPLATE
+                            crate::template::MAX_TEMPLATE,
+                            crate::template::MAX_TEMPLATE / 1024
                         );
                     }
                     text

@@ -126,8 +126,8 @@ impl Client {
         &self.token
     }
 
-    /// An HTTP/1.1 upgrade to `protocol`: the raw byte stream after a 101, or the API's error.
-    /// Turns the connection into `protocol`'s byte stream; returns it with the answer's headers.
+    /// An HTTP/1.1 upgrade to `protocol`: the raw byte stream after a 101, with the answer's
+    /// headers, or the API's error.
     pub async fn upgrade(
         &self,
         path: &str,
