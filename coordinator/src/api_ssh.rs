@@ -3,7 +3,8 @@
 //! Admin routes manage users and grants. User routes accept a user's API token (or the admin
 //! token): `GET /ssh` tells `tether config-ssh` where the front door is and which CA to trust, and
 //! `GET /workspaces/{name}/ssh` with `Upgrade: tether-ssh` turns the HTTP connection into a raw
-//! byte stream to the workspace's agent, for `ProxyCommand tether ssh --stdio %h`.
+//! byte stream to the workspace's agent, for `ProxyCommand tether ssh --stdio %h`;
+//! `GET /workspaces/{name}/ssh/check` tells whether that would be let in, without connecting.
 //!
 //! That stream has no room for a message of the coordinator's own, so the answer that opens it
 //! carries a ticket (`Tether-Ssh-Ticket`), and a connection the coordinator ends (its access was
@@ -126,7 +127,10 @@ pub fn admin_routes() -> Router<ApiState> {
 }
 
 pub fn user_routes() -> Router<ApiState> {
-    Router::new().route("/ssh", get(ssh_info)).route("/workspaces/{name}/ssh", get(ssh_upgrade))
+    Router::new()
+        .route("/ssh", get(ssh_info))
+        .route("/workspaces/{name}/ssh", get(ssh_upgrade))
+        .route("/workspaces/{name}/ssh/check", get(ssh_check))
 }
 
 /// Accepts the admin token or a user's token, and records which in the request.
@@ -307,6 +311,67 @@ struct UpgradeQuery {
     user: Option<String>,
 }
 
+/// Who a connection over the API is for: the token's user, or the user the admin token names.
+async fn connecting_user(s: &ApiState, id: Identity, asked: Option<String>) -> Result<String, ApiError> {
+    match (id, asked) {
+        (Identity::User(u), None) => Ok(u),
+        (Identity::User(u), Some(other)) if u == other => Ok(u),
+        (Identity::User(u), Some(other)) => {
+            Err(ApiError(StatusCode::FORBIDDEN, format!("user '{u}' may not connect as '{other}'")))
+        }
+        // Not a refusal to audit under a user nobody registered.
+        (Identity::Admin, Some(u)) => match s.engine.store.user(&u).await {
+            Ok(Some(_)) => Ok(u),
+            Ok(None) => Err(ApiError(StatusCode::NOT_FOUND, format!("no user '{u}'"))),
+            Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("coordinator error: {e}"))),
+        },
+        (Identity::Admin, None) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "the admin token connects as a user: name one (`tether ssh --as USER`, or ?user=NAME)".into(),
+        )),
+    }
+}
+
+fn refused(refusal: broker::Refusal) -> ApiError {
+    let code = match refusal.kind {
+        RefusalKind::NotFound => StatusCode::NOT_FOUND,
+        RefusalKind::Forbidden => StatusCode::FORBIDDEN,
+        RefusalKind::Unavailable => StatusCode::CONFLICT,
+        RefusalKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(code, refusal.message)
+}
+
+/// What `GET /workspaces/{name}/ssh/check` answers when a connection would be let in.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SshCheckView {
+    pub workspace: String,
+    pub user: String,
+}
+
+/// Whether a connection to the workspace would be let in now, without making one: 200, or the
+/// refusal it would get with the same status code (logged and audited as the connection's would be).
+async fn ssh_check(
+    State(s): State<ApiState>,
+    Extension(id): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    Query(q): Query<UpgradeQuery>,
+) -> ApiResult<SshCheckView> {
+    let user = connecting_user(&s, id, q.user).await?;
+    let request = Request {
+        user: user.clone(),
+        target: name,
+        via: Via::Api,
+        peer: peer.to_string(),
+        key_fingerprint: None,
+        token_hash: None,
+        client_gone: None,
+    };
+    let workspace = broker::check(&s.engine, &request).await.map_err(refused)?;
+    Ok(Json(SshCheckView { workspace, user }))
+}
+
 /// Turns the connection into a byte stream to the workspace's agent (HTTP 101), after the same
 /// checks as the front door.
 async fn ssh_upgrade(
@@ -334,30 +399,9 @@ async fn ssh_upgrade(
         Identity::User(_) => crate::api::bearer(req.headers()).map(crate::pki::hash_token),
         Identity::Admin => None,
     };
-    let user = match (id, q.user) {
-        (Identity::User(u), None) => u,
-        (Identity::User(u), Some(other)) if u == other => u,
-        (Identity::User(u), Some(other)) => {
-            return ApiError(StatusCode::FORBIDDEN, format!("user '{u}' may not connect as '{other}'")).into_response()
-        }
-        (Identity::Admin, Some(u)) => {
-            // Not a refusal to audit under a user nobody registered.
-            match s.engine.store.user(&u).await {
-                Ok(Some(_)) => u,
-                Ok(None) => return ApiError(StatusCode::NOT_FOUND, format!("no user '{u}'")).into_response(),
-                Err(e) => {
-                    return ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("coordinator error: {e}"))
-                        .into_response()
-                }
-            }
-        }
-        (Identity::Admin, None) => {
-            return ApiError(
-                StatusCode::BAD_REQUEST,
-                "the admin token connects as a user: name one (`tether ssh --as USER`, or ?user=NAME)".into(),
-            )
-            .into_response()
-        }
+    let user = match connecting_user(&s, id, q.user).await {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
     };
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return ApiError(StatusCode::BAD_REQUEST, "this connection cannot be upgraded (HTTP/1.1 only)".into())
@@ -376,13 +420,7 @@ async fn ssh_upgrade(
     let brokered = match broker::open(&s.engine, request).await {
         Ok(b) => b,
         Err(refusal) => {
-            let code = match refusal.kind {
-                RefusalKind::NotFound => StatusCode::NOT_FOUND,
-                RefusalKind::Forbidden => StatusCode::FORBIDDEN,
-                RefusalKind::Unavailable => StatusCode::CONFLICT,
-                RefusalKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            return ApiError(code, refusal.message).into_response();
+            return refused(refusal).into_response();
         }
     };
     // The upgraded connection carries an SSH session, whose client may stop reading for as long as

@@ -10,6 +10,7 @@ use crate::engine::{Engine, OpError};
 use crate::metrics::SshOutcome;
 use crate::ratelimit::Take;
 use crate::sshca::HOST_SUFFIX;
+use crate::store::WorkspaceRow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -328,25 +329,30 @@ pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusa
             Ok(b)
         }
         Err(refusal) => {
-            engine.metrics.ssh_connection(SshOutcome::Refused);
-            let take = match refusal.kind {
-                RefusalKind::Internal => Take::Allowed { refused_before: 0 },
-                _ => {
-                    let mut limiter = engine.ssh_refusals.lock().unwrap_or_else(|e| e.into_inner());
-                    limiter.take(&req.user, std::time::Instant::now())
-                }
-            };
-            if let Take::Allowed { refused_before } = take {
-                let outcome = match refused_before {
-                    0 => format!("refused: {refusal}"),
-                    n => format!("refused: {refusal} (and {n} times before, not recorded: over the rate)"),
-                };
-                warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh {outcome}");
-                if let Ok(id) = audit_start(engine, &req, &name, &outcome).await {
-                    let _ = engine.store.audit_end(id, 0, 0, &outcome, now_ms()).await;
-                }
-            }
+            record_refusal(engine, &req, &name, &refusal).await;
             Err(refusal)
+        }
+    }
+}
+
+/// Counts, logs and audits a refusal, within the per-user rate.
+async fn record_refusal(engine: &Engine, req: &Request, name: &str, refusal: &Refusal) {
+    engine.metrics.ssh_connection(SshOutcome::Refused);
+    let take = match refusal.kind {
+        RefusalKind::Internal => Take::Allowed { refused_before: 0 },
+        _ => {
+            let mut limiter = engine.ssh_refusals.lock().unwrap_or_else(|e| e.into_inner());
+            limiter.take(&req.user, std::time::Instant::now())
+        }
+    };
+    if let Take::Allowed { refused_before } = take {
+        let outcome = match refused_before {
+            0 => format!("refused: {refusal}"),
+            n => format!("refused: {refusal} (and {n} times before, not recorded: over the rate)"),
+        };
+        warn!(user = %req.user, workspace = %name, via = req.via.as_str(), peer = %req.peer, "ssh {outcome}");
+        if let Ok(id) = audit_start(engine, req, name, &outcome).await {
+            let _ = engine.store.audit_end(id, 0, 0, &outcome, now_ms()).await;
         }
     }
 }
@@ -431,39 +437,82 @@ async fn user_keys(engine: &Engine, user: &str) -> Result<Vec<String>, Refusal> 
     Ok(u.keys.into_iter().map(|(fp, _)| fp).collect())
 }
 
+fn internal(e: OpError) -> Refusal {
+    refuse(RefusalKind::Internal, format!("coordinator error: {e}"))
+}
+
+fn no_workspace(name: &str) -> Refusal {
+    refuse(RefusalKind::NotFound, format!("no workspace '{name}'"))
+}
+
+/// Whether `user` may reach workspace `name` (with the key `key_fingerprint`, when the front door
+/// authenticated one): its row, and whether its template has start scripts that block login.
+async fn authorize(
+    engine: &Engine,
+    user: &str,
+    key_fingerprint: Option<&str>,
+    name: &str,
+) -> Result<(WorkspaceRow, bool), Refusal> {
+    // The key was checked at login, but a front-door connection can outlive it (a ControlMaster opens
+    // many workspace connections over one): a removed key or user opens nothing more.
+    if let Some(fp) = key_fingerprint {
+        let holder = engine.store.user_by_key(fp).await.map_err(|e| internal(e.into()))?;
+        if holder.as_deref() != Some(user) {
+            return Err(refuse(
+                RefusalKind::Forbidden,
+                format!("the key {fp} is no longer registered to user '{user}'"),
+            ));
+        }
+    }
+    if crate::template::check_name("workspace", name).is_err() {
+        return Err(no_workspace(name));
+    }
+    let row = match engine.workspace_row(name).await {
+        Ok(row) => row,
+        Err(OpError::NotFound(_)) => return Err(no_workspace(name)),
+        Err(e) => return Err(internal(e)),
+    };
+    let owner = row.owner.as_deref() == Some(user);
+    if !owner && !engine.store.grants(row.id).await.map_err(|e| internal(e.into()))?.iter().any(|g| g == user) {
+        return Err(refuse(RefusalKind::Forbidden, format!("user '{user}' may not access workspace '{name}'")));
+    }
+    let blocks_login = crate::template::Template::parse(&row.template)
+        .map(|t| t.scripts.iter().any(|s| s.blocks_login && s.on == tether_shared::proto::ScriptTrigger::Start))
+        .unwrap_or(false);
+    Ok((row, blocks_login))
+}
+
+/// Whether the request would be let in now, without connecting or waiting: the workspace's name,
+/// or the refusal a connection would get, logged and audited as that connection's would be.
+/// `tether ssh` asks before it runs OpenSSH, so that a refusal is the only thing the user reads
+/// (OpenSSH adds lines of its own after a ProxyCommand's error). A starting workspace whose agent
+/// has not begun its login-blocking scripts passes: a connection waits for them.
+pub async fn check(engine: &Engine, req: &Request) -> Result<String, Refusal> {
+    let name = workspace_name(&req.target);
+    let checked = async {
+        let (row, blocks_login) = authorize(engine, &req.user, req.key_fingerprint.as_deref(), &name).await?;
+        let connected = engine.agent_connection(row.id).is_some();
+        match check_reachable(&name, row.status, &row.status_reason, connected, row.lifecycle, blocks_login) {
+            Err(_) if scripts_block_login(row.status, connected, row.lifecycle, blocks_login) => Ok(()),
+            other => other,
+        }
+    };
+    match checked.await {
+        Ok(()) => Ok(name),
+        Err(refusal) => {
+            record_refusal(engine, req, &name, &refusal).await;
+            Err(refusal)
+        }
+    }
+}
+
 async fn authorize_and_open(
     engine: &Arc<Engine>,
     req: &Request,
     name: &str,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, WindowShare), Refusal> {
-    let internal = |e: OpError| refuse(RefusalKind::Internal, format!("coordinator error: {e}"));
-    let not_found = || refuse(RefusalKind::NotFound, format!("no workspace '{name}'"));
-    // The key was checked at login, but a front-door connection can outlive it (a ControlMaster opens
-    // many workspace connections over one): a removed key or user opens nothing more.
-    if let Some(fp) = &req.key_fingerprint {
-        let holder = engine.store.user_by_key(fp).await.map_err(|e| internal(e.into()))?;
-        if holder.as_deref() != Some(req.user.as_str()) {
-            return Err(refuse(
-                RefusalKind::Forbidden,
-                format!("the key {fp} is no longer registered to user '{}'", req.user),
-            ));
-        }
-    }
-    if crate::template::check_name("workspace", name).is_err() {
-        return Err(not_found());
-    }
-    let row = match engine.workspace_row(name).await {
-        Ok(row) => row,
-        Err(OpError::NotFound(_)) => return Err(not_found()),
-        Err(e) => return Err(internal(e)),
-    };
-    let owner = row.owner.as_deref() == Some(req.user.as_str());
-    if !owner && !engine.store.grants(row.id).await.map_err(|e| internal(e.into()))?.contains(&req.user) {
-        return Err(refuse(RefusalKind::Forbidden, format!("user '{}' may not access workspace '{name}'", req.user)));
-    }
-    let blocks_login = crate::template::Template::parse(&row.template)
-        .map(|t| t.scripts.iter().any(|s| s.blocks_login && s.on == tether_shared::proto::ScriptTrigger::Start))
-        .unwrap_or(false);
+    let not_found = || no_workspace(name);
+    let (row, blocks_login) = authorize(engine, &req.user, req.key_fingerprint.as_deref(), name).await?;
     // A workspace whose agent is connected but has not begun the start scripts that block login
     // is waited for (a moment, usually), up to `LOGIN_WAIT`: the connection goes through once the
     // agent has begun them, or gets the refusal that applies then (a workspace with no agent yet is

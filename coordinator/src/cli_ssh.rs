@@ -1,7 +1,7 @@
 //! The SSH side of the CLI: `tether user`, `tether workspace grant|revoke|access`, `tether audit`,
 //! `tether config-ssh` and `tether ssh`.
 
-use crate::api_ssh::{EndedView, SshInfo, TICKET_HEADER, UPGRADE_PROTOCOL};
+use crate::api_ssh::{EndedView, SshCheckView, SshInfo, TICKET_HEADER, UPGRADE_PROTOCOL};
 use crate::cli::table;
 use crate::client::{enc, Client};
 use crate::users::{AuditView, UserView};
@@ -557,9 +557,19 @@ async fn splice_stdio<S: AsyncRead + AsyncWrite>(stream: S) -> std::io::Result<E
 
 /// `tether ssh NAME [ARGS…]`: runs OpenSSH with this CLI as its `ProxyCommand` and the coordinator's
 /// CA as the only trusted host key, so nothing else is needed on the user's machine.
+///
+/// It asks the coordinator first whether the connection would be let in, so that a refusal (a
+/// stopped workspace, no access) is all the user reads: OpenSSH adds lines of its own after a
+/// ProxyCommand's error.
 pub async fn ssh_exec(client: &Client, target: &str, as_user: Option<&str>, args: &[String]) -> anyhow::Result<()> {
-    let info: SshInfo = client.get("/ssh").await?;
     let name = crate::broker::workspace_name(target);
+    let mut check = format!("/workspaces/{}/ssh/check", enc(&name));
+    if let Some(u) = as_user {
+        check.push_str(&format!("?user={}", enc(u)));
+    }
+    let (info, checked) = tokio::join!(client.get::<SshInfo>("/ssh"), client.get::<SshCheckView>(&check));
+    checked?;
+    let info = info?;
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)

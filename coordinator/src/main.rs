@@ -144,8 +144,13 @@ async fn run(cli: Cli, warnings: Vec<String>) -> anyhow::Result<()> {
                     }
                 };
                 std::process::exit(code)
+            } else if let Err(e) = cli_ssh::ssh_exec(&client, &workspace, as_user.as_deref(), &args).await {
+                // As ssh itself does when it cannot connect, so that scripts tell a refusal from
+                // the remote command's own failure.
+                eprintln!("error: {e:#}");
+                std::process::exit(255)
             } else {
-                cli_ssh::ssh_exec(&client, &workspace, as_user.as_deref(), &args).await
+                Ok(())
             }
         }
     }

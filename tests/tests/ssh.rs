@@ -592,6 +592,27 @@ fn tether_ssh_goes_through_the_api_port() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("error: no user 'nosuch'"), "{}", text(&out.stderr));
 
+    // A refusal is asked for before OpenSSH runs: its line is all the user reads (no "Connection
+    // closed" from ssh after it), the exit status is ssh's own for a failed connection, and the
+    // refusal is audited as a connection's would be.
+    coord.create("idle", "provisioner = \"process\"\n", &["--owner", "alice"]);
+    for (target, want) in [
+        ("nosuch", "error: no workspace 'nosuch'\n"),
+        (
+            "idle",
+            "error: workspace 'idle' was created and never started; start it with `tether workspace start idle`\n",
+        ),
+    ] {
+        let out = alice.tether(&coord).args(["ssh", target, "--", "-o", "BatchMode=yes", "true"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(255), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stderr), want);
+    }
+    let audit = coord.json(&["audit", "--workspace", "idle"]);
+    let rows = audit.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{audit}");
+    assert_eq!(rows[0]["via"], "api", "{audit}");
+    assert!(rows[0]["outcome"].as_str().unwrap().starts_with("refused: workspace 'idle' was created"), "{audit}");
+
     // The same as a ProxyCommand in a plain ssh config.
     let known = alice.dir.join("tether_known_hosts");
     let cfg = alice.dir.join("proxycommand-config");
