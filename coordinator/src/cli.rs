@@ -425,6 +425,9 @@ pub enum WorkspaceCmd {
         name: String,
         /// The user to let in.
         user: String,
+        /// Print the owner and the granted users as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Take back a grant.
     Revoke {
@@ -432,6 +435,9 @@ pub enum WorkspaceCmd {
         name: String,
         /// The user whose grant to take back.
         user: String,
+        /// Print the owner and the granted users as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show who may reach a workspace.
     Access {
@@ -879,7 +885,9 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                     if json {
                         println!("{}", serde_json::to_string(l)?);
                     } else {
-                        println!("{} [{}] {}", l.at, l.source, l.line);
+                        // Standard error is marked, as `--json` gives its `stream`.
+                        let mark = if l.stream == "stderr" { " stderr" } else { "" };
+                        println!("{} [{}{mark}] {}", l.at, l.source, l.line);
                     }
                 }
                 after = logs.next;
@@ -897,8 +905,8 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                 print_workspace(&w)
             }
         }
-        WorkspaceCmd::Grant { name, user } => crate::cli_ssh::grant(client, &name, &user).await?,
-        WorkspaceCmd::Revoke { name, user } => crate::cli_ssh::revoke(client, &name, &user).await?,
+        WorkspaceCmd::Grant { name, user, json } => crate::cli_ssh::grant(client, &name, &user, json).await?,
+        WorkspaceCmd::Revoke { name, user, json } => crate::cli_ssh::revoke(client, &name, &user, json).await?,
         WorkspaceCmd::Access { name, json } => crate::cli_ssh::access(client, &name, json).await?,
         WorkspaceCmd::Token { name, json } => {
             let v: serde_json::Value =

@@ -41,6 +41,9 @@ pub enum UserCmd {
     Remove {
         /// The user's name.
         name: String,
+        /// Print what was removed, and the workspaces left without an owner, as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Add SSH public keys to a user.
     AddKey {
@@ -49,6 +52,9 @@ pub enum UserCmd {
         /// Public key file (`id_ed25519.pub`, or several keys one per line). Repeatable.
         #[arg(long = "ssh-key", value_name = "FILE", required = true)]
         ssh_keys: Vec<PathBuf>,
+        /// Print the user and their keys as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove one of a user's keys, by fingerprint (`SHA256:…`).
     RemoveKey {
@@ -56,6 +62,9 @@ pub enum UserCmd {
         name: String,
         /// The key's fingerprint, as `tether user show` lists it (`SHA256:…`).
         fingerprint: String,
+        /// Print the user and their remaining keys as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Issue a new API token for a user (the old one stops working).
     Token {
@@ -128,8 +137,11 @@ pub async fn user(client: &Client, cmd: UserCmd) -> anyhow::Result<()> {
             }
             print_user(&u);
         }
-        UserCmd::Remove { name } => {
+        UserCmd::Remove { name, json } => {
             let removed: serde_json::Value = client.delete(&format!("/users/{}", enc(&name))).await?;
+            if json {
+                return print_json(&removed);
+            }
             println!("user {name} removed");
             let disowned: Vec<&str> = removed["workspaces_without_owner"]
                 .as_array()
@@ -143,15 +155,22 @@ pub async fn user(client: &Client, cmd: UserCmd) -> anyhow::Result<()> {
                 );
             }
         }
-        UserCmd::AddKey { name, ssh_keys } => {
+        UserCmd::AddKey { name, ssh_keys, json } => {
             let body = serde_json::json!({ "ssh_keys": read_keys(&ssh_keys)? });
             let u: UserView = client.post(&format!("/users/{}/keys", enc(&name)), &body).await?;
+            if json {
+                return print_json(&u);
+            }
             print_user(&u);
         }
-        UserCmd::RemoveKey { name, fingerprint } => {
+        UserCmd::RemoveKey { name, fingerprint, json } => {
             let u: UserView = client.delete(&format!("/users/{}/keys/{}", enc(&name), enc(&fingerprint))).await?;
-            println!("removed key {fingerprint} from user {name}");
-            print_user(&u);
+            if json {
+                print_json(&u)?;
+            } else {
+                println!("removed key {fingerprint} from user {name}");
+                print_user(&u);
+            }
             if u.keys.is_empty() {
                 eprintln!(
                     "warning: user '{name}' has no SSH key left and cannot log in over SSH; add one with \
@@ -182,15 +201,21 @@ fn print_grants(v: &serde_json::Value) {
     );
 }
 
-pub async fn grant(client: &Client, workspace: &str, user: &str) -> anyhow::Result<()> {
+pub async fn grant(client: &Client, workspace: &str, user: &str, json: bool) -> anyhow::Result<()> {
     let v: serde_json::Value =
         client.post(&format!("/workspaces/{}/grants", enc(workspace)), &serde_json::json!({ "user": user })).await?;
+    if json {
+        return print_json(&v);
+    }
     print_grants(&v);
     Ok(())
 }
 
-pub async fn revoke(client: &Client, workspace: &str, user: &str) -> anyhow::Result<()> {
+pub async fn revoke(client: &Client, workspace: &str, user: &str, json: bool) -> anyhow::Result<()> {
     let v: serde_json::Value = client.delete(&format!("/workspaces/{}/grants/{}", enc(workspace), enc(user))).await?;
+    if json {
+        return print_json(&v);
+    }
     print_grants(&v);
     Ok(())
 }

@@ -173,6 +173,10 @@ impl Engine {
 
     pub async fn grant(&self, workspace: &str, user: &str) -> Result<Vec<String>, OpError> {
         let row = self.workspace_row(workspace).await?;
+        if row.owner.as_deref() == Some(user) {
+            // The owner has access already; a grant beside it would only be listed as if it mattered.
+            return Ok(self.store.grants(row.id).await?);
+        }
         // The store checks that the user exists, in the transaction that grants ("no user 'x'").
         self.store.grant(row.id, user, now_ms()).await.map_err(store_err)?;
         info!(workspace, user, "access granted");
@@ -181,10 +185,14 @@ impl Engine {
 
     pub async fn revoke(&self, workspace: &str, user: &str) -> Result<Vec<String>, OpError> {
         let row = self.workspace_row(workspace).await?;
-        if !self.store.revoke(row.id, user).await? {
-            return Err(OpError::Missing(format!("user '{user}' has no grant on workspace '{workspace}'")));
-        }
         let owner = row.owner.as_deref() == Some(user);
+        if !self.store.revoke(row.id, user).await? {
+            return Err(OpError::Missing(if owner {
+                format!("user '{user}' owns workspace '{workspace}' and has no grant on it: an owner's access is not taken back")
+            } else {
+                format!("user '{user}' has no grant on workspace '{workspace}'")
+            }));
+        }
         let ended = if owner { 0 } else { self.end_ssh(|u, w, _| u == user && w == workspace, "access was revoked") };
         info!(workspace, user, ssh_connections_ended = ended, "access revoked");
         Ok(self.store.grants(row.id).await?)

@@ -438,7 +438,7 @@ fn logs_follow_prints_lines_as_the_script_writes_them() {
         r#"
 [[script]]
 name = "build"
-run = "for i in 1 2 3 4 5; do echo step $i; sleep 0.3; done; echo build finished"
+run = "for i in 1 2 3 4 5; do echo step $i; sleep 0.3; done; echo warned >&2; echo build finished"
 
 [[script]]
 name = "goodbye"
@@ -493,6 +493,7 @@ on = "stop"
     });
     assert!(status.unwrap().success());
     assert!(seen.iter().any(|l| l.ends_with("[goodbye] going")), "{seen:?}");
+    assert!(seen.iter().any(|l| l.ends_with("[build stderr] warned")), "standard error is marked: {seen:?}");
     assert_eq!(c.show("tail")["status"], "stopped");
 }
 

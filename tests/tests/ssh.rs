@@ -745,7 +745,13 @@ fn users_stop_and_start_their_own_workspaces_with_their_token_and_nothing_else()
     let err = coord.fails(&["workspace", "create", "zeds", "--template", file.to_str().unwrap(), "--owner", "zed"]);
     assert!(err.contains("no user 'zed'; add it with `tether user add zed --ssh-key FILE`"), "{err}");
     assert_eq!(names(&bob), ["ops"]);
-    coord.ok(&["workspace", "grant", "dev", "bob"]);
+    // The owner has access already: a grant to her is no grant, and her access is not revoked.
+    let grants = coord.json(&["workspace", "grant", "dev", "alice"]);
+    assert_eq!(grants, serde_json::json!({"workspace": "dev", "owner": "alice", "granted": []}));
+    let err = coord.fails(&["workspace", "revoke", "dev", "alice"]);
+    assert!(err.contains("user 'alice' owns workspace 'dev' and has no grant on it"), "{err}");
+    let grants = coord.json(&["workspace", "grant", "dev", "bob"]);
+    assert_eq!(grants["granted"], serde_json::json!(["bob"]), "{grants}");
     let mut both = names(&bob);
     both.sort();
     assert_eq!(both, ["dev", "ops"]);
@@ -756,7 +762,8 @@ fn users_stop_and_start_their_own_workspaces_with_their_token_and_nothing_else()
         log.lines().any(|l| l.contains("stop requested by a user") && l.contains("bob")),
         "the coordinator logs who"
     );
-    coord.ok(&["workspace", "revoke", "dev", "bob"]);
+    let grants = coord.json(&["workspace", "revoke", "dev", "bob"]);
+    assert_eq!(grants["granted"], serde_json::json!([]), "{grants}");
     refused(&bob, &["workspace", "start", "dev"], "user 'bob' may not access workspace 'dev'");
     assert_eq!(names(&bob), ["ops"]);
 
@@ -1288,7 +1295,8 @@ fn a_removed_key_opens_nothing_more_over_a_shared_front_door_connection() {
 
     let listed = Command::new("ssh-keygen").arg("-lf").arg(alice.key.with_extension("pub")).output().unwrap();
     let fingerprint = text(&listed.stdout).split_whitespace().nth(1).unwrap().to_string();
-    coord.ok(&["user", "remove-key", "alice", &fingerprint]);
+    let left = coord.json(&["user", "remove-key", "alice", &fingerprint]);
+    assert_eq!(left["keys"], serde_json::json!([]), "{left}");
     let out = alice.run("dev.tether", "echo after");
     assert!(!out.status.success(), "refused after the key is removed: {}", text(&out.stdout));
     // Through a ControlMaster, OpenSSH shows only "Session open refused by peer"; the reason is in
@@ -1300,6 +1308,10 @@ fn a_removed_key_opens_nothing_more_over_a_shared_front_door_connection() {
     let check = alice.ssh().args(["-O", "check", "tether-frontdoor"]).output().unwrap();
     assert!(check.status.success(), "the refusal came over the shared connection: {}", text(&check.stderr));
     let _ = alice.ssh().args(["-O", "exit", "tether-frontdoor"]).output();
+    let public = alice.key.with_extension("pub");
+    let back = coord.json(&["user", "add-key", "alice", "--ssh-key", public.to_str().unwrap()]);
+    assert_eq!(back["keys"][0]["fingerprint"], fingerprint.as_str(), "{back}");
+    assert_eq!(alice.ok("dev.tether", "echo back in").trim(), "back in");
 }
 
 /// Users whose clients stop reading leave the agent's data waiting at the coordinator. However many
