@@ -134,7 +134,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let lock = match crate::datalock::lock(&data_dir, "serve") {
         Ok(lock) => Some(lock),
         Err(e @ LockError::Held { .. }) => {
-            anyhow::bail!("{e}; stop it first, or give this coordinator its own --data-dir")
+            anyhow::bail!("{e}; stop it first, or use another data directory")
         }
         Err(e @ LockError::Unsupported { .. }) => {
             warn!(error = %e, "running without the data directory's lock: make sure no other coordinator uses it");
