@@ -267,6 +267,8 @@ async fn counts(State(s): State<ApiState>) -> ApiResult<BTreeMap<String, i64>> {
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     name: String,
+    /// TOML; none (or empty) makes an external workspace, as the CLI without `--template` does.
+    #[serde(default)]
     template: String,
     owner: Option<String>,
     #[serde(default)]
@@ -437,7 +439,9 @@ async fn logs(
                 _ => false,
             };
         let rows = s.engine.store.logs(id, build, q.after, limit, q.source.as_deref()).await.map_err(OpError::from)?;
-        if !rows.is_empty() || ended || tokio::time::Instant::now() >= deadline {
+        // A shutting-down coordinator answers at once: the client polls again once it is back.
+        let done = tokio::time::Instant::now() >= deadline || s.engine.is_shutting_down();
+        if !rows.is_empty() || ended || done {
             let next = rows.last().map_or(q.after, |r| r.id);
             // More lines may follow those of a full page.
             let ended = ended && rows.len() < limit as usize;
@@ -450,6 +454,9 @@ async fn logs(
         }
     }
 }
+
+/// A long wait's answer when the coordinator stops under it (503): ask again once it is back.
+pub const SHUTTING_DOWN: &str = "the coordinator is shutting down; ask again once it is back";
 
 #[derive(Deserialize)]
 struct WaitQuery {
@@ -513,6 +520,9 @@ async fn wait(
         }
         if let Some(message) = settled_elsewhere(&row) {
             return Err(ApiError(StatusCode::CONFLICT, message));
+        }
+        if s.engine.is_shutting_down() {
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.into()));
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError(

@@ -575,11 +575,7 @@ pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Dura
             Ok(w) => return Ok(w),
             // A coordinator restart (an upgrade, say) must not fail the scripts waiting on it:
             // the wait goes on once it is back, within the same deadline.
-            Err(e)
-                if e.downcast_ref::<crate::client::Unreachable>()
-                    .is_some_and(|u| u.transient && (reached || !u.connect))
-                    && std::time::Instant::now() + RECONNECT_PAUSE < deadline =>
-            {
+            Err(e) if coordinator_away(&e, reached) && std::time::Instant::now() + RECONNECT_PAUSE < deadline => {
                 reached = true;
                 if !lost {
                     eprintln!("{e}; waiting for it to come back");
@@ -598,6 +594,16 @@ pub async fn wait_for(client: &Client, name: &str, statuses: &str, timeout: Dura
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Whether `e` says the coordinator is away for now (restarting, say), so a wait or a follower
+/// should ask again: it shut down under a long poll, cut one off, or is unreachable for a reason
+/// that may pass once it has been `reached` (a wrong address fails at once).
+fn coordinator_away(e: &anyhow::Error, reached: bool) -> bool {
+    if let Some(u) = e.downcast_ref::<crate::client::Unreachable>() {
+        return u.transient && (reached || !u.connect);
+    }
+    e.downcast_ref::<crate::client::ApiFailure>().is_some_and(|f| f.status == reqwest::StatusCode::SERVICE_UNAVAILABLE)
 }
 
 /// How often a wait tries the coordinator again while it is unreachable.
@@ -870,6 +876,7 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             let mut after = 0;
             // The current build's, pinned by the first answer: a restart does not mix in the next.
             let mut build = build;
+            let mut away = false;
             loop {
                 let mut path =
                     format!("/workspaces/{}/logs?after={after}&wait={}", enc(&name), if follow { 30 } else { 0 });
@@ -879,7 +886,20 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
                 if let Some(b) = build {
                     path.push_str(&format!("&build={b}"));
                 }
-                let logs: LogsView = client.get(&path).await?;
+                let logs: LogsView = match client.get(&path).await {
+                    Ok(logs) => logs,
+                    // Following goes on across a coordinator restart, from the line it had reached.
+                    Err(e) if follow && coordinator_away(&e, build.is_some()) => {
+                        if !away {
+                            eprintln!("{e}; waiting for it to come back");
+                            away = true;
+                        }
+                        tokio::time::sleep(RECONNECT_PAUSE).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                away = false;
                 build = Some(logs.build);
                 for l in &logs.lines {
                     if json {

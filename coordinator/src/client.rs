@@ -145,7 +145,7 @@ impl Client {
         let status = resp.status();
         if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
             let body = resp.bytes().await.unwrap_or_default();
-            bail!("{}", api_error(status, &body));
+            return Err(api_error(status, &body).into());
         }
         let headers = resp.headers().clone();
         let stream = resp.upgrade().await.map_err(|e| anyhow!("upgrading the connection: {e}"))?;
@@ -161,7 +161,7 @@ impl Client {
         let status = resp.status();
         let body = resp.bytes().await.context("reading the coordinator's answer")?;
         if !status.is_success() {
-            bail!("{}", api_error(status, &body));
+            return Err(api_error(status, &body).into());
         }
         serde_json::from_slice(&body)
             .with_context(|| format!("the coordinator's answer is not what this CLI expects (HTTP {status})"))
@@ -175,7 +175,7 @@ impl Client {
         let status = resp.status();
         if !status.is_success() {
             let body = resp.bytes().await.unwrap_or_default();
-            bail!("{}", api_error(status, &body));
+            return Err(api_error(status, &body).into());
         }
         Ok(resp)
     }
@@ -220,12 +220,38 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The coordinator answered with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiFailure {
+    pub status: reqwest::StatusCode,
+    /// The `error` sentence of the answer (or the bare HTTP status), with a hint for a route the
+    /// coordinator does not have.
+    message: String,
+    /// The coordinator has no such route: it is older than this CLI, most likely.
+    pub no_route: bool,
+}
+
+/// The coordinator's fallback answer for a path it has no route for.
+const NO_ROUTE: &str = "no such API route";
+
 /// The `error` sentence of an API error answer, or the bare HTTP status.
-fn api_error(status: reqwest::StatusCode, body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
+fn api_error(status: reqwest::StatusCode, body: &[u8]) -> ApiFailure {
+    let sentence = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-        .unwrap_or_else(|| format!("HTTP {status}"))
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
+    let no_route = status == reqwest::StatusCode::NOT_FOUND && sentence.as_deref() == Some(NO_ROUTE);
+    let message = match sentence {
+        // The CLI asked for something this coordinator does not know: upgrading the CLI before
+        // the coordinator is the usual way to get here.
+        Some(s) if no_route => format!(
+            "{s}: the coordinator is probably older than this CLI (tether {}); upgrade it, or use the CLI of its version",
+            env!("CARGO_PKG_VERSION")
+        ),
+        Some(s) => s,
+        None => format!("HTTP {status}"),
+    };
+    ApiFailure { status, message, no_route }
 }
 
 /// Percent-encodes a path segment or query value.
@@ -239,4 +265,21 @@ pub fn enc(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_the_coordinator_lacks_is_told_as_a_version_mismatch() {
+        let f = api_error(reqwest::StatusCode::NOT_FOUND, br#"{"error":"no such API route"}"#);
+        assert!(f.no_route);
+        assert!(f.to_string().starts_with("no such API route: the coordinator is probably older than this CLI"), "{f}");
+        // Any other 404 is what it says.
+        let f = api_error(reqwest::StatusCode::NOT_FOUND, br#"{"error":"no workspace 'x'"}"#);
+        assert!(!f.no_route);
+        assert_eq!(f.to_string(), "no workspace 'x'");
+        assert_eq!(api_error(reqwest::StatusCode::BAD_GATEWAY, b"<html>").to_string(), "HTTP 502 Bad Gateway");
+    }
 }

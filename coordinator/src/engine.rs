@@ -221,9 +221,11 @@ impl Engine {
             .collect()
     }
 
-    /// A graceful stop has begun: from now on the coordinator reports itself not ready.
+    /// A graceful stop has begun: from now on the coordinator reports itself not ready, and the
+    /// long polls under way (woken here) answer at once rather than hold the shutdown up.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.bump();
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -252,11 +254,13 @@ impl Engine {
         if row.status == to && row.status_reason == reason {
             return Ok(());
         }
-        self.store.set_status(row.id, row.status, to, reason, now_ms()).await?;
+        let now = now_ms();
+        self.store.set_status(row.id, row.status, to, reason, now).await?;
         info!(workspace = %row.name, from = %row.status, to = %to, reason, "status");
         self.metrics.status_changed(row.id, to);
         row.status = to;
         row.status_reason = reason.to_string();
+        row.status_changed_at = now;
         self.bump();
         Ok(())
     }

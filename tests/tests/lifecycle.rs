@@ -246,7 +246,8 @@ on = "stop"
     let shown = c.show("proc");
     assert_eq!((shown["build"].as_i64(), shown["history"].as_array().unwrap().len()), (Some(1), transitions));
 
-    c.ok(&["workspace", "stop", "proc"]);
+    let answer = c.json(&["workspace", "stop", "proc"]);
+    assert_eq!(answer["status"], "stopping", "{answer}");
     let w = c.wait_for("proc", "stopped,running,unhealthy", LONG);
     assert_eq!(w["status"], "stopped", "{w}");
     assert_eq!(w["status_reason"], "stopped; stop scripts finished");
@@ -261,6 +262,9 @@ on = "stop"
     assert_eq!(path.first(), Some(&"pending"));
     assert!(path.contains(&"starting") && path.contains(&"running") && path.contains(&"stopping"), "{path:?}");
     assert_eq!(path.last(), Some(&"stopped"));
+    // The stop's answer gives the time of the change it made, not of the one before.
+    let stopping = history.iter().find(|t| t["to"] == "stopping").unwrap();
+    assert_eq!(answer["status_changed_at"], stopping["at"], "{answer} {history:?}");
 
     // Stopping a stopped workspace changes nothing and succeeds.
     let again = c.cli(&["workspace", "stop", "proc", "--wait"]);

@@ -442,29 +442,65 @@ fn a_wait_goes_on_across_a_coordinator_restart() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = std::io::BufReader::new(wait.stderr.take().unwrap());
-    let (said_tx, said_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = said_tx.send(line);
+    let lines = |from: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    };
+    let said_rx = lines(Box::new(wait.stderr.take().unwrap()));
+    // And `logs --follow`, which has had its first answer (the build it follows) and polls again.
+    let mut follow = c
+        .cli_command(&["workspace", "logs", "ext", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let followed = lines(Box::new(follow.stdout.take().unwrap()));
+    let follow_said = lines(Box::new(follow.stderr.take().unwrap()));
+    // Both end with the test, whatever happens: the follower would otherwise wait for a coordinator
+    // that never comes back.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
+    }
+    let (mut wait, follow) = (Reaped(wait), Reaped(follow));
+    // Their long polls are open (each has a TCP connection established), then the coordinator goes,
+    // without waiting out the polls: they are answered at once.
+    tether_tests::wait_until("the long polls to be open", LONG, || {
+        established_tcp(wait.0.id()) && established_tcp(follow.0.id())
     });
-    // Its long poll is open (a TCP connection of its own is established), then the coordinator goes.
-    tether_tests::wait_until("the wait's request to be open", LONG, || established_tcp(wait.id()));
     assert!(c.terminate().success());
-    // Down until the wait says it noticed, whether its request was cut off or refused.
-    let said = said_rx.recv_timeout(LONG).expect("the wait says the coordinator is gone");
-    assert!(said.contains("cannot reach the coordinator") && said.ends_with("waiting for it to come back"), "{said}");
+    let log = std::fs::read_to_string(c.data_dir().join("coordinator.log")).unwrap();
+    assert!(!log.contains("did not finish in time"), "the shutdown waited on a long poll:\n{log}");
+    // Down until each says it noticed, whether its request was answered, cut off or refused.
+    for (who, rx) in [("the wait", &said_rx), ("the follower", &follow_said)] {
+        let said = rx.recv_timeout(LONG).unwrap_or_else(|_| panic!("{who} says the coordinator is gone"));
+        assert!(
+            (said.contains("the coordinator is shutting down") || said.contains("cannot reach the coordinator"))
+                && said.ends_with("waiting for it to come back"),
+            "{who}: {said}"
+        );
+    }
     c.start_again();
     let _agent = Agent::start(&c, &token, &c.data_dir().join("agent-ext"));
+    let line = followed.recv_timeout(LONG).expect("the follower prints the script's line after the restart");
+    assert!(line.ends_with("[setup] ready"), "{line}");
+    drop(follow);
     let mut status = None;
     tether_tests::wait_until("the wait to end", LONG, || {
-        status = wait.try_wait().unwrap();
+        status = wait.0.try_wait().unwrap();
         status.is_some()
     });
     assert!(status.unwrap().success(), "{:?}", said_rx.try_iter().collect::<Vec<_>>());
     let mut out = String::new();
-    std::io::Read::read_to_string(&mut wait.stdout.take().unwrap(), &mut out).unwrap();
+    std::io::Read::read_to_string(&mut wait.0.stdout.take().unwrap(), &mut out).unwrap();
     assert!(out.contains("running"), "{out}");
 }
 
@@ -558,6 +594,12 @@ fn every_api_error_is_json_with_a_sentence() {
     let (code, body) = curl(&[&url("/workspaces/any/logs?limit=0")]);
     assert_eq!(code, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("limit 0: it must be between 1 and 10000"), "{body}");
+    // A workspace without a template is external, over the API as with the CLI.
+    let (code, body) =
+        curl(&["-X", "POST", "-H", "content-type: application/json", "-d", r#"{"name":"bare"}"#, &url("/workspaces")]);
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["provisioner"], "external", "{body}");
+    assert!(body["agent_token"].is_string(), "{body}");
     // The CLI shows the sentence, not a bare status.
     std::fs::write(c.data_dir().join("big.toml"), format!("# {}\n", "x".repeat(300 * 1024))).unwrap();
     let said = c.fails(&["workspace", "create", "big", "--template", c.data_dir().join("big.toml").to_str().unwrap()]);
