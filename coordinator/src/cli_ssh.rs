@@ -408,8 +408,8 @@ pub async fn config_ssh(
                 if let Ok(keys) = crate::users::parse_keys(&text) {
                     if !keys.iter().any(|(fp, _)| registered.keys.iter().any(|k| &k.fingerprint == fp)) {
                         eprintln!(
-                            "warning: {} is not one of user '{user}''s registered keys: the front door will refuse it \
-                             (add it with `tether user add-key {user} --ssh-key {}`)",
+                            "warning: {} is not one of the keys registered to user '{user}': the front door will \
+                             refuse it (add it with `tether user add-key {user} --ssh-key {}`)",
                             i.display(),
                             Path::new(&public).display()
                         );
@@ -496,6 +496,12 @@ fn overridden(
         ("UserKnownHostsFile", "userknownhostsfile", known.as_str()),
         ("StrictHostKeyChecking", "stricthostkeychecking", "true"),
     ];
+    // `ssh -G` prints yes and no as true and false; the config file, and so the warning, says yes and no.
+    let spelled = |v: &str| match v {
+        "true" => "yes".to_string(),
+        "false" => "no".to_string(),
+        other => other.to_string(),
+    };
     checks
         .into_iter()
         .filter_map(|(option, key, want)| {
@@ -504,10 +510,11 @@ fn overridden(
                 got.as_deref().is_some_and(|g| if key == "userknownhostsfile" { g.contains(want) } else { g == want });
             (!ok).then(|| {
                 format!(
-                    "ssh resolves {host} with {option} {}, not {want}: an earlier `Host` or `Match` block (in {} \
+                    "ssh resolves {host} with {option} {}, not {}: an earlier `Host` or `Match` block (in {} \
                      or the system-wide config) sets it, and ssh keeps the first value it finds; move the tether \
                      block above it or narrow that block",
-                    got.as_deref().unwrap_or("unset"),
+                    got.as_deref().map_or("unset".to_string(), spelled),
+                    spelled(want),
                     config_path.display()
                 )
             })

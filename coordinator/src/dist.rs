@@ -222,7 +222,7 @@ pub fn init_script(config: &DistConfig, hashed: &Hashed) -> String {
     head.push_str(&format!("# tether-agent {} init, made by the coordinator at {}.\n", env!("CARGO_PKG_VERSION"), url));
     head.push_str(&format!(
         "#   curl -fsSL{} {}{INIT_ROUTE} | sh\n",
-        if config.own_ca { " --cacert ca.pem" } else { "" },
+        if config.own_ca && url.starts_with("https://") { " --cacert ca.pem" } else { "" },
         url
     ));
     head.push_str(

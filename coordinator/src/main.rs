@@ -66,7 +66,8 @@ async fn run(cli: Cli, warnings: Vec<String>) -> anyhow::Result<()> {
         }
         Command::Demo(args) => {
             sigpipe(false);
-            init_tracing(cli.log_format, cli.log.as_deref(), "warn");
+            // The demo tells its own story, the lost agent it kills included: only errors besides.
+            init_tracing(cli.log_format, cli.log.as_deref(), "error");
             let serve = cli::ServeArgs {
                 listen_http: "127.0.0.1:0".parse()?,
                 listen_quic: "127.0.0.1:0".parse()?,

@@ -16,7 +16,7 @@ use tether_shared::proto::{
     AgentMessage, Channel, CoordinatorMessage, Hello, HelloReply, LogBatch, RejectCode, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 /// Close codes on the tunnel.
 pub const CLOSE_NORMAL: u32 = 0;
@@ -257,7 +257,10 @@ async fn session(
                 }
                 stream = conn.accept_bi(), if logs_task.is_none() => {
                     let (lsend, lrecv) = stream?;
-                    logs_task = Some(tokio::spawn(log_stream(lsend, lrecv, engine.clone(), id, conn_id, offset, conn.clone())));
+                    // Its log lines name the workspace, not its row id.
+                    let logs = log_stream(lsend, lrecv, engine.clone(), id, conn_id, offset, conn.clone())
+                        .instrument(tracing::info_span!("logs", workspace = %name));
+                    logs_task = Some(tokio::spawn(logs));
                 }
             }
         }
@@ -321,10 +324,10 @@ async fn log_stream(
     .await;
     if let Err(e) = result {
         if engine.is_shutting_down() {
-            debug!(workspace = id, error = %e, "log stream ended at shutdown");
+            debug!(error = %e, "log stream ended at shutdown");
             return;
         }
-        warn!(workspace = id, error = %e, "closing agent connection (log stream)");
+        warn!(error = %e, "closing agent connection (log stream)");
         conn.close(CLOSE_PROTOCOL.into(), truncate_reason(&e.to_string()));
     }
 }

@@ -8,13 +8,22 @@ use std::path::Path;
 /// of what else is there. A directory that exists is left as it is.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        r => r,
-    }
+    let made = (|| {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+            r => r,
+        }
+    })();
+    // A file in the way reads as "File exists" from mkdir: name it.
+    made.map_err(|e| match dir.ancestors().find(|a| a.exists() && !a.is_dir()) {
+        Some(file) => {
+            std::io::Error::new(std::io::ErrorKind::NotADirectory, format!("{} is not a directory", file.display()))
+        }
+        None => e,
+    })
 }
 
 #[cfg(test)]
@@ -24,6 +33,17 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("f.txt");
+        std::fs::write(&file, "x").unwrap();
+        for dir in [file.clone(), file.join("sub"), file.join("sub/deeper")] {
+            let e = create_private_dir(&dir).unwrap_err();
+            assert_eq!(e.to_string(), format!("{} is not a directory", file.display()));
+        }
     }
 
     #[test]
@@ -41,6 +61,6 @@ mod tests {
         // A file in the way is an error.
         let file = tmp.path().join("file");
         std::fs::write(&file, b"x").unwrap();
-        assert_eq!(create_private_dir(&file).unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(create_private_dir(&file).unwrap_err().kind(), std::io::ErrorKind::NotADirectory);
     }
 }

@@ -235,7 +235,7 @@ fn a_second_coordinator_on_a_data_directory_is_refused_and_changes_nothing() {
     std::io::Read::read_to_string(&mut second.stderr.take().expect("stderr"), &mut err).expect("stderr");
     assert!(!status.success());
     let want = format!(
-        "a coordinator (pid {}) is using {dir}; stop it first, or give this coordinator its own --data-dir",
+        "a coordinator (pid {}) is using {dir}; stop it first, or use another data directory",
         c.pid()
     );
     assert!(err.contains(&want), "{err}");

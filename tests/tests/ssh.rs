@@ -917,7 +917,7 @@ fn config_ssh_warns_when_an_earlier_block_would_win() {
     assert!(out.status.success(), "a warning, not an error");
     let err = text(&out.stderr);
     assert!(err.contains("ssh resolves workspace.tether with User bob, not alice"), "{err}");
-    assert!(err.contains("with StrictHostKeyChecking false, not true"), "{err}");
+    assert!(err.contains("with StrictHostKeyChecking no, not yes"), "{err}");
     assert!(!err.contains("ProxyJump") && !err.contains("UserKnownHostsFile"), "{err}");
 }
 
@@ -1816,7 +1816,7 @@ fn key_and_config_ssh_mistakes_are_named() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let want = format!("warning: {} is not one of user 'bob''s registered keys", alice.key.display());
+    let want = format!("warning: {} is not one of the keys registered to user 'bob'", alice.key.display());
     assert!(text(&out.stderr).contains(&want), "{}", text(&out.stderr));
     // A config file in a directory that does not exist names the directory.
     let mut c = alice.tether(&coord);
