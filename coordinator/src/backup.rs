@@ -54,8 +54,8 @@ pub enum AdminCmd {
         /// Where to write the backup (a tar file, mode 0600: it holds private keys).
         file: PathBuf,
     },
-    /// Restore a backup into a data directory (the coordinator must not be running on it); then
-    /// `tether serve --data-dir DIR` starts from it.
+    /// Restore a backup into the data directory named with --data-dir (or TETHER_DATA_DIR; no
+    /// coordinator may be running on it); then `tether serve --data-dir DIR` starts from it.
     Restore {
         /// The backup to restore (a tar file written by `tether admin backup`).
         file: PathBuf,

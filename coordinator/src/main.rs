@@ -117,7 +117,18 @@ async fn run(cli: Cli, warnings: Vec<String>) -> anyhow::Result<()> {
                     let client = Client::discover(cli.url, cli.token, cli.ca, &data_dir)?;
                     backup::backup(&client, &file).await
                 }
-                backup::AdminCmd::Restore { file, force } => backup::restore(&file, &data_dir, force).await,
+                backup::AdminCmd::Restore { file, force } => {
+                    // It writes a coordinator's keys and database: where, the operator says.
+                    if cli.data_dir.is_none() {
+                        anyhow::bail!(
+                            "name the data directory to restore into: `tether --data-dir DIR admin restore {}` \
+                             (or TETHER_DATA_DIR; a coordinator started without one uses {})",
+                            file.display(),
+                            data_dir.display()
+                        );
+                    }
+                    backup::restore(&file, &data_dir, force).await
+                }
             }
         }
         Command::Audit { user, workspace, limit, json } => {

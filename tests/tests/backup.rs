@@ -152,6 +152,24 @@ fn a_bad_backup_is_refused_by_name_and_changes_nothing() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains(&format!("a coordinator (pid {}) is running on", c.pid())), "{}", stderr(&out));
 
+    // Nor, unnamed, the default data directory: where a coordinator's keys go, the operator says.
+    let home = work.path().join("home");
+    let out = Command::new(bin("tether"))
+        .args(["admin", "restore"])
+        .arg(&good)
+        .env("HOME", &home)
+        .env_remove("TETHER_DATA_DIR")
+        .env_remove("XDG_DATA_HOME")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("name the data directory to restore into: `tether --data-dir DIR admin restore"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!home.exists(), "nothing was made in the default place");
+
     // Nor one that holds a database, without --force.
     let held = work.path().join("held");
     std::fs::create_dir(&held).expect("mkdir");
@@ -234,10 +252,7 @@ fn a_second_coordinator_on_a_data_directory_is_refused_and_changes_nothing() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().expect("stderr"), &mut err).expect("stderr");
     assert!(!status.success());
-    let want = format!(
-        "a coordinator (pid {}) is using {dir}; stop it first, or use another data directory",
-        c.pid()
-    );
+    let want = format!("a coordinator (pid {}) is using {dir}; stop it first, or use another data directory", c.pid());
     assert!(err.contains(&want), "{err}");
     assert_eq!(std::fs::read(&info).expect("coordinator.json"), before, "the first coordinator's file is untouched");
     c.ok(&["workspace", "list"]);
