@@ -232,6 +232,12 @@ pub fn resolve(argv: &[OsString], env: &dyn Fn(&str) -> Option<String>) -> Resul
                     });
                 }
                 (other, true) => problems.push(format!("{at}: expected true or false, found {}", kind(other))),
+                // `data_dir = 5` is a mistake, not the path "5": only counts may be numbers.
+                (number @ (toml::Value::Integer(_) | toml::Value::Float(_)), false)
+                    if !NUMBER_SETTINGS.contains(&key.as_str()) =>
+                {
+                    problems.push(format!("{at}: expected a string (in quotes), found {}", kind(number)))
+                }
                 (toml::Value::String(_) | toml::Value::Integer(_) | toml::Value::Float(_), false) => {
                     let value = match &entry.value {
                         toml::Value::String(s) => s.clone(),
@@ -406,12 +412,22 @@ fn read_file(path: &Path) -> Result<FileTable, String> {
     parse_table(&text).map_err(|(line, msg)| format!("{shown}:{line}: {msg}"))
 }
 
+/// The file's settings whose values are numbers; every other one is a string or a boolean.
+const NUMBER_SETTINGS: &[&str] = &["max_agents", "max_build_log_mib"];
+
 /// Parses the file's text; on a syntax error, the line and toml's message.
 fn parse_table(text: &str) -> Result<FileTable, (usize, String)> {
     type Raw = BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>>;
     let raw: Raw = toml::from_str(text).map_err(|e| {
         let line = e.span().map_or(1, |s| line_of(text, s.start));
-        (line, e.message().trim().to_string())
+        let mut message = e.message().trim().to_string();
+        // toml's message does not say which key: its span does.
+        if message == "duplicate key" {
+            if let Some(key) = e.span().and_then(|s| text.get(s)).map(str::trim).filter(|k| !k.is_empty()) {
+                message = format!("duplicate key '{}'", key.chars().take(64).collect::<String>());
+            }
+        }
+        (line, message)
     })?;
     let entries = raw
         .into_iter()
@@ -649,6 +665,26 @@ mod tests {
         // The QUIC tunnel is UDP: sharing HTTPS's port number is the default. Port 0 picks a free one.
         let ok = argv(&["serve", "--listen-http", "127.0.0.1:0", "--listen-https", "127.0.0.1:0"]);
         assert!(resolve(&ok, &|_| None).is_ok());
+    }
+
+    #[test]
+    fn a_number_where_a_string_belongs_and_a_duplicate_key_are_named() {
+        let (_d, file) = with_file("data_dir = 5\nmax_agents = 7\nlisten_http = 80\n");
+        match resolve(&argv(&["serve", "--config", &file]), &|_| None) {
+            Err(ConfigError::Invalid(p)) => assert_eq!(
+                p,
+                [
+                    format!("{file}:1: data_dir: expected a string (in quotes), found an integer"),
+                    format!("{file}:3: listen_http: expected a string (in quotes), found an integer"),
+                ]
+            ),
+            other => panic!("accepted: {:?}", other.is_ok()),
+        }
+        let (_d, file) = with_file("max_agents = 5\nmax_agents = 6\n");
+        match resolve(&argv(&["serve", "--config", &file]), &|_| None) {
+            Err(ConfigError::Invalid(p)) => assert_eq!(p, [format!("{file}:2: duplicate key 'max_agents'")]),
+            other => panic!("accepted: {:?}", other.is_ok()),
+        }
     }
 
     #[test]
