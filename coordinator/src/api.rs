@@ -88,7 +88,7 @@ pub fn router(state: ApiState, extra: Router) -> Router {
                 .layer(axum::middleware::from_fn_with_state(state.clone(), crate::api_ssh::user_auth)),
         )
         .merge(crate::api_ssh::ticket_routes())
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route".into()) })
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, NO_ROUTE.into()) })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(json_errors));
     Router::new()
@@ -100,6 +100,9 @@ pub fn router(state: ApiState, extra: Router) -> Router {
         // Last, so it times every route above; it sees the matched route template.
         .layer(axum::middleware::from_fn_with_state(state, crate::metrics::track_requests))
 }
+
+/// The answer to a path the API has no route for (the CLI reads it as a coordinator older than itself).
+pub const NO_ROUTE: &str = "no such API route";
 
 /// Largest request body the API reads: a template and the rest of its request.
 const BODY_LIMIT: usize = crate::template::MAX_TEMPLATE + 16 * 1024;
@@ -125,7 +128,7 @@ async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) 
             "the request body is over the API's limit of {BODY_LIMIT} bytes (a template may have at most {} bytes)",
             crate::template::MAX_TEMPLATE
         ),
-        StatusCode::NOT_FOUND if text.is_empty() => "no such API route".to_string(),
+        StatusCode::NOT_FOUND if text.is_empty() => NO_ROUTE.to_string(),
         StatusCode::METHOD_NOT_ALLOWED if text.is_empty() => "this API route does not take that method".to_string(),
         _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_string(),
         _ => text,
@@ -456,7 +459,7 @@ async fn logs(
 }
 
 /// A long wait's answer when the coordinator stops under it (503): ask again once it is back.
-pub const SHUTTING_DOWN: &str = "the coordinator is shutting down; ask again once it is back";
+const SHUTTING_DOWN: &str = "the coordinator is shutting down; ask again once it is back";
 
 #[derive(Deserialize)]
 struct WaitQuery {

@@ -190,7 +190,11 @@ pub async fn user(client: &Client, cmd: UserCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_grants(v: &serde_json::Value) {
+/// A workspace's owner and grants, as the API gives them or as a line.
+fn print_grants(v: &serde_json::Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(v);
+    }
     let owner = v["owner"].as_str().unwrap_or("-");
     let granted: Vec<&str> =
         v["granted"].as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
@@ -199,34 +203,23 @@ fn print_grants(v: &serde_json::Value) {
         v["workspace"].as_str().unwrap_or_default(),
         if granted.is_empty() { "(none)".to_string() } else { granted.join(", ") }
     );
+    Ok(())
 }
 
 pub async fn grant(client: &Client, workspace: &str, user: &str, json: bool) -> anyhow::Result<()> {
     let v: serde_json::Value =
         client.post(&format!("/workspaces/{}/grants", enc(workspace)), &serde_json::json!({ "user": user })).await?;
-    if json {
-        return print_json(&v);
-    }
-    print_grants(&v);
-    Ok(())
+    print_grants(&v, json)
 }
 
 pub async fn revoke(client: &Client, workspace: &str, user: &str, json: bool) -> anyhow::Result<()> {
     let v: serde_json::Value = client.delete(&format!("/workspaces/{}/grants/{}", enc(workspace), enc(user))).await?;
-    if json {
-        return print_json(&v);
-    }
-    print_grants(&v);
-    Ok(())
+    print_grants(&v, json)
 }
 
 pub async fn access(client: &Client, workspace: &str, json: bool) -> anyhow::Result<()> {
     let v: serde_json::Value = client.get(&format!("/workspaces/{}/grants", enc(workspace))).await?;
-    if json {
-        return print_json(&v);
-    }
-    print_grants(&v);
-    Ok(())
+    print_grants(&v, json)
 }
 
 fn when(ms: i64) -> String {

@@ -232,15 +232,12 @@ pub struct ApiFailure {
     pub no_route: bool,
 }
 
-/// The coordinator's fallback answer for a path it has no route for.
-const NO_ROUTE: &str = "no such API route";
-
 /// The `error` sentence of an API error answer, or the bare HTTP status.
 fn api_error(status: reqwest::StatusCode, body: &[u8]) -> ApiFailure {
     let sentence = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
-    let no_route = status == reqwest::StatusCode::NOT_FOUND && sentence.as_deref() == Some(NO_ROUTE);
+    let no_route = status == reqwest::StatusCode::NOT_FOUND && sentence.as_deref() == Some(crate::api::NO_ROUTE);
     let message = match sentence {
         // The CLI asked for something this coordinator does not know: upgrading the CLI before
         // the coordinator is the usual way to get here.

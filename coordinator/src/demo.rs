@@ -55,7 +55,7 @@ fn claim(dir: &Path) -> anyhow::Result<()> {
 }
 
 pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) -> anyhow::Result<()> {
-    let (data_dir, _temp) = match dir {
+    let (data_dir, temp) = match dir {
         Some(d) => {
             claim(&d)?;
             (d, None)
@@ -112,7 +112,7 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
     }
     stopped?;
     if interrupted {
-        drop(_temp);
+        drop(temp);
         std::process::exit(130);
     }
     let _ = say!("\nDone. Next: `tether serve` runs a coordinator for real; see README.md.");
