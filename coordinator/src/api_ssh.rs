@@ -16,7 +16,6 @@
 use crate::api::{ApiError, ApiState};
 use crate::broker::{self, RefusalKind, Request, Via};
 use crate::pki;
-use crate::sshca::{FRONT_DOOR_ALIAS, HOST_SUFFIX};
 use crate::users::{AuditView, UserView};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -295,8 +294,8 @@ pub struct SshInfo {
 async fn ssh_info(State(s): State<ApiState>, Extension(id): Extension<Identity>) -> ApiResult<SshInfo> {
     Ok(Json(SshInfo {
         front_door: s.engine.config.ssh_front_door.clone(),
-        front_door_alias: FRONT_DOOR_ALIAS.into(),
-        host_suffix: HOST_SUFFIX.into(),
+        front_door_alias: s.engine.ssh_ca.names().alias.clone(),
+        host_suffix: s.engine.ssh_ca.names().suffix.clone(),
         known_hosts: s.engine.ssh_ca.known_hosts_line(),
         user: match id {
             Identity::User(u) => Some(u),

@@ -9,7 +9,6 @@
 use crate::engine::{Engine, OpError};
 use crate::metrics::SshOutcome;
 use crate::ratelimit::Take;
-use crate::sshca::HOST_SUFFIX;
 use crate::store::WorkspaceRow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,15 +197,6 @@ impl Drop for WindowShare {
     }
 }
 
-/// The workspace a client's host name names: `NAME.tether` or `NAME`, any case.
-pub fn workspace_name(target: &str) -> String {
-    // A host name is at most 255 characters; longer is not a workspace, and is not worth keeping
-    // whole in the log and the audit record of its refusal.
-    let target: String = target.chars().take(255).collect();
-    let t = target.trim().trim_end_matches('.').to_ascii_lowercase();
-    t.strip_suffix(HOST_SUFFIX).map(str::to_string).unwrap_or(t)
-}
-
 /// Whether a workspace in `status` with these facts takes SSH connections; the refusal if not.
 fn check_reachable(
     name: &str,
@@ -265,7 +255,7 @@ fn scripts_block_login(
 
 /// Checks access and opens a stream to the workspace's agent. Refusals are logged and audited.
 pub async fn open(engine: &Arc<Engine>, req: Request) -> Result<Brokered, Refusal> {
-    let name = workspace_name(&req.target);
+    let name = engine.ssh_ca.names().workspace_name(&req.target);
     match authorize_and_open(engine, &req, &name).await {
         Ok((send, recv, window)) => {
             let key_fingerprints = match &req.key_fingerprint {
@@ -488,7 +478,7 @@ async fn authorize(
 /// (OpenSSH adds lines of its own after a ProxyCommand's error). A starting workspace whose agent
 /// has not begun its login-blocking scripts passes: a connection waits for them.
 pub async fn check(engine: &Engine, req: &Request) -> Result<String, Refusal> {
-    let name = workspace_name(&req.target);
+    let name = engine.ssh_ca.names().workspace_name(&req.target);
     let checked = async {
         let (row, blocks_login) = authorize(engine, &req.user, req.key_fingerprint.as_deref(), &name).await?;
         let connected = engine.agent_connection(row.id).is_some();
@@ -747,13 +737,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_names_map_to_workspaces() {
-        assert_eq!(workspace_name("dev.tether"), "dev");
-        assert_eq!(workspace_name("Dev.Tether."), "dev");
-        assert_eq!(workspace_name("dev"), "dev");
-    }
 
     #[test]
     fn refusals_say_why() {

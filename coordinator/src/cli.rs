@@ -80,7 +80,8 @@ pub enum Command {
         json: bool,
     },
     /// Write a `Host *.tether` block into your ssh config, so `ssh NAME.tether` works with strict
-    /// host-key checking.
+    /// host-key checking (the suffix is the coordinator's `--ssh-host-suffix`; each suffix has its
+    /// own block, so several coordinators can share one config).
     ConfigSsh {
         /// The Tether user you log in as (default: the owner of the API token).
         #[arg(long)]
@@ -96,7 +97,7 @@ pub enum Command {
     /// door's port). With --stdio, carry one connection on stdin/stdout: `ProxyCommand tether ssh
     /// --stdio %h`.
     Ssh {
-        /// Workspace (`NAME` or `NAME.tether`).
+        /// Workspace (`NAME`, or its host name `NAME.tether`).
         workspace: String,
         /// Carry the connection on stdin/stdout instead of running ssh.
         #[arg(long)]
@@ -146,6 +147,12 @@ pub struct ServeArgs {
     /// The HOST:PORT users dial for the SSH front door, if not the bound address.
     #[arg(long, env = "TETHER_ADVERTISE_SSH", value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub advertise_ssh: Option<String>,
+    /// What workspace host names end in (`ssh dev.tether`). Give each coordinator its own
+    /// (`.staging`) to reach several from one ssh config: each `tether config-ssh` block then
+    /// trusts its own coordinator's CA for its own names.
+    #[arg(long, env = "TETHER_SSH_HOST_SUFFIX", value_name = "SUFFIX", default_value = crate::sshca::HOST_SUFFIX,
+          value_parser = crate::sshca::parse_host_suffix)]
+    pub ssh_host_suffix: String,
     /// Time an SSH client has from connecting to the front door to logging in, its key exchange
     /// included (sshd's LoginGraceTime); then it is disconnected.
     #[arg(long, env = "TETHER_SSH_LOGIN_GRACE", value_name = "DURATION", default_value = "30s", value_parser = parse_grace)]

@@ -269,8 +269,25 @@ pub async fn audit(
     Ok(())
 }
 
-const BEGIN: &str = "# >>> tether: managed by `tether config-ssh`; edits between these lines are overwritten >>>";
-const END: &str = "# <<< tether <<<";
+/// The lines around the block `tether config-ssh` manages for one host suffix. The default
+/// suffix's are the ones every earlier release wrote, so that running it again replaces that block;
+/// another suffix's block has its own (one per coordinator, each replaced on its own).
+pub fn markers(suffix: &str) -> (String, String) {
+    let tag = if suffix == crate::sshca::HOST_SUFFIX { String::new() } else { format!(" {suffix}") };
+    (
+        format!("# >>> tether{tag}: managed by `tether config-ssh`; edits between these lines are overwritten >>>"),
+        format!("# <<< tether{tag} <<<"),
+    )
+}
+
+/// The known_hosts file `tether config-ssh` manages beside the ssh config, for one host suffix.
+pub fn known_hosts_name(suffix: &str) -> String {
+    if suffix == crate::sshca::HOST_SUFFIX {
+        "tether_known_hosts".into()
+    } else {
+        format!("tether_known_hosts{suffix}")
+    }
+}
 
 /// Quotes a path for ssh_config if it needs it.
 fn quote(p: &Path) -> String {
@@ -301,21 +318,44 @@ pub fn config_block(info: &SshInfo, user: &str, identity: Option<&Path>, known_h
         c
     };
     let alias = &info.front_door_alias;
+    let (begin, end) = markers(&info.host_suffix);
     Ok(format!(
-        "{BEGIN}\nHost {alias}\n  HostName {host}\n  Port {port}\n  HostKeyAlias {alias}\n{common}\nHost *{suffix}\n  ProxyJump {alias}\n{common}{END}\n",
+        "{begin}\nHost {alias}\n  HostName {host}\n  Port {port}\n  HostKeyAlias {alias}\n{common}\nHost *{suffix}\n  ProxyJump {alias}\n{common}{end}\n",
         suffix = info.host_suffix
     ))
 }
 
-/// `text` with the managed block replaced, or appended if it has none. Appending keeps the user's
-/// global options (lines before any `Host`) applying to everything, as they did.
-pub fn with_block(text: &str, block: &str) -> String {
-    if let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) {
-        if b < e {
-            let end = e + END.len();
-            let end = if text[end..].starts_with('\n') { end + 1 } else { end };
-            return format!("{}{block}{}", &text[..b], &text[end..]);
-        }
+/// Where in `text` the managed block for `suffix` is: its start and the end of its last line.
+fn find_block(text: &str, suffix: &str) -> Option<std::ops::Range<usize>> {
+    let (begin, end) = markers(suffix);
+    // Whole lines only: one suffix's marker must not be found inside another's.
+    let line_at = |from: usize, marker: &str| {
+        text[from..].match_indices(marker).map(|(i, _)| from + i).find(|&i| {
+            let starts = i == 0 || text.as_bytes()[i - 1] == b'\n';
+            let rest = &text[i + marker.len()..];
+            starts && (rest.is_empty() || rest.starts_with(['\n', '\r']))
+        })
+    };
+    let b = line_at(0, &begin)?;
+    let e = line_at(b, &end)? + end.len();
+    let e = if text[e..].starts_with('\n') { e + 1 } else { e };
+    Some(b..e)
+}
+
+/// The front door (`HOST:PORT`) that the managed block for `suffix` in `text` leads to, if it has one.
+fn block_front_door(text: &str, suffix: &str) -> Option<String> {
+    let block = &text[find_block(text, suffix)?];
+    let value = |key: &str| {
+        block.lines().find_map(|l| l.trim().strip_prefix(key).and_then(|v| v.strip_prefix(' ')).map(str::trim))
+    };
+    Some(format!("{}:{}", value("HostName")?, value("Port")?))
+}
+
+/// `text` with the managed block for `suffix` replaced, or appended if it has none. Appending keeps
+/// the user's global options (lines before any `Host`) applying to everything, as they did.
+pub fn with_block(text: &str, suffix: &str, block: &str) -> String {
+    if let Some(r) = find_block(text, suffix) {
+        return format!("{}{block}{}", &text[..r.start], &text[r.end..]);
     }
     let mut out = text.to_string();
     if !out.is_empty() && !out.ends_with('\n') {
@@ -331,7 +371,10 @@ pub fn with_block(text: &str, block: &str) -> String {
 fn write_atomic(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tether-tmp");
+    // Beside the file, and this process's own: two `tether ssh` at once each write theirs.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tether-tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -340,7 +383,9 @@ fn write_atomic(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    std::fs::rename(&tmp, path)
+        .inspect_err(|_| drop(std::fs::remove_file(&tmp)))
+        .with_context(|| format!("replacing {}", path.display()))
 }
 
 pub async fn config_ssh(
@@ -383,7 +428,7 @@ pub async fn config_ssh(
     if !dir.is_dir() {
         bail!("{} is not a directory: create it first, or give --ssh-config a file in an existing one", dir.display());
     }
-    let known_hosts = dir.join("tether_known_hosts");
+    let known_hosts = dir.join(known_hosts_name(&info.host_suffix));
     let identity = identity.map(|i| std::path::absolute(&i)).transpose()?;
     if let Some(i) = &identity {
         if !i.exists() {
@@ -418,11 +463,22 @@ pub async fn config_ssh(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", config_path.display())),
     };
-    let new = with_block(&old, &block);
+    let new = with_block(&old, &info.host_suffix, &block);
     if new != old {
         write_atomic(&config_path, &new, 0o600)?;
     }
     println!("wrote the tether block in {} and the CA in {}", config_path.display(), known_hosts.display());
+    let replaced = block_front_door(&old, &info.host_suffix);
+    if let Some(was) = replaced.filter(|was| Some(was) != block_front_door(&new, &info.host_suffix).as_ref()) {
+        // Moving a coordinator is fine; two coordinators with one suffix cannot share a config.
+        eprintln!(
+            "warning: this replaced the block for *{suffix}, which led to the front door at {was}; *{suffix} now \
+             leads to {now}. To reach both coordinators from one ssh config, give each its own host suffix \
+             (`tether serve --ssh-host-suffix .staging`) and run config-ssh for each",
+            suffix = info.host_suffix,
+            now = info.front_door.as_deref().unwrap_or("?"),
+        );
+    }
     let explicit_config = config_given.then_some(config_path.as_path());
     let ssh_home = (!config_given).then(passwd_home).flatten();
     let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
@@ -520,8 +576,8 @@ fn overridden(
 /// the agent lost, the coordinator shutting down), which OpenSSH shows above its own "Connection
 /// closed".
 pub async fn ssh_stdio(client: &Client, target: &str, as_user: Option<&str>) -> anyhow::Result<()> {
-    let name = crate::broker::workspace_name(target);
-    let mut path = format!("/workspaces/{}/ssh", enc(&name));
+    // The host name as given (`dev.tether`): the coordinator knows its own suffix.
+    let mut path = format!("/workspaces/{}/ssh", enc(target.trim()));
     if let Some(u) = as_user {
         path.push_str(&format!("?user={}", enc(u)));
     }
@@ -587,13 +643,15 @@ async fn splice_stdio<S: AsyncRead + AsyncWrite>(stream: S) -> std::io::Result<E
 /// stopped workspace, no access) is all the user reads: OpenSSH adds lines of its own after a
 /// ProxyCommand's error.
 pub async fn ssh_exec(client: &Client, target: &str, as_user: Option<&str>, args: &[String]) -> anyhow::Result<()> {
-    let name = crate::broker::workspace_name(target);
-    let mut check = format!("/workspaces/{}/ssh/check", enc(&name));
+    // The host name as given (`dev` or `dev.tether`): the coordinator knows its own suffix.
+    let mut check = format!("/workspaces/{}/ssh/check", enc(target.trim()));
     if let Some(u) = as_user {
         check.push_str(&format!("?user={}", enc(u)));
     }
     let (info, checked) = tokio::join!(client.get::<SshInfo>("/ssh"), client.get::<SshCheckView>(&check));
     let info = info?;
+    let name = crate::sshca::SshNames { suffix: info.host_suffix.clone(), alias: info.front_door_alias.clone() }
+        .workspace_name(target);
     match checked {
         // A coordinator from before the check: the connection itself tells a refusal.
         Err(e) if e.downcast_ref::<crate::client::ApiFailure>().is_some_and(|f| f.no_route) => {}
@@ -606,8 +664,13 @@ pub async fn ssh_exec(client: &Client, target: &str, as_user: Option<&str>, args
         .unwrap_or_else(std::env::temp_dir)
         .join("tether");
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    let known_hosts = cache.join("known_hosts");
-    write_atomic(&known_hosts, &format!("{}\n", info.known_hosts), 0o644)?;
+    // One file per CA, named by its line: `tether ssh` to two coordinators at once must not have
+    // one's ssh read the other's CA.
+    let line_hash = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(info.known_hosts.as_bytes())[..8]);
+    let known_hosts = cache.join(format!("known_hosts-{line_hash}"));
+    if std::fs::read_to_string(&known_hosts).ok().as_deref() != Some(&format!("{}\n", info.known_hosts)) {
+        write_atomic(&known_hosts, &format!("{}\n", info.known_hosts), 0o644)?;
+    }
     let exe = std::env::current_exe().context("finding the tether executable")?;
     let mut proxy = format!("{} ssh --stdio", quote(&exe));
     if let Some(u) = as_user {
@@ -657,14 +720,46 @@ mod tests {
         assert!(block.contains("Host *.tether\n  ProxyJump tether-frontdoor\n"));
         assert!(block.contains("HostKeyAlias tether-frontdoor"));
         let mine = "ServerAliveInterval 30\n\nHost work\n  HostName work.example\n";
-        let once = with_block(mine, &block);
+        let once = with_block(mine, ".tether", &block);
         assert!(once.starts_with(mine));
-        assert_eq!(with_block(&once, &block), once, "idempotent");
+        assert_eq!(with_block(&once, ".tether", &block), once, "idempotent");
         let block2 = config_block(&info(), "bob", None, Path::new("/h/tether_known_hosts")).unwrap();
-        let twice = with_block(&format!("{once}Host later\n"), &block2);
+        let twice = with_block(&format!("{once}Host later\n"), ".tether", &block2);
         assert!(twice.contains("User bob") && !twice.contains("User alice"));
         assert!(twice.starts_with(mine) && twice.ends_with("Host later\n"));
-        assert_eq!(twice.matches(BEGIN).count(), 1);
+        assert_eq!(twice.matches(&markers(".tether").0).count(), 1);
+        assert_eq!(block_front_door(&twice, ".tether").as_deref(), Some("127.0.0.1:2222"));
+    }
+
+    #[test]
+    fn each_host_suffix_has_its_own_block() {
+        let staging = SshInfo {
+            front_door: Some("stage.example:22".into()),
+            front_door_alias: "tether-frontdoor-staging".into(),
+            host_suffix: ".staging".into(),
+            known_hosts: "@cert-authority *.staging,tether-frontdoor-staging ssh-ed25519 BBBB".into(),
+            user: Some("alice".into()),
+        };
+        // The default suffix keeps the markers every earlier release wrote.
+        assert_eq!(markers(".tether").1, "# <<< tether <<<");
+        assert_eq!(known_hosts_name(".tether"), "tether_known_hosts");
+        assert_eq!(known_hosts_name(".staging"), "tether_known_hosts.staging");
+        let prod = config_block(&info(), "alice", None, Path::new("/h/tether_known_hosts")).unwrap();
+        let stage = config_block(&staging, "alice", None, Path::new("/h/tether_known_hosts.staging")).unwrap();
+        assert!(stage.starts_with("# >>> tether .staging: managed"));
+        assert!(stage.contains("Host *.staging\n  ProxyJump tether-frontdoor-staging\n"));
+        let both = with_block(&with_block("", ".tether", &prod), ".staging", &stage);
+        assert_eq!(both, format!("{prod}\n{stage}"));
+        // Each is replaced on its own, in place.
+        let moved = SshInfo { front_door: Some("stage2.example:2222".into()), ..staging };
+        let stage2 = config_block(&moved, "alice", None, Path::new("/h/tether_known_hosts.staging")).unwrap();
+        let again = with_block(&both, ".staging", &stage2);
+        assert_eq!(again, format!("{prod}\n{stage2}"));
+        assert_eq!(with_block(&again, ".tether", &prod), again);
+        assert_eq!(block_front_door(&both, ".staging").as_deref(), Some("stage.example:22"));
+        assert_eq!(block_front_door(&again, ".staging").as_deref(), Some("stage2.example:2222"));
+        assert_eq!(block_front_door(&again, ".tether").as_deref(), Some("127.0.0.1:2222"));
+        assert_eq!(block_front_door(&again, ".other"), None);
     }
 
     #[test]

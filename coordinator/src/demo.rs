@@ -74,6 +74,7 @@ pub async fn run(dir: Option<PathBuf>, keep_running: bool, serve: &ServeArgs) ->
         max_agents: 100,
         listen_ssh: serve.listen_ssh.0,
         advertise_ssh: None,
+        ssh_host_suffix: serve.ssh_host_suffix.clone(),
         ssh_login_grace: serve.ssh_login_grace,
         listen_https: serve.listen_https.0,
         advertise_https: None,

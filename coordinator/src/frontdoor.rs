@@ -16,7 +16,7 @@ use crate::engine::Engine;
 use crate::metrics::FrontDoorDrop;
 use crate::places::{source_of, Place, Places};
 use crate::ratelimit::RateLimiter;
-use crate::sshca::{self, HOST_SUFFIX};
+use crate::sshca;
 use russh::keys::ssh_key::Certificate;
 use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
@@ -247,10 +247,11 @@ impl Handler {
     /// What a plain login (no workspace) prints.
     async fn greeting(&self) -> String {
         let Some((user, _)) = &self.user else { return String::new() };
+        let suffix = &self.engine.ssh_ca.names().suffix;
         let mut text = format!(
             "Hi {user}. This is Tether's SSH front door; it does not run shells itself.\r\n\
-             Connect to a workspace with `ssh WORKSPACE{HOST_SUFFIX}` after `tether config-ssh --user {user}`,\r\n\
-             or with `ssh -J {user}@HOST:PORT WORKSPACE{HOST_SUFFIX}`.\r\n"
+             Connect to a workspace with `ssh WORKSPACE{suffix}` after `tether config-ssh --user {user}`,\r\n\
+             or with `ssh -J {user}@HOST:PORT WORKSPACE{suffix}`.\r\n"
         );
         if let Ok(all) = self.engine.list(None, false).await {
             let mut mine = Vec::new();
@@ -260,7 +261,7 @@ impl Handler {
                     Err(_) => false,
                 };
                 if w.owner.as_deref() == Some(user.as_str()) || granted {
-                    mine.push(format!("  {}{HOST_SUFFIX}  {}: {}\r\n", w.name, w.status, w.status_reason));
+                    mine.push(format!("  {}{suffix}  {}: {}\r\n", w.name, w.status, w.status_reason));
                 }
             }
             if mine.is_empty() {
@@ -290,7 +291,10 @@ impl Handler {
             }
             Some(cmd) => {
                 let cmd: String = String::from_utf8_lossy(cmd).chars().take(80).collect();
-                text = format!("the front door runs no commands (not `{cmd}`): `ssh NAME.tether …` runs them in a workspace\r\n{text}");
+                let suffix = &self.engine.ssh_ca.names().suffix;
+                text = format!(
+                    "the front door runs no commands (not `{cmd}`): `ssh NAME{suffix} …` runs them in a workspace\r\n{text}"
+                );
                 session.extended_data(channel, 1, text.into_bytes())?;
                 1
             }

@@ -29,6 +29,8 @@ pub struct ServeConfig {
     pub listen_ssh: Option<SocketAddr>,
     /// The HOST:PORT users dial for the front door, when it differs from the bound address.
     pub advertise_ssh: Option<String>,
+    /// What workspace host names end in (`.tether`).
+    pub ssh_host_suffix: String,
     /// Time from connecting to the front door to logging in.
     pub ssh_login_grace: Duration,
     /// The HTTPS listener (the API and the agent download); `None` turns it off.
@@ -180,7 +182,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     };
     let https_addr = https.as_ref().map(|l| l.local_addr()).transpose()?;
     let pki = Pki::load_or_create(&data_dir)?;
-    let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir).context("loading the SSH CA")?;
+    let names =
+        crate::sshca::SshNames::new(&config.ssh_host_suffix).map_err(|e| anyhow::anyhow!("--ssh-host-suffix {e}"))?;
+    let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir, names).context("loading the SSH CA")?;
     let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
     let admin_hash = admin_token(&store, &data_dir).await?;
     match store.end_stale_audit(tether_shared::now_ms()).await {

@@ -2,9 +2,13 @@
 //!
 //! One ed25519 CA key, kept in the data directory, signs every agent's host key as a host
 //! certificate for its workspace (`NAME.tether` and `NAME`), and the front door's own host key for
-//! [`FRONT_DOOR_ALIAS`] and its configured host names. Users trust the CA once, with one
+//! its alias (`tether-frontdoor`) and its configured host names. Users trust the CA once, with one
 //! `@cert-authority` line that `tether config-ssh` writes; a rebuilt workspace with a new host key
 //! then never triggers a host-key warning, and strict host-key checking stays on.
+//!
+//! The suffix (`.tether`) is a setting ([`SshNames`]), so that one user's ssh config can hold the
+//! blocks of several coordinators (`dev.tether` on one, `dev.staging` on another), each trusting
+//! its own CA for its own names only.
 
 use russh::keys::ssh_key::certificate::{Builder, CertType};
 use russh::keys::ssh_key::private::Ed25519Keypair;
@@ -13,12 +17,80 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tether_shared::limits;
 
-/// The name the front door's host certificate carries, and the `HostKeyAlias` the ssh config that
-/// `tether config-ssh` writes uses for it, so the check does not depend on how the coordinator's
-/// address is spelled.
+/// The front door's alias with the default suffix.
 pub const FRONT_DOOR_ALIAS: &str = "tether-frontdoor";
-/// Host names of workspaces end in this.
+/// Host names of workspaces end in this unless `--ssh-host-suffix` says otherwise.
 pub const HOST_SUFFIX: &str = ".tether";
+/// Longest host suffix: with a 63-byte workspace name, a host name stays well under DNS's 253.
+pub const MAX_HOST_SUFFIX: usize = 100;
+
+/// The names users reach this coordinator's workspaces and front door by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshNames {
+    /// Workspace host names are `NAME` plus this (`.tether`).
+    pub suffix: String,
+    /// The name the front door's host certificate carries, and the `HostKeyAlias` the ssh config
+    /// that `tether config-ssh` writes uses for it, so the check does not depend on how the
+    /// coordinator's address is spelled. `tether-frontdoor` with the default suffix, otherwise
+    /// `tether-frontdoor` and the suffix with dashes (`tether-frontdoor-staging`): never a name
+    /// that the suffix's `Host *.staging` pattern matches.
+    pub alias: String,
+}
+
+impl Default for SshNames {
+    fn default() -> Self {
+        SshNames { suffix: HOST_SUFFIX.into(), alias: FRONT_DOOR_ALIAS.into() }
+    }
+}
+
+impl SshNames {
+    /// The names for a suffix that [`parse_host_suffix`] accepted.
+    pub fn new(suffix: &str) -> Result<SshNames, String> {
+        let suffix = parse_host_suffix(suffix)?;
+        let alias = if suffix == HOST_SUFFIX {
+            FRONT_DOOR_ALIAS.into()
+        } else {
+            format!("tether-frontdoor{}", suffix.replace('.', "-"))
+        };
+        Ok(SshNames { suffix, alias })
+    }
+
+    /// The workspace a client's host name names: `NAME` plus the suffix, or `NAME`, any case. A
+    /// host name with another suffix is left whole, so that it is refused as no such workspace
+    /// rather than taken for one of this coordinator's.
+    pub fn workspace_name(&self, target: &str) -> String {
+        // A host name is at most 255 characters; longer is not a workspace, and is not worth
+        // keeping whole in the log and the audit record of its refusal.
+        let target: String = target.chars().take(255).collect();
+        let t = target.trim().trim_end_matches('.').to_ascii_lowercase();
+        t.strip_suffix(self.suffix.as_str()).map(str::to_string).unwrap_or(t)
+    }
+}
+
+/// `--ssh-host-suffix`: a dot, then one or more DNS labels (`.tether`, `.staging.example.com`).
+pub fn parse_host_suffix(s: &str) -> Result<String, String> {
+    let shown: String = s.chars().take(80).collect();
+    let Some(labels) = s.strip_prefix('.') else {
+        return Err(format!("'{shown}' does not start with a dot: give it as `.tether` or `.staging.example.com`"));
+    };
+    if s.len() > MAX_HOST_SUFFIX {
+        return Err(format!("'{shown}…' is {} bytes, over the limit of {MAX_HOST_SUFFIX}", s.len()));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !labels.split('.').all(label_ok) {
+        return Err(format!(
+            "'{shown}' is not a host name suffix: after the leading dot, use DNS labels of lowercase letters, \
+             digits and '-' (not starting or ending with '-'), separated by single dots"
+        ));
+    }
+    Ok(s.to_string())
+}
 
 /// Host certificates are signed again at every agent connection and every coordinator start; the
 /// validity only bounds how long a stolen agent host key stays useful.
@@ -43,6 +115,7 @@ pub enum SshCaError {
 pub struct SshCa {
     ca: PrivateKey,
     front_door: PrivateKey,
+    names: SshNames,
 }
 
 /// A new ed25519 key from the system's random source.
@@ -110,12 +183,19 @@ fn unix_s(t: std::time::SystemTime) -> u64 {
 }
 
 impl SshCa {
-    /// Loads the CA key and the front door's host key from `dir`, creating them on first start.
-    pub fn load_or_create(dir: &Path) -> Result<SshCa, SshCaError> {
+    /// Loads the CA key and the front door's host key from `dir`, creating them on first start;
+    /// certificates name hosts with `names`.
+    pub fn load_or_create(dir: &Path, names: SshNames) -> Result<SshCa, SshCaError> {
         Ok(SshCa {
             ca: load_or_create_key(&dir.join("ssh-ca.key"), "tether ssh ca")?,
             front_door: load_or_create_key(&dir.join("ssh-frontdoor.key"), "tether front door")?,
+            names,
         })
+    }
+
+    /// The host names its certificates are for.
+    pub fn names(&self) -> &SshNames {
+        &self.names
     }
 
     pub fn public_key(&self) -> &PublicKey {
@@ -130,7 +210,7 @@ impl SshCa {
     /// The known_hosts line that makes OpenSSH trust every workspace and the front door.
     pub fn known_hosts_line(&self) -> String {
         let key = self.ca.public_key().to_openssh().unwrap_or_default();
-        format!("@cert-authority *{HOST_SUFFIX},{FRONT_DOOR_ALIAS} {key}")
+        format!("@cert-authority *{},{} {key}", self.names.suffix, self.names.alias)
     }
 
     pub fn front_door_key(&self) -> &PrivateKey {
@@ -156,15 +236,21 @@ impl SshCa {
     /// An agent's host certificate for workspace `name`, as one OpenSSH line.
     pub fn sign_workspace_host(&self, host_key_line: &str, name: &str) -> Result<String, SshCaError> {
         let key = parse_public_key(host_key_line).map_err(SshCaError::BadHostKey)?;
-        let cert =
-            self.sign_host(&key, &format!("workspace {name}"), &[format!("{name}{HOST_SUFFIX}"), name.to_string()])?;
+        let mut principals = vec![format!("{name}{}", self.names.suffix)];
+        // A workspace's bare name is a principal too (`ssh -J … dev@NAME`), unless it is the front
+        // door's alias: a workspace must never be able to pose as the front door.
+        if name != self.names.alias {
+            principals.push(name.to_string());
+        }
+        let cert = self.sign_host(&key, &format!("workspace {name}"), &principals)?;
         cert.to_openssh().map_err(SshCaError::Sign)
     }
 
-    /// The front door's host certificate, for [`FRONT_DOOR_ALIAS`] and `names`.
+    /// The front door's host certificate, for its alias and `names`.
     pub fn front_door_certificate(&self, names: &[String]) -> Result<Certificate, SshCaError> {
-        let mut principals = vec![FRONT_DOOR_ALIAS.to_string()];
-        principals.extend(names.iter().filter(|n| n.as_str() != FRONT_DOOR_ALIAS).cloned());
+        let alias = &self.names.alias;
+        let mut principals = vec![alias.clone()];
+        principals.extend(names.iter().filter(|n| *n != alias).cloned());
         self.sign_host(self.front_door.public_key(), "tether front door", &principals)
     }
 }
@@ -176,8 +262,8 @@ mod tests {
     #[test]
     fn keys_persist_and_certificates_verify() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = SshCa::load_or_create(dir.path()).unwrap();
-        let again = SshCa::load_or_create(dir.path()).unwrap();
+        let ca = SshCa::load_or_create(dir.path(), SshNames::default()).unwrap();
+        let again = SshCa::load_or_create(dir.path(), SshNames::default()).unwrap();
         assert_eq!(ca.public_line(), again.public_line());
 
         let host = new_ed25519("host");
@@ -188,6 +274,51 @@ mod tests {
         let fp = ca.public_key().fingerprint(HashAlg::Sha256);
         cert.validate(&[fp]).unwrap();
         assert!(ca.known_hosts_line().starts_with("@cert-authority *.tether,tether-frontdoor ssh-ed25519 "));
+    }
+
+    #[test]
+    fn a_host_suffix_names_workspaces_the_front_door_and_the_trusted_hosts() {
+        let staging = SshNames::new(".staging.example").unwrap();
+        assert_eq!(staging.alias, "tether-frontdoor-staging-example");
+        assert_eq!(SshNames::new(".tether").unwrap(), SshNames::default());
+        assert_eq!(staging.workspace_name("Dev.Staging.Example."), "dev");
+        assert_eq!(staging.workspace_name("dev"), "dev");
+        // Another coordinator's name is not taken for one of ours.
+        assert_eq!(staging.workspace_name("dev.tether"), "dev.tether");
+        assert_eq!(SshNames::default().workspace_name("dev.tether"), "dev");
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = SshCa::load_or_create(dir.path(), staging.clone()).unwrap();
+        assert!(ca
+            .known_hosts_line()
+            .starts_with("@cert-authority *.staging.example,tether-frontdoor-staging-example "));
+        let host = new_ed25519("host").public_key().to_openssh().unwrap();
+        let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "dev").unwrap()).unwrap();
+        assert_eq!(cert.valid_principals(), ["dev.staging.example".to_string(), "dev".to_string()]);
+        // A workspace named like the front door's alias does not get the alias as a principal.
+        let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, &staging.alias).unwrap()).unwrap();
+        assert_eq!(cert.valid_principals(), [format!("{}.staging.example", staging.alias)]);
+        let door = ca.front_door_certificate(&["door.example".into()]).unwrap();
+        assert_eq!(door.valid_principals(), [staging.alias.clone(), "door.example".into()]);
+    }
+
+    #[test]
+    fn bad_host_suffixes_are_refused_with_why() {
+        for (bad, why) in [
+            ("tether", "does not start with a dot"),
+            (".", "not a host name suffix"),
+            (".Staging", "not a host name suffix"),
+            (".a..b", "not a host name suffix"),
+            (".-a", "not a host name suffix"),
+            (".a b", "not a host name suffix"),
+            (".*", "not a host name suffix"),
+            (".a,b", "not a host name suffix"),
+        ] {
+            let err = parse_host_suffix(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        assert!(parse_host_suffix(&format!(".{}", "a".repeat(120))).unwrap_err().contains("over the limit"));
+        assert_eq!(parse_host_suffix(".dev-1.example").unwrap(), ".dev-1.example");
     }
 
     #[test]

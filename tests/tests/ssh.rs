@@ -921,6 +921,80 @@ fn config_ssh_warns_when_an_earlier_block_would_win() {
     assert!(!err.contains("ProxyJump") && !err.contains("UserKnownHostsFile"), "{err}");
 }
 
+/// Two coordinators (say production and staging) reached from one ssh config: each has its own host
+/// suffix, `config-ssh` writes a block and a known_hosts file for each and replaces only its own, and
+/// each trusts its own CA for its own names, with strict host-key checking.
+#[test]
+fn two_coordinators_with_their_own_suffixes_share_one_ssh_config() {
+    let prod = Coordinator::start();
+    let staging = Coordinator::start_with(&["--ssh-host-suffix", ".staging"]);
+    let alice = SshUser::add(&prod, "alice");
+    let public = alice.key.with_extension("pub");
+    let added = staging.json(&["user", "add", "alice", "--ssh-key", public.to_str().unwrap()]);
+    let staging_token = added["token"].as_str().unwrap().to_string();
+    let mut agents = Vec::new();
+    for (coord, place) in [(&prod, "prod"), (&staging, "staging")] {
+        let template = format!("[env]\nWHERE = \"{place}\"\n");
+        let created = coord.create("dev", &template, &["--owner", "alice"]);
+        let token = created["agent_token"].as_str().unwrap();
+        agents.push(Agent::start(coord, token, &coord.data_dir().join("agent-dev")));
+        coord.wait_for("dev", "running", LONG);
+    }
+    let config = alice.config.to_str().unwrap();
+    let key = alice.key.to_str().unwrap();
+    let out = staging.cli(&["config-ssh", "--user", "alice", "--ssh-config", config, "--identity", key]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("warning"), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("connect with: ssh WORKSPACE.staging"), "{}", text(&out.stdout));
+    assert!(alice.dir.join("tether_known_hosts.staging").exists());
+
+    // Each name reaches its own coordinator's workspace; each known_hosts file trusts one CA.
+    assert_eq!(alice.ok("dev.tether", "echo $WHERE").trim(), "prod");
+    assert_eq!(alice.ok("dev.staging", "echo $WHERE").trim(), "staging");
+    // Running either again changes nothing in the other's block.
+    let before = std::fs::read_to_string(&alice.config).unwrap();
+    alice.config_ssh(&prod);
+    let out = staging.cli(&["config-ssh", "--user", "alice", "--ssh-config", config, "--identity", key]);
+    assert!(!text(&out.stderr).contains("warning"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&alice.config).unwrap(), before);
+    // A staging name sent to production's front door is no workspace of production's, rather than
+    // production's `dev` under the wrong name.
+    let wrong = alice.ssh().args(["-o", "ProxyJump=tether-frontdoor", "dev.staging", "true"]).output().unwrap();
+    assert!(!wrong.status.success());
+    assert!(text(&wrong.stderr).contains("no workspace 'dev.staging'"), "{}", text(&wrong.stderr));
+
+    // `tether ssh` to both at once, through their APIs.
+    let via_api = |coord: &Coordinator, token: &str, target: &str| {
+        let mut c = alice.tether(coord);
+        c.env("TETHER_TOKEN", token);
+        c.args(["ssh", target, "--", "-i", key, "-o", "BatchMode=yes", "echo $WHERE"]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let a = via_api(&prod, &alice.token, "dev");
+    let b = via_api(&staging, &staging_token, "dev.staging");
+    for (child, want) in [(a, "prod"), (b, "staging")] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "tether ssh: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), want);
+    }
+
+    // A second coordinator with the same suffix replaces the block, and says so.
+    let other = Coordinator::start();
+    other.ok(&["user", "add", "alice", "--ssh-key", public.to_str().unwrap()]);
+    let out = other.cli(&["config-ssh", "--user", "alice", "--ssh-config", config, "--identity", key]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    let was = prod.ssh_addr();
+    assert!(
+        err.contains(&format!("this replaced the block for *.tether, which led to the front door at {was}")),
+        "{err}"
+    );
+    assert!(err.contains("--ssh-host-suffix"), "{err}");
+    // Staging's block is untouched.
+    assert_eq!(alice.ok("dev.staging", "echo $WHERE").trim(), "staging");
+    drop(agents);
+}
+
 /// X11 forwarding: `ssh -Y` and `ssh -X` (its untrusted cookie) give the workspace a `DISPLAY` whose
 /// programs draw on the client's X server (Xvfb here, with its own cookie). The workspace only ever
 /// sees a stand-in cookie, which the client checks and swaps for the real one; a program without it
