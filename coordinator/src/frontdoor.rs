@@ -253,22 +253,18 @@ impl Handler {
              Connect to a workspace with `ssh WORKSPACE{suffix}` after `tether config-ssh --user {user}`,\r\n\
              or with `ssh -J {user}@HOST:PORT WORKSPACE{suffix}`.\r\n"
         );
-        if let Ok(all) = self.engine.list(None, false).await {
-            let mut mine = Vec::new();
-            for w in all {
-                let granted = match self.engine.grants(&w.name).await {
-                    Ok(g) => g.contains(user),
-                    Err(_) => false,
-                };
-                if w.owner.as_deref() == Some(user.as_str()) || granted {
-                    mine.push(format!("  {}{suffix}  {}: {}\r\n", w.name, w.status, w.status_reason));
-                }
-            }
+        // Owned and granted ones, in two queries however many workspaces there are.
+        if let Ok(mine) = self.engine.list_for(Some(user), &[], false).await {
             if mine.is_empty() {
                 text.push_str("You have no workspaces.\r\n");
             } else {
+                let rows: Vec<Vec<String>> = mine
+                    .iter()
+                    .map(|w| vec![format!("{}{suffix}", w.name), w.status.to_string(), w.status_reason.clone()])
+                    .collect();
                 text.push_str("Your workspaces:\r\n");
-                text.extend(mine);
+                let table = crate::cli::table(&["WORKSPACE", "STATUS", "REASON"], &rows);
+                text.push_str(&table.replace('\n', "\r\n"));
             }
         }
         text

@@ -57,8 +57,16 @@ pub enum TemplateError {
     TooLarge(usize),
     #[error("{0}")]
     Parse(String),
-    #[error("{}", .0.join("; "))]
+    /// Every problem found: one alone as it is, several one per line (as the configuration's are).
+    #[error("{}", problems(.0))]
     Invalid(Vec<String>),
+}
+
+fn problems(all: &[String]) -> String {
+    match all {
+        [one] => one.clone(),
+        many => format!("{} problems:\n  {}", many.len(), many.join("\n  ")),
+    }
 }
 
 #[derive(Deserialize)]

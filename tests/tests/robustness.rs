@@ -609,4 +609,13 @@ fn every_api_error_is_json_with_a_sentence() {
     std::fs::write(c.data_dir().join("bad.toml"), "x = \n").unwrap();
     let said = c.fails(&["workspace", "create", "bad", "--template", c.data_dir().join("bad.toml").to_str().unwrap()]);
     assert!(said.contains("bad.toml: TOML parse error at line 1"), "{said}");
+    // Several problems: every one, one per line.
+    std::fs::write(c.data_dir().join("two.toml"), "connection_timeout = \"0s\"\nheartbeat_timeout = \"xx\"\n").unwrap();
+    let said = c.fails(&["workspace", "create", "two", "--template", c.data_dir().join("two.toml").to_str().unwrap()]);
+    assert!(
+        said.contains(
+            "two.toml: 2 problems:\n  connection_timeout must be more than zero\n  heartbeat_timeout 'xx' is not"
+        ),
+        "{said}"
+    );
 }

@@ -2149,7 +2149,10 @@ fn the_front_door_greets_lists_and_runs_no_commands() {
     let out = alice.ssh().args(["-T", "tether-frontdoor"]).stdin(Stdio::null()).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let said = text(&out.stdout);
-    assert!(said.contains("Hi alice") && said.contains("dev.tether  running"), "{said}");
+    assert!(
+        said.contains("Hi alice") && said.contains("WORKSPACE   STATUS   REASON\r\ndev.tether  running  "),
+        "{said}"
+    );
     // A command is not run, and fails, so a script that meant a workspace notices.
     let out = alice.ssh().args(["tether-frontdoor", "ls"]).stdin(Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
