@@ -455,6 +455,14 @@ async fn authorize(
         }
     }
     if crate::template::check_name("workspace", name).is_err() {
+        if name.contains('.') {
+            // `dev.staging` at the `.tether` coordinator: most likely the wrong coordinator.
+            let suffix = &engine.ssh_ca.names().suffix;
+            return Err(refuse(
+                RefusalKind::NotFound,
+                format!("no workspace '{name}' (this coordinator's workspace host names end in {suffix})"),
+            ));
+        }
         return Err(no_workspace(name));
     }
     let row = match engine.workspace_row(name).await {

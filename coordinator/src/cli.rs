@@ -69,7 +69,7 @@ pub enum Command {
         /// Only connections made as this user.
         #[arg(long)]
         user: Option<String>,
-        /// Only connections to this workspace (its name, without `.tether`).
+        /// Only connections to this workspace (its name, without the host suffix such as `.tether`).
         #[arg(long)]
         workspace: Option<String>,
         /// Most connections to show, newest first (1 to 10000).

@@ -326,7 +326,9 @@ pub fn config_block(info: &SshInfo, user: &str, identity: Option<&Path>, known_h
 }
 
 /// Where in `text` the managed block for `suffix` is: its start and the end of its last line.
-fn find_block(text: &str, suffix: &str) -> Option<std::ops::Range<usize>> {
+/// A block whose end marker is gone (or that is there twice) is an error naming its line: the
+/// file is left as it is rather than a guess made at which lines were the block.
+fn find_block(text: &str, suffix: &str) -> Result<Option<std::ops::Range<usize>>, String> {
     let (begin, end) = markers(suffix);
     // Whole lines only: one suffix's marker must not be found inside another's.
     let line_at = |from: usize, marker: &str| {
@@ -336,26 +338,60 @@ fn find_block(text: &str, suffix: &str) -> Option<std::ops::Range<usize>> {
             starts && (rest.is_empty() || rest.starts_with(['\n', '\r']))
         })
     };
-    let b = line_at(0, &begin)?;
-    let e = line_at(b, &end)? + end.len();
-    let e = if text[e..].starts_with('\n') { e + 1 } else { e };
-    Some(b..e)
+    let line_no = |at: usize| text[..at].matches('\n').count() + 1;
+    let Some(b) = line_at(0, &begin) else { return Ok(None) };
+    let Some(e) = line_at(b, &end) else {
+        return Err(format!(
+            "line {}: the tether block for *{suffix} has no end line (`{end}`): put it back at the block's end, or \
+             remove the block's lines, and run config-ssh again",
+            line_no(b)
+        ));
+    };
+    if let Some(again) = line_at(b + begin.len(), &begin).filter(|&a| a < e) {
+        return Err(format!(
+            "line {}: a second tether block for *{suffix} starts inside the one at line {}: remove one, and run \
+             config-ssh again",
+            line_no(again),
+            line_no(b)
+        ));
+    }
+    let e = e + end.len();
+    let rest = &text[e..];
+    let e = e + if rest.starts_with("\r\n") { 2 } else { usize::from(rest.starts_with('\n')) };
+    if let Some(again) = line_at(e, &begin) {
+        return Err(format!(
+            "line {}: there are two tether blocks for *{suffix} (the first at line {}): remove one, and run \
+             config-ssh again",
+            line_no(again),
+            line_no(b)
+        ));
+    }
+    Ok(Some(b..e))
 }
 
 /// The front door (`HOST:PORT`) that the managed block for `suffix` in `text` leads to, if it has one.
 fn block_front_door(text: &str, suffix: &str) -> Option<String> {
-    let block = &text[find_block(text, suffix)?];
+    let block = &text[find_block(text, suffix).ok()??];
     let value = |key: &str| {
         block.lines().find_map(|l| l.trim().strip_prefix(key).and_then(|v| v.strip_prefix(' ')).map(str::trim))
     };
-    Some(format!("{}:{}", value("HostName")?, value("Port")?))
+    let (host, port) = (value("HostName")?, value("Port")?);
+    Some(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
+}
+
+/// The CA key (`ssh-ed25519 AAAA…`) of a known_hosts text's `@cert-authority` line.
+fn ca_key(known_hosts: &str) -> Option<String> {
+    known_hosts.lines().find_map(|l| {
+        let mut words = l.split_whitespace();
+        (words.next() == Some("@cert-authority")).then(|| words.skip(1).take(2).collect::<Vec<_>>().join(" "))
+    })
 }
 
 /// `text` with the managed block for `suffix` replaced, or appended if it has none. Appending keeps
 /// the user's global options (lines before any `Host`) applying to everything, as they did.
-pub fn with_block(text: &str, suffix: &str, block: &str) -> String {
-    if let Some(r) = find_block(text, suffix) {
-        return format!("{}{block}{}", &text[..r.start], &text[r.end..]);
+pub fn with_block(text: &str, suffix: &str, block: &str) -> Result<String, String> {
+    if let Some(r) = find_block(text, suffix)? {
+        return Ok(format!("{}{block}{}", &text[..r.start], &text[r.end..]));
     }
     let mut out = text.to_string();
     if !out.is_empty() && !out.ends_with('\n') {
@@ -365,7 +401,14 @@ pub fn with_block(text: &str, suffix: &str, block: &str) -> String {
         out.push('\n');
     }
     out.push_str(block);
-    out
+    Ok(out)
+}
+
+/// An exclusive lock on a directory, held until it is dropped (flock: no file left behind).
+fn lock_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", dir.display()))
 }
 
 fn write_atomic(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
@@ -457,25 +500,30 @@ pub async fn config_ssh(
         }
     }
     let block = config_block(&info, &user, identity.as_deref(), &known_hosts)?;
-    write_atomic(&known_hosts, &format!("# managed by `tether config-ssh`\n{}\n", info.known_hosts), 0o644)?;
+    // Two config-ssh at once (production's and staging's, from one setup script) must not each
+    // write the file with only its own block: one at a time, over the whole read and write.
+    let _lock = lock_dir(dir)?;
     let old = match std::fs::read_to_string(&config_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", config_path.display())),
     };
-    let new = with_block(&old, &info.host_suffix, &block);
+    let new =
+        with_block(&old, &info.host_suffix, &block).map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+    let old_ca = std::fs::read_to_string(&known_hosts).ok().as_deref().and_then(ca_key);
+    write_atomic(&known_hosts, &format!("# managed by `tether config-ssh`\n{}\n", info.known_hosts), 0o644)?;
     if new != old {
         write_atomic(&config_path, &new, 0o600)?;
     }
     println!("wrote the tether block in {} and the CA in {}", config_path.display(), known_hosts.display());
-    let replaced = block_front_door(&old, &info.host_suffix);
-    if let Some(was) = replaced.filter(|was| Some(was) != block_front_door(&new, &info.host_suffix).as_ref()) {
-        // Moving a coordinator is fine; two coordinators with one suffix cannot share a config.
+    if old_ca.is_some() && old_ca != ca_key(&info.known_hosts) {
+        // Another coordinator's (a moved one keeps its CA): two with one suffix cannot share a config.
         eprintln!(
-            "warning: this replaced the block for *{suffix}, which led to the front door at {was}; *{suffix} now \
-             leads to {now}. To reach both coordinators from one ssh config, give each its own host suffix \
-             (`tether serve --ssh-host-suffix .staging`) and run config-ssh for each",
+            "warning: this replaced the block for *{suffix} of another coordinator (its SSH CA differs), which led \
+             to the front door at {was}; *{suffix} now leads to {now}. To reach both from one ssh config, give each \
+             its own host suffix (`tether serve --ssh-host-suffix .staging`) and run config-ssh for each",
             suffix = info.host_suffix,
+            was = block_front_door(&old, &info.host_suffix).as_deref().unwrap_or("?"),
             now = info.front_door.as_deref().unwrap_or("?"),
         );
     }
@@ -555,8 +603,14 @@ fn overridden(
         .into_iter()
         .filter_map(|(option, key, want)| {
             let got = get(key);
-            let ok =
-                got.as_deref().is_some_and(|g| if key == "userknownhostsfile" { g.contains(want) } else { g == want });
+            // ssh -G lists every known-hosts file, separated by spaces: the block's must be one.
+            let listed = |g: &str| {
+                g == want
+                    || g.starts_with(&format!("{want} "))
+                    || g.ends_with(&format!(" {want}"))
+                    || g.contains(&format!(" {want} "))
+            };
+            let ok = got.as_deref().is_some_and(|g| if key == "userknownhostsfile" { listed(g) } else { g == want });
             (!ok).then(|| {
                 format!(
                     "ssh resolves {host} with {option} {}, not {}: an earlier `Host` or `Match` block (in {} \
@@ -650,8 +704,7 @@ pub async fn ssh_exec(client: &Client, target: &str, as_user: Option<&str>, args
     }
     let (info, checked) = tokio::join!(client.get::<SshInfo>("/ssh"), client.get::<SshCheckView>(&check));
     let info = info?;
-    let name = crate::sshca::SshNames { suffix: info.host_suffix.clone(), alias: info.front_door_alias.clone() }
-        .workspace_name(target);
+    let name = crate::sshca::workspace_name(target, &info.host_suffix);
     match checked {
         // A coordinator from before the check: the connection itself tells a refusal.
         Err(e) if e.downcast_ref::<crate::client::ApiFailure>().is_some_and(|f| f.no_route) => {}
@@ -720,11 +773,11 @@ mod tests {
         assert!(block.contains("Host *.tether\n  ProxyJump tether-frontdoor\n"));
         assert!(block.contains("HostKeyAlias tether-frontdoor"));
         let mine = "ServerAliveInterval 30\n\nHost work\n  HostName work.example\n";
-        let once = with_block(mine, ".tether", &block);
+        let once = with_block(mine, ".tether", &block).unwrap();
         assert!(once.starts_with(mine));
-        assert_eq!(with_block(&once, ".tether", &block), once, "idempotent");
+        assert_eq!(with_block(&once, ".tether", &block).unwrap(), once, "idempotent");
         let block2 = config_block(&info(), "bob", None, Path::new("/h/tether_known_hosts")).unwrap();
-        let twice = with_block(&format!("{once}Host later\n"), ".tether", &block2);
+        let twice = with_block(&format!("{once}Host later\n"), ".tether", &block2).unwrap();
         assert!(twice.contains("User bob") && !twice.contains("User alice"));
         assert!(twice.starts_with(mine) && twice.ends_with("Host later\n"));
         assert_eq!(twice.matches(&markers(".tether").0).count(), 1);
@@ -748,18 +801,41 @@ mod tests {
         let stage = config_block(&staging, "alice", None, Path::new("/h/tether_known_hosts.staging")).unwrap();
         assert!(stage.starts_with("# >>> tether .staging: managed"));
         assert!(stage.contains("Host *.staging\n  ProxyJump tether-frontdoor-staging\n"));
-        let both = with_block(&with_block("", ".tether", &prod), ".staging", &stage);
+        let both = with_block(&with_block("", ".tether", &prod).unwrap(), ".staging", &stage).unwrap();
         assert_eq!(both, format!("{prod}\n{stage}"));
         // Each is replaced on its own, in place.
         let moved = SshInfo { front_door: Some("stage2.example:2222".into()), ..staging };
         let stage2 = config_block(&moved, "alice", None, Path::new("/h/tether_known_hosts.staging")).unwrap();
-        let again = with_block(&both, ".staging", &stage2);
+        let again = with_block(&both, ".staging", &stage2).unwrap();
         assert_eq!(again, format!("{prod}\n{stage2}"));
-        assert_eq!(with_block(&again, ".tether", &prod), again);
+        assert_eq!(with_block(&again, ".tether", &prod).unwrap(), again);
         assert_eq!(block_front_door(&both, ".staging").as_deref(), Some("stage.example:22"));
         assert_eq!(block_front_door(&again, ".staging").as_deref(), Some("stage2.example:2222"));
         assert_eq!(block_front_door(&again, ".tether").as_deref(), Some("127.0.0.1:2222"));
         assert_eq!(block_front_door(&again, ".other"), None);
+    }
+
+    #[test]
+    fn a_broken_block_is_named_and_nothing_is_guessed() {
+        let block = config_block(&info(), "alice", None, Path::new("/h/tether_known_hosts")).unwrap();
+        let (begin, end) = markers(".tether");
+        let mine = "Host work\n  HostName work.example\n";
+        // The end line deleted: the user's lines after it must not be taken for the block's.
+        let cut = format!("{mine}{begin}\nHost *.tether\n  User alice\n{mine}");
+        let err = with_block(&cut, ".tether", &block).unwrap_err();
+        assert!(err.starts_with("line 3: the tether block for *.tether has no end line (`# <<< tether <<<`)"), "{err}");
+        // Twice, one after the other or one inside the other.
+        let twice = format!("{block}{mine}{block}");
+        assert!(with_block(&twice, ".tether", &block).unwrap_err().contains("two tether blocks for *.tether"));
+        let nested = format!("{begin}\n{block}{end}\n");
+        assert!(with_block(&nested, ".tether", &block).unwrap_err().contains("starts inside the one at line 1"));
+        // A file with CRLF line ends: the block's end line goes whole.
+        let crlf = format!("{}{mine}", block.replace('\n', "\r\n"));
+        assert_eq!(with_block(&crlf, ".tether", &block).unwrap(), format!("{block}{mine}"));
+        assert_eq!(
+            ca_key("# x\n@cert-authority *.tether,tether-frontdoor ssh-ed25519 AAAA c\n").unwrap(),
+            "ssh-ed25519 AAAA"
+        );
     }
 
     #[test]

@@ -182,8 +182,14 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     };
     let https_addr = https.as_ref().map(|l| l.local_addr()).transpose()?;
     let pki = Pki::load_or_create(&data_dir)?;
-    let names =
+    let mut names =
         crate::sshca::SshNames::new(&config.ssh_host_suffix).map_err(|e| anyhow::anyhow!("--ssh-host-suffix {e}"))?;
+    // The name users dial the front door by: no workspace is certified for it.
+    names.front_door_hosts = config
+        .advertise_ssh
+        .iter()
+        .filter_map(|a| a.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_ascii_lowercase()))
+        .collect();
     let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir, names).context("loading the SSH CA")?;
     let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
     let admin_hash = admin_token(&store, &data_dir).await?;

@@ -32,14 +32,18 @@ pub struct SshNames {
     /// The name the front door's host certificate carries, and the `HostKeyAlias` the ssh config
     /// that `tether config-ssh` writes uses for it, so the check does not depend on how the
     /// coordinator's address is spelled. `tether-frontdoor` with the default suffix, otherwise
-    /// `tether-frontdoor` and the suffix with dashes (`tether-frontdoor-staging`): never a name
-    /// that the suffix's `Host *.staging` pattern matches.
+    /// `tether-frontdoor` and the suffix with underscores for dots (`tether-frontdoor_staging`):
+    /// one alias per suffix (host names have no `_`), never a name that the suffix's
+    /// `Host *.staging` pattern matches, and never a workspace's name.
     pub alias: String,
+    /// The host names users dial the front door by (`--advertise-ssh`): no workspace is
+    /// certified for one of them, with the suffix or without.
+    pub front_door_hosts: Vec<String>,
 }
 
 impl Default for SshNames {
     fn default() -> Self {
-        SshNames { suffix: HOST_SUFFIX.into(), alias: FRONT_DOOR_ALIAS.into() }
+        SshNames { suffix: HOST_SUFFIX.into(), alias: FRONT_DOOR_ALIAS.into(), front_door_hosts: Vec::new() }
     }
 }
 
@@ -50,21 +54,34 @@ impl SshNames {
         let alias = if suffix == HOST_SUFFIX {
             FRONT_DOOR_ALIAS.into()
         } else {
-            format!("tether-frontdoor{}", suffix.replace('.', "-"))
+            format!("tether-frontdoor{}", suffix.replace('.', "_"))
         };
-        Ok(SshNames { suffix, alias })
+        Ok(SshNames { suffix, alias, front_door_hosts: Vec::new() })
     }
 
-    /// The workspace a client's host name names: `NAME` plus the suffix, or `NAME`, any case. A
-    /// host name with another suffix is left whole, so that it is refused as no such workspace
-    /// rather than taken for one of this coordinator's.
-    pub fn workspace_name(&self, target: &str) -> String {
-        // A host name is at most 255 characters; longer is not a workspace, and is not worth
-        // keeping whole in the log and the audit record of its refusal.
-        let target: String = target.chars().take(255).collect();
-        let t = target.trim().trim_end_matches('.').to_ascii_lowercase();
-        t.strip_suffix(self.suffix.as_str()).map(str::to_string).unwrap_or(t)
+    /// Whether a workspace's certificate may carry `principal`: never a name the front door is
+    /// known by. Any `tether-frontdoor…` is kept out too, as another coordinator's alias (a staging
+    /// coordinator restored from production's backup has production's CA).
+    fn may_certify(&self, principal: &str) -> bool {
+        let an_alias = !principal.contains('.') && principal.starts_with(FRONT_DOOR_ALIAS);
+        !an_alias && principal != self.alias && !self.front_door_hosts.iter().any(|h| h.eq_ignore_ascii_case(principal))
     }
+
+    /// The workspace a client's host name names (see [`workspace_name`]).
+    pub fn workspace_name(&self, target: &str) -> String {
+        workspace_name(target, &self.suffix)
+    }
+}
+
+/// The workspace a client's host name names: `NAME` plus `suffix`, or `NAME`, any case. A host name
+/// with another suffix is left whole, so that it is refused as no such workspace rather than taken
+/// for one of this coordinator's.
+pub fn workspace_name(target: &str, suffix: &str) -> String {
+    // A host name is at most 255 characters; longer is not a workspace, and is not worth keeping
+    // whole in the log and the audit record of its refusal.
+    let target: String = target.chars().take(255).collect();
+    let t = target.trim().trim_end_matches('.').to_ascii_lowercase();
+    t.strip_suffix(suffix).map(str::to_string).unwrap_or(t)
 }
 
 /// `--ssh-host-suffix`: a dot, then one or more DNS labels (`.tether`, `.staging.example.com`).
@@ -236,11 +253,14 @@ impl SshCa {
     /// An agent's host certificate for workspace `name`, as one OpenSSH line.
     pub fn sign_workspace_host(&self, host_key_line: &str, name: &str) -> Result<String, SshCaError> {
         let key = parse_public_key(host_key_line).map_err(SshCaError::BadHostKey)?;
-        let mut principals = vec![format!("{name}{}", self.names.suffix)];
-        // A workspace's bare name is a principal too (`ssh -J … dev@NAME`), unless it is the front
-        // door's alias: a workspace must never be able to pose as the front door.
-        if name != self.names.alias {
-            principals.push(name.to_string());
+        // Its host name, and its bare name too (`ssh -J … dev@NAME`), but never one the front door
+        // is known by: a workspace must not be able to pose as the front door.
+        let principals: Vec<String> = [format!("{name}{}", self.names.suffix), name.to_string()]
+            .into_iter()
+            .filter(|p| self.names.may_certify(p))
+            .collect();
+        if principals.is_empty() {
+            return Err(SshCaError::BadHostKey(format!("workspace '{name}' is named like the SSH front door")));
         }
         let cert = self.sign_host(&key, &format!("workspace {name}"), &principals)?;
         cert.to_openssh().map_err(SshCaError::Sign)
@@ -279,7 +299,9 @@ mod tests {
     #[test]
     fn a_host_suffix_names_workspaces_the_front_door_and_the_trusted_hosts() {
         let staging = SshNames::new(".staging.example").unwrap();
-        assert_eq!(staging.alias, "tether-frontdoor-staging-example");
+        assert_eq!(staging.alias, "tether-frontdoor_staging_example");
+        // One alias per suffix.
+        assert_ne!(SshNames::new(".a-b").unwrap().alias, SshNames::new(".a.b").unwrap().alias);
         assert_eq!(SshNames::new(".tether").unwrap(), SshNames::default());
         assert_eq!(staging.workspace_name("Dev.Staging.Example."), "dev");
         assert_eq!(staging.workspace_name("dev"), "dev");
@@ -291,15 +313,22 @@ mod tests {
         let ca = SshCa::load_or_create(dir.path(), staging.clone()).unwrap();
         assert!(ca
             .known_hosts_line()
-            .starts_with("@cert-authority *.staging.example,tether-frontdoor-staging-example "));
+            .starts_with("@cert-authority *.staging.example,tether-frontdoor_staging_example "));
         let host = new_ed25519("host").public_key().to_openssh().unwrap();
         let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "dev").unwrap()).unwrap();
         assert_eq!(cert.valid_principals(), ["dev.staging.example".to_string(), "dev".to_string()]);
-        // A workspace named like the front door's alias does not get the alias as a principal.
-        let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, &staging.alias).unwrap()).unwrap();
-        assert_eq!(cert.valid_principals(), [format!("{}.staging.example", staging.alias)]);
+        // A workspace named like a front door's alias, or like the front door's host name, is not
+        // certified for that name.
+        let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "tether-frontdoor").unwrap()).unwrap();
+        assert_eq!(cert.valid_principals(), ["tether-frontdoor.staging.example".to_string()]);
         let door = ca.front_door_certificate(&["door.example".into()]).unwrap();
         assert_eq!(door.valid_principals(), [staging.alias.clone(), "door.example".into()]);
+        let names = SshNames { front_door_hosts: vec!["tether.staging.example".into(), "gate".into()], ..staging };
+        let ca = SshCa::load_or_create(dir.path(), names).unwrap();
+        let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "tether").unwrap()).unwrap();
+        assert_eq!(cert.valid_principals(), ["tether".to_string()]);
+        let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "gate").unwrap()).unwrap();
+        assert_eq!(cert.valid_principals(), ["gate.staging.example".to_string()]);
     }
 
     #[test]

@@ -961,7 +961,11 @@ fn two_coordinators_with_their_own_suffixes_share_one_ssh_config() {
     // production's `dev` under the wrong name.
     let wrong = alice.ssh().args(["-o", "ProxyJump=tether-frontdoor", "dev.staging", "true"]).output().unwrap();
     assert!(!wrong.status.success());
-    assert!(text(&wrong.stderr).contains("no workspace 'dev.staging'"), "{}", text(&wrong.stderr));
+    let said = text(&wrong.stderr);
+    assert!(
+        said.contains("no workspace 'dev.staging' (this coordinator's workspace host names end in .tether)"),
+        "{said}"
+    );
 
     // `tether ssh` to both at once, through their APIs.
     let via_api = |coord: &Coordinator, token: &str, target: &str| {
@@ -986,12 +990,44 @@ fn two_coordinators_with_their_own_suffixes_share_one_ssh_config() {
     let err = text(&out.stderr);
     let was = prod.ssh_addr();
     assert!(
-        err.contains(&format!("this replaced the block for *.tether, which led to the front door at {was}")),
+        err.contains(&format!(
+            "this replaced the block for *.tether of another coordinator (its SSH CA differs), which led to the front \
+             door at {was}"
+        )),
         "{err}"
     );
     assert!(err.contains("--ssh-host-suffix"), "{err}");
     // Staging's block is untouched.
     assert_eq!(alice.ok("dev.staging", "echo $WHERE").trim(), "staging");
+    // Production's again: it replaces the other's, and says so; the same one again says nothing.
+    let out = prod.cli(&["config-ssh", "--user", "alice", "--ssh-config", config, "--identity", key]);
+    assert!(text(&out.stderr).contains("of another coordinator"), "{}", text(&out.stderr));
+    let out = prod.cli(&["config-ssh", "--user", "alice", "--ssh-config", config, "--identity", key]);
+    assert!(!text(&out.stderr).contains("warning"), "{}", text(&out.stderr));
+    assert_eq!(alice.ok("dev.tether", "echo $WHERE").trim(), "prod");
+
+    // Both at once, into a new file (a setup script): they take turns, and neither block is lost.
+    for round in 0..3 {
+        let together = alice.dir.join(format!("together-{round}"));
+        let together = together.to_str().unwrap();
+        let args = ["config-ssh", "--user", "alice", "--ssh-config", together, "--identity", key];
+        let both: Vec<Child> =
+            [&prod, &staging].iter().map(|c| c.cli_command(&args).stdout(Stdio::null()).spawn().unwrap()).collect();
+        for mut child in both {
+            assert!(child.wait().unwrap().success());
+        }
+        let written = std::fs::read_to_string(together).unwrap();
+        assert!(written.contains("# <<< tether <<<") && written.contains("# <<< tether .staging <<<"), "{written}");
+    }
+
+    // A block whose end line was deleted: an error naming its line, and the file left as it was.
+    let whole = std::fs::read_to_string(&alice.config).unwrap();
+    let cut = whole.replacen("# <<< tether .staging <<<\n", "", 1);
+    std::fs::write(&alice.config, &cut).unwrap();
+    let out = staging.cli(&["config-ssh", "--user", "alice", "--ssh-config", config, "--identity", key]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("the tether block for *.staging has no end line"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&alice.config).unwrap(), cut);
     drop(agents);
 }
 
