@@ -387,11 +387,33 @@ fn ca_key(known_hosts: &str) -> Option<String> {
     })
 }
 
+/// The managed blocks in `text`: where each starts, and its suffix.
+fn blocks(text: &str) -> Vec<(usize, String)> {
+    let mut at = 0;
+    let mut out = Vec::new();
+    for line in text.split_inclusive('\n') {
+        if let Some(rest) = line.strip_prefix("# >>> tether") {
+            if let Some((tag, _)) = rest.split_once(": managed by `tether config-ssh`") {
+                let tag = tag.trim();
+                out.push((at, if tag.is_empty() { crate::sshca::HOST_SUFFIX.to_string() } else { tag.to_string() }));
+            }
+        }
+        at += line.len();
+    }
+    out
+}
+
 /// `text` with the managed block for `suffix` replaced, or appended if it has none. Appending keeps
-/// the user's global options (lines before any `Host`) applying to everything, as they did.
+/// the user's global options (lines before any `Host`) applying to everything, as they did. A new
+/// block whose names another block's pattern also matches (`*.x.tether` after `*.tether`) goes
+/// above that block instead: ssh takes each option from the first block that matches.
 pub fn with_block(text: &str, suffix: &str, block: &str) -> Result<String, String> {
     if let Some(r) = find_block(text, suffix)? {
         return Ok(format!("{}{block}{}", &text[..r.start], &text[r.end..]));
+    }
+    let wider = blocks(text).into_iter().find(|(_, other)| suffix.ends_with(other.as_str()) && suffix != other);
+    if let Some((at, _)) = wider {
+        return Ok(format!("{}{block}\n{}", &text[..at], &text[at..]));
     }
     let mut out = text.to_string();
     if !out.is_empty() && !out.ends_with('\n') {
@@ -814,6 +836,26 @@ mod tests {
         assert_eq!(block_front_door(&again, ".staging").as_deref(), Some("stage2.example:2222"));
         assert_eq!(block_front_door(&again, ".tether").as_deref(), Some("127.0.0.1:2222"));
         assert_eq!(block_front_door(&again, ".other"), None);
+    }
+
+    #[test]
+    fn a_narrower_suffix_goes_above_a_wider_one() {
+        let wide = config_block(&info(), "alice", None, Path::new("/h/tether_known_hosts")).unwrap();
+        let narrow_info = SshInfo {
+            front_door_alias: "tether-frontdoor_x_tether".into(),
+            host_suffix: ".x.tether".into(),
+            known_hosts: "@cert-authority *.x.tether,tether-frontdoor_x_tether ssh-ed25519 CCCC".into(),
+            ..info()
+        };
+        let narrow = config_block(&narrow_info, "alice", None, Path::new("/h/tether_known_hosts.x.tether")).unwrap();
+        let mine = "Host work\n";
+        let one = with_block(mine, ".tether", &wide).unwrap();
+        let both = with_block(&one, ".x.tether", &narrow).unwrap();
+        assert_eq!(both, format!("{mine}\n{narrow}\n{wide}"));
+        assert_eq!(blocks(&both).into_iter().map(|(_, s)| s).collect::<Vec<_>>(), [".x.tether", ".tether"]);
+        // Each is still replaced in place; a wider one added later goes at the end.
+        assert_eq!(with_block(&both, ".tether", &wide).unwrap(), both);
+        assert_eq!(with_block(&both, ".x.tether", &narrow).unwrap(), both);
     }
 
     #[test]

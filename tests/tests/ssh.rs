@@ -1028,6 +1028,17 @@ fn two_coordinators_with_their_own_suffixes_share_one_ssh_config() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("the tether block for *.staging has no end line"), "{}", text(&out.stderr));
     assert_eq!(std::fs::read_to_string(&alice.config).unwrap(), cut);
+    std::fs::write(&alice.config, &whole).unwrap();
+
+    // A narrower suffix than an existing block's goes above it, so ssh (as `ssh -G` tells
+    // config-ssh) resolves its names with its own block: no warning.
+    let narrow = Coordinator::start_with(&["--ssh-host-suffix", ".x.tether"]);
+    narrow.ok(&["user", "add", "alice", "--ssh-key", public.to_str().unwrap()]);
+    let out = narrow.cli(&["config-ssh", "--user", "alice", "--ssh-config", config, "--identity", key]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("warning"), "{}", text(&out.stderr));
+    let written = std::fs::read_to_string(&alice.config).unwrap();
+    assert!(written.find("Host *.x.tether") < written.find("Host *.tether"), "{written}");
     drop(agents);
 }
 
