@@ -274,11 +274,12 @@ pub async fn audit(
 /// another suffix's block has its own (one per coordinator, each replaced on its own).
 pub fn markers(suffix: &str) -> (String, String) {
     let tag = if suffix == crate::sshca::HOST_SUFFIX { String::new() } else { format!(" {suffix}") };
-    (
-        format!("# >>> tether{tag}: managed by `tether config-ssh`; edits between these lines are overwritten >>>"),
-        format!("# <<< tether{tag} <<<"),
-    )
+    (format!("{BEGIN_HEAD}{tag}{BEGIN_TAIL}"), format!("# <<< tether{tag} <<<"))
 }
+
+/// A begin marker is these around its tag (nothing for the default suffix, ` SUFFIX` otherwise).
+const BEGIN_HEAD: &str = "# >>> tether";
+const BEGIN_TAIL: &str = ": managed by `tether config-ssh`; edits between these lines are overwritten >>>";
 
 /// The known_hosts file `tether config-ssh` manages beside the ssh config, for one host suffix.
 pub fn known_hosts_name(suffix: &str) -> String {
@@ -347,9 +348,9 @@ fn find_block(text: &str, suffix: &str) -> Result<Option<std::ops::Range<usize>>
             line_no(b)
         ));
     };
-    if let Some(again) = line_at(b + begin.len(), &begin).filter(|&a| a < e) {
+    if let Some(again) = line_at(b + begin.len(), &begin) {
         return Err(format!(
-            "line {}: a second tether block for *{suffix} starts inside the one at line {}: remove one, and run \
+            "line {}: a second tether block for *{suffix} (the first starts at line {}): remove one, and run \
              config-ssh again",
             line_no(again),
             line_no(b)
@@ -358,14 +359,6 @@ fn find_block(text: &str, suffix: &str) -> Result<Option<std::ops::Range<usize>>
     let e = e + end.len();
     let rest = &text[e..];
     let e = e + if rest.starts_with("\r\n") { 2 } else { usize::from(rest.starts_with('\n')) };
-    if let Some(again) = line_at(e, &begin) {
-        return Err(format!(
-            "line {}: there are two tether blocks for *{suffix} (the first at line {}): remove one, and run \
-             config-ssh again",
-            line_no(again),
-            line_no(b)
-        ));
-    }
     Ok(Some(b..e))
 }
 
@@ -392,8 +385,8 @@ fn blocks(text: &str) -> Vec<(usize, String)> {
     let mut at = 0;
     let mut out = Vec::new();
     for line in text.split_inclusive('\n') {
-        if let Some(rest) = line.strip_prefix("# >>> tether") {
-            if let Some((tag, _)) = rest.split_once(": managed by `tether config-ssh`") {
+        if let Some(rest) = line.strip_prefix(BEGIN_HEAD) {
+            if let Some((tag, _)) = rest.split_once(BEGIN_TAIL) {
                 let tag = tag.trim();
                 out.push((at, if tag.is_empty() { crate::sshca::HOST_SUFFIX.to_string() } else { tag.to_string() }));
             }
@@ -811,9 +804,9 @@ mod tests {
     fn each_host_suffix_has_its_own_block() {
         let staging = SshInfo {
             front_door: Some("stage.example:22".into()),
-            front_door_alias: "tether-frontdoor-staging".into(),
+            front_door_alias: "tether-frontdoor_staging".into(),
             host_suffix: ".staging".into(),
-            known_hosts: "@cert-authority *.staging,tether-frontdoor-staging ssh-ed25519 BBBB".into(),
+            known_hosts: "@cert-authority *.staging,tether-frontdoor_staging ssh-ed25519 BBBB".into(),
             user: Some("alice".into()),
         };
         // The default suffix keeps the markers every earlier release wrote.
@@ -823,7 +816,7 @@ mod tests {
         let prod = config_block(&info(), "alice", None, Path::new("/h/tether_known_hosts")).unwrap();
         let stage = config_block(&staging, "alice", None, Path::new("/h/tether_known_hosts.staging")).unwrap();
         assert!(stage.starts_with("# >>> tether .staging: managed"));
-        assert!(stage.contains("Host *.staging\n  ProxyJump tether-frontdoor-staging\n"));
+        assert!(stage.contains("Host *.staging\n  ProxyJump tether-frontdoor_staging\n"));
         let both = with_block(&with_block("", ".tether", &prod).unwrap(), ".staging", &stage).unwrap();
         assert_eq!(both, format!("{prod}\n{stage}"));
         // Each is replaced on its own, in place.
@@ -869,9 +862,11 @@ mod tests {
         assert!(err.starts_with("line 3: the tether block for *.tether has no end line (`# <<< tether <<<`)"), "{err}");
         // Twice, one after the other or one inside the other.
         let twice = format!("{block}{mine}{block}");
-        assert!(with_block(&twice, ".tether", &block).unwrap_err().contains("two tether blocks for *.tether"));
+        let err = with_block(&twice, ".tether", &block).unwrap_err();
+        assert!(err.contains("a second tether block for *.tether (the first starts at line 1)"), "{err}");
         let nested = format!("{begin}\n{block}{end}\n");
-        assert!(with_block(&nested, ".tether", &block).unwrap_err().contains("starts inside the one at line 1"));
+        let err = with_block(&nested, ".tether", &block).unwrap_err();
+        assert!(err.starts_with("line 2: a second tether block for *.tether (the first starts at line 1)"), "{err}");
         // A file with CRLF line ends: the block's end line goes whole.
         let crlf = format!("{}{mine}", block.replace('\n', "\r\n"));
         assert_eq!(with_block(&crlf, ".tether", &block).unwrap(), format!("{block}{mine}"));

@@ -52,8 +52,6 @@ const READ_BUFFER: usize = 64 * 1024;
 pub struct FrontDoorConfig {
     /// Most SSH connections open at once; more are closed at accept.
     pub max_connections: usize,
-    /// Host names the front door's certificate is valid for, beyond its alias.
-    pub host_names: Vec<String>,
     /// Time from accept to authentication.
     pub login_grace: Duration,
 }
@@ -63,8 +61,8 @@ pub const CLIENT_CIPHERS: &str =
     "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr";
 
 /// The russh server settings of the front door.
-pub fn ssh_config(engine: &Engine, config: &FrontDoorConfig) -> anyhow::Result<russh::server::Config> {
-    let cert: Certificate = engine.ssh_ca.front_door_certificate(&config.host_names)?;
+pub fn ssh_config(engine: &Engine) -> anyhow::Result<russh::server::Config> {
+    let cert: Certificate = engine.ssh_ca.front_door_certificate()?;
     let mut methods = MethodSet::empty();
     methods.push(MethodKind::PublicKey);
     Ok(russh::server::Config {
@@ -90,7 +88,7 @@ pub fn ssh_config(engine: &Engine, config: &FrontDoorConfig) -> anyhow::Result<r
 
 /// Accepts SSH connections until the listener's task is dropped.
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>, config: FrontDoorConfig) -> anyhow::Result<()> {
-    let ssh = Arc::new(ssh_config(&engine, &config)?);
+    let ssh = Arc::new(ssh_config(&engine)?);
     let open = Arc::new(AtomicUsize::new(0));
     let unauthenticated = Places::new(MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE);
     // Log lines about refused connections: one every 10 s per source address.

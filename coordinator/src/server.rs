@@ -182,14 +182,17 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     };
     let https_addr = https.as_ref().map(|l| l.local_addr()).transpose()?;
     let pki = Pki::load_or_create(&data_dir)?;
+    let reachable = |a: SocketAddr| -> SocketAddr {
+        if a.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
+        } else {
+            a
+        }
+    };
+    let ssh_front_door = ssh_addr.map(|a| config.advertise_ssh.clone().unwrap_or_else(|| reachable(a).to_string()));
     let mut names =
         crate::sshca::SshNames::new(&config.ssh_host_suffix).map_err(|e| anyhow::anyhow!("--ssh-host-suffix {e}"))?;
-    // The name users dial the front door by: no workspace is certified for it.
-    names.front_door_hosts = config
-        .advertise_ssh
-        .iter()
-        .filter_map(|a| a.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_ascii_lowercase()))
-        .collect();
+    names.front_door_hosts = ssh_front_door.iter().filter_map(|a| crate::https::host_of(a)).collect();
     let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir, names).context("loading the SSH CA")?;
     let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
     let admin_hash = admin_token(&store, &data_dir).await?;
@@ -214,15 +217,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     )
     .context("starting the QUIC endpoint")?;
 
-    let reachable = |a: SocketAddr| -> SocketAddr {
-        if a.ip().is_unspecified() {
-            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
-        } else {
-            a
-        }
-    };
     let agent_coordinator = config.advertise_quic.clone().unwrap_or_else(|| reachable(quic_addr).to_string());
-    let ssh_front_door = ssh_addr.map(|a| config.advertise_ssh.clone().unwrap_or_else(|| reachable(a).to_string()));
     let https_url =
         https_addr.map(|a| config.advertise_https.clone().unwrap_or_else(|| format!("https://{}", reachable(a))));
     let api_url = format!("http://{}", reachable(http_addr));
@@ -300,15 +295,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             let _lock = lock;
             let tunnel = tokio::spawn(crate::tunnel::serve(endpoint.clone(), engine.clone(), config.max_agents));
             let front_door = ssh.map(|listener| {
-                let host_names: Vec<String> = ssh_front_door
-                    .iter()
-                    .filter_map(|a| a.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_string()))
-                    .collect();
-                let fd = crate::frontdoor::FrontDoorConfig {
-                    max_connections: 10_000,
-                    host_names,
-                    login_grace: config.ssh_login_grace,
-                };
+                let fd =
+                    crate::frontdoor::FrontDoorConfig { max_connections: 10_000, login_grace: config.ssh_login_grace };
                 tokio::spawn(crate::frontdoor::serve(listener, engine.clone(), fd))
             });
             let clock = tokio::spawn({

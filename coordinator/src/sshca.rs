@@ -36,8 +36,8 @@ pub struct SshNames {
     /// one alias per suffix (host names have no `_`), never a name that the suffix's
     /// `Host *.staging` pattern matches, and never a workspace's name.
     pub alias: String,
-    /// The host names users dial the front door by (`--advertise-ssh`): no workspace is
-    /// certified for one of them, with the suffix or without.
+    /// The host names users dial the front door by (`--advertise-ssh`, or its bound address):
+    /// its certificate is for them too, and no workspace's is, with the suffix or without.
     pub front_door_hosts: Vec<String>,
 }
 
@@ -266,11 +266,11 @@ impl SshCa {
         cert.to_openssh().map_err(SshCaError::Sign)
     }
 
-    /// The front door's host certificate, for its alias and `names`.
-    pub fn front_door_certificate(&self, names: &[String]) -> Result<Certificate, SshCaError> {
+    /// The front door's host certificate, for its alias and its host names.
+    pub fn front_door_certificate(&self) -> Result<Certificate, SshCaError> {
         let alias = &self.names.alias;
         let mut principals = vec![alias.clone()];
-        principals.extend(names.iter().filter(|n| *n != alias).cloned());
+        principals.extend(self.names.front_door_hosts.iter().filter(|n| *n != alias).cloned());
         self.sign_host(self.front_door.public_key(), "tether front door", &principals)
     }
 }
@@ -321,10 +321,11 @@ mod tests {
         // certified for that name.
         let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "tether-frontdoor").unwrap()).unwrap();
         assert_eq!(cert.valid_principals(), ["tether-frontdoor.staging.example".to_string()]);
-        let door = ca.front_door_certificate(&["door.example".into()]).unwrap();
-        assert_eq!(door.valid_principals(), [staging.alias.clone(), "door.example".into()]);
+        let alias = staging.alias.clone();
         let names = SshNames { front_door_hosts: vec!["tether.staging.example".into(), "gate".into()], ..staging };
         let ca = SshCa::load_or_create(dir.path(), names).unwrap();
+        let door = ca.front_door_certificate().unwrap();
+        assert_eq!(door.valid_principals(), [alias, "tether.staging.example".into(), "gate".into()]);
         let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "tether").unwrap()).unwrap();
         assert_eq!(cert.valid_principals(), ["tether".to_string()]);
         let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "gate").unwrap()).unwrap();
