@@ -15,9 +15,10 @@ use crate::tunnel::{
     DrainRequest, FetchedManifest, Tunnel, TunnelConfig, TunnelError, TunnelLinks, CLOSE_TIMEOUT, DRAIN_TIMEOUT,
 };
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tether_shared::datalock::{self, DataDirLock, LockError};
 use tether_shared::proto::{EventKind, Manifest, RejectCode, Span};
 use tether_shared::tls::{self, TlsError};
 use tether_shared::{limits, Lifecycle, SpanStatus};
@@ -46,8 +47,10 @@ impl Exit {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("creating data directory {}", path.display())]
+    #[error("data directory {}", path.display())]
     DataDir { path: PathBuf, source: std::io::Error },
+    #[error("data directory {}: {source}", path.display())]
+    DataDirLock { path: PathBuf, source: LockError },
     #[error("tls client configuration: {0}")]
     Tls(#[from] TlsError),
     #[error("the connection task failed: {0}")]
@@ -101,6 +104,10 @@ pub async fn run(
     // Script logs may hold secrets a script printed: keep the directory to the workspace user.
     tether_shared::fs::create_private_dir(&data_dir)
         .map_err(|source| AgentError::DataDir { path: data_dir.clone(), source })?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let Some(_lock) = lock_data_dir(&data_dir, &mut shutdown).await? else {
+        return Ok(Exit::Stopped);
+    };
     // Scripts an earlier agent process was running when it died: the start phase runs them again.
     let ended = tether_shared::leftovers::end_all(&data_dir.join(tether_shared::leftovers::DIR));
     if !ended.is_empty() {
@@ -194,6 +201,51 @@ pub async fn run(
         gate,
     };
     agent.serve(shutdown, manifests, coordinator_shutdown, drain, tunnel).await
+}
+
+/// How often an agent whose data directory another agent holds tries again.
+const LOCK_RETRY: Duration = Duration::from_secs(1);
+
+/// Takes the data directory's lock, waiting for another agent that holds it to exit (an agent
+/// restarted before the old process is gone). `None` if `shutdown` came first.
+async fn lock_data_dir(
+    dir: &Path,
+    shutdown: &mut (impl Future<Output = String> + Unpin),
+) -> Result<Option<DataDirLock>, AgentError> {
+    let mut said = false;
+    loop {
+        match datalock::lock_file(dir, datalock::AGENT_LOCK_FILE, "agent") {
+            Ok(lock) => {
+                if said {
+                    tracing::info!(data_dir = %dir.display(), "the other agent has exited: going on");
+                }
+                return Ok(Some(lock));
+            }
+            Err(LockError::Held { holder, .. }) => {
+                if !said {
+                    tracing::warn!(
+                        data_dir = %dir.display(),
+                        "{holder} is using this data directory: waiting for it to exit (one agent per data directory)"
+                    );
+                    said = true;
+                }
+            }
+            // Some network file systems have no locks: run as before, unguarded.
+            Err(e @ LockError::Unsupported { .. }) => {
+                tracing::warn!(error = %e, "running without the data directory's lock");
+                return Ok(Some(DataDirLock::none()));
+            }
+            Err(LockError::Open { source, .. }) => return Err(AgentError::DataDir { path: dir.to_path_buf(), source }),
+            Err(source) => return Err(AgentError::DataDirLock { path: dir.to_path_buf(), source }),
+        }
+        tokio::select! {
+            reason = &mut *shutdown => {
+                tracing::info!(reason = %reason, "stopped while waiting for the data directory");
+                return Ok(None);
+            }
+            () = tokio::time::sleep(LOCK_RETRY) => {}
+        }
+    }
 }
 
 /// A start phase in progress.

@@ -11,6 +11,8 @@ use tether_shared::tls::{self, CaPin, TlsError};
 
 /// Environment variable holding the agent token.
 pub const TOKEN_ENV: &str = "TETHER_AGENT_TOKEN";
+/// Where the token file is named; scripts do not see it either.
+pub const TOKEN_FILE_ENV: &str = "TETHER_AGENT_TOKEN_FILE";
 /// Environment variable with the tracing filter.
 pub const LOG_FILTER_ENV: &str = "TETHER_LOG";
 

@@ -15,7 +15,7 @@ use tether_shared::Lifecycle;
 use tokio::sync::watch;
 
 /// Environment variables the agent keeps from its scripts: the token is the agent's secret.
-const HIDDEN_ENV: &[&str] = &[crate::config::TOKEN_ENV];
+const HIDDEN_ENV: &[&str] = &[crate::config::TOKEN_ENV, crate::config::TOKEN_FILE_ENV];
 
 /// What phases need from the agent.
 #[derive(Debug)]

@@ -123,14 +123,17 @@ impl Disk {
     }
 }
 
-/// (used, total) bytes, as `df` counts them.
+/// (used, total) bytes, as `df` counts them: the total is what the workspace's user can fill, used
+/// plus available, so blocks reserved for root count in neither and `used / total` is `df`'s Use%.
 // The statvfs field types differ between platforms; on 64-bit Linux they are already u64.
 #[allow(clippy::useless_conversion)]
 fn disk_space(fs: &nix::sys::statvfs::Statvfs) -> (u64, u64) {
     let unit = u64::from(fs.fragment_size());
     let blocks = u64::from(fs.blocks());
     let free = u64::from(fs.blocks_free());
-    (blocks.saturating_sub(free).saturating_mul(unit), blocks.saturating_mul(unit))
+    let available = u64::from(fs.blocks_available()).min(free);
+    let used = blocks.saturating_sub(free);
+    (used.saturating_mul(unit), used.saturating_add(available).saturating_mul(unit))
 }
 
 /// CPUs the cgroup allows, when it sets a quota.

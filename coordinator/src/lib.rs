@@ -12,7 +12,7 @@ pub mod cli;
 pub mod cli_ssh;
 pub mod client;
 pub mod config;
-pub mod datalock;
+pub use tether_shared::datalock;
 pub mod demo;
 pub mod dist;
 pub mod engine;

@@ -7,6 +7,7 @@
 //! functions over bytes so they can be fuzzed and tested without a runtime.
 
 pub mod backoff;
+pub mod datalock;
 pub mod frame;
 pub mod fs;
 pub mod io;
@@ -35,4 +36,35 @@ pub fn unix_ms(t: std::time::SystemTime) -> i64 {
 /// The current wall-clock time in Unix milliseconds.
 pub fn now_ms() -> i64 {
     unix_ms(std::time::SystemTime::now())
+}
+
+/// An error and its causes on one line, `outer: inner: innermost`, leaving out a cause whose text
+/// the message before it already ends with (errors that name their source in their own message, as
+/// `reading FILE: Permission denied`), so that no cause is printed twice.
+pub fn error_text(chain: impl IntoIterator<Item = String>) -> String {
+    let mut text = String::new();
+    for message in chain {
+        if text.is_empty() {
+            text = message;
+        } else if !text.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_the_message_already_gives_is_not_repeated() {
+        let chain = |v: &[&str]| super::error_text(v.iter().map(|s| s.to_string()));
+        assert_eq!(
+            chain(&["ssh: reading key k: denied", "reading key k: denied", "reading key k: denied", "denied"]),
+            "ssh: reading key k: denied"
+        );
+        assert_eq!(chain(&["data directory /d", "denied"]), "data directory /d: denied");
+        assert_eq!(chain(&["starting", "bind: in use", "in use"]), "starting: bind: in use");
+        assert_eq!(chain(&[]), "");
+    }
 }

@@ -1219,3 +1219,76 @@ fn a_wait_gives_up_at_its_timeout() {
     // Only with --wait.
     assert_eq!(c.cli(&["workspace", "stop", "dev", "--timeout", "2s"]).status.code(), Some(64));
 }
+
+/// One agent per data directory: a second one started on it (a stray copy, or a restart before the
+/// old process is gone) waits for the first to exit rather than ending its scripts as a dead
+/// agent's leftovers and taking the workspace's connection from it; then it takes over as any
+/// restarted agent does. The token comes from a file, which the scripts never learn the name of,
+/// and the disk figures are the ones `df` gives the workspace's user.
+#[test]
+fn a_second_agent_on_a_data_directory_waits_for_the_first_to_exit_then_takes_over() {
+    let c = Coordinator::start();
+    let dir = c.data_dir().to_path_buf();
+    let template = format!(
+        "[[script]]\nname = \"setup\"\nrun = \"echo run >> {d}/starts; env > {d}/script-env; sleep 2; echo ready\"\n",
+        d = dir.display()
+    );
+    let created = c.create("ext", &template, &[]);
+    let token = created["agent_token"].as_str().unwrap().to_string();
+    let token_file = dir.join("agent-token");
+    std::fs::write(&token_file, &token).unwrap();
+    let data = dir.join("agent");
+    let spawn = |log: &str| {
+        let log = dir.join(log);
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Agent::command(&c, "unused", &data, &[])
+            .env_remove("TETHER_AGENT_TOKEN")
+            .env("TETHER_AGENT_TOKEN_FILE", &token_file)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Agent { child, data_dir: data.clone(), log }
+    };
+    let mut first = spawn("first.log");
+    let runs = || std::fs::read_to_string(dir.join("starts")).unwrap_or_default().lines().count();
+    wait_until("the start script to begin", LONG, || runs() == 1);
+
+    // The second waits, saying for whom; the first's script is not ended, and it finishes.
+    let second = spawn("second.log");
+    let second_log = || second.log_text();
+    let waiting =
+        format!("another tether-agent (pid {}) is using this data directory: waiting for it to exit", first.child.id());
+    wait_until("the second agent to wait", LONG, || second_log().contains(&waiting));
+    let w = c.wait_for("ext", "running,unhealthy,failed", LONG);
+    assert_eq!((&w["status"], &w["lifecycle"]), (&"running".into(), &"ready".into()), "{w}");
+    assert!(c.logs("ext").contains(&("setup".into(), "ready".into())), "{:?}", c.logs("ext"));
+    assert!(first.child.try_wait().unwrap().is_none(), "the first agent runs on");
+    assert_eq!(runs(), 1);
+
+    // Scripts see neither the token nor where it is kept.
+    let env = std::fs::read_to_string(dir.join("script-env")).unwrap();
+    assert!(!env.contains("TETHER_AGENT_TOKEN") && !env.contains(&token), "{env}");
+
+    // What `show` gives of the disk is what `df` gives: used, and used plus what the user may still
+    // fill (blocks kept for root are in neither).
+    let home = std::env::var("HOME").unwrap();
+    let df = Command::new("df").args(["-B1", "--output=used,avail", &home]).output().unwrap();
+    let df = String::from_utf8_lossy(&df.stdout).lines().nth(1).unwrap().to_string();
+    let df: Vec<f64> = df.split_whitespace().map(|n| n.parse().unwrap()).collect();
+    wait_until("the agent's disk figures", LONG, || c.show("ext")["agent"]["stats"]["disk_total"].as_u64() > Some(0));
+    let stats = c.show("ext")["agent"]["stats"].clone();
+    let total = stats["disk_total"].as_f64().unwrap();
+    assert!((total - (df[0] + df[1])).abs() < 0.02 * total, "df: {df:?}, stats: {stats}");
+
+    // The first goes (killed, as by a crash): the second takes over as a restarted agent, reporting
+    // the start it finished rather than running it again.
+    first.kill();
+    wait_until("the second agent to go on", LONG, || {
+        second_log().contains("the other agent has exited: going on")
+            && second_log().contains("not running its start scripts again")
+    });
+    let w = c.wait_for("ext", "running,unhealthy,failed", LONG);
+    assert_eq!(w["status"], "running", "{w}");
+    assert_eq!(runs(), 1);
+}

@@ -1,12 +1,15 @@
-//! The data directory's lock: one process at a time may own a data directory, either `tether serve`
-//! or `tether admin restore`. Two coordinators on one database would each believe its own view of
-//! the workspaces, and the second would overwrite the first's `coordinator.json`, sending the CLI to
-//! its ports.
+//! The data directory's lock: one process at a time may own a data directory.
 //!
-//! An advisory `flock` on `DATA/coordinator.lock`: the kernel releases it when the process ends,
-//! however it ends, so there is never a stale lock to clean up. The file holds the owner's pid and
-//! role, for the message the next one gets. The descriptor is close-on-exec, so the provisioner's
-//! commands and the agents they start (which outlive a coordinator by design) never hold it.
+//! - The coordinator's (`coordinator.lock`), held by `tether serve` or `tether admin restore`. Two
+//!   coordinators on one database would each believe its own view of the workspaces, and the second
+//!   would overwrite the first's `coordinator.json`, sending the CLI to its ports.
+//! - The agent's (`agent.lock`). Two agents on one data directory would end each other's scripts as
+//!   leftovers of a dead agent, and take the workspace's connection from each other for ever.
+//!
+//! An advisory `flock`: the kernel releases it when the process ends, however it ends, so there is
+//! never a stale lock to clean up. The file holds the owner's pid and role, for the message the next
+//! one gets. The descriptor is close-on-exec, so the provisioner's commands, the agents they start
+//! (which outlive a coordinator by design) and the agent's scripts never hold it.
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -15,15 +18,18 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// The lock file in the data directory.
+/// The coordinator's lock file in its data directory.
 pub const LOCK_FILE: &str = "coordinator.lock";
+/// The agent's lock file in its data directory.
+pub const AGENT_LOCK_FILE: &str = "agent.lock";
 /// Most of the lock file read for the holder's description.
 const MAX_HOLDER: u64 = 256;
 
 /// Held while the process owns the data directory; dropping it lets the next one in.
 #[derive(Debug)]
 pub struct DataDirLock {
-    _lock: Flock<File>,
+    /// `None` where the file system has no locks and the caller goes on unguarded.
+    _lock: Option<Flock<File>>,
     /// Whether this process made the file.
     created: bool,
     /// The file to remove on drop: one `admin restore` created in a directory it leaves unchanged.
@@ -31,6 +37,11 @@ pub struct DataDirLock {
 }
 
 impl DataDirLock {
+    /// A lock that guards nothing, for a file system that offers no locks.
+    pub fn none() -> Self {
+        DataDirLock { _lock: None, created: false, remove: None }
+    }
+
     /// Removes the lock file when dropped if this lock created it, so that a command that must leave
     /// the directory as it found it (a refused restore) does.
     pub fn leaving_no_file(mut self, dir: &Path) -> Self {
@@ -75,6 +86,7 @@ impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let what = match self.role.as_deref() {
             Some("restore") => "`tether admin restore`",
+            Some("agent") => "another tether-agent",
             _ => "a coordinator",
         };
         match self.pid {
@@ -95,9 +107,15 @@ impl Holder {
     }
 }
 
-/// Takes the lock on `dir` (which must exist) for `role` ("serve" or "restore"), without waiting.
+/// Takes the coordinator's lock on `dir` (which must exist) for `role` ("serve" or "restore"),
+/// without waiting.
 pub fn lock(dir: &Path, role: &str) -> Result<DataDirLock, LockError> {
-    let path = dir.join(LOCK_FILE);
+    lock_file(dir, LOCK_FILE, role)
+}
+
+/// Takes the lock `name` in `dir` (which must exist) for `role`, without waiting.
+pub fn lock_file(dir: &Path, name: &str, role: &str) -> Result<DataDirLock, LockError> {
+    let path = dir.join(name);
     let created = !path.exists();
     let open = |source| LockError::Open { path: path.clone(), source };
     let file = std::fs::OpenOptions::new()
@@ -124,10 +142,9 @@ pub fn lock(dir: &Path, role: &str) -> Result<DataDirLock, LockError> {
         file.rewind()?;
         writeln!(file, "{} {role}", std::process::id())
     };
-    if let Err(e) = describe(&mut lock) {
-        tracing::warn!(file = %path.display(), error = %e, "could not write the lock file's description");
-    }
-    Ok(DataDirLock { _lock: lock, created, remove: None })
+    // Only the next holder's message suffers if this fails (a full disk): the lock holds.
+    let _ = describe(&mut lock);
+    Ok(DataDirLock { _lock: Some(lock), created, remove: None })
 }
 
 #[cfg(test)]
@@ -166,5 +183,6 @@ mod tests {
         assert_eq!(Holder::parse("12 Serve!"), Holder { pid: Some(12), role: None });
         assert_eq!(Holder::parse("x serve"), Holder { pid: None, role: Some("serve".into()) });
         assert_eq!(Holder { pid: None, role: None }.to_string(), "a coordinator");
+        assert_eq!(Holder { pid: Some(7), role: Some("agent".into()) }.to_string(), "another tether-agent (pid 7)");
     }
 }
