@@ -80,9 +80,20 @@ struct Live {
     /// Stops in flight, each with its outcome once its agent shutdown and provisioner stop are
     /// done (true when they succeeded): a delete that takes over a stop waits for it.
     stops: HashMap<i64, watch::Receiver<Option<bool>>>,
+    /// Provisioning starts in flight (a `command` start runs for as long as its command): a stop or
+    /// delete cancels the start and waits for it to end before it stops what the start made.
+    starts: HashMap<i64, StartInFlight>,
     /// The last heartbeat of agents whose connection ended since last-seen times were last
     /// written: shown until then, written with the others (one transaction, however many went).
     gone_last_seen: HashMap<i64, i64>,
+}
+
+/// A provisioning start under way: its cancel signal (what overtook it), and a channel whose
+/// sender the start holds until it has ended.
+struct StartInFlight {
+    serial: u64,
+    cancel: watch::Sender<Option<&'static str>>,
+    done: watch::Receiver<()>,
 }
 
 pub struct Engine {
@@ -505,7 +516,17 @@ impl Engine {
             self.set_status(&mut row, WorkspaceStatus::Starting, reason).await?;
             (row, template)
         };
-        let result = provision::start(self, &row, &template, &token, restart).await;
+        let serial = self.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (cancel, cancelled) = watch::channel(None);
+        let (_done, done) = watch::channel(());
+        self.live().starts.insert(id, StartInFlight { serial, cancel, done });
+        let result = provision::start(self, &row, &template, &token, restart, cancelled).await;
+        {
+            let mut live = self.live();
+            if live.starts.get(&id).is_some_and(|s| s.serial == serial) {
+                live.starts.remove(&id);
+            }
+        }
         let _guard = self.lock(id).await;
         let mut row = self.reload(id).await?;
         if row.op.as_deref() != Some("start") {
@@ -773,6 +794,19 @@ impl Engine {
         }
     }
 
+    /// Cancels the provisioning start under way for `id`, if any, and waits for it to end.
+    async fn cancel_start(&self, id: i64, by: &'static str) {
+        let done = self.live().starts.get(&id).map(|start| {
+            start.cancel.send_replace(Some(by));
+            start.done.clone()
+        });
+        if let Some(mut done) = done {
+            info!(workspace = id, "{by}: cancelling the start under way");
+            // Ends with an error when the start drops its sender, that is, when it has ended.
+            while done.changed().await.is_ok() {}
+        }
+    }
+
     /// Returns the status reason: what became of the agent after a stop, "deleted" (or what a
     /// forced delete went past) after a delete.
     async fn run_stop_inner(
@@ -783,6 +817,9 @@ impl Engine {
         stopped_before: bool,
         stopped_now: &mut bool,
     ) -> Result<String, ProvisionError> {
+        // A start still provisioning (a `command` start's command running) is ended first, so that
+        // the provisioner's stop and delete come after it and find everything it made.
+        self.cancel_start(id, if delete { "delete" } else { "stop" }).await;
         let row = self.reload(id).await.map_err(|e| ProvisionError::Other(e.to_string()))?;
         let template = template_of(&row).map_err(|e| ProvisionError::Other(e.to_string()))?;
         let mut detail = "stopped".to_string();

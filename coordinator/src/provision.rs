@@ -29,6 +29,8 @@ pub enum ProvisionError {
     Killed { what: String, last_line: Option<String> },
     #[error("{what} timed out after {}", crate::status::secs(*after))]
     TimedOut { what: String, after: Duration },
+    #[error("{what} was cancelled by a {by}")]
+    Cancelled { what: String, by: &'static str },
     #[error("{0}")]
     Other(String),
 }
@@ -50,19 +52,26 @@ fn other(e: impl std::fmt::Display) -> ProvisionError {
     ProvisionError::Other(e.to_string())
 }
 
+/// Set to what overtook a start (`"stop"`, `"delete"`): its command is then ended.
+pub type Cancel = tokio::sync::watch::Receiver<Option<&'static str>>;
+
+/// How long a cancelled command has after SIGTERM to end before its process group is killed.
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
+
 pub async fn start(
     engine: &Arc<Engine>,
     row: &WorkspaceRow,
     template: &Template,
     token: &str,
     restart: bool,
+    cancel: Cancel,
 ) -> Result<(), ProvisionError> {
     match template.provisioner {
         ProvisionerKind::External => Ok(()),
         ProvisionerKind::Process => spawn_agent(engine, row, token, restart).await,
         ProvisionerKind::Command => {
             let Some(spec) = &template.command else { return Err(other("template has no [command] table")) };
-            run_command(engine, row, "start", &spec.start, Some(token), spec.timeout).await
+            run_command(engine, row, "start", &spec.start, Some(token), spec.timeout, Some(cancel)).await
         }
     }
 }
@@ -76,7 +85,7 @@ pub async fn stop(engine: &Engine, row: &WorkspaceRow, template: &Template) -> R
         }
         ProvisionerKind::Command => {
             match template.command.as_ref().and_then(|c| c.stop.clone().map(|s| (s, c.timeout))) {
-                Some((cmd, timeout)) => run_command(engine, row, "stop", &cmd, None, timeout).await,
+                Some((cmd, timeout)) => run_command(engine, row, "stop", &cmd, None, timeout, None).await,
                 None => Ok(()),
             }
         }
@@ -96,7 +105,7 @@ pub async fn delete(engine: &Engine, row: &WorkspaceRow, template: &Template) ->
         }
         ProvisionerKind::Command => {
             match template.command.as_ref().and_then(|c| c.delete.clone().map(|s| (s, c.timeout))) {
-                Some((cmd, timeout)) => run_command(engine, row, "delete", &cmd, None, timeout).await,
+                Some((cmd, timeout)) => run_command(engine, row, "delete", &cmd, None, timeout, None).await,
                 None => Ok(()),
             }
         }
@@ -289,6 +298,30 @@ async fn kill_agent_process(engine: &Engine, name: &str) {
     end_leftover_scripts(engine, name);
 }
 
+/// Kills a provisioning command's whole process group if its run is dropped before the command
+/// ended (the coordinator shutting down): `kill_on_drop` alone would end only the shell and leave
+/// its children running half way through.
+struct GroupGuard<'a> {
+    pgid: Option<Pid>,
+    workspace: &'a str,
+    what: &'a str,
+}
+
+impl Drop for GroupGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(pg) = self.pgid.take() {
+            let _ = killpg(pg, Signal::SIGKILL);
+            warn!(workspace = %self.workspace, "the coordinator is shutting down: ended the {} (process group {pg})", self.what);
+        }
+    }
+}
+
+/// How a provisioning command ended early.
+enum Ended {
+    TimedOut,
+    Cancelled(&'static str),
+}
+
 /// Runs one of ops' provisioning commands with the workspace's details in its environment,
 /// keeping its output as provisioning logs and its run as a span.
 async fn run_command(
@@ -298,6 +331,7 @@ async fn run_command(
     command: &str,
     token: Option<&str>,
     timeout: Duration,
+    cancel: Option<Cancel>,
 ) -> Result<(), ProvisionError> {
     let what = format!("{transition} command");
     let started = now_ms();
@@ -327,6 +361,7 @@ async fn run_command(
     }
     let mut child = cmd.spawn().map_err(|e| ProvisionError::Spawn { what: what.clone(), message: e.to_string() })?;
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
+    let mut group = GroupGuard { pgid, workspace: &row.name, what: &what };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(&'static str, String)>(256);
     for (stream, reader) in [
         ("stdout", child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)),
@@ -385,21 +420,58 @@ async fn run_command(
             }
         }
     };
-    let finished = tokio::time::timeout(timeout, async {
-        collect.await;
-        child.wait().await
-    })
-    .await;
+    let cancelled = async {
+        match cancel {
+            Some(mut cancel) => {
+                let by = cancel.wait_for(Option::is_some).await.map(|by| by.unwrap_or("stop"));
+                match by {
+                    Ok(by) => by,
+                    // The engine let go of it: nothing will cancel this command.
+                    Err(_) => std::future::pending().await,
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let finished = {
+        let run = async {
+            collect.await;
+            child.wait().await
+        };
+        tokio::pin!(run);
+        tokio::select! {
+            finished = tokio::time::timeout(timeout, &mut run) => finished.map_err(|_| Ended::TimedOut),
+            by = cancelled => {
+                // As `docker stop` does: SIGTERM to the whole group, then SIGKILL after a grace.
+                if let Some(pg) = pgid {
+                    let _ = killpg(pg, Signal::SIGTERM);
+                }
+                if tokio::time::timeout(CANCEL_GRACE, &mut run).await.is_err() {
+                    if let Some(pg) = pgid {
+                        let _ = killpg(pg, Signal::SIGKILL);
+                    }
+                    // Output still comes from anything that left the group and holds the pipes.
+                    let _ = tokio::time::timeout(CANCEL_GRACE, &mut run).await;
+                }
+                Err(Ended::Cancelled(by))
+            }
+        }
+    };
+    // The command has ended (or was ended): what it left running in its group is its own.
+    group.pgid = None;
     if !batch.is_empty() {
         let _ = engine.store.add_logs(row.id, row.build, &source, &batch).await;
     }
     let last = last_err_line.or(last_line);
     let (status, code, result) = match finished {
-        Err(_) => {
+        Err(Ended::TimedOut) => {
             if let Some(pg) = pgid {
                 let _ = killpg(pg, Signal::SIGKILL);
             }
             (SpanStatus::TimedOut, None, Err(ProvisionError::TimedOut { what: what.clone(), after: timeout }))
+        }
+        Err(Ended::Cancelled(by)) => {
+            (SpanStatus::Cancelled, None, Err(ProvisionError::Cancelled { what: what.clone(), by }))
         }
         Ok(Err(e)) => {
             (SpanStatus::Error, None, Err(ProvisionError::Spawn { what: what.clone(), message: e.to_string() }))

@@ -97,6 +97,8 @@ words!(
         ExitFailure => "exit_failure",
         TimedOut => "timed_out",
         Error => "error",
+        // A provisioning command that a stop or delete overtook and ended.
+        Cancelled => "cancelled",
     }
 );
 

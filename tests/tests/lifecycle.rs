@@ -1292,3 +1292,47 @@ fn a_second_agent_on_a_data_directory_waits_for_the_first_to_exit_then_takes_ove
     assert_eq!(w["status"], "running", "{w}");
     assert_eq!(runs(), 1);
 }
+
+/// A stop or delete that comes while a `command` start is still provisioning ends the start
+/// command's whole process group (SIGTERM, as `docker stop` does) and waits for it before the
+/// provisioner's stop or delete runs: what the start made is never made after it was removed.
+#[test]
+fn a_stop_or_delete_during_a_command_start_ends_the_start_command_first() {
+    let c = Coordinator::start();
+    let dir = c.data_dir().to_path_buf();
+    let journal = dir.join("journal");
+    let template = format!(
+        r#"
+provisioner = "command"
+[command]
+start = "trap 'echo start cancelled >> {j}; exit 143' TERM; echo provisioning; echo start began >> {j}; sleep 7321 & wait; echo start made it >> {j}"
+stop = "echo stop ran >> {j}"
+delete = "echo delete ran >> {j}"
+"#,
+        j = journal.display()
+    );
+    let lines = || std::fs::read_to_string(&journal).unwrap_or_default();
+    let sleeping = || {
+        let out = Command::new("pgrep").args(["-f", "^sleep 7321$"]).output().unwrap();
+        !out.stdout.is_empty()
+    };
+
+    c.create("cmd", &template, &["--start"]);
+    wait_until("the start command to begin", LONG, || lines().contains("start began"));
+    let w = c.json(&["workspace", "stop", "cmd", "--wait"]);
+    assert_eq!(w["status"], "stopped", "{w}");
+    assert_eq!(lines(), "start began\nstart cancelled\nstop ran\n");
+    assert!(!sleeping(), "the start command's children were ended with it");
+    let spans = c.timings("cmd");
+    let started = span(&spans, "provision", "start command");
+    assert_eq!(started["status"], "cancelled", "{started}");
+    assert!(c.logs("cmd").contains(&("provision:start".into(), "provisioning".into())), "{:?}", c.logs("cmd"));
+
+    std::fs::remove_file(&journal).unwrap();
+    c.ok(&["workspace", "start", "cmd"]);
+    wait_until("the start command to begin again", LONG, || lines().contains("start began"));
+    let w = c.json(&["workspace", "delete", "cmd", "--wait"]);
+    assert_eq!(w["status"], "deleted", "{w}");
+    assert_eq!(lines(), "start began\nstart cancelled\nstop ran\ndelete ran\n");
+    assert!(!sleeping());
+}
