@@ -898,6 +898,35 @@ fn a_command_that_echoes_a_large_input_streams_both_ways_at_once() {
     }
 }
 
+/// A process that does not read its input while the client uploads (`ssh ws 'sleep 4; md5sum' <
+/// big`): the client waits for its window, and the connection is quiet meanwhile. Before, the
+/// withheld window trickled two bytes per round trip, thousands of packets a second through the
+/// client, the coordinator and the agent (megabytes of them in the audit log's count), for as long
+/// as the process did not read.
+#[test]
+fn an_upload_into_a_process_that_does_not_read_yet_waits_quietly() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _agent = workspace(&coord, "dev", "alice");
+    let big = alice.dir.join("big.bin");
+    random_file(&big, 40 << 20, 13);
+    let expected = Command::new("md5sum").arg(&big).output().unwrap();
+    let expected = text(&expected.stdout).split_whitespace().next().unwrap().to_string();
+    let out =
+        alice.ssh().args(["dev.tether", "sleep 4; md5sum"]).stdin(std::fs::File::open(&big).unwrap()).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).split_whitespace().next(), Some(expected.as_str()));
+    let mut audit = serde_json::Value::Null;
+    wait_until("the connection's audit record", LONG, || {
+        audit = coord.json(&["audit", "--user", "alice", "--limit", "1"])[0].clone();
+        !audit["ended_at"].is_null()
+    });
+    let down = audit["bytes_down"].as_u64().unwrap();
+    // The handshake, the output and a few window adjustments a second: kilobytes.
+    assert!(down < 256 << 10, "{down} bytes from the agent for a 33-byte answer: {audit}");
+    assert!(audit["bytes_up"].as_u64().unwrap() > 40 << 20, "{audit}");
+}
+
 #[test]
 fn config_ssh_warns_when_an_earlier_block_would_win() {
     let coord = Coordinator::start();

@@ -549,6 +549,22 @@ impl russh::server::Handler for Connection {
         self.backlogs.window_for(channel)
     }
 
+    async fn data(&mut self, channel: ChannelId, _data: &[u8], _session: &mut Session) -> Result<(), Self::Error> {
+        self.backlogs.pause(channel).await;
+        Ok(())
+    }
+
+    async fn extended_data(
+        &mut self,
+        channel: ChannelId,
+        _code: u32,
+        _data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.backlogs.pause(channel).await;
+        Ok(())
+    }
+
     async fn window_change_request(
         &mut self,
         channel: ChannelId,

@@ -13,6 +13,14 @@
 //! time, the client's window for it runs dry, and the client stops sending, while the loop stays free
 //! for everything else. A queue stops taking packets only past [`HARD_CAP`], which a client that
 //! honours its window does not reach.
+//!
+//! russh sends a window adjustment only when data arrives, so a channel whose window is withheld
+//! keeps trickling: two bytes each way per round trip. At a loopback's round trip that is thousands
+//! of packets a second through the client, the coordinator and the agent for as long as the process
+//! does not read, a busy loop `sshd` does not have. So the session's `data` callback, for a packet
+//! of a channel whose consumer is behind, waits ([`Backlogs::pause`]) until the consumer catches up,
+//! or at most [`PAUSE`]: the trickle then costs a packet per `PAUSE`, and the consumer catching up
+//! still opens the window at once. Other channels of the connection wait that long at most.
 
 use super::WINDOW;
 use bytes::Bytes;
@@ -20,6 +28,8 @@ use russh::ChannelId;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
 
 /// Window granted while a channel's consumer is behind: two bytes per round trip keeps russh's
 /// refill going (it refills when the window falls under half the target) without letting data in.
@@ -31,12 +41,21 @@ pub const HIGH_WATER: usize = WINDOW as usize;
 pub const HARD_CAP: usize = 4 * WINDOW as usize;
 /// What a packet costs beyond its bytes, so a flood of one-byte packets is bounded too.
 const PACKET_COST: usize = 64;
+/// Longest a packet of a channel whose consumer is behind holds the session loop.
+pub const PAUSE: Duration = Duration::from_millis(20);
+
+/// What one channel's consumer holds, and a wake-up for when it falls back under `HIGH_WATER`.
+#[derive(Debug, Default)]
+struct Held {
+    bytes: AtomicUsize,
+    caught_up: Notify,
+}
 
 /// The channels of one SSH connection whose consumers count what they hold.
 #[derive(Debug, Default)]
 pub struct Backlogs {
     /// By channel number (russh's `ChannelId` cannot be made outside russh).
-    channels: Mutex<HashMap<u32, Arc<AtomicUsize>>>,
+    channels: Mutex<HashMap<u32, Arc<Held>>>,
 }
 
 impl Backlogs {
@@ -46,7 +65,7 @@ impl Backlogs {
     }
 
     fn queue_for(self: &Arc<Self>, id: u32) -> Queue {
-        let held = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(Held::default());
         self.lock().insert(id, held.clone());
         Queue { id, backlogs: self.clone(), held, packets: VecDeque::new(), offset: 0 }
     }
@@ -62,12 +81,26 @@ impl Backlogs {
 
     fn window_for_number(&self, id: u32) -> u32 {
         match self.lock().get(&id) {
-            Some(held) if held.load(Ordering::Relaxed) > HIGH_WATER => TRICKLE,
+            Some(held) if held.bytes.load(Ordering::Relaxed) > HIGH_WATER => TRICKLE,
             _ => WINDOW,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<AtomicUsize>>> {
+    /// For a packet that arrived on `id`: while its consumer is behind, waits until it catches up,
+    /// or [`PAUSE`] at most, so that a withheld window trickles slowly (see the module's docs).
+    pub async fn pause(&self, id: ChannelId) {
+        self.pause_number(id.number()).await
+    }
+
+    async fn pause_number(&self, id: u32) {
+        let Some(held) = self.lock().get(&id).cloned() else { return };
+        let caught_up = held.caught_up.notified();
+        if held.bytes.load(Ordering::Relaxed) > HIGH_WATER {
+            let _ = tokio::time::timeout(PAUSE, caught_up).await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<Held>>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -78,7 +111,7 @@ pub struct Queue {
     id: u32,
     backlogs: Arc<Backlogs>,
     /// Bytes held plus `PACKET_COST` per packet, shared with [`Backlogs::window_for`].
-    held: Arc<AtomicUsize>,
+    held: Arc<Held>,
     packets: VecDeque<Bytes>,
     /// Bytes of the front packet already consumed.
     offset: usize,
@@ -87,7 +120,7 @@ pub struct Queue {
 impl Queue {
     /// Whether to take another packet from russh.
     pub fn has_room(&self) -> bool {
-        self.held.load(Ordering::Relaxed) < HARD_CAP
+        self.held.bytes.load(Ordering::Relaxed) < HARD_CAP
     }
 
     pub fn is_empty(&self) -> bool {
@@ -98,7 +131,7 @@ impl Queue {
         if data.is_empty() {
             return;
         }
-        self.held.fetch_add(data.len() + PACKET_COST, Ordering::Relaxed);
+        self.held.bytes.fetch_add(data.len() + PACKET_COST, Ordering::Relaxed);
         self.packets.push_back(data);
     }
 
@@ -118,14 +151,18 @@ impl Queue {
             self.offset = 0;
             freed += PACKET_COST;
         }
-        self.held.fetch_sub(freed, Ordering::Relaxed);
+        let before = self.held.bytes.fetch_sub(freed, Ordering::Relaxed);
+        if before > HIGH_WATER && before - freed <= HIGH_WATER {
+            self.held.caught_up.notify_waiters();
+        }
     }
 
     /// Drops everything held (the consumer is gone).
     pub fn clear(&mut self) {
         self.packets.clear();
         self.offset = 0;
-        self.held.store(0, Ordering::Relaxed);
+        self.held.bytes.store(0, Ordering::Relaxed);
+        self.held.caught_up.notify_waiters();
     }
 }
 
@@ -158,7 +195,7 @@ mod tests {
             qa.consume(n);
         }
         assert_eq!(backlogs.window_for_number(a), WINDOW);
-        assert_eq!(qa.held.load(Ordering::Relaxed), 0, "everything counted is released");
+        assert_eq!(qa.held.bytes.load(Ordering::Relaxed), 0, "everything counted is released");
         drop(qa);
         assert_eq!(backlogs.window_for_number(a), WINDOW, "a dropped queue is forgotten");
         assert!(!backlogs.lock().contains_key(&a));
