@@ -927,6 +927,32 @@ fn an_upload_into_a_process_that_does_not_read_yet_waits_quietly() {
     assert!(audit["bytes_up"].as_u64().unwrap() > 40 << 20, "{audit}");
 }
 
+/// A command without a pty outlives its client, as under sshd: its input ends and its output goes
+/// nowhere, but it is not sent SIGHUP (a closed laptop, or a coordinator restart, would otherwise
+/// kill every `ssh ws ./long-job.sh`).
+#[test]
+fn a_command_without_a_pty_runs_on_after_its_client_is_gone() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _agent = workspace(&coord, "dev", "alice");
+    let (began, go, finished) = (alice.dir.join("began"), alice.dir.join("go"), alice.dir.join("finished"));
+    let job = format!(
+        "echo > {}; while [ ! -e {} ]; do sleep 0.1; done; echo done > {}",
+        began.display(),
+        go.display(),
+        finished.display()
+    );
+    let mut client = alice.ssh().args(["dev.tether", &job]).stdin(Stdio::null()).spawn().unwrap();
+    wait_until("the job to begin", LONG, || began.exists());
+    client.kill().unwrap();
+    client.wait().unwrap();
+    wait_until("the connection's end to reach the coordinator", LONG, || {
+        !coord.json(&["audit", "--user", "alice", "--limit", "1"])[0]["ended_at"].is_null()
+    });
+    std::fs::write(&go, "").unwrap();
+    wait_until("the job to finish on its own", LONG, || finished.exists());
+}
+
 #[test]
 fn config_ssh_warns_when_an_earlier_block_would_win() {
     let coord = Coordinator::start();

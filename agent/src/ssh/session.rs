@@ -486,8 +486,11 @@ pub async fn serve(
             let _ = tokio::time::timeout(Duration::from_secs(5), drain(&mut rx)).await;
         }
         Finish::Closed => {
-            if status.is_none() {
-                // The client went away: hang up, as a closed terminal would.
+            // The client went away. On a pty, hang up, as a closed terminal does. A command on
+            // pipes runs on, as under sshd: its input ends and its next write fails (SIGPIPE), so
+            // `ssh ws ./long-job.sh` cut off (a laptop's lid, a coordinator restart) is not killed
+            // if it redirects its output.
+            if status.is_none() && pty {
                 if let Some(pid) = pid {
                     let _ = killpg(pid, Signal::SIGHUP);
                 }
