@@ -511,7 +511,9 @@ pub fn timings_table(spans: &[SpanView]) -> String {
             vec![
                 s.stage.clone(),
                 s.name.clone(),
-                format!("+{}", seconds(s.offset_ms)),
+                // A span may begin before its build (an agent that waited for a coordinator that
+                // was down): `-13.098s`, not `+-13.098s`.
+                if s.offset_ms < 0 { seconds(s.offset_ms) } else { format!("+{}", seconds(s.offset_ms)) },
                 seconds(s.duration_ms),
                 s.exit_code.map_or("-".into(), |c| c.to_string()),
                 s.status.to_string(),
@@ -835,7 +837,12 @@ pub async fn workspace(client: &Client, cmd: WorkspaceCmd) -> anyhow::Result<()>
             }
             println!("owner:          {}", w.owner.as_deref().unwrap_or("-"));
             if let Some(a) = &w.agent {
-                println!("agent:          {} on {}", a.version, a.hostname);
+                let lost = if a.connected {
+                    ""
+                } else {
+                    " (not answering: its heartbeats stopped; figures below are its last)"
+                };
+                println!("agent:          {} on {}{lost}", a.version, a.hostname);
                 if let Some(st) = &a.stats {
                     println!(
                         "stats:          cpu {:.1}% of {:.1} cpus, mem {} / {} MiB, disk {} / {} GiB, load {:.2}",
@@ -962,6 +969,24 @@ mod tests {
     fn wait_ends_wherever_the_operation_ended() {
         assert_eq!(settled_statuses(STARTING), "running,unhealthy,stopped,failed,deleted");
         assert_eq!(settled_statuses(STOPPING), "pending,starting,running,unhealthy,stopped,failed,deleted");
+    }
+
+    #[test]
+    fn a_span_that_began_before_its_build_has_a_negative_start_not_plus_minus() {
+        let span = |offset_ms| SpanView {
+            build: 1,
+            source: "agent".into(),
+            stage: "agent".into(),
+            name: "connect".into(),
+            started_at: String::new(),
+            ended_at: String::new(),
+            offset_ms,
+            duration_ms: 13_100,
+            exit_code: None,
+            status: tether_shared::SpanStatus::Ok,
+        };
+        let table = timings_table(&[span(-13_098), span(4)]);
+        assert!(table.contains(" -13.098s ") && table.contains(" +0.004s ") && !table.contains("+-"), "{table}");
     }
 
     #[test]

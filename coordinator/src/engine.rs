@@ -284,7 +284,9 @@ impl Engine {
         WorkspaceView::new(
             row,
             agent.map(|a| AgentView {
-                connected: true,
+                // Its QUIC connection may outlive it until the idle timeout; once its heartbeats
+                // have lapsed (the workspace is unhealthy for it) it does not count as connected.
+                connected: !live.liveness.is_lost(row.id),
                 version: a.version.clone(),
                 hostname: a.hostname.clone(),
                 stats: a.stats.clone(),
@@ -1195,6 +1197,11 @@ impl Engine {
         }
         self.logged.send_modify(|n| *n = n.wrapping_add(1));
         Ok(applied.acked)
+    }
+
+    /// Log lines were stored (not through an agent): `logs --follow` looks again.
+    pub fn logs_added(&self) {
+        self.logged.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The tunnel closed. `goodbye` is the agent's reason when it left on purpose.

@@ -401,22 +401,32 @@ async fn run_command(
     let mut last_err_line: Option<String> = None;
     let source = format!("provision:{transition}");
     let collect = async {
-        while let Some((stream, line)) = rx.recv().await {
-            if !line.trim().is_empty() {
-                if stream == "stderr" {
-                    last_err_line = Some(line.clone());
+        while let Some(first) = rx.recv().await {
+            // Stored as they come (`logs --follow` shows a long `docker pull` as it goes, and a
+            // coordinator that dies mid-command has kept what came before): what arrived together
+            // in one write, at most 200 lines.
+            let mut next = Some(first);
+            while let Some((stream, line)) = next.take() {
+                if !line.trim().is_empty() {
+                    if stream == "stderr" {
+                        last_err_line = Some(line.clone());
+                    }
+                    last_line = Some(line.clone());
                 }
-                last_line = Some(line.clone());
-            }
-            if kept < limits::MAX_SCRIPT_OUTPUT {
-                kept += line.len() as u64 + 1;
-                batch.push((stream.to_string(), line, now_ms()));
-                if kept >= limits::MAX_SCRIPT_OUTPUT {
-                    batch.push(("stderr".into(), "[output truncated: more than 1 MiB]".into(), now_ms()));
+                if kept < limits::MAX_SCRIPT_OUTPUT {
+                    kept += line.len() as u64 + 1;
+                    batch.push((stream.to_string(), line, now_ms()));
+                    if kept >= limits::MAX_SCRIPT_OUTPUT {
+                        batch.push(("stderr".into(), "[output truncated: more than 1 MiB]".into(), now_ms()));
+                    }
+                }
+                if batch.len() < 200 {
+                    next = rx.try_recv().ok();
                 }
             }
-            if batch.len() >= 200 {
+            if !batch.is_empty() {
                 let _ = engine.store.add_logs(row.id, row.build, &source, &std::mem::take(&mut batch)).await;
+                engine.logs_added();
             }
         }
     };
@@ -461,6 +471,7 @@ async fn run_command(
     group.pgid = None;
     if !batch.is_empty() {
         let _ = engine.store.add_logs(row.id, row.build, &source, &batch).await;
+        engine.logs_added();
     }
     let last = last_err_line.or(last_line);
     let (status, code, result) = match finished {

@@ -193,6 +193,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let mut names =
         crate::sshca::SshNames::new(&config.ssh_host_suffix).map_err(|e| anyhow::anyhow!("--ssh-host-suffix {e}"))?;
     names.front_door_hosts = ssh_front_door.iter().filter_map(|a| crate::https::host_of(a)).collect();
+    // HOST:PORT (`--advertise-ssh` is checked to be one, and a bound address is).
+    names.front_door_port =
+        ssh_front_door.as_deref().and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| p.parse().ok()).unwrap_or(22);
     let ssh_ca = crate::sshca::SshCa::load_or_create(&data_dir, names).context("loading the SSH CA")?;
     let store = Store::open(&data_dir.join("tether.db")).await.context("opening the database")?;
     let admin_hash = admin_token(&store, &data_dir).await?;

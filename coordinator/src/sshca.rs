@@ -39,11 +39,18 @@ pub struct SshNames {
     /// The host names users dial the front door by (`--advertise-ssh`, or its bound address):
     /// its certificate is for them too, and no workspace's is, with the suffix or without.
     pub front_door_hosts: Vec<String>,
+    /// The port users dial the front door on: not 22, known_hosts names it `[HOST]:PORT`.
+    pub front_door_port: u16,
 }
 
 impl Default for SshNames {
     fn default() -> Self {
-        SshNames { suffix: HOST_SUFFIX.into(), alias: FRONT_DOOR_ALIAS.into(), front_door_hosts: Vec::new() }
+        SshNames {
+            suffix: HOST_SUFFIX.into(),
+            alias: FRONT_DOOR_ALIAS.into(),
+            front_door_hosts: Vec::new(),
+            front_door_port: 22,
+        }
     }
 }
 
@@ -56,7 +63,7 @@ impl SshNames {
         } else {
             format!("tether-frontdoor{}", suffix.replace('.', "_"))
         };
-        Ok(SshNames { suffix, alias, front_door_hosts: Vec::new() })
+        Ok(SshNames { suffix, alias, front_door_hosts: Vec::new(), front_door_port: 22 })
     }
 
     /// Whether a workspace's certificate may carry `principal`: never a name the front door is
@@ -224,10 +231,19 @@ impl SshCa {
         self.ca.public_key().to_openssh().unwrap_or_default()
     }
 
-    /// The known_hosts line that makes OpenSSH trust every workspace and the front door.
+    /// The known_hosts line that makes OpenSSH trust every workspace and the front door: under its
+    /// alias (config-ssh's `HostKeyAlias`) and as users dial it without config-ssh (`ssh -J
+    /// alice@HOST:PORT`, which OpenSSH looks up as `[HOST]:PORT`).
     pub fn known_hosts_line(&self) -> String {
         let key = self.ca.public_key().to_openssh().unwrap_or_default();
-        format!("@cert-authority *{},{} {key}", self.names.suffix, self.names.alias)
+        let mut patterns = vec![format!("*{}", self.names.suffix), self.names.alias.clone()];
+        for host in &self.names.front_door_hosts {
+            patterns.push(match self.names.front_door_port {
+                22 => host.clone(),
+                port => format!("[{host}]:{port}"),
+            });
+        }
+        format!("@cert-authority {} {key}", patterns.join(","))
     }
 
     pub fn front_door_key(&self) -> &PrivateKey {
@@ -326,6 +342,13 @@ mod tests {
         let ca = SshCa::load_or_create(dir.path(), names).unwrap();
         let door = ca.front_door_certificate().unwrap();
         assert_eq!(door.valid_principals(), [alias, "tether.staging.example".into(), "gate".into()]);
+        // Dialled as `ssh -J alice@tether.staging.example` (port 22) it is known by its name.
+        assert!(ca.known_hosts_line().starts_with(
+            "@cert-authority *.staging.example,tether-frontdoor_staging_example,tether.staging.example,gate ssh-ed25519 "
+        ));
+        let names = SshNames { front_door_port: 2222, ..ca.names().clone() };
+        let ca = SshCa::load_or_create(dir.path(), names).unwrap();
+        assert!(ca.known_hosts_line().contains(",[tether.staging.example]:2222,[gate]:2222 ssh-ed25519 "));
         let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "tether").unwrap()).unwrap();
         assert_eq!(cert.valid_principals(), ["tether".to_string()]);
         let cert = Certificate::from_openssh(&ca.sign_workspace_host(&host, "gate").unwrap()).unwrap();

@@ -1319,6 +1319,10 @@ delete = "echo delete ran >> {j}"
 
     c.create("cmd", &template, &["--start"]);
     wait_until("the start command to begin", LONG, || lines().contains("start began"));
+    // Its output is there to read while it runs (a long `docker pull`), not only once it ends.
+    wait_until("the start command's first line in its logs", LONG, || {
+        c.logs("cmd").contains(&("provision:start".into(), "provisioning".into()))
+    });
     let w = c.json(&["workspace", "stop", "cmd", "--wait"]);
     assert_eq!(w["status"], "stopped", "{w}");
     assert_eq!(lines(), "start began\nstart cancelled\nstop ran\n");

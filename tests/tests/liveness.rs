@@ -169,6 +169,14 @@ fn a_process_agent_that_dies_turns_its_workspace_unhealthy_at_once_saying_how() 
     kill(old, Signal::SIGSTOP).expect("SIGSTOP the agent");
     let w = c.wait_for("frozen", "unhealthy", LONG);
     assert!(w["status_reason"].as_str().unwrap().starts_with("agent has lost connection"), "{w}");
+    // Its QUIC connection is not yet timed out, but it does not count as connected: `show` agrees
+    // with the status.
+    assert_eq!(w["agent"]["connected"], false, "{w}");
+    let shown = c.ok(&["workspace", "show", "frozen"]);
+    // (Unless the connection has timed out meanwhile, and no agent is shown at all.)
+    if shown.contains("\nagent:") {
+        assert!(shown.contains("(not answering: its heartbeats stopped; figures below are its last)"), "{shown}");
+    }
     c.ok(&["workspace", "start", "frozen"]);
     let w = c.wait_for("frozen", "running,failed", LONG);
     assert_eq!(w["status"], "running", "{w}");

@@ -84,7 +84,7 @@ fn bad_tokens_versions_and_frames_are_refused_while_others_keep_running() {
     let log = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{log}");
     // The file in the way is named, rather than mkdir's "File exists".
-    let said = format!("creating data directory {0}: {0} is not a directory", not_a_dir.display());
+    let said = format!("data directory {0}: {0} is not a directory", not_a_dir.display());
     assert_eq!(log.matches("is not a directory").count(), 1, "the cause once: {log}");
     assert!(log.contains(&said), "{log}");
 

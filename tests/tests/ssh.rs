@@ -953,6 +953,43 @@ fn a_command_without_a_pty_runs_on_after_its_client_is_gone() {
     wait_until("the job to finish on its own", LONG, || finished.exists());
 }
 
+/// Without config-ssh, as the README gives it: `ssh -J alice@HOST:PORT dev.tether` with the
+/// `@cert-authority` line of `GET /ssh` in known_hosts checks both hops under `StrictHostKeyChecking
+/// yes` (OpenSSH looks the jump host up as `[HOST]:PORT`, which the line names).
+#[test]
+fn ssh_j_without_config_ssh_checks_both_hops_with_the_api_known_hosts_line() {
+    let coord = Coordinator::start();
+    let alice = SshUser::add(&coord, "alice");
+    let _agent = workspace(&coord, "dev", "alice");
+    let info = Command::new("curl")
+        .args(["-sf", "-H", &format!("Authorization: Bearer {}", alice.token)])
+        .arg(format!("{}/api/v1/ssh", coord.api_url()))
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", text(&info.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let known = alice.dir.join("plain_known_hosts");
+    std::fs::write(&known, format!("{}\n", info["known_hosts"].as_str().unwrap())).unwrap();
+    let config = alice.dir.join("plain_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Host *\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  IdentityFile {}\n  IdentitiesOnly yes\n  BatchMode yes\n",
+            known.display(),
+            alice.key.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&config)
+        .args(["-J", &format!("alice@{}", coord.ssh_addr()), "dev.tether", "echo checked"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "checked");
+}
+
 #[test]
 fn config_ssh_warns_when_an_earlier_block_would_win() {
     let coord = Coordinator::start();
