@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             ExitCode::from(exit.code())
         }
         Err(e) => {
-            tracing::error!("{}", tether_shared::error_text(e.chain().map(|c| c.to_string())));
+            tracing::error!("{}", tether_shared::error_chain_text(e.as_ref()));
             // A data directory it may not make (no permission, a file in the way, a read-only
             // file system) is the configuration's to fix, and a supervisor restarting the agent
             // would not help: exit as for any other bad setting. Other failures (a full disk, a

@@ -153,7 +153,7 @@ async fn run(cli: Cli, warnings: Vec<String>) -> anyhow::Result<()> {
                 let code = match cli_ssh::ssh_stdio(&client, &workspace, as_user.as_deref()).await {
                     Ok(()) => 0,
                     Err(e) => {
-                        eprintln!("error: {}", tether_shared::error_text(e.chain().map(|c| c.to_string())));
+                        eprintln!("error: {}", tether_shared::error_chain_text(e.as_ref()));
                         1
                     }
                 };
@@ -161,7 +161,7 @@ async fn run(cli: Cli, warnings: Vec<String>) -> anyhow::Result<()> {
             } else if let Err(e) = cli_ssh::ssh_exec(&client, &workspace, as_user.as_deref(), &args).await {
                 // As ssh itself does when it cannot connect, so that scripts tell a refusal from
                 // the remote command's own failure.
-                eprintln!("error: {}", tether_shared::error_text(e.chain().map(|c| c.to_string())));
+                eprintln!("error: {}", tether_shared::error_chain_text(e.as_ref()));
                 std::process::exit(255)
             } else {
                 Ok(())
@@ -239,7 +239,7 @@ async fn async_main() {
         }
     };
     if let Err(e) = run(cli, warnings).await {
-        eprintln!("error: {}", tether_shared::error_text(e.chain().map(|c| c.to_string())));
+        eprintln!("error: {}", tether_shared::error_chain_text(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -361,6 +361,11 @@ async fn run_command(
     }
     let mut child = cmd.spawn().map_err(|e| ProvisionError::Spawn { what: what.clone(), message: e.to_string() })?;
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
+    let signal_group = |signal| {
+        if let Some(pg) = pgid {
+            let _ = killpg(pg, signal);
+        }
+    };
     let mut group = GroupGuard { pgid, workspace: &row.name, what: &what };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(&'static str, String)>(256);
     for (stream, reader) in [
@@ -453,13 +458,9 @@ async fn run_command(
             finished = tokio::time::timeout(timeout, &mut run) => finished.map_err(|_| Ended::TimedOut),
             by = cancelled => {
                 // As `docker stop` does: SIGTERM to the whole group, then SIGKILL after a grace.
-                if let Some(pg) = pgid {
-                    let _ = killpg(pg, Signal::SIGTERM);
-                }
+                signal_group(Signal::SIGTERM);
                 if tokio::time::timeout(CANCEL_GRACE, &mut run).await.is_err() {
-                    if let Some(pg) = pgid {
-                        let _ = killpg(pg, Signal::SIGKILL);
-                    }
+                    signal_group(Signal::SIGKILL);
                     // Output still comes from anything that left the group and holds the pipes.
                     let _ = tokio::time::timeout(CANCEL_GRACE, &mut run).await;
                 }
@@ -476,9 +477,7 @@ async fn run_command(
     let last = last_err_line.or(last_line);
     let (status, code, result) = match finished {
         Err(Ended::TimedOut) => {
-            if let Some(pg) = pgid {
-                let _ = killpg(pg, Signal::SIGKILL);
-            }
+            signal_group(Signal::SIGKILL);
             (SpanStatus::TimedOut, None, Err(ProvisionError::TimedOut { what: what.clone(), after: timeout }))
         }
         Err(Ended::Cancelled(by)) => {

@@ -54,6 +54,11 @@ pub fn error_text(chain: impl IntoIterator<Item = String>) -> String {
     text
 }
 
+/// [`error_text`] of an error and the sources under it (`anyhow::Error::as_ref` gives one).
+pub fn error_chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    error_text(std::iter::successors(Some(e), |e| e.source()).map(ToString::to_string))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

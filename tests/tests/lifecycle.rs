@@ -1230,7 +1230,8 @@ fn a_second_agent_on_a_data_directory_waits_for_the_first_to_exit_then_takes_ove
     let c = Coordinator::start();
     let dir = c.data_dir().to_path_buf();
     let template = format!(
-        "[[script]]\nname = \"setup\"\nrun = \"echo run >> {d}/starts; env > {d}/script-env; sleep 2; echo ready\"\n",
+        "[[script]]\nname = \"setup\"\nrun = \"echo run >> {d}/starts; env > {d}/script-env; \
+         while [ ! -e {d}/go ]; do sleep 0.1; done; echo ready\"\n",
         d = dir.display()
     );
     let created = c.create("ext", &template, &[]);
@@ -1260,6 +1261,8 @@ fn a_second_agent_on_a_data_directory_waits_for_the_first_to_exit_then_takes_ove
     let waiting =
         format!("another tether-agent (pid {}) is using this data directory: waiting for it to exit", first.child.id());
     wait_until("the second agent to wait", LONG, || second_log().contains(&waiting));
+    // The first's script, running all along, is let go only now: it finishes.
+    std::fs::write(dir.join("go"), "").unwrap();
     let w = c.wait_for("ext", "running,unhealthy,failed", LONG);
     assert_eq!((&w["status"], &w["lifecycle"]), (&"running".into(), &"ready".into()), "{w}");
     assert!(c.logs("ext").contains(&("setup".into(), "ready".into())), "{:?}", c.logs("ext"));
